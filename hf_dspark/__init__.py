@@ -1,0 +1,38 @@
+"""hf-dspark: DSpark speculative decoding for Hugging Face transformers.
+
+Importing the package registers ``DSparkConfig`` / ``DSparkDraftModel`` with ``AutoConfig`` /
+``AutoModel`` and installs the ``generate(assistant_model=...)`` hook for DSpark drafters.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_dspark import DSparkConfig
+from .errors import (
+    CheckpointError,
+    DataError,
+    DraftTargetMismatchError,
+    DSparkConfigError,
+    HfDSparkError,
+    UnsupportedTransformersError,
+)
+from .modeling_dspark import DSparkDraftCache, DSparkDraftModel, DSparkTrainingOutput, sample_anchor_positions
+
+__version__ = "0.1.0"
+
+AutoConfig.register("dspark", DSparkConfig, exist_ok=True)
+AutoModel.register(DSparkConfig, DSparkDraftModel, exist_ok=True)
+
+__all__ = [
+    "DSparkConfig",
+    "DSparkDraftModel",
+    "DSparkDraftCache",
+    "DSparkTrainingOutput",
+    "sample_anchor_positions",
+    "HfDSparkError",
+    "DSparkConfigError",
+    "DraftTargetMismatchError",
+    "CheckpointError",
+    "DataError",
+    "UnsupportedTransformersError",
+    "__version__",
+]

@@ -1,0 +1,56 @@
+"""`hf-dspark` command line.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them together, importing the module of
+the command actually used (so ``hf-dspark --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-data": ("hf_dspark.trainer.prepare_data", "Load prompts and regenerate answers with the target."),
+    "build-cache": ("hf_dspark.trainer.feature_cache", "Run the target once per sequence and cache its features."),
+    "train": ("hf_dspark.trainer.train_cli", "Train a DSpark drafter (cached or online features, optional LoRA)."),
+    "calibrate": ("hf_dspark.calibration", "Fit Sequential Temperature Scaling of the confidence head."),
+    "profile": ("hf_dspark.latency", "Measure the target's forward latency vs tokens per pass."),
+    "eval": ("hf_dspark.evaluation", "Measure acceptance length and speed-up on prompt files."),
+    "bench-batch": ("hf_dspark.batched", "Benchmark the batched speculative engine vs plain batched generate."),
+    "export": ("hf_dspark.export", "Export a drafter as a Hub repo or for vLLM / SGLang."),
+    "push": ("hf_dspark.export", "Upload an exported drafter folder to the Hub."),
+    "demo": ("hf_dspark.demo", "Run the Gemma 3 270M demo with the shipped drafter."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-dspark", description="DSpark speculative decoding toolchain.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"hf-dspark {name}", description=COMMANDS[name][1])
+    add_arguments = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or module.add_arguments
+    run = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
+    add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

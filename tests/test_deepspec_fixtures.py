@@ -1,0 +1,110 @@
+"""DeepSpec checkpoints load and reproduce the reference outputs of DeepSpec's own code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_dspark import DSparkDraftCache, DSparkDraftModel
+from hf_dspark.losses import dspark_loss
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepspec"
+ROOT = Path(os.environ.get("HF_DSPARK_FIXTURES", DEFAULT_ROOT))
+FIXTURES = sorted(p for p in ROOT.glob("*") if (p / "config.json").exists()) if ROOT.is_dir() else []
+ATOL = 1e-5
+
+if not FIXTURES:
+    pytest.skip(f"no DeepSpec fixtures found under {ROOT} (set HF_DSPARK_FIXTURES)", allow_module_level=True)
+
+
+def close(a, b, what):
+    a, b = a.float(), b.float()
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs reference {tuple(b.shape)}"
+    diff = (a - b).abs().max().item()
+    assert diff <= ATOL, f"{what}: max abs diff {diff:.2e} > {ATOL}"
+
+
+@pytest.fixture(params=FIXTURES, ids=[p.name for p in FIXTURES])
+def fixture_dir(request):
+    return request.param
+
+
+def test_inference_path_matches_reference(fixture_dir):
+    model = DSparkDraftModel.from_pretrained(fixture_dir, dtype=torch.float32).eval()
+    ref = load_file(fixture_dir / "reference.safetensors")
+    cache = DSparkDraftCache(model.config.num_hidden_layers)
+    steps = sorted({k.split("_")[0] for k in ref if k.startswith("step")})
+    assert steps, "reference has no step tensors"
+    with torch.no_grad():
+        for step in steps:
+            p = f"{step}_"
+            block_ids = ref[p + "draft_input_ids"]
+            anchor = block_ids[:, 0]
+            assert int(ref[p + "cache_len_before"]) == cache.get_seq_length()
+            torch.testing.assert_close(model.block_input_ids(anchor), block_ids, rtol=0, atol=0)
+            out = model.draft_block(anchor, ref[p + "target_hidden_states"], cache)
+            assert cache.get_seq_length() == int(ref[p + "cache_len_after"]) == int(ref[p + "start"])
+            close(out.hidden_states, ref[p + "block_hidden"], p + "block_hidden")
+            close(out.base_logits, ref[p + "base_logits"], p + "base_logits")
+            tokens, corrected, conf = model.sample_block(out.base_logits, out.hidden_states, anchor)
+            assert torch.equal(tokens, ref[p + "greedy_tokens"]), f"{p}greedy_tokens"
+            close(corrected, ref[p + "corrected_logits"], p + "corrected_logits")
+            close(conf, ref[p + "confidence_logits"], p + "confidence_logits")
+            close(torch.sigmoid(conf), ref[p + "confidence_probs"], p + "confidence_probs")
+            close(cache.keys[0], ref[p + "cache_keys_after"], p + "cache_keys_after")
+            close(cache.values[0], ref[p + "cache_values_after"], p + "cache_values_after")
+            verify = torch.cat([anchor[:, None], tokens], dim=1)
+            assert torch.equal(verify, ref[p + "verify_input_ids"])
+            if p + "teacher_prev_token_ids" in ref:
+                logits, conf_tf = model.apply_heads_teacher_forced(
+                    out.base_logits, out.hidden_states, ref[p + "teacher_prev_token_ids"]
+                )
+                close(logits, ref[p + "teacher_forced_corrected_logits"], p + "teacher_forced_corrected_logits")
+                close(conf_tf, ref[p + "teacher_forced_confidence_logits"], p + "teacher_forced_confidence_logits")
+
+
+def test_training_path_matches_reference(fixture_dir):
+    model = DSparkDraftModel.from_pretrained(fixture_dir, dtype=torch.float32).eval()
+    ref = load_file(fixture_dir / "train_reference.safetensors")
+    cfg = model.config
+    with torch.no_grad():
+        out = model(
+            ref["input_ids"],
+            ref["target_hidden_states"],
+            loss_mask=ref["loss_mask"],
+            anchor_positions=ref["anchor_positions"],
+            block_keep_mask=ref["block_keep_mask"],
+        )
+        keep = ref["block_keep_mask"].bool()
+        assert torch.equal(out.eval_mask, ref["eval_mask"].bool())
+        assert torch.equal(out.target_ids[keep], ref["target_ids"][keep])
+        close(out.draft_logits[keep], ref["draft_logits"][keep], "draft_logits")
+        close(out.confidence_logits[keep], ref["confidence_pred"][keep], "confidence_pred")
+        # target logits come from the (frozen) LM head over the target's last hidden states
+        k = torch.arange(cfg.block_size)
+        pos = (ref["anchor_positions"][..., None] + k).clamp(max=ref["input_ids"].shape[1] - 1)
+        last = ref["target_last_hidden_states"]
+        gathered = torch.gather(last, 1, pos.flatten(1)[..., None].expand(-1, -1, last.shape[-1]))
+        target_logits = model.lm_head(gathered).view(*pos.shape, -1)
+        close(target_logits[keep], ref["aligned_target_logits"][keep], "aligned_target_logits")
+        loss = dspark_loss(
+            out.draft_logits,
+            out.confidence_logits,
+            out.target_ids,
+            out.eval_mask,
+            out.block_keep_mask,
+            target_logits=target_logits,
+            loss_decay_gamma=cfg.loss_decay_gamma,
+            ce_loss_alpha=cfg.ce_loss_alpha,
+            l1_loss_alpha=cfg.l1_loss_alpha,
+            confidence_head_alpha=cfg.confidence_head_alpha,
+        )
+    close(loss.loss.reshape(1), ref["loss"], "loss")
+    close(loss.ce_loss.reshape(1), ref["ce_loss"], "ce_loss")
+    close(loss.l1_loss.reshape(1), ref["l1_loss"], "l1_loss")
+    close(loss.confidence_loss.reshape(1), ref["confidence_loss"], "confidence_loss")
+    close(loss.expected_tau.reshape(1), ref["tau_probabilistic"], "tau_probabilistic")
