@@ -1,0 +1,453 @@
+"""Latency profile of the target model: time of one verification pass vs tokens scored.
+
+:func:`profile_latency` times ONE target forward pass that scores ``n`` new tokens on top of a
+KV cache already holding ``context_length`` tokens, for every ``n`` in ``token_counts`` and every
+batch size (rows, each scoring ``n`` tokens) in ``batch_sizes``. Results are cached as JSON under
+``~/.cache/hf_dspark/latency`` (or ``cache_dir``), keyed by model name, dtype, device, torch CPU
+threads and context length, and reused unless ``force=True``.
+
+The resulting :class:`LatencyProfile` feeds the schedulers of :mod:`hf_dspark.scheduling`:
+``verify_seconds`` for the batch-1 cost policy, ``steps_per_second`` for Algorithm 1.
+
+Command line: ``hf-dspark profile --target T [--max-tokens 16] [--batch-sizes 1 4 8 16]
+[--context-length 128] [--dtype float32] [--output FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from hf_dspark.errors import HfDSparkError
+
+__all__ = [
+    "LatencyProfile",
+    "LatencyProfileError",
+    "profile_latency",
+    "default_cache_dir",
+    "format_table",
+    "add_arguments",
+    "run",
+]
+
+_FORMAT = "hf_dspark.latency_profile"
+_VERSION = 1
+# Floor for extrapolated times so that steps_per_second stays finite.
+_MIN_SECONDS = 1e-9
+
+
+class LatencyProfileError(HfDSparkError, ValueError):
+    """A latency profile file is malformed, or a profile cannot answer a query."""
+
+
+def default_cache_dir() -> Path:
+    """``$HF_DSPARK_CACHE/latency`` if set, else ``~/.cache/hf_dspark/latency``."""
+    root = os.environ.get("HF_DSPARK_CACHE")
+    return Path(root) / "latency" if root else Path.home() / ".cache" / "hf_dspark" / "latency"
+
+
+def _interpolate(points: list[tuple[int, float]], x: float) -> float:
+    """Piecewise-linear through sorted ``points``; linear extrapolation from the two end points."""
+    if len(points) == 1:
+        return points[0][1]
+    if x <= points[0][0]:
+        (x0, y0), (x1, y1) = points[0], points[1]
+    elif x >= points[-1][0]:
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+    else:
+        i = next(i for i in range(1, len(points)) if points[i][0] >= x)
+        (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass
+class LatencyProfile:
+    """Measured verification latency of one target on one machine.
+
+    ``table[batch_size][tokens]`` is the median wall time, in seconds, of one forward pass in
+    which each of ``batch_size`` rows scores ``tokens`` new tokens after ``context_length``
+    cached tokens. The key fields (``model_name``, ``dtype``, ``device``, ``num_threads``,
+    ``context_length``) identify where the numbers are valid.
+    """
+
+    model_name: str
+    dtype: str
+    device: str
+    num_threads: int
+    context_length: int
+    table: dict[int, dict[int, float]] = field(default_factory=dict)
+    warmup: int = 0
+    repeats: int = 0
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def key(self) -> str:
+        """Human-readable identity of the setup the profile was measured on."""
+        return (
+            f"{self.model_name}|{self.dtype}|{self.device}|threads={self.num_threads}"
+            f"|ctx={self.context_length}"
+        )
+
+    @property
+    def file_name(self) -> str:
+        """File-system-safe cache file name derived from :attr:`key` (readable part + hash)."""
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.model_name}__{self.dtype}__{self.device}")
+        digest = hashlib.sha1(self.key.encode("utf-8")).hexdigest()[:10]
+        return f"{readable.strip('_')[:100]}__t{self.num_threads}__ctx{self.context_length}__{digest}.json"
+
+    def covers(self, token_counts: Iterable[int], batch_sizes: Iterable[int]) -> bool:
+        """True if every ``(batch_size, tokens)`` pair asked for was measured."""
+        counts = list(token_counts)
+        return all(b in self.table and all(n in self.table[b] for n in counts) for b in batch_sizes)
+
+    # ------------------------------------------------------------------ queries
+
+    def _row(self, batch_size: int) -> list[tuple[int, float]]:
+        return sorted(self.table[batch_size].items())
+
+    def verify_seconds(self, n_tokens: float, batch_size: int = 1) -> float:
+        """Seconds of one pass where each of ``batch_size`` rows scores ``n_tokens`` tokens.
+
+        Linear interpolation between measured token counts, linear extrapolation from the two
+        nearest measured points outside the range. A batch size that was not profiled is
+        interpolated (or extrapolated) the same way across the profiled batch sizes. Results are
+        floored at 1 ns so that rates stay finite.
+        """
+        if not self.table or not any(self.table.values()):
+            raise LatencyProfileError(f"latency profile {self.key!r} has no measurements")
+        if not n_tokens > 0:
+            raise LatencyProfileError(f"n_tokens must be > 0, got {n_tokens!r}")
+        if not batch_size >= 1:
+            raise LatencyProfileError(f"batch_size must be >= 1, got {batch_size!r}")
+        if batch_size in self.table and self.table[batch_size]:
+            seconds = _interpolate(self._row(batch_size), n_tokens)
+        else:
+            per_batch = [(b, _interpolate(self._row(b), n_tokens)) for b in sorted(self.table) if self.table[b]]
+            seconds = _interpolate(per_batch, batch_size)
+        return max(seconds, _MIN_SECONDS)
+
+    def steps_per_second(self, total_tokens: int, batch_size: int | None = None) -> float:
+        """Target passes per second when one pass scores ``total_tokens`` tokens in all.
+
+        Mapping to the table: with ``batch_size=None`` the tokens are treated as one packed row,
+        ``1 / verify_seconds(total_tokens, 1)`` (exact for batch 1). For a padded batched engine
+        give the number of rows ``R``: the tokens are spread over ``R`` rows padded to
+        ``ceil(total_tokens / R)`` each, ``1 / verify_seconds(ceil(total_tokens / R), R)``. Pass
+        e.g. ``functools.partial(profile.steps_per_second, batch_size=R)`` as the scheduler's
+        ``steps_per_second``.
+        """
+        if batch_size is None:
+            return 1.0 / self.verify_seconds(total_tokens, 1)
+        if not batch_size >= 1:
+            raise LatencyProfileError(f"batch_size must be >= 1, got {batch_size!r}")
+        per_row = math.ceil(total_tokens / batch_size)
+        return 1.0 / self.verify_seconds(per_row, batch_size)
+
+    # ------------------------------------------------------------------ persistence
+
+    def to_dict(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "model_name": self.model_name,
+            "dtype": self.dtype,
+            "device": self.device,
+            "num_threads": self.num_threads,
+            "context_length": self.context_length,
+            "warmup": self.warmup,
+            "repeats": self.repeats,
+            "table": {
+                str(b): {str(n): float(s) for n, s in sorted(row.items())} for b, row in sorted(self.table.items())
+            },
+        }
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the profile as JSON (atomically: temp file then rename). Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "LatencyProfile":
+        """Read a profile written by :meth:`to_json`; malformed content raises LatencyProfileError."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise LatencyProfileError(f"latency profile {path} is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise LatencyProfileError(f"latency profile {path} is not UTF-8 text: {exc}") from exc
+
+        def bad(what: str) -> LatencyProfileError:
+            return LatencyProfileError(f"latency profile {path} is malformed: {what}")
+
+        if not isinstance(data, dict):
+            raise bad(f"expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != _FORMAT:
+            raise bad(f"'format' must be {_FORMAT!r}, got {data.get('format')!r}")
+        if data.get("version") != _VERSION:
+            raise bad(f"unsupported 'version' {data.get('version')!r} (this library reads {_VERSION})")
+        for name, kind in (("model_name", str), ("dtype", str), ("device", str), ("num_threads", int),
+                           ("context_length", int), ("warmup", int), ("repeats", int), ("table", dict)):
+            value = data.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise bad(f"field {name!r} must be a {kind.__name__}, got {value!r}")
+        table: dict[int, dict[int, float]] = {}
+        for b_text, row in data["table"].items():
+            try:
+                b = int(b_text)
+            except ValueError:
+                raise bad(f"batch size key {b_text!r} is not an integer") from None
+            if b < 1 or not isinstance(row, dict):
+                raise bad(f"table[{b_text!r}] must map token counts to seconds for a batch size >= 1")
+            table[b] = {}
+            for n_text, seconds in row.items():
+                try:
+                    n = int(n_text)
+                except ValueError:
+                    raise bad(f"token count key {n_text!r} in table[{b_text!r}] is not an integer") from None
+                if (n < 1 or isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                        or not math.isfinite(seconds) or seconds <= 0):
+                    raise bad(f"table[{b_text!r}][{n_text!r}] must be a positive number of seconds, got {seconds!r}")
+                table[b][n] = float(seconds)
+        return cls(
+            model_name=data["model_name"], dtype=data["dtype"], device=data["device"],
+            num_threads=data["num_threads"], context_length=data["context_length"], table=table,
+            warmup=data["warmup"], repeats=data["repeats"],
+        )
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - parameterless model
+        return torch.device("cpu")
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.synchronize()
+
+
+def _positive_ints(values, name: str) -> list[int]:
+    out = sorted(set(int(v) for v in values))
+    if not out or out[0] < 1 or any(isinstance(v, bool) or int(v) != v for v in values):
+        raise ValueError(f"{name} must be a non-empty collection of integers >= 1, got {list(values)!r}")
+    return out
+
+
+class _ContextCache:
+    """A KV cache holding exactly ``context_length`` tokens, restored after every timed pass.
+
+    Restores by ``cache.crop(-n)`` (cheap); cache types that cannot be cropped back (e.g. a
+    sliding-window layer past its window, linear-attention layers) fall back to a deep copy of
+    a pristine prefilled cache, made outside the timed region.
+    """
+
+    def __init__(self, model, context_ids: torch.Tensor):
+        self.model = model
+        self.context_ids = context_ids
+        self.context_length = context_ids.shape[1]
+        self.cache = self._prefill()
+        self.pristine = None
+
+    def _prefill(self):
+        out = self.model(input_ids=self.context_ids, use_cache=True)
+        # transformers 5.24 names the cache `cache` (older releases: `past_key_values`)
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
+
+    def ready(self):
+        if self.pristine is not None:
+            self.cache = copy.deepcopy(self.pristine)
+        return self.cache
+
+    def rollback(self, n_tokens: int) -> None:
+        if self.pristine is not None:
+            return
+        try:
+            self.cache.crop(-n_tokens)
+            ok = self.cache.get_seq_length() == self.context_length
+        except (RuntimeError, ValueError, AttributeError, NotImplementedError):
+            ok = False
+        if not ok:
+            self.pristine = self._prefill()
+
+
+def profile_latency(
+    model,
+    token_counts: Iterable[int] = range(1, 17),
+    batch_sizes: Iterable[int] = (1,),
+    context_length: int = 128,
+    warmup: int = 2,
+    repeats: int = 5,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    model_name: str | None = None,
+    seed: int = 0,
+) -> LatencyProfile:
+    """Measure (or load from the cache) the verification latency table of ``model``.
+
+    For each batch size ``B`` the context (``B x context_length`` random token ids) is prefilled
+    once with ``use_cache=True``; then, for each ``n``, ``warmup + repeats`` forward passes over
+    ``B x n`` new tokens are run on top of that cache (rolled back to ``context_length`` after
+    each pass) and the median of the last ``repeats`` wall times is kept. Runs under
+    ``torch.inference_mode()`` with the model in eval mode (its mode is restored afterwards).
+
+    The profile is stored in ``<cache_dir>/<LatencyProfile.file_name>``; a later call with the
+    same key reuses it, measuring only the (batch size, tokens) pairs it lacks, unless
+    ``force=True``. ``model_name`` defaults to ``model.config._name_or_path``.
+    """
+    counts = _positive_ints(list(token_counts), "token_counts")
+    sizes = _positive_ints(list(batch_sizes), "batch_sizes")
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        raise ValueError(f"context_length must be an int >= 1, got {context_length!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+
+    device = _model_device(model)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if model_name is None:
+        model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    profile = LatencyProfile(
+        model_name=str(model_name), dtype=dtype, device=_describe_device(device),
+        num_threads=torch.get_num_threads(), context_length=context_length, warmup=warmup, repeats=repeats,
+    )
+    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = path / profile.file_name
+
+    if not force and path.exists():
+        try:
+            cached = LatencyProfile.from_json(path)
+        except LatencyProfileError as exc:
+            warnings.warn(f"ignoring unreadable latency cache ({exc}); measuring again", stacklevel=2)
+        else:
+            if cached.key == profile.key:
+                if cached.covers(counts, sizes):
+                    return cached
+                profile.table = cached.table
+
+    vocab_size = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b in sizes:
+                row = profile.table.setdefault(b, {})
+                missing = [n for n in counts if force or n not in row]
+                if not missing:
+                    continue
+                ids = torch.randint(0, vocab_size, (b, context_length + max(missing)), generator=generator)
+                ids = ids.to(device)
+                context = _ContextCache(model, ids[:, :context_length])
+                for n in missing:
+                    new_ids = ids[:, context_length:context_length + n]
+                    samples = []
+                    for i in range(warmup + repeats):
+                        cache = context.ready()
+                        _synchronize(device)
+                        start = time.perf_counter()
+                        model(input_ids=new_ids, cache=cache, use_cache=True)
+                        _synchronize(device)
+                        elapsed = time.perf_counter() - start
+                        context.rollback(n)
+                        if i >= warmup:
+                            samples.append(elapsed)
+                    row[n] = max(statistics.median(samples), _MIN_SECONDS)
+                del context
+    finally:
+        model.train(was_training)
+
+    profile.to_json(path)
+    return profile
+
+
+def format_table(profile: LatencyProfile) -> str:
+    """Plain-text table: one line per token count, milliseconds per batch size, tokens/s at B=1."""
+    sizes = sorted(profile.table)
+    counts = sorted({n for row in profile.table.values() for n in row})
+    header = ["tokens"] + [f"B={b} ms" for b in sizes]
+    lines = [f"# {profile.key}", "  ".join(f"{h:>10}" for h in header)]
+    for n in counts:
+        cells = [f"{n:>10d}"]
+        for b in sizes:
+            seconds = profile.table[b].get(n)
+            cells.append(f"{seconds * 1e3:>10.3f}" if seconds is not None else f"{'-':>10}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``hf-dspark profile``."""
+    parser.add_argument("--target", required=True, help="target model id or local path")
+    parser.add_argument("--max-tokens", type=int, default=16, help="profile 1..N tokens per row (default 16)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="rows per pass (default 1)")
+    parser.add_argument("--context-length", type=int, default=128, help="tokens already in the KV cache (default 128)")
+    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="target dtype (default float32)")
+    parser.add_argument("--device", default="cpu", help="device to load the target on (default cpu)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per point (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per point, median kept (default 5)")
+    parser.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/hf_dspark/latency)")
+    parser.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
+    parser.add_argument("--output", default=None, help="also write the profile JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``hf-dspark profile``: load the target, profile it, print the table."""
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    from hf_dspark.targets import load_target  # lazy: heavy, and owned by another module
+
+    model, _tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
+    profile = profile_latency(
+        model,
+        token_counts=range(1, args.max_tokens + 1),
+        batch_sizes=args.batch_sizes,
+        context_length=args.context_length,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        cache_dir=args.cache_dir,
+        force=args.force,
+        model_name=args.target,
+    )
+    print(format_table(profile))
+    if args.output:
+        print(f"wrote {profile.to_json(args.output)}")
+    return 0
