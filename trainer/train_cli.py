@@ -1,0 +1,262 @@
+"""``hf-dspark train``: train a DSpark drafter for a target, from a feature cache or online.
+
+Usage::
+
+    hf-dspark build-cache --target T --data DATA_DIR --output CACHE_DIR
+    hf-dspark train --target T --cache CACHE_DIR --output DRAFT_DIR --max-steps 2000
+    hf-dspark train --target T --data DATA_DIR --output DRAFT_DIR            # online: target runs in the step
+    hf-dspark train --target T --cache CACHE_DIR --output DRAFT_DIR --lora --init-draft OLD_DRAFT_DIR
+    accelerate launch --multi_gpu --num_processes 2 -m hf_dspark.cli train --target T --cache CACHE_DIR --output DRAFT_DIR
+
+Several processes on a machine without GPUs train with CPU DDP (gloo): ``hf-dspark train`` turns on
+``use_cpu`` itself when ``WORLD_SIZE > 1`` and no accelerator is present (accelerate's own ``--cpu``
+launcher needs ``mpirun`` for more than one process).
+
+Every field of :class:`~hf_dspark.trainer.training_args.DSparkTrainingArguments` (the DSpark
+recipe plus all of ``transformers.TrainingArguments``) is a flag, spelled with underscores or
+dashes (``--max_steps`` / ``--max-steps``). ``--output`` receives resumable checkpoints
+(``checkpoint-N``), the final drafter (loadable with ``DSparkDraftModel.from_pretrained`` or
+``AutoModel.from_pretrained(..., trust_remote_code=True)``) and ``training_summary.json``.
+Rerunning with checkpoints present resumes from the latest one (``--resume auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import get_type_hints
+
+import torch
+
+from ..errors import CheckpointError, DataError
+from .data import CachedFeatureDataset, OnlineDataset, check_cache_matches, choose_draft_vocab
+from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
+from .feature_cache import resolve_layer_ids
+from .training_args import DSparkTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "training_summary.json"
+# Fields that come from the dedicated flags below instead.
+_SKIPPED_FIELDS = {"output_dir", "resume_from_checkpoint", "online"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``train`` options on ``parser``."""
+    from transformers import HfArgumentParser
+
+    parser.allow_abbrev = False  # ~120 TrainingArguments flags: prefixes would be ambiguous surprises
+    main = parser.add_argument_group("models and data")
+    main.add_argument("--target", required=True, help="Target model: Hub id, local folder, or 'gemma-3-270m'.")
+    source = main.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cache", metavar="CACHE_DIR", help="Feature cache from `hf-dspark build-cache`.")
+    source.add_argument("--data", metavar="DATA_DIR",
+                        help="Online training on `hf-dspark prepare-data` output (the target runs in every step).")
+    main.add_argument("--output", required=True, metavar="DRAFT_DIR", help="Checkpoints and the final drafter.")
+    main.add_argument("--init-draft", metavar="DIR", default=None,
+                      help="Start from this drafter (domain adaptation) instead of a fresh one.")
+    main.add_argument("--resume", default="auto", metavar="auto|no|CHECKPOINT_DIR",
+                      help="auto: continue from the latest checkpoint in --output if any (default); no: start over.")
+    main.add_argument("--target-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                      help="dtype of the frozen target (online mode and borrowed embeddings / LM head).")
+    main.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+
+    group = parser.add_argument_group(
+        "training arguments (DSparkTrainingArguments: the DSpark recipe and every transformers.TrainingArguments field)"
+    )
+    hints = get_type_hints(DSparkTrainingArguments)
+    for field in dataclasses.fields(DSparkTrainingArguments):
+        if field.init and field.name not in _SKIPPED_FIELDS:
+            field = copy.copy(field)
+            field.type = hints[field.name]
+            HfArgumentParser._parse_dataclass_field(group, field)
+
+
+def build_training_args(args: argparse.Namespace) -> DSparkTrainingArguments:
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(DSparkTrainingArguments)
+        if f.init and f.name not in _SKIPPED_FIELDS and hasattr(args, f.name)
+    }
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # Launched as several processes (accelerate launch --multi_gpu / torchrun) on a machine without
+        # accelerators: without use_cpu, accelerate would not set up gloo DDP and every process would train alone.
+        values["use_cpu"] = True
+    return DSparkTrainingArguments(output_dir=args.output, online=args.data is not None, **values)
+
+
+# ----------------------------------------------------------------------------- steps of a run
+def _load_dataset(args, training_args: DSparkTrainingArguments, target):
+    """Dataset and the target layer ids it implies."""
+    num_layers = target.config.get_text_config().num_hidden_layers
+    if args.cache is not None:
+        if training_args.max_seq_len is not None:
+            raise DataError(
+                f"--max_seq_len {training_args.max_seq_len} only applies to online training (--data); a cache is "
+                "truncated when it is built (`hf-dspark build-cache --max-seq-len`)."
+            )
+        dataset = CachedFeatureDataset(args.cache, verify=training_args.verify_cache)
+        check_cache_matches(dataset.manifest, target.config, training_args.target_layer_ids)
+        if dataset.manifest.get("split") != "train":
+            logger.warning("--cache %s holds the %r split, not 'train'.", args.cache, dataset.manifest.get("split"))
+        return dataset, list(dataset.manifest["target_layer_ids"])
+    dataset = OnlineDataset(args.data, "train", training_args.max_seq_len)
+    return dataset, resolve_layer_ids(training_args.target_layer_ids, num_layers)
+
+
+def _check_anchor_config(training_args: DSparkTrainingArguments, dataset) -> None:
+    longest = dataset.max_length()
+    if training_args.block_size >= longest:
+        raise ValueError(
+            f"block_size={training_args.block_size} does not fit the training sequences (longest: {longest} tokens); "
+            f"use --block_size < {longest} or longer data."
+        )
+    if training_args.num_anchors > longest:
+        raise ValueError(
+            f"num_anchors={training_args.num_anchors} exceeds the longest training sequence ({longest} tokens): at most "
+            f"one anchor per token can be drawn; use --num_anchors {longest} or fewer."
+        )
+
+
+def _resolve_checkpoint(resume: str, output: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume == "no":
+        return None
+    if resume == "auto":
+        return get_last_checkpoint(str(output)) if output.is_dir() else None
+    if not Path(resume).is_dir():
+        raise CheckpointError(f"--resume {resume!r}: no such checkpoint folder; use auto, no, or a checkpoint-N folder.")
+    return resume
+
+
+def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, target_name, checkpoint):
+    from ..modeling_dspark import DSparkDraftModel
+
+    output = Path(args.output)
+    if checkpoint is not None and training_args.use_lora:
+        source = output / BASE_DRAFTER_DIR
+        if not (source / "config.json").is_file():
+            raise CheckpointError(
+                f"Resuming LoRA training from {checkpoint} needs the base drafter in {source}, which is missing; "
+                "start over with --resume no."
+            )
+    elif checkpoint is not None:
+        source = Path(checkpoint)
+    else:
+        source = Path(args.init_draft) if args.init_draft else None
+    if source is not None:
+        try:
+            draft = DSparkDraftModel.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"Cannot load the drafter at {source}: {error}") from error
+        draft.bind_target(target)
+        if list(draft.config.target_layer_ids) != list(layer_ids):
+            raise CheckpointError(
+                f"The drafter at {source} reads target layers {draft.config.target_layer_ids} but the training "
+                f"features are layers {layer_ids}; build the cache with --target-layer-ids "
+                f"{' '.join(map(str, draft.config.target_layer_ids))} (or pass matching --target_layer_ids)."
+            )
+        return draft
+    tcfg = target.config.get_text_config()
+    draft_token_ids = None
+    if training_args.draft_vocab_size:
+        eos = tcfg.eos_token_id if isinstance(tcfg.eos_token_id, list) else [tcfg.eos_token_id]
+        mask_id = getattr(tokenizer, "mask_token_id", None) or tcfg.pad_token_id
+        draft_token_ids = choose_draft_vocab(dataset, training_args.draft_vocab_size, tcfg.vocab_size,
+                                             always_include=[*eos, mask_id])
+    return DSparkDraftModel.from_target(
+        target,
+        tokenizer,
+        num_hidden_layers=training_args.num_draft_layers,
+        block_size=training_args.block_size,
+        markov_rank=training_args.markov_rank,
+        markov_head_type=training_args.markov_head_type,
+        enable_confidence_head=training_args.enable_confidence_head,
+        confidence_head_with_markov=training_args.confidence_head_with_markov,
+        draft_vocab_size=training_args.draft_vocab_size,
+        draft_token_ids=draft_token_ids,
+        target_layer_ids=layer_ids,
+        num_anchors=training_args.num_anchors,
+        loss_decay_gamma=training_args.loss_decay_gamma,
+        ce_loss_alpha=training_args.ce_loss_alpha,
+        l1_loss_alpha=training_args.l1_loss_alpha,
+        confidence_head_alpha=training_args.confidence_head_alpha,
+        target_model_name=target_name,
+    )
+
+
+def _summary(trainer: DSparkTrainer, result, args, training_args, checkpoint, elapsed: float) -> dict:
+    # Periodic training logs carry "loss"; the end-of-training log may carry only leftover metrics.
+    history = [h for h in trainer.state.log_history if "loss" in h and "expected_tau" in h]
+    history = history or [h for h in trainer.state.log_history if "expected_tau" in h]
+    runtime = result.metrics.get("train_runtime", elapsed)
+    tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    draft = trainer.accelerator.unwrap_model(trainer.model)
+    trainable, total = trainable_parameter_count(draft)
+    return {
+        "target": args.target,
+        "mode": "online" if training_args.online else "cache",
+        "source": args.data or args.cache,
+        "output": str(Path(args.output).resolve()),
+        "steps": trainer.state.global_step,
+        "resumed_from": checkpoint,
+        "train_runtime_s": round(runtime, 3),
+        "tokens_trained_this_run": int(tokens),
+        "tokens_per_second": round(tokens / runtime, 1) if runtime > 0 else None,
+        "train_loss": result.metrics.get("train_loss"),
+        "first_logged_metrics": history[0] if history else None,
+        "final_metrics": history[-1] if history else None,
+        "use_lora": training_args.use_lora,
+        "trainable_parameters": trainable,
+        "num_processes": trainer.accelerator.num_processes,
+    }
+
+
+def run(args: argparse.Namespace, callbacks=None) -> int:
+    """Run ``train``; returns the process exit code. ``callbacks`` go to the Trainer (tests use them)."""
+    from transformers import set_seed
+
+    from .. import targets
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    training_args = build_training_args(args)
+    output = Path(args.output)
+    target, tokenizer = targets.load_target(args.target, dtype=getattr(torch, args.target_dtype))
+    target_name = targets.resolve_target_name(args.target)
+    dataset, layer_ids = _load_dataset(args, training_args, target)
+    _check_anchor_config(training_args, dataset)
+    checkpoint = _resolve_checkpoint(args.resume, output)
+    set_seed(training_args.seed)
+    draft = _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, target_name, checkpoint)
+    draft.config.target_model_name = target_name
+    if training_args.use_lora and checkpoint is None and training_args.should_save:
+        draft.save_pretrained(output / BASE_DRAFTER_DIR)  # the weights the adapters apply to (resume, no-merge)
+
+    trainer = DSparkTrainer(draft, target, training_args, train_dataset=dataset, callbacks=callbacks)
+    if training_args.should_save:
+        trainable, total = trainable_parameter_count(trainer.model)
+        print(f"Training {'LoRA on ' if training_args.use_lora else ''}a {draft.config.num_hidden_layers}-layer drafter "
+              f"({trainable} of {total} parameters trainable) on {len(dataset)} sequences "
+              f"({'online' if training_args.online else 'cache'}), layers {layer_ids}"
+              + (f", resuming from {checkpoint}" if checkpoint else "") + ".", flush=True)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_drafter(output)
+    if training_args.should_save:
+        summary = _summary(trainer, result, args, training_args, checkpoint, time.time() - start)
+        (output / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        final = summary["final_metrics"] or {}
+        print(f"Saved the drafter to {output} after {summary['steps']} steps ({summary['tokens_per_second']} tokens/s); "
+              f"final loss {final.get('loss')}, expected tau {final.get('expected_tau')}.", flush=True)
+    return 0
+
+
+__all__ = ["add_arguments", "build_training_args", "run"]
