@@ -31,6 +31,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_dspark import DSparkConfig
+from .generation_dspark import default_dspark_generation_config, install_generate_hook
 
 
 # --------------------------------------------------------------------------------------
@@ -327,10 +328,19 @@ class DSparkPreTrainedModel(PreTrainedModel):
 
 
 class DSparkDraftModel(DSparkPreTrainedModel):
-    """The DSpark drafter. See the module docstring for the architecture."""
+    """The DSpark drafter. See the module docstring for the architecture.
+
+    Pass it as ``assistant_model`` to ``target.generate``; decoding settings (verification
+    policy, confidence threshold, latency table) live in ``draft.generation_config`` and are
+    saved to ``generation_config.json`` next to the weights.
+    """
+
+    is_dspark_drafter = True
 
     def __init__(self, config: DSparkConfig):
         super().__init__(config)
+        self.generation_config = default_dspark_generation_config()
+        self.last_generation_stats = None
         self.fc = nn.Linear(config.context_size, config.hidden_size, bias=False)
         self.hidden_norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layers = nn.ModuleList([DSparkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
@@ -458,7 +468,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         return self._borrowed[name]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._module("embed_tokens")(input_ids)
+        return self._module("embed_tokens")(input_ids).to(self.fc.weight.dtype)
 
     # ---------------------------------------------------------------- draft vocabulary
     def set_draft_vocab(self, target_token_ids) -> None:
@@ -756,7 +766,17 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             )
         model._borrowed = {}
         model._head_cache = None
+        model.generation_config = _load_dspark_generation_config(pretrained_model_name_or_path, kwargs)
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save config, weights, remote-code files and ``generation_config.json`` (decoding settings)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and self.generation_config is not None:
+            self.generation_config.save_pretrained(save_directory)
+
+    def can_generate(self) -> bool:  # a drafter is driven by the target's generate(), never on its own
+        return False
 
 
 def sample_anchor_positions(
@@ -807,8 +827,24 @@ def _target_rope_parameters(text_config) -> dict:
     return {"rope_type": "default", "rope_theta": float(getattr(text_config, "rope_theta", 10000.0) or 10000.0)}
 
 
+def _load_dspark_generation_config(name_or_path, kwargs):
+    from transformers import GenerationConfig
+
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+    try:
+        loaded = GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except (OSError, ValueError):
+        return default_dspark_generation_config()
+    settings = {k: getattr(loaded, k) for k in default_dspark_generation_config().to_dict() if hasattr(loaded, k)}
+    return default_dspark_generation_config(**{k: v for k, v in settings.items() if k in (
+        "verification_policy", "confidence_threshold", "min_draft_tokens", "latency_table")})
+
+
 DSparkConfig.register_for_auto_class()
 DSparkDraftModel.register_for_auto_class("AutoModel")
+# The one documented runtime patch: route DSpark drafters passed as assistant_model to our
+# candidate generator (see generation_dspark.py for the internal it touches).
+install_generate_hook()
 
 __all__ = [
     "DSparkDraftModel",

@@ -70,14 +70,46 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> to
     return module
 
 
-def tiny_drafter(target, seed: int = 0, **overrides) -> DSparkDraftModel:
+def tiny_drafter(target, seed: int = 0, scale: float = 0.5, **overrides) -> DSparkDraftModel:
     torch.manual_seed(seed)
     settings = dict(num_hidden_layers=1, block_size=5, markov_rank=8, target_layer_ids=[0, 2])
     settings.update(overrides)
-    return randomize_(DSparkDraftModel.from_target(target, **settings), seed).eval()
+    return randomize_(DSparkDraftModel.from_target(target, **settings), seed, scale=scale).eval()
 
 
 def target_features(target, input_ids: torch.Tensor, layer_ids) -> torch.Tensor:
     with torch.no_grad():
         out = target(input_ids=input_ids, output_hidden_states=True)
     return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
+
+
+def briefly_trained_drafter(target, prompts, steps: int = 40, seed: int = 0, new_tokens: int = 40, **overrides):
+    """Train a drafter for ``steps`` Adam steps on the target's own greedy continuations of ``prompts``
+    (a list of [1, L] tensors of equal length): a drafter that has seen the target's behaviour, so
+    that verification sees long acceptances."""
+    from hf_dspark.losses import dspark_loss
+
+    draft = tiny_drafter(target, seed=seed, scale=0.1, **overrides).train()
+    gen = torch.Generator().manual_seed(seed)
+    plen = prompts[0].shape[1]
+    with torch.no_grad():
+        seqs = torch.cat(
+            [target.generate(p, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens) for p in prompts]
+        )
+        out = target(seqs, output_hidden_states=True)
+    feats = torch.cat([out.hidden_states[i + 1] for i in draft.config.target_layer_ids], dim=-1)
+    loss_mask = torch.ones_like(seqs)
+    loss_mask[:, : plen - 1] = 0
+    opt = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=1e-2)
+    K = draft.config.block_size
+    for _ in range(steps):
+        o = draft(seqs, feats, loss_mask=loss_mask, num_anchors=16, generator=gen)
+        pos = (o.anchor_positions[..., None] + torch.arange(K)).clamp(max=seqs.shape[1] - 1)
+        tl = torch.gather(out.logits, 1, pos.flatten(1)[..., None].expand(-1, -1, out.logits.shape[-1]))
+        tl = tl.view(*pos.shape, -1)
+        loss = dspark_loss(o.draft_logits, o.confidence_logits, o.target_ids, o.eval_mask, o.block_keep_mask,
+                           target_logits=tl, d2t=draft.draft_to_target, t2d=draft.target_to_draft_table()).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return draft.eval()

@@ -1,0 +1,316 @@
+"""target.generate(..., assistant_model=dspark_drafter): lossless greedy, exact sampling, policies, errors."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+from _models import briefly_trained_drafter, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
+from transformers.generation.streamers import BaseStreamer
+
+import hf_dspark  # noqa: F401  (installs the hook)
+from hf_dspark import DSparkDraftCache
+
+VARIANTS = {
+    "dflash": dict(markov_rank=0),
+    "vanilla": dict(markov_head_type="vanilla"),
+    "gated": dict(markov_head_type="gated"),
+    "rnn": dict(markov_head_type="rnn"),
+    "reduced_vocab": dict(draft_vocab_size=48, draft_token_ids=list(range(40, 88))),
+}
+POLICIES = {
+    "full": dict(verification_policy="full"),
+    "threshold": dict(verification_policy="threshold", confidence_threshold=0.4),
+    "cost": dict(verification_policy="cost", latency_table={1: 0.010, 4: 0.012, 8: 0.020}),
+}
+
+
+def set_policy(draft, **settings):
+    for key, value in settings.items():
+        setattr(draft.generation_config, key, value)
+    return draft
+
+
+def prompts(n, vocab=90, length=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (1, length), generator=gen) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen3_target()
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return tiny_gemma3_target()
+
+
+@pytest.fixture(scope="module")
+def trained(qwen):
+    return briefly_trained_drafter(qwen, prompts(3, seed=5), steps=30)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("target_name", ["qwen", "gemma"])
+def test_greedy_equals_plain_generate_every_variant_and_policy(request, target_name, variant):
+    target = request.getfixturevalue(target_name)
+    draft = tiny_drafter(target, **VARIANTS[variant])
+    for policy, settings in POLICIES.items():
+        set_policy(draft, **settings)
+        for ids in prompts(2, seed=hash(policy) % 1000):
+            plain = target.generate(ids, max_new_tokens=23, do_sample=False)
+            spec = target.generate(ids, max_new_tokens=23, do_sample=False, assistant_model=draft)
+            assert torch.equal(plain, spec), f"{target_name}/{variant}/{policy}"
+            stats = draft.last_generation_stats
+            assert stats["policy"] == policy
+            assert sum(stats["accepted_lengths"]) >= spec.shape[1] - ids.shape[1] - 1
+
+
+def test_briefly_trained_drafter_is_lossless_and_accepts(qwen, trained):
+    accepted = []
+    for policy, settings in POLICIES.items():
+        set_policy(trained, **settings)
+        for ids in prompts(3, seed=5):
+            plain = qwen.generate(ids, max_new_tokens=30, do_sample=False)
+            spec = qwen.generate(ids, max_new_tokens=30, do_sample=False, assistant_model=trained)
+            assert torch.equal(plain, spec), policy
+            accepted.append(trained.last_generation_stats["mean_accepted_length"])
+    assert max(accepted) > 3.0, "a drafter trained on these continuations should get long acceptances"
+
+
+class Oracle:
+    """Makes a drafter propose the target's true continuation, with one wrong token every few rounds,
+    so verification exercises long acceptances, rejections, EOS and max length inside a block."""
+
+    def __init__(self, draft, reference: torch.Tensor, vocab: int, corrupt_every: int = 3):
+        self.draft, self.ref, self.vocab, self.every, self.round, self.pos = draft, reference[0], vocab, corrupt_every, 0, 0
+        original_block = draft.draft_block
+
+        def draft_block(this, anchor_ids, new_ctx, cache):
+            out = original_block(anchor_ids, new_ctx, cache)
+            self.pos = cache.get_seq_length()  # index of the anchor in the sequence
+            return out
+
+        original_sample = draft.sample_block
+
+        def sample_block(this, base_logits, hidden, anchor_ids, choose=None, num_tokens=None):
+            tokens, logits, conf = original_sample(base_logits, hidden, anchor_ids, choose, num_tokens)
+            n = tokens.shape[1]
+            truth = self.ref[self.pos + 1 : self.pos + 1 + n]
+            fixed = tokens.clone()
+            fixed[0, : truth.numel()] = truth
+            self.round += 1
+            if self.round % self.every == 0:
+                k = self.round % n
+                fixed[0, k] = (fixed[0, k] + 1) % self.vocab
+            return fixed, logits, conf
+
+        draft.draft_block = types.MethodType(draft_block, draft)
+        draft.sample_block = types.MethodType(sample_block, draft)
+
+
+@pytest.mark.parametrize("max_new_tokens", [13, 24])
+def test_oracle_drafts_long_acceptance_and_max_new_tokens_mid_block(qwen, max_new_tokens):
+    ids = prompts(1, seed=11)[0]
+    plain = qwen.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    reference = qwen.generate(ids, max_new_tokens=60, do_sample=False)
+    draft = set_policy(tiny_drafter(qwen, block_size=5), verification_policy="full")
+    Oracle(draft, reference, qwen.config.vocab_size)
+    spec = qwen.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=draft)
+    assert torch.equal(plain, spec)
+    assert max(draft.last_generation_stats["accepted_lengths"]) == 6  # a full block + bonus happened
+
+
+def test_eos_inside_a_block_stops_exactly_like_plain_generate():
+    target = tiny_qwen3_target(seed=3)
+    ids = prompts(1, seed=12)[0]
+    free = target.generate(ids, max_new_tokens=40, do_sample=False)
+    eos = int(free[0, ids.shape[1] + 9])  # the 10th generated token becomes EOS
+    target.generation_config.eos_token_id = eos
+    plain = target.generate(ids, max_new_tokens=40, do_sample=False)
+    assert plain.shape[1] <= ids.shape[1] + 10
+    draft = set_policy(tiny_drafter(target, block_size=6), verification_policy="full")
+    Oracle(draft, free, target.config.vocab_size, corrupt_every=100)
+    spec = target.generate(ids, max_new_tokens=40, do_sample=False, assistant_model=draft)
+    assert torch.equal(plain, spec)
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1))
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_exactly_the_output(qwen, trained):
+    set_policy(trained, verification_policy="full")
+    ids = prompts(1, seed=4)[0]
+    streamer = Collect()
+    out = qwen.generate(ids, max_new_tokens=20, do_sample=False, assistant_model=trained, streamer=streamer)
+    streamed = torch.cat(streamer.chunks)
+    assert torch.equal(streamed, out[0]) and streamer.ended
+
+
+def test_incremental_draft_cache_equals_drafting_from_scratch(qwen):
+    draft = tiny_drafter(qwen, markov_head_type="gated")
+    seq = torch.randint(3, 90, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hs = qwen(seq, output_hidden_states=True).hidden_states
+        feats = torch.cat([hs[i + 1] for i in draft.config.target_layer_ids], dim=-1)
+        cache = DSparkDraftCache(draft.config.num_hidden_layers)
+        committed = 0
+        for step in (9, 4, 1, 7):  # tokens committed per round
+            out_inc = draft.draft_block(seq[:, committed + step], feats[:, committed : committed + step], cache)
+            committed += step
+            fresh = DSparkDraftCache(draft.config.num_hidden_layers)
+            out_scratch = draft.draft_block(seq[:, committed], feats[:, :committed], fresh)
+            torch.testing.assert_close(out_inc.hidden_states, out_scratch.hidden_states, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out_inc.base_logits, out_scratch.base_logits, atol=1e-5, rtol=1e-5)
+            assert cache.get_seq_length() == committed
+
+
+# ------------------------------------------------------------------------- sampling exactness
+def exact_joint(target, ids, warp):
+    """Exact P(x2, x3) of plain sampling (x1 marginalised), with the target's own processors."""
+
+    def step_probs(prefix):
+        out = target.generate(prefix, max_new_tokens=1, do_sample=True, output_scores=True,
+                              return_dict_in_generate=True, **warp)
+        return torch.softmax(out.scores[0][0].double(), -1)
+
+    V = target.config.vocab_size
+    joint = torch.zeros(V, V, dtype=torch.float64)
+    p1 = step_probs(ids)
+    for x1 in torch.nonzero(p1 > 0).flatten().tolist():
+        pre1 = torch.cat([ids, torch.tensor([[x1]])], 1)
+        p2 = step_probs(pre1)
+        for x2 in torch.nonzero(p2 > 0).flatten().tolist():
+            p3 = step_probs(torch.cat([pre1, torch.tensor([[x2]])], 1))
+            joint[x2] += p1[x1] * p2[x2] * p3
+    return joint
+
+
+def chi_square_rejects(counts: torch.Tensor, expected_p: torch.Tensor, alpha_z: float = 3.09) -> tuple[bool, float, float]:
+    n = counts.sum().item()
+    exp = expected_p.flatten() * n
+    obs = counts.flatten().double()
+    if (obs[exp == 0] > 0).any():
+        return True, math.inf, 0.0  # an impossible outcome was produced
+    big = exp >= 5
+    stat = (((obs[big] - exp[big]) ** 2) / exp[big]).sum().item()
+    rest_e, rest_o = exp[~big & (exp > 0)].sum().item(), obs[~big & (exp > 0)].sum().item()
+    df = int(big.sum().item()) - 1
+    if rest_e > 0:
+        stat += (rest_o - rest_e) ** 2 / rest_e
+        df += 1
+    # Wilson-Hilferty approximation of the chi-square quantile
+    crit = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+    return stat > crit, stat, crit
+
+
+def sample_counts(target, draft, ids, warp, runs, seed0=0):
+    V = target.config.vocab_size
+    counts = torch.zeros(V, V, dtype=torch.long)
+    L = ids.shape[1]
+    for s in range(runs):
+        torch.manual_seed(seed0 + s)
+        out = target.generate(ids, max_new_tokens=3, do_sample=True, assistant_model=draft, **warp)
+        counts[out[0, L + 1], out[0, L + 2]] += 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    target = tiny_qwen3_target(seed=7, vocab_size=6, num_layers=4, eos_token_id=None)
+    target.generation_config.eos_token_id = None
+    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5)
+    with torch.no_grad():  # make the draft distribution clearly different from the target's
+        for p in draft.parameters():
+            p.mul_(3.0)
+    return target, set_policy(draft, verification_policy="full")
+
+
+@pytest.mark.parametrize(
+    "warp",
+    [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=4, top_p=0.9)],
+    ids=["plain", "temp_topk_topp"],
+)
+def test_sampling_follows_the_target_distribution(small_vocab, warp):
+    target, draft = small_vocab
+    ids = torch.tensor([[1, 3, 2, 4]])
+    exact = exact_joint(target, ids, warp)
+    counts = sample_counts(target, draft, ids, warp, runs=1500)
+    rejects, stat, crit = chi_square_rejects(counts, exact)
+    assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
+    assert draft.last_generation_stats["submitted_lengths"][-1] == 2  # the draft really proposed tokens
+
+
+def test_a_broken_acceptance_rule_is_caught(small_vocab, monkeypatch):
+    """Negative control: returning logits that are not the ones sampled from must fail the test above."""
+    target, draft = small_vocab
+    warp = dict(temperature=1.0, top_k=0, top_p=1.0)
+    ids = torch.tensor([[1, 3, 2, 4]])
+    original = hf_dspark.generation_dspark.DSparkCandidateGenerator.get_candidates
+
+    def lying(self, *args, **kwargs):
+        cands, logits = original(self, *args, **kwargs)
+        return cands, None if logits is None else torch.zeros_like(logits)  # claims q is uniform
+
+    monkeypatch.setattr(hf_dspark.generation_dspark.DSparkCandidateGenerator, "get_candidates", lying)
+    exact = exact_joint(target, ids, warp)
+    counts = sample_counts(target, draft, ids, warp, runs=1500)
+    assert chi_square_rejects(counts, exact)[0]
+
+
+# ------------------------------------------------------------------------- integration and errors
+def test_pipeline_with_assistant_model(tiny_target_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_target_dir)
+    draft = tiny_drafter(target, target_layer_ids=[0, 1])
+    pipe = pipeline("text-generation", model=target, tokenizer=tok)
+    plain = pipe("what is the sum of two", max_new_tokens=12, do_sample=False)
+    spec = pipe("what is the sum of two", max_new_tokens=12, do_sample=False, assistant_model=draft)
+    assert plain[0]["generated_text"] == spec[0]["generated_text"]
+    assert draft.last_generation_stats["rounds"] > 0
+
+
+def test_statistics_are_complete(qwen, trained):
+    set_policy(trained, verification_policy="full")
+    qwen.generate(prompts(1, seed=9)[0], max_new_tokens=25, do_sample=False, assistant_model=trained)
+    s = trained.last_generation_stats
+    for key in ("rounds", "accepted_lengths", "mean_accepted_length", "position_attempted", "position_accepted",
+                "submitted_lengths", "draft_seconds", "verify_seconds"):
+        assert key in s
+    assert s["rounds"] == len(s["accepted_lengths"]) == len(s["submitted_lengths"])
+    assert s["position_attempted"][0] == s["rounds"]
+    assert all(a >= b for a, b in zip(s["position_attempted"], s["position_accepted"]))
+    assert s["draft_seconds"] > 0 and s["verify_seconds"] > 0
+
+
+def test_batch_size_above_one_points_to_the_batched_engine(qwen):
+    draft = tiny_drafter(qwen)
+    ids = torch.cat(prompts(2, seed=1))
+    with pytest.raises(ValueError, match="batched"):
+        qwen.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, assistant_model=draft)
+
+
+def test_drafter_for_another_target_is_refused_before_generation(qwen):
+    other = tiny_qwen3_target(num_layers=6)
+    draft = tiny_drafter(other)
+    with pytest.raises(ValueError, match="number of layers: drafter expects 6, target has 4"):
+        qwen.generate(prompts(1)[0], max_new_tokens=5, assistant_model=draft)
+
+
+def test_cost_policy_without_latency_table_is_a_clear_error(qwen):
+    draft = set_policy(tiny_drafter(qwen), verification_policy="cost", latency_table=None)
+    with pytest.raises(ValueError, match="latency_table"):
+        qwen.generate(prompts(1)[0], max_new_tokens=5, do_sample=False, assistant_model=draft)
