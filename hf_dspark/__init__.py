@@ -15,6 +15,8 @@ from .errors import (
     HfDSparkError,
     UnsupportedTransformersError,
 )
+from .generation_dspark import DSparkCandidateGenerator, install_generate_hook
+from .latency import LatencyProfile, profile_latency
 from .modeling_dspark import DSparkDraftCache, DSparkDraftModel, DSparkTrainingOutput, sample_anchor_positions
 
 __version__ = "0.1.0"
@@ -28,6 +30,10 @@ __all__ = [
     "DSparkDraftCache",
     "DSparkTrainingOutput",
     "sample_anchor_positions",
+    "DSparkCandidateGenerator",
+    "install_generate_hook",
+    "profile_latency",
+    "LatencyProfile",
     "HfDSparkError",
     "DSparkConfigError",
     "DraftTargetMismatchError",

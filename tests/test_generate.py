@@ -181,8 +181,9 @@ def exact_joint(target, ids, warp):
     """Exact P(x2, x3) of plain sampling (x1 marginalised), with the target's own processors."""
 
     def step_probs(prefix):
-        out = target.generate(prefix, max_new_tokens=1, do_sample=True, output_scores=True,
-                              return_dict_in_generate=True, **warp)
+        # explicit mask: a generated pad-id token must not be masked out as padding
+        out = target.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=1, do_sample=True,
+                              output_scores=True, return_dict_in_generate=True, **warp)
         return torch.softmax(out.scores[0][0].double(), -1)
 
     V = target.config.vocab_size
