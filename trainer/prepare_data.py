@@ -1,0 +1,254 @@
+"""``hf-dspark prepare-data``: load prompts and regenerate their answers with the target.
+
+Writes to ``--output DATA_DIR``:
+
+* ``prompts.jsonl``: the deduplicated, shuffled prompts kept (after the length
+  filter), each with ``"split": "train" | "holdout"``;
+* ``holdout.jsonl`` and ``train.jsonl``: regenerated rows (format in
+  :mod:`hf_dspark.trainer.regenerate`); the small holdout set is generated first;
+* ``data_config.json``: target name, sampling settings and counts.
+
+Rerunning the same command resumes: finished prompts are skipped, and prompts
+already assigned to a split keep it (so ``--num-prompts`` can be raised later to
+add more). Rerunning with a different target or sampling settings is refused.
+
+Default sampling: if the target's ``generation_config`` samples by default
+(``do_sample=True``), its temperature / top-p / top-k are used, since that is the
+distribution the target is served with; otherwise temperature 1.0 and top-p 0.95
+(plain sampling from the model, lightly truncated). ``--temperature``,
+``--top-p`` and ``--top-k`` override single values; ``--greedy`` decodes greedily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .prompts import holdout_split, load_prompts
+from .regenerate import encode_prompt, regenerate_in_process, regenerate_openai, resolve_chat_mode
+
+DATA_FORMAT_VERSION = 1
+FALLBACK_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": None}
+# Settings that must not change between a run and its resumption.
+_RESUME_KEYS = ("target", "sampling", "max_new_tokens", "chat_template", "seed", "max_prompt_tokens")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``prepare-data`` options on ``parser``."""
+    parser.add_argument("--target", required=True, help="Target model: Hub id, local folder, or 'gemma-3-270m'.")
+    parser.add_argument("--prompts", required=True, nargs="+", metavar="FILE_OR_DATASET",
+                        help="Prompt files (.jsonl/.json/.parquet), folders of them, or Hub dataset ids.")
+    parser.add_argument("--output", required=True, metavar="DATA_DIR", help="Output folder (resumed if present).")
+    parser.add_argument("--num-prompts", type=int, default=None, help="Use at most this many prompts.")
+    parser.add_argument("--max-new-tokens", type=int, default=192, help="Answer length limit (default 192).")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="Drop prompts longer than this many tokens (default: keep all).")
+    parser.add_argument("--batch-size", type=int, default=16, help="Prompts per generate call (default 16).")
+    parser.add_argument("--holdout", type=float, default=0.02, help="Fraction held out for evaluation.")
+    parser.add_argument("--split", default=None, help="Split of Hub datasets (default 'train').")
+    parser.add_argument("--column", default=None, help="Field holding the prompt text.")
+    parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature.")
+    parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling threshold.")
+    parser.add_argument("--top-k", type=int, default=None, help="Top-k sampling (0 disables).")
+    parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
+    parser.add_argument("--chat-template", choices=("auto", "yes", "no"), default="auto",
+                        help="Wrap prompts in the chat template: auto (if the tokenizer has one), yes, no.")
+    parser.add_argument("--server-url", default=None,
+                        help="OpenAI-compatible server running the target (e.g. http://localhost:8000).")
+    parser.add_argument("--server-model", default=None, help="Model name to request from --server-url.")
+    parser.add_argument("--concurrency", type=int, default=8, help="Parallel requests to the server.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the shuffle, the split and sampling.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="Target dtype for in-process generation.")
+    parser.add_argument("--device", default="cpu", help="Device for in-process generation.")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+
+
+def resolve_sampling(args: argparse.Namespace, generation_config=None) -> dict[str, Any]:
+    """Sampling settings from the CLI flags on top of the target's defaults (see module docstring)."""
+    if args.greedy:
+        if any(value is not None for value in (args.temperature, args.top_p, args.top_k)):
+            raise DataError("--greedy cannot be combined with --temperature/--top-p/--top-k; drop one of them.")
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = dict(FALLBACK_SAMPLING)
+    if generation_config is not None and getattr(generation_config, "do_sample", False):
+        sampling = {
+            "do_sample": True,
+            "temperature": getattr(generation_config, "temperature", None) or 1.0,
+            "top_p": getattr(generation_config, "top_p", None),
+            "top_k": getattr(generation_config, "top_k", None),
+        }
+    if args.temperature is not None:
+        if args.temperature <= 0:
+            raise DataError(f"--temperature must be > 0 (use --greedy for greedy decoding), got {args.temperature}.")
+        sampling["temperature"] = args.temperature
+    if args.top_p is not None:
+        if not 0 < args.top_p <= 1:
+            raise DataError(f"--top-p must be in (0, 1], got {args.top_p}.")
+        sampling["top_p"] = args.top_p
+    if args.top_k is not None:
+        sampling["top_k"] = args.top_k or None
+    return sampling
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_prompts(path: Path, prompts: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for prompt in prompts:
+            handle.write(json.dumps(prompt, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _count_lines(path: Path) -> tuple[int, int]:
+    rows = tokens = 0
+    if path.exists():
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.endswith("\n") and line.strip():
+                    rows += 1
+                    tokens += json.loads(line)["num_answer_tokens"]
+    return rows, tokens
+
+
+def _check_resume(config_path: Path, settings: dict[str, Any]) -> None:
+    if not config_path.exists():
+        return
+    previous = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in _RESUME_KEYS:
+        if previous.get(key) != settings.get(key):
+            raise DataError(
+                f"{config_path.parent} was prepared with {key}={previous.get(key)!r}, this run asks for "
+                f"{settings.get(key)!r}. Use a new --output folder, or rerun with the original settings to resume."
+            )
+
+
+def assign_splits(
+    prompts: list[dict[str, Any]], previous: list[dict[str, Any]], fraction: float, seed: int
+) -> list[dict[str, Any]]:
+    """Give each prompt a ``"split"``, keeping the split of prompts listed in ``previous``."""
+    known = {row["id"]: row["split"] for row in previous if "id" in row and "split" in row}
+    fresh = [p for p in prompts if p["id"] not in known]
+    _, holdout = holdout_split(fresh, fraction, seed)
+    holdout_ids = {p["id"] for p in holdout}
+    result = []
+    for prompt in prompts:
+        split = known.get(prompt["id"]) or ("holdout" if prompt["id"] in holdout_ids else "train")
+        result.append({**prompt, "split": split})
+    return result
+
+
+def _load_target(args):
+    """``(model or None, tokenizer, generation_config or None)`` for the requested mode."""
+    import torch
+    from transformers import GenerationConfig
+
+    from .. import targets
+
+    if args.server_url:
+        tokenizer = targets.load_target_tokenizer(args.target)
+        try:
+            generation_config = GenerationConfig.from_pretrained(targets.resolve_target_source(args.target))
+        except OSError:
+            generation_config = None
+        return None, tokenizer, generation_config
+    model, tokenizer = targets.load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
+    return model, tokenizer, model.generation_config
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``prepare-data``; returns the process exit code."""
+    from .. import targets
+
+    if args.server_url and not args.server_model:
+        raise DataError("--server-url needs --server-model (the model name the server serves).")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    config_path = output / "data_config.json"
+    show = not args.no_progress
+
+    if args.num_prompts is not None and args.num_prompts <= 0:
+        raise DataError(f"--num-prompts must be positive, got {args.num_prompts}.")
+    prompts = load_prompts(args.prompts, split=args.split, column=args.column, seed=args.seed)
+    print(f"Loaded {len(prompts)} unique prompts from {len(args.prompts)} source(s).", flush=True)
+    start = time.time()
+    model, tokenizer, generation_config = _load_target(args)
+    print(f"Loaded target {args.target!r} in {time.time() - start:.1f} s.", flush=True)
+    chat = resolve_chat_mode(tokenizer, args.chat_template)
+    sampling = resolve_sampling(args, generation_config)
+    settings = {
+        "format_version": DATA_FORMAT_VERSION,
+        "target": targets.resolve_target_name(args.target),
+        "sampling": sampling,
+        "max_new_tokens": args.max_new_tokens,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "chat_template": chat,
+        "seed": args.seed,
+        "holdout_fraction": args.holdout,
+        "sources": [str(s) for s in args.prompts],
+        "generator": "server" if args.server_url else "in_process",
+    }
+    _check_resume(config_path, settings)
+
+    if args.max_prompt_tokens is not None:
+        kept = [p for p in prompts if len(encode_prompt(tokenizer, p["turns"][0], chat)) <= args.max_prompt_tokens]
+        print(f"Dropped {len(prompts) - len(kept)} prompts longer than {args.max_prompt_tokens} tokens.", flush=True)
+        prompts = kept
+    if args.num_prompts is not None:
+        prompts = prompts[: args.num_prompts]  # after the length filter: N usable prompts
+    if not prompts:
+        raise DataError("No prompts left to regenerate; check --prompts, --column and --max-prompt-tokens.")
+    prompts = assign_splits(prompts, _read_jsonl(output / "prompts.jsonl"), args.holdout, args.seed)
+    _write_prompts(output / "prompts.jsonl", prompts)
+    by_split = {name: [p for p in prompts if p["split"] == name] for name in ("holdout", "train")}
+    settings["num_prompts"] = {name: len(rows) for name, rows in by_split.items()}
+    _write_json_atomic(config_path, {**settings, "status": "running"})
+    print(f"Regenerating {settings['num_prompts']} prompts into {output} ({'chat template' if chat else 'raw text'}, "
+          f"sampling {sampling}).", flush=True)
+
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling["do_sample"],
+                  temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
+                  use_chat_template=chat, seed=args.seed, show_progress=show)
+    stats = {}
+    for name, split_prompts in by_split.items():
+        if not split_prompts:
+            continue
+        path = output / f"{name}.jsonl"
+        if args.server_url:
+            stats[name] = regenerate_openai(args.server_url, args.server_model, tokenizer, split_prompts, path,
+                                            concurrency=args.concurrency, **kwargs)
+        else:
+            stats[name] = regenerate_in_process(model, tokenizer, split_prompts, path,
+                                                batch_size=args.batch_size, **kwargs)
+        print(f"{name}: {stats[name]}", flush=True)
+
+    counts = {}
+    for name in ("train", "holdout"):
+        rows, tokens = _count_lines(output / f"{name}.jsonl")
+        counts[name] = {"rows": rows, "answer_tokens": tokens}
+    complete = all(counts[name]["rows"] >= len(by_split[name]) for name in by_split)
+    _write_json_atomic(config_path, {**settings, "counts": counts, "status": "complete" if complete else "partial"})
+    print(f"Done: {counts}", flush=True)
+    return 0
