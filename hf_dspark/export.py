@@ -1,0 +1,582 @@
+"""`hf-dspark export` and `hf-dspark push`: ship a trained drafter.
+
+Formats
+-------
+* ``hub`` (default): a folder that *is* a Hub model repository: ``config.json`` (``model_type``
+  ``dspark``, ``auto_map``, all DSpark fields, STS temperatures), ``model.safetensors``, the
+  remote-code files (``configuration_dspark.py``, ``modeling_dspark.py``,
+  ``generation_dspark.py``), ``generation_config.json`` (verification policy, threshold,
+  latency table) and a ``README.md`` model card, plus ``dspark_card.json`` (the card's inputs, so
+  that re-exporting the folder reproduces it). A user with only ``transformers`` installed runs
+  ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` and
+  ``target.generate(..., assistant_model=draft)``.
+* ``vllm`` / ``sglang``: the layout those engines' native DSpark loaders read
+  (``architectures: ["Qwen3DSparkModel"]``, ``model_type: "qwen3"``, engine-specific tensors).
+  The field mapping, its sources and what is assumed are in ``docs/serving.md``.
+
+Every export first loads the drafter with ``DSparkDraftModel.from_pretrained`` and refuses
+(:class:`~hf_dspark.errors.CheckpointError`) a checkpoint without ``target_model_name`` or whose
+stored tensors do not match its config (missing, mis-shaped or unexpected tensors). All JSON is
+written with sorted keys and safetensors with fixed metadata, so export -> load -> export gives
+byte-identical files.
+
+Usage::
+
+    hf-dspark export --draft runs/drafter --output out/ --eval-json eval.json \\
+        --recipe "hf-dspark train --target Qwen/Qwen3-4B --cache cache/ --output runs/drafter"
+    hf-dspark export --draft out/ --output out-vllm/ --format vllm
+    hf-dspark push --draft out/ --repo my-org/Qwen3-4B-DSpark --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .configuration_dspark import DSparkConfig
+from .errors import CheckpointError, DSparkConfigError, HfDSparkError
+from .model_card import DEFAULT_LICENSE, render_engine_card, render_model_card
+
+EXPORT_FORMATS = ("hub", "vllm", "sglang")
+REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "generation_dspark.py")
+CARD_INPUTS_FILE = "dspark_card.json"
+ENGINE_ARCHITECTURE = "Qwen3DSparkModel"
+SAFETENSORS_METADATA = {"format": "pt"}
+# Never uploaded: hidden files/folders (.git, .cache, editor files) and Python caches.
+PUSH_IGNORE_PATTERNS = (".*", "*/.*", "__pycache__", "*/__pycache__", "*/__pycache__/*", "__pycache__/*", "*.pyc")
+
+
+# ----------------------------------------------------------------------------- I/O helpers
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _normalize_json_file(path: Path) -> None:
+    if path.is_file():
+        _write_json(path, json.loads(path.read_text()))
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    ordered = {name: tensors[name].detach().cpu().contiguous() for name in sorted(tensors)}
+    save_file(ordered, str(path), metadata=dict(SAFETENSORS_METADATA))
+
+
+def _stored_tensor_names(draft_dir: Path) -> set[str]:
+    """Names of the tensors stored in a checkpoint folder (single file or sharded safetensors)."""
+    from safetensors import safe_open
+
+    index = draft_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (draft_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"{draft_dir} holds no model.safetensors (or sharded model.safetensors.index.json); "
+            "save the drafter with draft.save_pretrained(dir) (safetensors) before exporting"
+        )
+    names: set[str] = set()
+    for name in files:
+        with safe_open(str(draft_dir / name), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def _prepare_output(output_dir: Path, draft_dir: Path, overwrite: bool) -> None:
+    if output_dir.resolve() == draft_dir.resolve():
+        raise ValueError(f"--output {output_dir} is the drafter folder itself; export into a new folder")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"--output {output_dir} exists and is not empty; choose a new folder or pass --overwrite"
+            )
+        if not (output_dir / "config.json").is_file():
+            raise FileExistsError(
+                f"--overwrite refuses to clear {output_dir}: it does not look like an export (no config.json)"
+            )
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_checked_drafter(draft_dir: str | os.PathLike):
+    """Load a drafter folder, refusing checkpoints that cannot be shipped.
+
+    Raises :class:`CheckpointError` when ``config.json`` is missing or invalid, when
+    ``target_model_name`` is unset, or when the stored tensors and the config disagree (missing,
+    mis-shaped or unexpected tensors).
+    """
+    from .modeling_dspark import DSparkDraftModel
+
+    path = Path(draft_dir)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"--draft {path}: no config.json; point it at a folder written by draft.save_pretrained")
+    try:
+        config = DSparkConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"--draft {path}: config.json is not a valid DSpark config: {exc}") from exc
+    if not config.target_model_name:
+        raise CheckpointError(
+            f"--draft {path}: config.target_model_name is not set, so the export cannot say which target it "
+            "serves (model card base_model, engine configs). Set it and save again, e.g. "
+            "draft.config.target_model_name = 'Qwen/Qwen3-4B'; draft.save_pretrained(dir)"
+        )
+    stored = _stored_tensor_names(path)
+    try:
+        model = DSparkDraftModel.from_pretrained(path, dtype="auto")
+    except (OSError, ValueError, RuntimeError) as exc:  # transformers raises RuntimeError on shape mismatches
+        raise CheckpointError(f"--draft {path}: the weights do not match config.json: {exc}") from exc
+    expected = set(model.state_dict())
+    unexpected, missing = sorted(stored - expected), sorted(expected - stored)
+    if unexpected or missing:
+        raise CheckpointError(
+            f"--draft {path}: the stored tensors do not match config.json: unexpected {unexpected[:8]}"
+            f"{'...' if len(unexpected) > 8 else ''}, missing {missing[:8]}{'...' if len(missing) > 8 else ''}. "
+            "Check markov_rank, markov_head_type, enable_confidence_head, draft_vocab_size, num_hidden_layers "
+            "and embeddings_from_target against model.safetensors."
+        )
+    return model.eval()
+
+
+def _resolve_draft(draft: str | os.PathLike) -> Path:
+    """A local drafter folder, or a Hub id (``org/name``) downloaded to the local cache."""
+    path = Path(draft)
+    if path.exists() or str(draft).count("/") != 1 or str(draft).startswith((".", "/")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(draft)))
+    except Exception as exc:  # offline, not found, gated...: all mean "cannot use this --draft"
+        raise CheckpointError(
+            f"--draft {draft}: not a local folder, and downloading it as a Hub repository failed ({exc})"
+        ) from exc
+
+
+def _card_inputs(draft_dir: Path, eval_json, recipe, license) -> tuple[list[dict], str | None, str]:
+    """Card inputs: explicit arguments win, else those recorded by a previous export of ``draft_dir``."""
+    from .model_card import load_eval_results
+
+    recorded = {}
+    if (draft_dir / CARD_INPUTS_FILE).is_file():
+        recorded = json.loads((draft_dir / CARD_INPUTS_FILE).read_text())
+    if isinstance(eval_json, (str, os.PathLike)):
+        eval_json = [eval_json]
+    evals = load_eval_results(eval_json) if eval_json else list(recorded.get("eval_results", []))
+    return evals, recipe if recipe is not None else recorded.get("recipe"), license or recorded.get("license") or DEFAULT_LICENSE
+
+
+# ----------------------------------------------------------------------------- hub format
+def _export_hub(model, draft_dir: Path, output_dir: Path, eval_json, recipe, license, repo_id) -> None:
+    evals, recipe, license = _card_inputs(draft_dir, eval_json, recipe, license)
+    model.save_pretrained(output_dir)
+    for name in REMOTE_CODE_FILES:
+        if not (output_dir / name).is_file():
+            raise HfDSparkError(
+                f"save_pretrained did not copy {name} next to the weights; the export would not load with "
+                "trust_remote_code. Is the drafter class imported from hf_dspark?"
+            )
+    # Re-write what save_pretrained produced so the bytes depend only on the drafter.
+    weights = output_dir / "model.safetensors"
+    if weights.is_file():
+        _save_safetensors(model.state_dict(), weights)
+    for name in ("config.json", "generation_config.json", "model.safetensors.index.json"):
+        _normalize_json_file(output_dir / name)
+    generation = json.loads((output_dir / "generation_config.json").read_text())
+    card = render_model_card(model.config, generation, evals, recipe=recipe, license=license, repo_id=repo_id)
+    (output_dir / "README.md").write_text(card)
+    _write_json(output_dir / CARD_INPUTS_FILE, {"eval_results": evals, "license": license, "recipe": recipe})
+
+
+# ----------------------------------------------------------------------------- engine formats
+def _engine_error(field: str, value, engine: str, fix: str) -> DSparkConfigError:
+    return DSparkConfigError(f"DSparkConfig.{field}={value!r} cannot be exported for {engine}: {fix}")
+
+
+def check_engine_support(config: DSparkConfig, engine: str, expand_draft_vocab: bool = False) -> None:
+    """Refuse drafters the engine's DSpark loader (as documented in docs/serving.md) cannot represent."""
+    if config.markov_rank <= 0:
+        raise _engine_error("markov_rank", config.markov_rank, engine,
+                            "its DSpark loader requires a Markov head; a rank-0 drafter is a DFlash drafter")
+    if min(config.target_layer_ids) < 0:
+        raise _engine_error("target_layer_ids", config.target_layer_ids, engine,
+                            "layer -1 (the embedding output) is not a layer id the engine can capture")
+    if engine == "vllm" and config.markov_head_type != "vanilla":
+        raise _engine_error("markov_head_type", config.markov_head_type, engine,
+                            "vLLM's Qwen3 DSpark model has only the vanilla Markov head; export for sglang "
+                            "(which has gated and rnn heads) or train a vanilla head")
+    if engine == "sglang":
+        if config.target_hidden_size != config.hidden_size:
+            raise _engine_error("target_hidden_size", config.target_hidden_size, engine,
+                                f"SGLang's drafter projects len(target_layer_ids) x hidden_size={config.hidden_size} features")
+        if config.draft_vocab_size is not None and not expand_draft_vocab:
+            raise _engine_error(
+                "draft_vocab_size", config.draft_vocab_size, engine,
+                "SGLang's DSpark drafter drafts over the target's full vocabulary with the target's LM head. "
+                "Pass --expand-draft-vocab to export the Markov head over the full vocabulary (still lossless, "
+                "but the drafted distribution then differs from the one measured with hf-dspark)")
+
+
+def engine_config(config: DSparkConfig, engine: str) -> dict:
+    """``config.json`` for vLLM / SGLang: the layout of DeepSpec's ``Qwen3DSparkModel`` checkpoints
+    (``model_type`` ``qwen3``, top-level DSpark fields), which both engines' DSpark loaders read."""
+    rope = dict(config.rope_parameters or {})
+    layer_ids = list(config.target_layer_ids)
+    data = {
+        "architectures": [ENGINE_ARCHITECTURE],
+        "model_type": "qwen3",
+        # backbone (a Qwen3 decoder stack)
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": config.hidden_act,
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "attention_bias": config.attention_bias,
+        "attention_dropout": config.attention_dropout,
+        "rope_parameters": rope,
+        "rope_theta": float(rope.get("rope_theta", 10000.0)),
+        "tie_word_embeddings": False,
+        "dtype": str(getattr(config, "dtype", None) or "float32").replace("torch.", ""),
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        # DSpark
+        "block_size": config.block_size,
+        "mask_token_id": config.mask_token_id,
+        "target_layer_ids": layer_ids,
+        "num_target_layers": config.num_target_layers,
+        "target_hidden_size": config.target_hidden_size,
+        "markov_rank": config.markov_rank,
+        "markov_head_type": config.markov_head_type,
+        "enable_confidence_head": config.enable_confidence_head,
+        "confidence_head_with_markov": bool(config.confidence_head_with_markov and config.enable_confidence_head),
+        # every draft layer attends bidirectionally inside the block (no sliding window)
+        "layer_types": ["full_attention"] * config.num_hidden_layers,
+        # provenance / hf-dspark-only (ignored by the engines)
+        "target_model_name": config.target_model_name,
+        "confidence_temperatures": config.confidence_temperatures,
+    }
+    if engine == "vllm":
+        # vLLM's aux-hidden-state ids count layer inputs: output of layer l == input of layer l + 1.
+        data["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in layer_ids]
+        if config.draft_vocab_size is not None:
+            data["draft_vocab_size"] = config.draft_vocab_size
+    return data
+
+
+def read_target_output_embedding(target: str | os.PathLike, config: DSparkConfig) -> torch.Tensor:
+    """The target's LM head matrix [vocab_size, hidden] read straight from its safetensors files.
+
+    ``target`` is a local folder or a Hub id (downloaded: only ``*.json`` and ``*.safetensors``).
+    Falls back to the input embedding when the target ties its LM head to it.
+    """
+    from safetensors import safe_open
+
+    path = Path(target)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(target), allow_patterns=["*.json", "*.safetensors"]))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"--target {target}: no *.safetensors files to read the LM head from")
+    located: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith("lm_head.weight") or key.endswith("embed_tokens.weight"):
+                    located.setdefault(key, file)
+    head = [k for k in located if k.endswith("lm_head.weight")] or [k for k in located if k.endswith("embed_tokens.weight")]
+    if not head:
+        raise CheckpointError(f"--target {target}: found neither an lm_head.weight nor an embed_tokens.weight tensor")
+    key = sorted(head, key=len)[0]
+    with safe_open(str(located[key]), framework="pt") as handle:
+        weight = handle.get_tensor(key)
+    if tuple(weight.shape) != (config.vocab_size, config.hidden_size):
+        raise CheckpointError(
+            f"--target {target}: {key} has shape {tuple(weight.shape)}, the drafter expects "
+            f"({config.vocab_size}, {config.hidden_size}); is this the drafter's target?"
+        )
+    return weight
+
+
+def engine_state_dict(model, engine: str, target_output_embedding: torch.Tensor | None = None,
+                      expand_draft_vocab: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of the vLLM / SGLang layout (names as in the hf-dspark state dict unless noted).
+
+    * reduced draft vocabulary, vLLM: ``d2t`` becomes EAGLE-3-style offsets (target id - draft id),
+      ``t2d`` a boolean [vocab] mask, ``lm_head.weight`` the target's LM-head rows of the draft
+      vocabulary, and ``markov_w1`` is indexed by target ids (zero rows outside the draft vocabulary,
+      which is what hf-dspark uses for such previous tokens);
+    * reduced draft vocabulary, SGLang (``expand_draft_vocab``): both Markov matrices over the full
+      vocabulary, zero outside the draft vocabulary;
+    * ``rnn`` Markov head, SGLang: SGLang's recurrent cell keeps ``gate * state`` where hf-dspark
+      keeps ``(1 - update) * state``; since ``1 - sigmoid(x) = sigmoid(-x)``, negating the gate rows of
+      ``joint_proj`` gives the same function exactly;
+    * own ``embed_tokens`` / ``lm_head`` (DeepSpec-style checkpoints): kept for vLLM (which then uses
+      them), dropped for SGLang (which always shares the target's).
+    """
+    config = model.config
+    check_engine_support(config, engine, expand_draft_vocab)
+    tensors = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    d2t = tensors.pop("d2t", None)
+    own_embed = tensors.pop("embed_tokens.weight", None)
+    own_head = tensors.pop("lm_head.weight", None)
+    vocab = config.vocab_size
+    w1_key, w2_key = "markov_head.markov_w1.weight", "markov_head.markov_w2.weight"
+
+    def full_vocab_rows(rows: torch.Tensor) -> torch.Tensor:
+        full = rows.new_zeros((vocab, rows.shape[1]))
+        full[d2t] = rows
+        return full
+
+    if d2t is not None:
+        tensors[w1_key] = full_vocab_rows(tensors[w1_key])
+        if engine == "vllm":
+            tensors["d2t"] = d2t - torch.arange(d2t.numel(), dtype=d2t.dtype)
+            t2d = torch.zeros(vocab, dtype=torch.bool)
+            t2d[d2t] = True
+            tensors["t2d"] = t2d
+            head = own_head if own_head is not None else target_output_embedding
+            if head is None:
+                raise DSparkConfigError(
+                    f"DSparkConfig.draft_vocab_size={config.draft_vocab_size}: vLLM needs the LM-head rows of the "
+                    "draft vocabulary in the checkpoint, and this drafter borrows the target's LM head; pass "
+                    "--target <target folder or Hub id> so they can be read from the target's weights"
+                )
+            tensors["lm_head.weight"] = head[d2t].to(tensors[w2_key].dtype).clone()
+        else:
+            tensors[w2_key] = full_vocab_rows(tensors[w2_key])
+    elif engine == "vllm" and own_head is not None:
+        tensors["lm_head.weight"] = own_head
+    if engine == "vllm" and own_embed is not None:
+        tensors["embed_tokens.weight"] = own_embed
+    if engine == "sglang" and config.markov_head_type == "rnn":
+        rank = config.markov_rank
+        for name in ("markov_head.joint_proj.weight", "markov_head.joint_proj.bias"):
+            tensors[name][:rank] = -tensors[name][:rank]
+    return tensors
+
+
+def _export_engine(model, output_dir: Path, engine: str, target, expand_draft_vocab: bool, license) -> None:
+    config = model.config
+    check_engine_support(config, engine, expand_draft_vocab)
+    head = None
+    if engine == "vllm" and config.draft_vocab_size is not None and config.embeddings_from_target:
+        if target is None:
+            target = config.target_model_name if Path(str(config.target_model_name)).is_dir() else None
+        if target is not None:
+            head = read_target_output_embedding(target, config)
+    tensors = engine_state_dict(model, engine, head, expand_draft_vocab)
+    _save_safetensors(tensors, output_dir / "model.safetensors")
+    _write_json(output_dir / "config.json", engine_config(config, engine))
+    (output_dir / "README.md").write_text(render_engine_card(config, engine, license or DEFAULT_LICENSE))
+
+
+# ----------------------------------------------------------------------------- public API
+def export_drafter(
+    draft_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    format: str = "hub",
+    eval_json=None,
+    recipe: str | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
+    target: str | os.PathLike | None = None,
+    expand_draft_vocab: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Export the drafter saved in ``draft_dir`` to ``output_dir`` and return ``output_dir``.
+
+    Args:
+        format: ``"hub"`` (transformers / Hub repository), ``"vllm"`` or ``"sglang"``.
+        eval_json: path(s) of ``hf-dspark eval`` JSON files whose numbers fill the card (hub);
+            defaults to those recorded by a previous export of ``draft_dir``.
+        recipe: the training command shown on the card (hub).
+        license: Hub license id for the card metadata (default ``apache-2.0``; match your target's).
+        repo_id: the Hub id the card's usage snippet loads (default ``YOUR_ORG/<target>-DSpark``).
+        target: target folder / Hub id, read only for a vLLM export of a reduced-vocabulary drafter
+            that borrows the target's LM head (vLLM needs those rows in the checkpoint).
+        expand_draft_vocab: allow an SGLang export of a reduced-vocabulary drafter (see docs/serving.md).
+        overwrite: replace an existing export in ``output_dir``.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r} is not supported; choose one of {EXPORT_FORMATS}")
+    draft_dir, output_dir = _resolve_draft(draft_dir), Path(output_dir)
+    model = load_checked_drafter(draft_dir)
+    if format != "hub":
+        check_engine_support(model.config, format, expand_draft_vocab)  # refuse before touching output_dir
+    _prepare_output(output_dir, draft_dir, overwrite)
+    if format == "hub":
+        _export_hub(model, draft_dir, output_dir, eval_json, recipe, license, repo_id)
+    else:
+        _export_engine(model, output_dir, format, target, expand_draft_vocab, license)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------- push
+def _ignored(relative: str) -> bool:
+    return any(fnmatch.fnmatch(relative, pattern) for pattern in PUSH_IGNORE_PATTERNS)
+
+
+def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """``(relative path, bytes)`` of every file ``push`` would upload; refuses non-export folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"--draft {folder} is not a folder; export one first with `hf-dspark export`")
+    missing = [name for name in ("config.json", "README.md") if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"--draft {folder} is not an exported drafter (missing {', '.join(missing)}); create it with "
+            f"`hf-dspark export --draft <trained drafter> --output {folder}`"
+        )
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"--draft {folder}: config.json is not valid JSON ({exc})") from exc
+    if config.get("model_type") == "dspark":
+        absent = [name for name in REMOTE_CODE_FILES if not (folder / name).is_file()]
+        if "auto_map" not in config or absent:
+            raise CheckpointError(
+                f"--draft {folder} is a DSpark checkpoint but not a hub export (auto_map or remote-code files "
+                f"{absent} missing); run `hf-dspark export --format hub` on it first"
+            )
+    elif config.get("architectures") != [ENGINE_ARCHITECTURE]:
+        raise CheckpointError(f"--draft {folder}: config.json does not describe a DSpark drafter export")
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and not _ignored(relative):
+            files.append((relative, path.stat().st_size))
+    if not any(name.endswith(".safetensors") for name, _ in files):
+        raise CheckpointError(f"--draft {folder} holds no *.safetensors weights")
+    return files
+
+
+def push_drafter(folder, repo_id: str, private: bool = False, dry_run: bool = False,
+                 commit_message: str | None = None) -> list[tuple[str, int]] | str:
+    """Upload an exported folder to ``repo_id`` (created if needed); with ``dry_run`` return the plan
+    without any network access. The token comes from huggingface_hub's usual places (``HF_TOKEN``,
+    ``hf auth login``) and is never printed."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"--repo {repo_id!r}: use the form org_or_user/name")
+    plan = upload_plan(folder)
+    if dry_run:
+        return plan
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=commit_message or "Upload DSpark drafter (hf-dspark export)",
+        ignore_patterns=list(PUSH_IGNORE_PATTERNS),
+    )
+    return str(getattr(commit, "commit_url", commit))
+
+
+def _human_size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft", required=True, metavar="DIR_OR_ID",
+                        help="Trained drafter folder (draft.save_pretrained) or the Hub id of an exported drafter.")
+    parser.add_argument("--output", required=True, metavar="OUT", help="Folder to write (must be new or empty).")
+    parser.add_argument("--format", default="hub", choices=EXPORT_FORMATS,
+                        help="hub: transformers / Hub repository (default); vllm / sglang: engine-native layout.")
+    parser.add_argument("--eval-json", nargs="+", default=None, metavar="FILE",
+                        help="`hf-dspark eval` results to put on the model card (hub).")
+    parser.add_argument("--recipe", default=None, metavar="COMMAND", help="Training command shown on the card (hub).")
+    parser.add_argument("--license", default=None,
+                        help=f"Hub license id for the card (default {DEFAULT_LICENSE}; use your target's license).")
+    parser.add_argument("--repo-id", default=None, metavar="ORG/NAME", help="Hub id used in the card's usage snippet.")
+    parser.add_argument("--target", default=None, metavar="DIR_OR_ID",
+                        help="Target weights, read only for a vLLM export of a reduced-vocabulary drafter.")
+    parser.add_argument("--expand-draft-vocab", action="store_true",
+                        help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/serving.md).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing export in --output.")
+
+
+def _cli_error(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        out = export_drafter(
+            args.draft, args.output, format=args.format, eval_json=args.eval_json, recipe=args.recipe,
+            license=args.license, repo_id=args.repo_id, target=args.target,
+            expand_draft_vocab=args.expand_draft_vocab, overwrite=args.overwrite,
+        )
+    except (HfDSparkError, FileExistsError, ValueError) as exc:
+        return _cli_error(exc)
+    print(f"exported {args.draft} ({args.format}) -> {out}")
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name:32s} {_human_size(path.stat().st_size):>10s}")
+    return 0
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft", required=True, metavar="OUT", help="Folder written by `hf-dspark export`.")
+    parser.add_argument("--repo", required=True, metavar="ORG/NAME", help="Hub model repository (created if needed).")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--dry-run", action="store_true", help="List what would be uploaded; no network access.")
+    parser.add_argument("--commit-message", default=None, help="Commit message of the upload.")
+
+
+def run_push(args: argparse.Namespace) -> int:
+    try:
+        result = push_drafter(args.draft, args.repo, private=args.private, dry_run=args.dry_run,
+                              commit_message=args.commit_message)
+    except (HfDSparkError, ValueError) as exc:
+        return _cli_error(exc)
+    if args.dry_run:
+        visibility = "private" if args.private else "public"
+        print(f"dry run: would upload {len(result)} files to https://huggingface.co/{args.repo} ({visibility}):")
+        for name, size in result:
+            print(f"  {name:32s} {_human_size(size):>10s}")
+        print(f"  total {_human_size(sum(size for _, size in result))}")
+    else:
+        print(f"uploaded {args.draft} -> {result}")
+    return 0
+
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "export_drafter",
+    "load_checked_drafter",
+    "engine_config",
+    "engine_state_dict",
+    "check_engine_support",
+    "read_target_output_embedding",
+    "upload_plan",
+    "push_drafter",
+    "add_export_arguments",
+    "run_export",
+    "add_push_arguments",
+    "run_push",
+]

@@ -1,0 +1,336 @@
+"""Model cards for exported drafters.
+
+The card text lives in one place, ``hf_dspark/assets/model_card_template.md`` (shipped as package
+data); :func:`render_model_card` fills it from the drafter's config, its decoding settings, the
+training recipe and any number of evaluation JSONs written by ``hf-dspark eval``.
+``model_cards/dspark_drafter.md`` at the repository root is a rendered example, regenerated with
+``python -m hf_dspark.model_card > model_cards/dspark_drafter.md`` (a test keeps it in sync).
+
+Evaluation JSON shape (every key optional, unknown keys ignored)::
+
+    {"settings": {"target", "draft", "policy", "temperature", "top_k", "top_p",
+                  "max_new_tokens", "hardware", ...},
+     "<dataset>": {"num_prompts", "mean_accepted_length", "per_position_acceptance",
+                   "tokens_per_second", "baseline_tokens_per_second", "speedup",
+                   "outputs_match_baseline", "prompt_lookup_speedup", ...},
+     ...,
+     "<metric>": <macro average over datasets>, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_PATH = Path(__file__).parent / "assets" / "model_card_template.md"
+CARD_TAGS = ("speculative-decoding", "dspark", "draft-model", "hf-dspark")
+DEFAULT_LICENSE = "apache-2.0"
+
+# (eval JSON key, column title, formatter); a column appears when any row has a value.
+_METRIC_COLUMNS: tuple[tuple[str, str, Any], ...] = (
+    ("num_prompts", "Prompts", lambda v: f"{int(v)}"),
+    ("mean_accepted_length", "τ (mean accepted length)", lambda v: f"{float(v):.2f}"),
+    ("speedup", "Speed-up vs target alone", lambda v: f"{float(v):.2f}×"),
+    ("tokens_per_second", "Tokens/s (DSpark)", lambda v: f"{float(v):.1f}"),
+    ("baseline_tokens_per_second", "Tokens/s (target alone)", lambda v: f"{float(v):.1f}"),
+    ("prompt_lookup_speedup", "Speed-up of prompt lookup", lambda v: f"{float(v):.2f}×"),
+    ("outputs_match_baseline", "Outputs match target", lambda v: "yes" if v else "**no**"),
+    ("per_position_acceptance", "Per-position acceptance", lambda v: " / ".join(f"{float(x):.2f}" for x in v)),
+)
+_SETTINGS = (
+    ("hardware", "hardware"),
+    ("policy", "verification policy"),
+    ("temperature", "temperature"),
+    ("top_k", "top-k"),
+    ("top_p", "top-p"),
+    ("max_new_tokens", "max new tokens"),
+    ("dtype", "dtype"),
+    ("target", "target"),
+    ("draft", "drafter"),
+)
+
+
+# ----------------------------------------------------------------------------- inputs
+def load_eval_results(paths: Iterable[str | Path] | None) -> list[dict]:
+    """Read evaluation JSON files; raise ``ValueError`` naming the file when one is unusable."""
+    results = []
+    for path in paths or ():
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--eval-json {path}: cannot read it as JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"--eval-json {path}: expected a JSON object as written by `hf-dspark eval`")
+        results.append(data)
+    return results
+
+
+def _dataset_rows(result: Mapping) -> list[tuple[str, Mapping]]:
+    return [(name, value) for name, value in result.items() if name != "settings" and isinstance(value, Mapping)]
+
+
+def _has(value) -> bool:
+    return value is not None and not (isinstance(value, (list, tuple)) and not value)
+
+
+# ----------------------------------------------------------------------------- sections
+def _results_section(eval_results: Sequence[Mapping]) -> str:
+    if not eval_results:
+        return (
+            "No measurements were attached when this card was written. Measure with "
+            "`hf-dspark eval` and re-export with `--eval-json` to fill this section."
+        )
+    blocks = []
+    for index, result in enumerate(eval_results):
+        rows = _dataset_rows(result)
+        macro = {key: result.get(key) for key, _, _ in _METRIC_COLUMNS}
+        if any(_has(v) for v in macro.values()) and len(rows) != 1:
+            rows.append(("**macro average**", macro))
+        columns = [c for c in _METRIC_COLUMNS if any(_has(r.get(c[0])) for _, r in rows)]
+        settings = result.get("settings") if isinstance(result.get("settings"), Mapping) else {}
+        described = [f"{label} `{settings[key]}`" for key, label in _SETTINGS if _has(settings.get(key))]
+        lines = []
+        if len(eval_results) > 1:
+            lines.append(f"**Run {index + 1}.**")
+        if described:
+            lines.append("Settings: " + ", ".join(described) + ".")
+        if rows and columns:
+            lines.append("")
+            lines.append("| Dataset | " + " | ".join(title for _, title, _ in columns) + " |")
+            lines.append("|---|" + "---:|" * len(columns))
+            for name, row in rows:
+                cells = [fmt(row[key]) if _has(row.get(key)) else "—" for key, _, fmt in columns]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        else:
+            lines.append("(The evaluation file holds no per-dataset metrics.)")
+        blocks.append("\n".join(lines))
+    footnote = (
+        "τ counts the tokens committed per verification round, the target's bonus token included. "
+        "Speed-ups are wall-clock ratios measured side by side in one run on the hardware named above."
+    )
+    return "\n\n".join(blocks + [footnote])
+
+
+def _recipe_section(recipe: str | None) -> str:
+    if not recipe:
+        return "The training command was not recorded for this export."
+    return "Trained with hf-dspark:\n\n```bash\n" + recipe.strip() + "\n```"
+
+
+def _usage_snippet(target: str, repo_id: str) -> str:
+    return "\n".join(
+        [
+            "from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'target_id = "{target}"',
+            "tokenizer = AutoTokenizer.from_pretrained(target_id)",
+            'target = AutoModelForCausalLM.from_pretrained(target_id, dtype="auto", device_map="auto")',
+            f'draft = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True, dtype="auto").to(target.device)',
+            "",
+            'messages = [{"role": "user", "content": "Explain speculative decoding in two sentences."}]',
+            "inputs = tokenizer.apply_chat_template(",
+            '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+            ").to(target.device)",
+            "out = target.generate(**inputs, assistant_model=draft, max_new_tokens=256)  # greedy",
+            "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
+            'print(draft.last_generation_stats["mean_accepted_length"])',
+            "",
+            "# sampling keeps the target's distribution exactly",
+            "out = target.generate(**inputs, assistant_model=draft, do_sample=True, temperature=0.7, top_p=0.95)",
+        ]
+    )
+
+
+def _policy_description(generation_config) -> str:
+    get = (lambda k: generation_config.get(k)) if isinstance(generation_config, Mapping) else (
+        lambda k: getattr(generation_config, k, None)
+    )
+    if generation_config is None:
+        return "`auto`"
+    policy = get("verification_policy") or "auto"
+    text = f"`{policy}`"
+    if policy == "auto":
+        text += " (`cost` when a latency table is set, else `full`)"
+    if policy == "threshold":
+        text += f" (confidence threshold {get('confidence_threshold')})"
+    table = get("latency_table")
+    if table:
+        text += f"; `generation_config.json` holds a target latency table ({len(table)} entries)"
+    return text
+
+
+def _drafter_table(config, generation_config) -> str:
+    vocab = (
+        f"{config.draft_vocab_size} of the target's {config.vocab_size} tokens"
+        if config.draft_vocab_size
+        else f"full target vocabulary ({config.vocab_size})"
+    )
+    if config.markov_rank > 0:
+        markov = f"`{config.markov_head_type}`, rank {config.markov_rank}"
+    else:
+        markov = "none (parallel drafting only, as DFlash)"
+    confidence = "yes" if config.enable_confidence_head else "no"
+    if config.enable_confidence_head and config.confidence_head_with_markov and config.markov_rank > 0:
+        confidence += " (sees the previous token's Markov embedding)"
+    calibration = (
+        "per-position temperatures (Sequential Temperature Scaling) in `config.json`"
+        if config.confidence_temperatures
+        else "none"
+    )
+    rows = [
+        ("Target", f"`{config.target_model_name}`"),
+        ("Block size (tokens drafted per round)", str(config.block_size)),
+        ("Target layers read", ", ".join(str(i) for i in config.target_layer_ids)),
+        ("Drafter decoder layers", str(config.num_hidden_layers)),
+        ("Hidden size", str(config.hidden_size)),
+        ("Markov head", markov),
+        ("Confidence head", confidence),
+        ("Confidence calibration", calibration),
+        ("Draft vocabulary", vocab),
+        ("Verification policy", _policy_description(generation_config)),
+    ]
+    return "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def suggested_repo_id(target: str) -> str:
+    return f"YOUR_ORG/{target.rstrip('/').split('/')[-1]}-DSpark"
+
+
+# ----------------------------------------------------------------------------- rendering
+def card_front_matter(target: str, license: str, tags: Sequence[str] = CARD_TAGS, library_name: str = "transformers") -> str:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        base_model=target,
+        library_name=library_name,
+        license=license,
+        pipeline_tag="text-generation",
+        tags=list(tags),
+    )
+    return "---\n" + data.to_yaml() + "\n---\n"
+
+
+def render_model_card(
+    config,
+    generation_config=None,
+    eval_results: Sequence[Mapping] = (),
+    recipe: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    repo_id: str | None = None,
+) -> str:
+    """Return the README.md text (YAML metadata + body) of an exported drafter."""
+    target = config.target_model_name
+    if not target:
+        raise ValueError("render_model_card needs config.target_model_name (the Hub id of the target)")
+    repo_id = repo_id or suggested_repo_id(target)
+    template = string.Template(TEMPLATE_PATH.read_text())
+    text = template.substitute(
+        front_matter=card_front_matter(target, license),
+        title=f"DSpark drafter for {target}",
+        target=target,
+        block_size=config.block_size,
+        weights_note=(
+            "The drafter borrows the target's embedding table and LM head at run time, so this repository\n"
+            "holds only the drafter's own layers and heads;"
+            if config.embeddings_from_target
+            else "This checkpoint stores its own copy of the embedding table and LM head;"
+        ),
+        usage=_usage_snippet(target, repo_id),
+        drafter_table=_drafter_table(config, generation_config),
+        results=_results_section(eval_results),
+        recipe=_recipe_section(recipe),
+        repo_id=repo_id,
+    )
+    return text.rstrip() + "\n"
+
+
+def render_engine_card(config, engine: str, license: str = DEFAULT_LICENSE) -> str:
+    """Short README.md for a vLLM / SGLang export folder (serve command and provenance)."""
+    target = config.target_model_name
+    if engine == "vllm":
+        serve = (
+            f"vllm serve {target} \\\n  --speculative-config "
+            f"'{{\"method\": \"dspark\", \"model\": \"<this folder or repo>\", "
+            f"\"num_speculative_tokens\": {config.block_size}}}'"
+        )
+    else:
+        serve = (
+            f"python -m sglang.launch_server --model-path {target} \\\n"
+            "  --speculative-algorithm DSPARK \\\n"
+            "  --speculative-draft-model-path <this folder or repo> \\\n"
+            f"  --speculative-num-draft-tokens {config.block_size + 1}"
+        )
+    body = (
+        f"# DSpark drafter for {target} ({engine} layout)\n\n"
+        f"Written by `hf-dspark export --format {engine}` for {engine}'s native DSpark loader "
+        "(`architectures: [\"Qwen3DSparkModel\"]`, `model_type: \"qwen3\"`, so no remote code is needed). "
+        "The field mapping and its sources are in hf-dspark's `docs/serving.md`.\n\n"
+        f"```bash\n{serve}\n```\n\n"
+        "For `transformers` (`generate(assistant_model=...)`), use the `hub` export of the same drafter.\n"
+    )
+    return card_front_matter(target, license, tags=CARD_TAGS + (engine,), library_name=engine) + "\n" + body
+
+
+# ----------------------------------------------------------------------------- example
+EXAMPLE_EVAL = {
+    "settings": {
+        "target": "Qwen/Qwen3-4B",
+        "policy": "cost",
+        "temperature": 0.0,
+        "max_new_tokens": 256,
+        "hardware": "EXAMPLE ONLY: illustrative numbers, not a measurement",
+    },
+    "gsm8k": {
+        "num_prompts": 100,
+        "mean_accepted_length": 4.12,
+        "per_position_acceptance": [0.86, 0.71, 0.58, 0.46, 0.36, 0.27, 0.2],
+        "tokens_per_second": 88.0,
+        "baseline_tokens_per_second": 31.0,
+        "speedup": 2.84,
+        "outputs_match_baseline": True,
+    },
+    "humaneval": {
+        "num_prompts": 100,
+        "mean_accepted_length": 4.61,
+        "speedup": 3.1,
+        "outputs_match_baseline": True,
+    },
+    "mean_accepted_length": 4.365,
+    "speedup": 2.97,
+}
+
+
+def render_example_card() -> str:
+    """The card of a fictitious Qwen3-4B drafter with illustrative numbers (``model_cards/dspark_drafter.md``)."""
+    from .configuration_dspark import DSparkConfig
+
+    config = DSparkConfig(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        target_layer_ids=[1, 9, 17, 25, 33],
+        num_target_layers=36,
+        block_size=7,
+        mask_token_id=151669,
+        markov_rank=256,
+        embeddings_from_target=True,
+        target_model_name="Qwen/Qwen3-4B",
+    )
+    generation = {"verification_policy": "auto", "latency_table": None}
+    recipe = (
+        "hf-dspark prepare-data --target Qwen/Qwen3-4B --prompts prompts.jsonl --output data/\n"
+        "hf-dspark build-cache --target Qwen/Qwen3-4B --data data/ --output cache/ --dtype bfloat16\n"
+        "hf-dspark train --target Qwen/Qwen3-4B --cache cache/ --output drafter/"
+    )
+    return render_model_card(config, generation, [EXAMPLE_EVAL], recipe=recipe, repo_id="YOUR_ORG/Qwen3-4B-DSpark")
+
+
+if __name__ == "__main__":
+    print(render_example_card(), end="")
