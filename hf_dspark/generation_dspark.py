@@ -226,6 +226,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.draft.last_generation_stats = self.stats
         self._is_prefill = True
         self._submitted = 0
+        self._last_confidence: torch.Tensor | None = None  # raw confidence logits of the submitted tokens
         self._round_start = time.perf_counter()
 
     # -- helpers -----------------------------------------------------------------------
@@ -310,6 +311,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
             # nothing to draft; still append the new context so the draft cache stays in sync
             self.draft.draft_block(input_ids[:, -1].to(self.draft.device), context, self.cache)
             self._submitted = 0
+            self._last_confidence = None
             self._round_start = time.perf_counter()
             return input_ids, None
 
@@ -326,6 +328,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.stats["draft_seconds"] += elapsed
 
         self._submitted = length
+        self._last_confidence = None if confidence is None else confidence[0, :length]
         self._round_start = time.perf_counter()
         candidates = torch.cat([input_ids, tokens[:, :length].to(input_ids.device)], dim=1)
         candidate_logits = logits[:, :length].to(input_ids.device) if self.do_sample else None
@@ -337,6 +340,15 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return
         self.stats["verify_seconds"] += elapsed
         self.stats.record_round(self._submitted, int(num_matches))
+        # Opt-in per-round record for calibration (hf_dspark.calibration): set draft.record_rounds = [].
+        rounds = getattr(self.draft, "record_rounds", None)
+        if isinstance(rounds, list):
+            conf = self._last_confidence
+            rounds.append({
+                "confidence_logits": [] if conf is None else conf.float().tolist(),
+                "submitted": self._submitted,
+                "accepted": min(int(num_matches), self._submitted),
+            })
 
 
 # ----------------------------------------------------------------------------- the hook
