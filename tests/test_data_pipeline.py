@@ -331,7 +331,7 @@ def test_openai_regeneration_gives_up_with_clear_error(tmp_path, prompts_file):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_prepare_data_cli_end_to_end_and_resume(tmp_path, prompts_file, tiny_target_dir):
+def test_prepare_data_cli_end_to_end_and_resume(tmp_path, prompts_file, tiny_target_dir, capsys):
     from hf_dspark.cli import main
 
     out = tmp_path / "data"
@@ -354,6 +354,9 @@ def test_prepare_data_cli_end_to_end_and_resume(tmp_path, prompts_file, tiny_tar
     before = (out / "train.jsonl").read_text()
     assert main(argv) == 0  # rerun resumes: nothing left to do
     assert (out / "train.jsonl").read_text() == before
+    capsys.readouterr()
+    assert main(argv + ["--dtype", "bfloat16"]) == 0  # allowed, with a warning
+    assert "dtype='float32'" in capsys.readouterr().out
     with pytest.raises(DataError, match="sampling"):
         main(base + ["--greedy"])
 

@@ -36,6 +36,8 @@ DATA_FORMAT_VERSION = 1
 FALLBACK_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": None}
 # Settings that must not change between a run and its resumption.
 _RESUME_KEYS = ("target", "sampling", "max_new_tokens", "chat_template", "seed", "max_prompt_tokens")
+# Settings that may change (e.g. to speed up a resumed run) but shift the answers slightly: warn only.
+_WARN_KEYS = ("dtype", "generator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +135,10 @@ def _check_resume(config_path: Path, settings: dict[str, Any]) -> None:
     if not config_path.exists():
         return
     previous = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in _WARN_KEYS:
+        if key in previous and previous[key] != settings.get(key):
+            print(f"Warning: {config_path.parent} was started with {key}={previous[key]!r}, resuming with "
+                  f"{settings.get(key)!r}; the answers will mix both.", flush=True)
     for key in _RESUME_KEYS:
         if previous.get(key) != settings.get(key):
             raise DataError(
@@ -209,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         "holdout_fraction": args.holdout,
         "sources": [str(s) for s in args.prompts],
         "generator": "server" if args.server_url else "in_process",
+        "dtype": None if args.server_url else args.dtype,
     }
     _check_resume(config_path, settings)
 
