@@ -1,0 +1,267 @@
+"""`hf-dspark eval` and `hf-dspark demo` on tiny random models: result fields, resume, plots, datasets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from _models import briefly_trained_drafter, tiny_drafter
+from conftest import BOS_ID
+
+import hf_dspark  # noqa: F401  (installs the generate hook)
+from hf_dspark import DataError, evaluation
+from hf_dspark.cli import main
+from hf_dspark.targets import GEMMA_ALIAS, DraftNotFoundError, load_target, resolve_draft
+
+BLOCK_SIZE = 4
+GSM8K_ROWS = [
+    {"turns": ["what is two and three ? answer the question step by step"], "answer": "2 + 3 = 5\n#### 5"},
+    {"turns": ["how many is the sum of three and three"], "answer": "#### 6"},
+    {"turns": ["the number of a list of two"]},
+]
+CODE_ROWS = [
+    {"turns": ["write python code to sum a list", "and now the final answer"]},
+    {"turns": ["please write code : the list of number and the sum"]},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_target_dir):
+    """Prompt files plus two drafter folders (a briefly trained DSpark drafter, a DFlash-style one)."""
+    root = tmp_path_factory.mktemp("eval")
+    target, _ = load_target(str(tiny_target_dir))
+    prompts = [torch.tensor([[BOS_ID] + list(range(6 + i, 12 + i))]) for i in range(3)]
+    briefly_trained_drafter(target, prompts, steps=15, new_tokens=24, block_size=BLOCK_SIZE,
+                            target_layer_ids=[0, 1]).save_pretrained(root / "draft")
+    tiny_drafter(target, block_size=3, markov_rank=0, target_layer_ids=[0, 1]).save_pretrained(root / "dflash")
+    return {
+        "root": root,
+        "target": str(tiny_target_dir),
+        "gsm8k": write_jsonl(root / "gsm8k-mini.jsonl", GSM8K_ROWS),
+        "code": write_jsonl(root / "code.jsonl", CODE_ROWS),
+    }
+
+
+def eval_args(ws, output, *extra):
+    return ["eval", "--target", ws["target"], "--draft", str(ws["root"] / "draft"),
+            "--prompts", str(ws["gsm8k"]), str(ws["code"]), "--max-new-tokens", "20",
+            "--output", str(output), "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def greedy_results(workspace):
+    output = workspace["root"] / "greedy.json"
+    args = eval_args(workspace, output, "--baseline", "--prompt-lookup", "--compare-draft",
+                     str(workspace["root"] / "dflash"), "--compare-name", "dflash",
+                     "--plots", str(workspace["root"] / "plots"))
+    assert main(args) == 0
+    return json.loads(output.read_text()), args, output
+
+
+def test_eval_fields_are_present_and_consistent(greedy_results):
+    results, _, _ = greedy_results
+    assert set(results["datasets"]) == {"gsm8k-mini", "code"}
+    settings = results["settings"]
+    for key in ("target", "draft", "policy", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "dtype",
+                "torch_threads", "hardware", "torch", "transformers"):
+        assert key in settings, key
+    sets = list(results["datasets"].values())
+    for entry in sets:
+        assert entry["num_prompts"] == len(entry["prompts"])
+        assert 1.0 <= entry["mean_accepted_length"] <= BLOCK_SIZE + 1
+        acceptance = entry["per_position_acceptance"]
+        assert len(acceptance) == BLOCK_SIZE
+        assert acceptance[0] is not None
+        assert all(v is None or 0.0 <= v <= 1.0 for v in acceptance)
+        assert entry["speedup"] == pytest.approx(entry["tokens_per_second"] / entry["baseline_tokens_per_second"])
+        assert entry["outputs_match_baseline"] is True
+        assert entry["prompt_lookup_speedup"] == pytest.approx(
+            entry["prompt_lookup_tokens_per_second"] / entry["baseline_tokens_per_second"])
+        assert entry["prompt_lookup_outputs_match_baseline"] is True
+        dflash = entry["compare"]["dflash"]
+        assert len(dflash["per_position_acceptance"]) == 3
+        assert 1.0 <= dflash["mean_accepted_length"] <= 4
+        assert dflash["outputs_match_baseline"] is True
+        # tau is accepted tokens / rounds over the whole set
+        records = entry["prompts"]
+        accepted = sum(r["dspark"]["accepted_tokens"] for r in records)
+        assert entry["mean_accepted_length"] == pytest.approx(accepted / sum(r["dspark"]["rounds"] for r in records))
+    assert results["num_prompts"] == len(GSM8K_ROWS) + len(CODE_ROWS)
+    assert results["mean_accepted_length"] == pytest.approx(sum(s["mean_accepted_length"] for s in sets) / 2)
+    assert results["speedup"] == pytest.approx(sum(s["speedup"] for s in sets) / 2)
+    assert results["outputs_match_baseline"] is True
+    assert "dflash" in results["compare"]
+    assert len(results["per_position_acceptance"]) == BLOCK_SIZE
+
+
+def test_eval_gsm8k_quality_and_plots(greedy_results, workspace):
+    results, _, _ = greedy_results
+    quality = results["datasets"]["gsm8k-mini"]["quality"]
+    assert quality["answers_match_baseline"] == 1.0  # greedy outputs are identical
+    assert quality["num_with_reference"] == 2
+    assert 0.0 <= quality["accuracy"] <= 1.0
+    assert quality["metric_source"]  # evaluate's metric, or the local fallback and why
+    assert [r["answers"]["reference"] for r in results["datasets"]["gsm8k-mini"]["prompts"]] == ["5", "6", None]
+    assert "quality" not in results["datasets"]["code"]
+    for name in ("acceptance_per_position.png", "tau_per_dataset.png", "speedup_per_dataset.png"):
+        path = workspace["root"] / "plots" / name
+        assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_resumes_and_refuses_other_settings(greedy_results, monkeypatch, capsys):
+    results, args, output = greedy_results
+
+    def fail(*a, **k):
+        raise AssertionError("a finished prompt was measured again")
+
+    monkeypatch.setattr(evaluation, "measure_prompt", fail)
+    monkeypatch.setattr(evaluation, "_warm_up", lambda *a, **k: None)
+    assert main(args) == 0
+    assert json.loads(output.read_text())["datasets"] == results["datasets"]
+    assert main(args + ["--seed", "7"]) == 2
+    assert "other settings (seed)" in capsys.readouterr().err
+
+
+def test_eval_sampling_without_baseline_and_policy(workspace):
+    output = workspace["root"] / "sampled.json"
+    args = eval_args(workspace, output, "--temperature", "0.8", "--top-p", "0.9", "--max-prompts", "1",
+                     "--policy", "threshold")
+    assert main(args) == 0
+    results = json.loads(output.read_text())
+    assert results["settings"]["top_p"] == 0.9 and results["settings"]["top_k"] == 0
+    assert results["num_prompts"] == 2
+    for entry in results["datasets"].values():
+        assert entry["policy"] == "threshold"
+        assert "speedup" not in entry and "baseline_tokens_per_second" not in entry
+        assert entry["tokens_per_second"] > 0
+    args[args.index("--max-prompts") + 1] = "2"
+    assert main(args + ["--baseline"]) == 2  # other settings: refused, not mixed
+    assert main(args + ["--baseline", "--overwrite"]) == 0
+    for entry in json.loads(output.read_text())["datasets"].values():
+        assert entry["outputs_match_baseline"] is None  # sampling: not comparable token for token
+        assert entry["speedup"] == pytest.approx(entry["tokens_per_second"] / entry["baseline_tokens_per_second"])
+
+
+def test_eval_cost_policy_profiles_target_and_second_draft_is_compared(workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DSPARK_CACHE", str(tmp_path / "cache"))  # the latency profile goes here
+    output = tmp_path / "cost.json"
+    args = ["eval", "--target", workspace["target"], "--draft", str(workspace["root"] / "draft"),
+            "--draft", str(workspace["root"] / "dflash"), "--prompts", str(workspace["code"]),
+            "--max-new-tokens", "12", "--policy", "cost", "--baseline", "--output", str(output), "--no-progress"]
+    assert main(args) == 0
+    entry = json.loads(output.read_text())["datasets"]["code"]
+    assert entry["policy"] == "cost" and entry["outputs_match_baseline"] is True
+    assert any((tmp_path / "cache" / "latency").iterdir())
+    assert entry["compare"]["dflash"]["outputs_match_baseline"] is True
+
+
+def test_eval_reports_missing_inputs(workspace, capsys):
+    assert main(["eval", "--target", workspace["target"], "--draft", str(workspace["root"] / "draft")]) == 2
+    assert "--prompts" in capsys.readouterr().err
+    default = ["eval", "--target", workspace["target"], "--draft", "default", "--prompts", str(workspace["code"])]
+    assert main(default) == 2
+    assert "ships a default drafter only for" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def test_dataset_rows_convert():
+    gsm = evaluation.gsm8k_row({"question": "Tom has 3 apples.", "answer": "3 + 0 = 3\n#### 3"})
+    assert gsm["turns"][0].startswith("Tom has 3 apples.") and "\\boxed{}" in gsm["turns"][0]
+    assert gsm["answer"].endswith("#### 3") and len(gsm["id"]) == 16
+    assert evaluation.math500_row({"problem": "Find x.", "answer": "\\frac{1}{2}"})["answer"] == "\\frac{1}{2}"
+    code = evaluation.humaneval_row({"prompt": "def f(x):\n    \"\"\"Double x.\"\"\"\n", "task_id": "HumanEval/0"})
+    assert "```python\ndef f(x):" in code["turns"][0] and code["turns"][0].endswith("```")
+    mbpp = evaluation.mbpp_row({"text": "Write a function to add.", "test_list": ["assert add(1, 2) == 3"]})
+    assert mbpp["turns"] == ["Write a function to add.\nYour code should pass these tests:\nassert add(1, 2) == 3"]
+    turns = ["First turn.", "Second turn."]
+    assert evaluation.mt_bench_row({"prompt": turns})["turns"] == turns
+    alpaca = evaluation.alpaca_row({"instruction": "Translate.", "input": "Bonjour"})
+    assert alpaca["turns"] == ["Translate.\n\nBonjour"]
+    assert evaluation.alpaca_row({"instruction": "Say hi.", "input": ""})["turns"] == ["Say hi."]
+    assert evaluation.alpaca_row({"instruction": " ", "input": "x"}) is None
+    assert evaluation.gsm8k_row({"question": ""}) is None
+    assert set(evaluation.DATASETS) == {"gsm8k", "math500", "humaneval", "mbpp", "mt-bench", "alpaca"}
+
+
+def test_offline_dataset_gives_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"openai/gsm8k.*Offline\?.*--prompts gsm8k\.jsonl"):
+        evaluation.load_dataset_prompts("gsm8k")
+    with pytest.raises(DataError, match="Unknown --dataset"):
+        evaluation.load_dataset_prompts("nope")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so she has 12 left. The answer is \\boxed{18}.", "18"),
+    ("\\boxed{\\frac{1}{2}} and 3", "1"),
+    ("Natalia sold 48/2 = 24 clips.\n#### 1,072", "1072"),
+    ("The answer is $18.00, since 3 + 15 = 18.", "18"),
+    ("First 5, then 7.50", "7.5"),
+    ("no digits here", None),
+    ("", None),
+    ("It is -0.0", "0"),
+])
+def test_extract_final_number(text, expected):
+    assert evaluation.extract_final_number(text) == expected
+
+
+def test_macro_average_and_speedup_per_set():
+    records = [
+        {"index": 0, "id": "a", "baseline": {"new_tokens": 10, "seconds": 1.0},
+         "dspark": {"new_tokens": 10, "seconds": 0.5, "rounds": 4, "accepted_tokens": 10,
+                    "position_attempted": [4, 3], "position_accepted": [3, 0], "matches_baseline": True}},
+        {"index": 1, "id": "b", "baseline": {"new_tokens": 10, "seconds": 1.0},
+         "dspark": {"new_tokens": 10, "seconds": 1.5, "rounds": 6, "accepted_tokens": 10,
+                    "position_attempted": [6, 0], "position_accepted": [0, 0], "matches_baseline": True}},
+    ]
+    summary = evaluation.summarize_prompt_set(records)
+    assert summary["mean_accepted_length"] == pytest.approx(20 / 10)
+    assert summary["per_position_acceptance"] == [pytest.approx(0.3), 0.0]
+    assert summary["tokens_per_second"] == pytest.approx(10.0) and summary["speedup"] == pytest.approx(1.0)
+    other = dict(summary, speedup=3.0, per_position_acceptance=[0.5, None], outputs_match_baseline=None)
+    top = evaluation.macro_average([summary, other])
+    assert top["speedup"] == pytest.approx(2.0) and top["num_prompts"] == 4
+    assert top["per_position_acceptance"] == [pytest.approx(0.4), 0.0]
+    assert top["outputs_match_baseline"] is None
+    assert not math.isnan(top["mean_accepted_length"])
+
+
+def test_resolve_draft():
+    assert resolve_draft("some/hub-drafter", GEMMA_ALIAS) == "some/hub-drafter"
+    assert resolve_draft("/tmp/my-draft", "any/target") == "/tmp/my-draft"
+    with pytest.raises(DraftNotFoundError, match="ships a default drafter only for"):
+        resolve_draft("default", "any/target")
+    from hf_dspark.targets import shipped_draft_dir
+
+    if not (shipped_draft_dir(GEMMA_ALIAS) / "config.json").is_file():
+        with pytest.raises(DraftNotFoundError, match="not shipped yet.*hf-dspark train"):
+            resolve_draft(None, GEMMA_ALIAS)
+    else:
+        assert resolve_draft(None, GEMMA_ALIAS) == str(shipped_draft_dir(GEMMA_ALIAS))
+
+
+def test_demo_tiny(capsys):
+    assert main(["demo", "--tiny", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "all outputs identical to plain generate" in out
+    assert out.count("identical to plain generate: True") == 3
+
+
+def test_resume_drops_records_of_edited_rows(tmp_path):
+    rows = [{"id": "aaaa", "turns": ["x"]}, {"id": "bbbb", "turns": ["y"]}]
+    results = evaluation.EvalResults(None, {"seed": 0})
+    results.records["set"] = [{"index": 0, "id": "aaaa"}, {"index": 1, "id": "old-text"}, {"index": 5, "id": "cccc"}]
+    finished = results.finished(evaluation.PromptSet("set", rows, "set.jsonl"))
+    assert finished == {(0, "aaaa"), (5, "cccc")}  # row 1 changed: measured again; row 5 is beyond --max-prompts
