@@ -1,0 +1,302 @@
+"""`hf-dspark bench-batch`: the batched speculative engine vs plain batched ``generate``, side by side.
+
+For every concurrency ``C`` the same prompts are decoded, in one process, three ways:
+
+* ``plain``: transformers' batched ``generate`` (left-padded batches of ``C`` prompts);
+* ``full``: :class:`~hf_dspark.batched.BatchedSpeculativeGenerator` with ``C`` requests in flight,
+  every request verifying its whole draft block;
+* ``scheduler``: the same engine with the hardware-aware prefix scheduler (Algorithm 1) fed
+  with the target's measured latency curve (``profile_latency``, cached on disk).
+
+It prints total tokens/s, mean per-request tokens/s, mean draft tokens verified per request
+per round, mean accepted length and the ratios to ``plain``; ``--output`` writes them as JSON
+and ``--plot`` draws the verified draft tokens per request against concurrency (the
+scheduler verifies fewer tokens as the batch grows and the target becomes compute-bound).
+
+Example::
+
+    hf-dspark bench-batch --target gemma-3-270m --draft runs/drafter --concurrency 1 4 8 16 \\
+        --num-prompts 32 --max-new-tokens 128 --output bench.json --plot bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .batched import BatchedSpeculativeGenerator
+
+METHODS = ("plain", "full", "scheduler")
+
+# Used when no --prompts file is given: short, varied requests.
+BUILTIN_PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain why the sky is blue in two sentences.",
+    "A train travels 120 km in 1.5 hours. What is its average speed? Think step by step.",
+    "List three differences between lists and tuples in Python.",
+    "Summarize the plot of a heist movie in one paragraph.",
+    "What is the derivative of x^3 + 2x? Show the steps.",
+    "Give me a recipe for a simple tomato soup.",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "Write a haiku about autumn leaves.",
+    "How many minutes are there in a week? Explain the calculation.",
+    "Describe how a hash map works.",
+    "Write a SQL query that counts orders per customer.",
+    "What are the main causes of inflation?",
+    "Write a short story that starts with 'The door was already open.'",
+    "Sort the numbers 7, 2, 9, 4 in increasing order and explain the method.",
+    "What is the capital of Australia, and why is it not Sydney?",
+]
+
+
+# ----------------------------------------------------------------------------- measurement
+def _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id) -> dict:
+    """transformers' batched generate over left-padded chunks of ``concurrency`` prompts."""
+    outputs, per_request, start = [], [], time.perf_counter()
+    device = next(target.parameters()).device
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling["do_sample"], pad_token_id=pad_id)
+    if eos is not None:
+        kwargs["eos_token_id"] = eos
+    if sampling["do_sample"]:
+        kwargs.update(temperature=sampling["temperature"], top_k=sampling["top_k"] or 0, top_p=sampling["top_p"] or 1.0)
+    eos_set = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+    for i in range(0, len(prompts), concurrency):
+        chunk = prompts[i : i + concurrency]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        chunk_start = time.perf_counter()
+        with torch.no_grad():
+            out = target.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        seconds = time.perf_counter() - chunk_start
+        for row in out[:, width:].tolist():
+            tokens = []
+            for token in row:
+                tokens.append(token)
+                if token in eos_set:
+                    break
+            outputs.append(tokens)
+            per_request.append(len(tokens) / seconds if seconds > 0 else 0.0)
+    seconds = time.perf_counter() - start
+    return dict(outputs=outputs, seconds=seconds, per_request=per_request)
+
+
+def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, eos, scheduler, profile) -> dict:
+    engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
+                                         max_batch_size=concurrency)
+    engine.set_sampling(**sampling)
+    start = time.perf_counter()
+    ids = [engine.add_request(p, max_new_tokens, eos) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    seconds = time.perf_counter() - start
+    requests = [engine.pop(i) for i in ids]
+    stats = engine.stats
+    request_rounds = max(1, stats["request_rounds"])
+    return dict(
+        outputs=[r.output_ids for r in requests],
+        seconds=seconds,
+        per_request=[r.tokens_per_second() for r in requests],
+        mean_verified_draft_tokens=stats["verified_draft_tokens"] / request_rounds,
+        mean_accepted_length=(stats["accepted_draft_tokens"] + stats["request_rounds"]) / request_rounds,
+        rounds=stats["rounds"],
+        draft_seconds=stats["draft_seconds"],
+        verify_seconds=stats["verify_seconds"],
+    )
+
+
+def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency: Sequence[int], max_new_tokens: int,
+                    latency_profile, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, seed: int = 0, eos_token_id=None, pad_token_id: int = 0,
+                    progress: bool = True) -> dict:
+    """Run the three methods for every concurrency; returns the JSON-ready results."""
+    prompts = [list(map(int, p)) for p in prompts]
+    eos = eos_token_id if eos_token_id is not None else getattr(target.generation_config, "eos_token_id", None)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    # warm-up (first-call allocations, kernel selection), not timed
+    _plain_batched(target, prompts[:1], 1, 4, sampling, eos, pad_token_id)
+    _speculative(target, draft, prompts[:1], 1, 4, dict(sampling, seed=seed), eos, "full", latency_profile)
+
+    rows = []
+    for c in concurrency:
+        runs = {}
+        torch.manual_seed(seed)
+        runs["plain"] = _plain_batched(target, prompts, c, max_new_tokens, sampling, eos, pad_token_id)
+        for method, scheduler in (("full", "full"), ("scheduler", "algorithm1")):
+            runs[method] = _speculative(target, draft, prompts, c, max_new_tokens, dict(sampling, seed=seed), eos,
+                                        scheduler, latency_profile)
+        for method in METHODS:
+            r = runs[method]
+            tokens = sum(len(o) for o in r["outputs"])
+            row = dict(
+                concurrency=c, method=method, requests=len(prompts), total_tokens=tokens, seconds=r["seconds"],
+                tokens_per_second=tokens / r["seconds"] if r["seconds"] > 0 else 0.0,
+                per_request_tokens_per_second=sum(r["per_request"]) / max(1, len(r["per_request"])),
+            )
+            for key in ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "draft_seconds", "verify_seconds"):
+                if key in r:
+                    row[key] = r[key]
+            if method != "plain":
+                base = next(x for x in rows if x["concurrency"] == c and x["method"] == "plain")
+                row["throughput_ratio_vs_plain"] = row["tokens_per_second"] / base["tokens_per_second"] if base["tokens_per_second"] else None
+                row["per_request_ratio_vs_plain"] = (
+                    row["per_request_tokens_per_second"] / base["per_request_tokens_per_second"]
+                    if base["per_request_tokens_per_second"] else None
+                )
+                if not do_sample:  # greedy: how many requests agree token for token with plain batched generate
+                    same = sum(a == b for a, b in zip(r["outputs"], runs["plain"]["outputs"]))
+                    row["greedy_agreement_with_plain"] = same / len(prompts)
+            rows.append(row)
+            if progress:
+                print(_format_row(row), flush=True)
+    return dict(
+        settings=dict(concurrency=list(concurrency), num_prompts=len(prompts), max_new_tokens=max_new_tokens,
+                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      block_size=draft.config.block_size, device=str(next(target.parameters()).device),
+                      latency_profile=getattr(latency_profile, "key", None)),
+        results=rows,
+    )
+
+
+def _format_row(row: dict) -> str:
+    text = (f"C={row['concurrency']:>3}  {row['method']:<9}  {row['tokens_per_second']:9.1f} tok/s  "
+            f"per-request {row['per_request_tokens_per_second']:8.1f} tok/s")
+    if "mean_verified_draft_tokens" in row:
+        text += (f"  verified/req {row['mean_verified_draft_tokens']:.2f}  tau {row['mean_accepted_length']:.2f}"
+                 f"  x{row['throughput_ratio_vs_plain'] or 0:.2f} total, x{row['per_request_ratio_vs_plain'] or 0:.2f} per-request")
+    return text
+
+
+def plot_results(results: dict, path: str | Path) -> Path:
+    """Mean verified draft tokens per request (left) and total tokens/s (right) vs concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["results"]
+    colors = {"plain": "tab:gray", "full": "tab:blue", "scheduler": "tab:orange"}
+    styles = {"plain": "^:", "full": "o--", "scheduler": "s-"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in ("full", "scheduler"):
+        points = [(r["concurrency"], r["mean_verified_draft_tokens"]) for r in rows if r["method"] == method]
+        left.plot(*zip(*points), styles[method], color=colors[method], label=f"{method} verification")
+    left.set_ylabel("draft tokens verified per request per round")
+    left.set_ylim(bottom=0)
+    for method in METHODS:
+        points = [(r["concurrency"], r["tokens_per_second"]) for r in rows if r["method"] == method]
+        right.plot(*zip(*points), styles[method], color=colors[method], label=method)
+    right.set_ylabel("total tokens / s")
+    concurrency = sorted({r["concurrency"] for r in rows})
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrency, [str(c) for c in concurrency])
+        axis.set_xlabel("concurrency (requests in flight)")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="best", fontsize="small")
+    fig.suptitle("Batched DSpark speculative decoding")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help="target model: Hub id, local folder or 'gemma-3-270m'")
+    parser.add_argument("--draft", required=True, help="drafter folder (save_pretrained output)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="requests in flight (default 1 4 8 16)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="prompts per run (default 2 x the largest concurrency)")
+    parser.add_argument("--prompts", nargs="+", default=None, help="prompt files (.jsonl/.json/.parquet); default: built-in prompts")
+    parser.add_argument("--chat-template", default="auto", help="wrap prompts in the chat template: auto, yes or no (default auto)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request (default 128)")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="sampling top-k (default off)")
+    parser.add_argument("--top-p", type=float, default=None, help="sampling top-p (default off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="target dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default cuda if available)")
+    parser.add_argument("--latency-profile", default=None, help="a latency profile JSON (default: measure, cached)")
+    parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder (default ~/.cache/hf_dspark/latency)")
+    parser.add_argument("--profile-repeats", type=int, default=5, help="timed passes per latency point (default 5)")
+    parser.add_argument("--output", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--plot", default=None, help="draw verified draft tokens per request vs concurrency to this PNG")
+
+
+def _load_draft(name: str, target, target_name: str, device):
+    from .modeling_dspark import DSparkDraftModel
+
+    if not Path(name).expanduser().exists():
+        from . import targets
+
+        resolve = getattr(targets, "resolve_draft", None)
+        if resolve is None:
+            raise ValueError(f"--draft {name!r} is not a folder; pass the folder a drafter was saved to")
+        resolved = resolve(name, target_name)
+        if not isinstance(resolved, (str, Path)):
+            return resolved.to(device).eval()
+        name = str(resolved)
+    return DSparkDraftModel.from_pretrained(str(Path(name).expanduser())).to(device).eval()
+
+
+def _prompt_ids(args, tokenizer) -> list[list[int]]:
+    count = args.num_prompts or 2 * max(args.concurrency)
+    if args.prompts:
+        from .trainer.prompts import load_prompts
+        from .trainer.regenerate import encode_prompt, resolve_chat_mode
+
+        chat = resolve_chat_mode(tokenizer, args.chat_template)
+        rows = load_prompts(args.prompts, num_prompts=count, seed=args.seed)
+        texts = [row["turns"][0] for row in rows]
+        return [encode_prompt(tokenizer, text, chat) for text in texts]
+    from .trainer.regenerate import encode_prompt, resolve_chat_mode
+
+    chat = resolve_chat_mode(tokenizer, args.chat_template)
+    return [encode_prompt(tokenizer, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)], chat) for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    if min(args.concurrency) < 1:
+        raise ValueError(f"--concurrency values must be >= 1, got {args.concurrency}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    from .latency import LatencyProfile, format_table, profile_latency
+    from .targets import load_target
+
+    target, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
+    draft = _load_draft(args.draft, target, args.target, target.device)
+    prompts = _prompt_ids(args, tokenizer)
+    concurrency = sorted(set(args.concurrency))
+    if args.latency_profile:
+        profile = LatencyProfile.from_json(args.latency_profile)
+    else:
+        profile = profile_latency(target, token_counts=range(1, draft.config.block_size + 2), batch_sizes=concurrency,
+                                  repeats=args.profile_repeats, cache_dir=args.latency_cache_dir, model_name=args.target)
+    print(format_table(profile))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results = benchmark_batch(
+        target, draft, prompts, concurrency, args.max_new_tokens, profile, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, pad_token_id=pad_id,
+    )
+    results["settings"].update(target=args.target, draft=args.draft, dtype=args.dtype)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    if args.plot:
+        print(f"wrote {plot_results(results, args.plot)}")
+    return 0

@@ -1,0 +1,428 @@
+"""Batched speculative engine: the accept/reject rule without a model, lossless greedy decoding on
+ragged batches (Qwen3 and sliding-window Gemma3), exact sampling, joining/leaving requests, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+from _models import briefly_trained_drafter, target_features, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
+from test_generate import chi_square_rejects, exact_joint
+
+import hf_dspark.verification as verification
+from hf_dspark import DSparkDraftCache
+from hf_dspark.batched import BatchedSpeculativeGenerator, RaggedSlots
+from hf_dspark.latency import LatencyProfile
+from hf_dspark.verification import accept_probabilities, residual_distribution, verify_block
+
+
+# ============================================================================ the rule, no model
+def test_greedy_keeps_drafts_while_they_match_the_argmax():
+    target = torch.full((4, 5), -1.0)
+    for j, best in enumerate([3, 1, 4, 0]):
+        target[j, best] = 2.0
+    assert verify_block(torch.tensor([3, 1, 4]), None, target, 3) == (3, 0)  # all match: bonus = argmax p_4
+    assert verify_block(torch.tensor([3, 2, 4]), None, target, 3) == (1, 1)  # x_2 wrong: correction = argmax p_2
+    assert verify_block(torch.tensor([0, 1, 4]), None, target, 3) == (0, 3)
+    assert verify_block(torch.tensor([3, 1, 4]), None, target, 1) == (1, 1)  # only x_1 submitted
+    assert verify_block(torch.tensor([3, 1, 4]), None, target, 0) == (0, 3)  # nothing submitted
+
+
+def _tables(vocab: int, depth: int, seed: int, sparse: bool) -> dict:
+    """A distribution over ``vocab`` tokens for every prefix of length 0..depth (some zeros when sparse)."""
+    gen = torch.Generator().manual_seed(seed)
+    tables = {}
+    for length in range(depth + 1):
+        for prefix in itertools.product(range(vocab), repeat=length):
+            logits = 1.5 * torch.randn(vocab, generator=gen, dtype=torch.float64)
+            if sparse and torch.rand(1, generator=gen).item() < 0.5:
+                logits[torch.randint(vocab, (1,), generator=gen)] = -math.inf  # e.g. cut by top-k
+            tables[prefix] = torch.softmax(logits, -1)
+    return tables
+
+
+def _extensions(p: dict, prefix: tuple, length: int, vocab: int):
+    """Plain target sampling from ``prefix`` to ``length`` tokens: yields (tail, probability)."""
+    if len(prefix) == length:
+        yield (), 1.0
+        return
+    dist = p[prefix]
+    for y in range(vocab):
+        if dist[y] > 0:
+            for tail, prob in _extensions(p, prefix + (y,), length, vocab):
+                yield (y,) + tail, float(dist[y]) * prob
+
+
+def _round_law(p: dict, q: dict, n: int, vocab: int, residual=residual_distribution) -> dict:
+    """Exact law of the first n+1 emitted tokens: one speculative round over n drafts x ~ q (the rule
+    stated by accept_probabilities / residual_distribution), then plain target sampling."""
+    law = defaultdict(float)
+    for x in itertools.product(range(vocab), repeat=n):
+        q_x = math.prod(float(q[x[:j]][x[j]]) for j in range(n))
+        if q_x == 0:
+            continue
+        p_rows = torch.stack([p[x[:j]] for j in range(n + 1)])
+        q_rows = torch.stack([q[x[:j]] for j in range(n)])
+        accept = accept_probabilities(torch.tensor(x), q_rows, p_rows[:n]).tolist()
+        survive = 1.0
+        for k in range(n + 1):
+            if k < n:  # x_1..x_k accepted, x_{k+1} rejected, replacement from the residual
+                stop, next_law = survive * (1 - accept[k]), residual(p_rows[k], q_rows[k])
+            else:  # all accepted, bonus from p_{n+1}
+                stop, next_law = survive, p_rows[n]
+            for y in range(vocab):
+                weight = q_x * stop * float(next_law[y])
+                if weight > 0:
+                    emitted = x[:k] + (y,)
+                    for tail, prob in _extensions(p, emitted, n + 1, vocab):
+                        law[emitted + tail] += weight * prob
+            if k < n:
+                survive *= accept[k]
+    return law
+
+
+@pytest.mark.parametrize("n, sparse", [(1, False), (2, True), (3, True)])
+def test_one_round_is_lossless_by_exact_enumeration(n, sparse):
+    vocab = 3
+    p, q = _tables(vocab, n + 1, seed=n, sparse=sparse), _tables(vocab, n, seed=100 + n, sparse=sparse)
+    law = _round_law(p, q, n, vocab)
+    for seq in itertools.product(range(vocab), repeat=n + 1):
+        exact = math.prod(float(p[seq[:t]][seq[t]]) for t in range(n + 1))
+        assert law.get(seq, 0.0) == pytest.approx(exact, abs=1e-12), seq
+    assert sum(law.values()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_exact_enumeration_catches_a_broken_rule():
+    """Negative control: drawing the replacement from p instead of max(p - q, 0) biases the output."""
+    vocab, n = 3, 2
+    p, q = _tables(vocab, n + 1, seed=2, sparse=False), _tables(vocab, n, seed=102, sparse=False)
+    law = _round_law(p, q, n, vocab, residual=lambda p_row, q_row: p_row)
+    worst = max(
+        abs(law.get(seq, 0.0) - math.prod(float(p[seq[:t]][seq[t]]) for t in range(n + 1)))
+        for seq in itertools.product(range(vocab), repeat=n + 1)
+    )
+    assert worst > 1e-3
+
+
+def test_verify_block_draws_follow_the_rule():
+    """The sampler realises the stated law of (accepted count, next token) for fixed drafts."""
+    vocab, n = 4, 3
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(n + 1, vocab, generator=gen, dtype=torch.float64), -1)
+    q = torch.softmax(2 * torch.randn(n, vocab, generator=gen, dtype=torch.float64), -1)
+    x = torch.tensor([1, 2, 0])
+    accept = accept_probabilities(x, q, p[:n]).tolist()
+    law = torch.zeros(n + 1, vocab, dtype=torch.float64)
+    survive = 1.0
+    for k in range(n + 1):
+        if k < n:
+            law[k] = survive * (1 - accept[k]) * residual_distribution(p[k], q[k])
+            survive *= accept[k]
+        else:
+            law[k] = survive * p[n]
+    counts = torch.zeros(n + 1, vocab, dtype=torch.long)
+    draws = torch.Generator().manual_seed(1)
+    for _ in range(6000):
+        k, y = verify_block(x, q, p, n, draws)
+        counts[k, y] += 1
+    rejects, stat, crit = chi_square_rejects(counts, law)
+    assert not rejects, f"chi2={stat:.1f} > {crit:.1f}"
+
+
+def test_nothing_submitted_samples_from_the_target():
+    p = torch.tensor([[0.0, 1.0, 0.0]])
+    assert verify_block(torch.tensor([2]), torch.tensor([[0.0, 0.0, 1.0]]), p, 0, torch.Generator()) == (0, 1)
+
+
+def test_ragged_slots_compaction_keeps_valid_slots_in_order():
+    valid = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    positions = torch.tensor([[0, 9, 1, 9], [9, 9, 9, 0]])
+    index = RaggedSlots(valid, positions).compaction_index()
+    assert index.tolist() == [[0, 2], [2, 3]]
+    assert valid.gather(1, index).tolist() == [[True, True], [False, True]]
+    assert positions.gather(1, index)[0].tolist() == [0, 1]
+
+
+# ============================================================================ greedy: lossless on ragged batches
+def train_prompts(seed=5, n=3, length=7):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 90, (1, length), generator=gen) for _ in range(n)]
+
+
+def mixed_prompts(target, train) -> list[list[int]]:
+    """Different lengths: training prompts (long acceptances), their prefixes, a prompt extended
+    by its own continuation, a one-token prompt, and random prompts longer than Gemma's window."""
+    gen = torch.Generator().manual_seed(9)
+    first = train[0][0].tolist()
+    extended = target.generate(train[1], max_new_tokens=5, do_sample=False)[0].tolist()
+    return [
+        first, train[1][0].tolist(), first[:4], extended, [first[0]], train[2][0].tolist()[:6],
+        torch.randint(3, 90, (12,), generator=gen).tolist(), torch.randint(3, 90, (3,), generator=gen).tolist(),
+    ]
+
+
+
+def plain(target, prompt, max_new_tokens, eos=None):
+    ids = torch.tensor([prompt])
+    kwargs = {} if eos is None else {"eos_token_id": eos}
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def synthetic_profile(max_batch=64, per_token=0.06):
+    """A made-up latency curve: a pass costs more with more rows and tokens (no timing in tests)."""
+    table = {b: {n: 0.004 * (1 + 0.05 * b) * (1 + per_token * n) for n in range(1, 9)} for b in (1, 4, 16, max_batch)}
+    return LatencyProfile(model_name="synthetic", dtype="float32", device="cpu", num_threads=1, context_length=128,
+                          table=table)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen3_target()
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return tiny_gemma3_target()  # every layer uses a sliding window of 8
+
+
+@pytest.fixture(scope="module")
+def qwen_drafter(qwen):
+    return briefly_trained_drafter(qwen, train_prompts(), steps=30)
+
+
+@pytest.fixture(scope="module")
+def gemma_drafter(gemma):
+    return briefly_trained_drafter(gemma, train_prompts(), steps=30)
+
+
+@pytest.mark.parametrize("target_name", ["qwen", "gemma"])
+def test_greedy_batched_equals_per_request_generate(request, target_name):
+    target = request.getfixturevalue(target_name)
+    draft = request.getfixturevalue(f"{target_name}_drafter")
+    prompts = mixed_prompts(target, train_prompts())
+    new_tokens = 28
+    reference = [plain(target, p, new_tokens) for p in prompts]
+    verified = {}
+    for scheduler in ("full", "threshold", "algorithm1"):
+        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=synthetic_profile(),
+                                             max_batch_size=5, confidence_threshold=0.8)
+        outputs = engine.generate(prompts, max_new_tokens=new_tokens)
+        for prompt, ref, out in zip(prompts, reference, outputs):
+            assert out == ref, f"{target_name}/{scheduler}: prompt of length {len(prompt)}"
+        stats = engine.stats
+        assert stats["ragged_rounds"] > 0, "rows should have accepted different numbers of tokens in some round"
+        assert sum(stats["accepted_histogram"][2:]) > 0, f"{scheduler}: expected multi-token acceptances"
+        assert stats["compactions"] > 0
+        verified[scheduler] = stats["verified_draft_tokens"]
+    assert verified["full"] > verified["threshold"] and verified["full"] > verified["algorithm1"]
+    assert len(prompts[3]) + new_tokens > 4 * gemma_window()  # contexts well past Gemma's sliding window
+
+
+def gemma_window():
+    return tiny_gemma3_target().config.sliding_window
+
+
+def test_eager_attention_masks_are_lossless_too():
+    target = tiny_gemma3_target(seed=1)
+    target.set_attn_implementation("eager")
+    draft = tiny_drafter(target)
+    prompts = [[5, 9, 11, 40, 7, 3, 12, 60, 33, 21], [8], [70, 71, 72]]
+    outputs = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=3).generate(prompts, 16)
+    assert outputs == [plain(target, p, 16) for p in prompts]
+
+
+def test_batched_drafting_matches_draft_block_row_by_row(qwen, qwen_drafter, monkeypatch):
+    """The ragged, batched drafter call equals draft_block on each request's own sequence."""
+    draft = qwen_drafter
+    engine = BatchedSpeculativeGenerator(qwen, draft, scheduler="full", max_batch_size=3)
+    captured = []
+    original = draft.sample_block
+
+    def spy(base_logits, hidden, anchor_ids, choose=None, num_tokens=None):
+        captured.append((hidden.clone(), [r.prompt_ids + r.output_ids for r in engine._active]))
+        return original(base_logits, hidden, anchor_ids, choose, num_tokens)
+
+    monkeypatch.setattr(draft, "sample_block", spy)
+    engine.generate(mixed_prompts(qwen, train_prompts())[:5], max_new_tokens=12)
+    assert len(captured) > 3
+    for hidden, sequences in captured:
+        for row, seq in enumerate(sequences):
+            context = target_features(qwen, torch.tensor([seq[:-1]]), draft.config.target_layer_ids) if len(seq) > 1 else None
+            ref = draft.draft_block(torch.tensor([seq[-1]]), context, DSparkDraftCache(draft.config.num_hidden_layers))
+            torch.testing.assert_close(hidden[row], ref.hidden_states[0], atol=2e-4, rtol=2e-4)
+
+
+def test_eos_inside_an_accepted_block_stops_exactly(qwen, qwen_drafter):
+    prompts = mixed_prompts(qwen, train_prompts())
+    free = plain(qwen, prompts[0], 30, eos=[])
+    cut_mid_block = 0
+    for eos in (free[5], free[9], free[14]):
+        engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", max_batch_size=4)
+        engine.set_sampling()
+        ids = [engine.add_request(p, 30, eos_token_id=eos) for p in prompts]
+        while engine.has_unfinished():
+            engine.step()
+        for prompt, rid in zip(prompts, ids):
+            req = engine.pop(rid)
+            assert req.output_ids == plain(qwen, prompt, 30, eos=eos), f"eos={eos}, prompt length {len(prompt)}"
+            if req.finish_reason == "eos":
+                assert req.output_ids[-1] == eos
+                cut_mid_block += req.committed[-1] < req.accepted[-1] + 1  # tokens after EOS were dropped
+            else:
+                assert len(req.output_ids) == 30
+    assert cut_mid_block > 0
+
+
+def test_requests_join_between_rounds_and_compaction_every_round(gemma, gemma_drafter):
+    prompts = mixed_prompts(gemma, train_prompts())
+    lengths = [20, 9, 25, 1, 14, 30, 6, 17]
+    engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, scheduler="algorithm1",
+                                         latency_profile=synthetic_profile(), max_batch_size=3)
+    engine.compaction_slack, engine.compaction_fraction = 0, 0.0  # compact whenever any garbage exists
+    engine.set_sampling()
+    first = [engine.add_request(p, n) for p, n in zip(prompts[:2], lengths[:2])]
+    finished = engine.step() + engine.step()
+    later = [engine.add_request(p, n) for p, n in zip(prompts[2:], lengths[2:])]
+    while engine.has_unfinished():
+        finished += engine.step()
+    assert sorted(r.request_id for r in finished) == sorted(first + later)
+    requests = [engine.pop(i) for i in first + later]
+    for prompt, n, req in zip(prompts, lengths, requests):
+        assert req.output_ids == plain(gemma, prompt, n)
+        assert req.finish_reason in ("eos", "length")
+    assert requests[2].started_at > requests[0].started_at  # joined later, while others were decoding
+    assert engine.stats["max_active"] == 3 and engine.stats["compactions"] >= engine.stats["rounds"] // 2
+
+
+def test_zero_new_tokens_and_validation(qwen):
+    draft = tiny_drafter(qwen)
+    engine = BatchedSpeculativeGenerator(qwen, draft, scheduler="full")
+    assert engine.generate([[5, 6], [7]], max_new_tokens=0) == [[], []]
+    assert engine.generate([[5, 6, 7]], max_new_tokens=1) == [plain(qwen, [5, 6, 7], 1)]
+    with pytest.raises(ValueError, match="scheduler"):
+        BatchedSpeculativeGenerator(qwen, draft, scheduler="fastest")
+    with pytest.raises(ValueError, match="confidence head"):
+        BatchedSpeculativeGenerator(qwen, tiny_drafter(qwen, enable_confidence_head=False), scheduler="algorithm1")
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], 4)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.set_sampling(do_sample=True, temperature=0.0)
+
+
+def test_unsupported_attention_is_a_clear_error():
+    target = tiny_qwen3_target()
+    target.config._attn_implementation_internal = "flash_attention_2"  # as if loaded with it (no flash-attn here)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        BatchedSpeculativeGenerator(target, tiny_drafter(target), scheduler="full")
+
+
+# ============================================================================ sampling: exact
+@pytest.fixture(scope="module")
+def small_vocab():
+    target = tiny_qwen3_target(seed=7, vocab_size=6, num_layers=4, eos_token_id=None)
+    target.generation_config.eos_token_id = None
+    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(4.0)  # a peaked target: a wrong rule shows up in few samples
+        for p in draft.parameters():  # a draft clearly different from the target
+            p.mul_(2.0)
+    return target, draft
+
+
+def exact_triple(target, prompt, warp):
+    """Exact P(x1, x2, x3) of plain sampling, each step processed by transformers' own warpers."""
+
+    def step_probs(seq):
+        ids = torch.tensor([seq])
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=True,
+                              output_scores=True, return_dict_in_generate=True, **warp)
+        return torch.softmax(out.scores[0][0].double(), -1)
+
+    V = target.config.vocab_size
+    law = torch.zeros(V, V, V, dtype=torch.float64)
+    p1 = step_probs(prompt)
+    for a in torch.nonzero(p1 > 0).flatten().tolist():
+        p2 = step_probs(prompt + [a])
+        for b in torch.nonzero(p2 > 0).flatten().tolist():
+            law[a, b] = p1[a] * p2[b] * step_probs(prompt + [a, b])
+    return law
+
+
+def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batch_size=1000):
+    """Decode ``runs`` copies of each prompt as ragged batches of up to ``max_batch_size`` requests
+    (finished requests leave, queued ones join); counts of the first three tokens, per prompt."""
+    V = target.config.vocab_size
+    profile = synthetic_profile(max_batch=4096, per_token=3e-4)  # cheap tokens: cuts near survival 0.5
+    engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
+                                         max_batch_size=max_batch_size)
+    batch = [p for _ in range(runs) for p in prompts]
+    outputs = engine.generate(batch, max_new_tokens=3, do_sample=True, seed=seed, **warp)
+    counts = [torch.zeros(V, V, V, dtype=torch.long) for _ in prompts]
+    for i, out in enumerate(outputs):
+        counts[i % len(prompts)][out[0], out[1], out[2]] += 1
+    return counts, engine.stats
+
+
+SAMPLING_CASES = {
+    "plain_full": (dict(temperature=1.0, top_k=None, top_p=None), "full"),
+    "warped_algorithm1": (dict(temperature=0.7, top_k=4, top_p=0.9), "algorithm1"),
+}
+
+
+def hf_warp(warp):
+    return dict(temperature=warp.get("temperature", 1.0), top_k=warp.get("top_k") or 0, top_p=warp.get("top_p") or 1.0)
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+def test_sampling_follows_the_target_distribution(small_vocab, case):
+    target, draft = small_vocab
+    warp, scheduler = SAMPLING_CASES[case]
+    prompts = [[1, 3, 2, 4], [2, 5, 1, 1, 3, 0, 4]]
+    counts, stats = sample_triples(target, draft, prompts, runs=2000, warp=warp, scheduler=scheduler, seed=11)
+    for prompt, count in zip(prompts, counts):
+        rejects, stat, crit = chi_square_rejects(count, exact_triple(target, prompt, hf_warp(warp)))
+        assert not rejects, f"{case}, prompt {prompt}: chi2={stat:.1f} > {crit:.1f}"
+    assert stats["verified_draft_tokens"] > 0 and stats["ragged_rounds"] > 0
+    assert sum(stats["accepted_histogram"][1:]) > 0 and stats["accepted_histogram"][0] > 0
+
+
+def test_a_broken_residual_is_caught(small_vocab, monkeypatch):
+    """Negative control: drawing the replacement from p instead of max(p - q, 0) must fail the test above."""
+    target, draft = small_vocab
+    monkeypatch.setattr(verification, "residual_distribution", lambda p, q: p)
+    prompt = [1, 3, 2, 4]
+    counts, _ = sample_triples(target, draft, [prompt], runs=2000, warp={}, scheduler="full", seed=11)
+    rejects, stat, crit = chi_square_rejects(counts[0], exact_triple(target, prompt, hf_warp({})))
+    assert rejects, f"a broken rule went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
+
+
+# ============================================================================ bench-batch CLI
+def test_bench_batch_cli_writes_results(tiny_target_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_dspark.cli import main
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
+    tiny_drafter(target, target_layer_ids=[0, 1]).save_pretrained(tmp_path / "draft")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench-batch", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "draft"),
+                 "--concurrency", "1", "2", "--num-prompts", "3", "--max-new-tokens", "6", "--device", "cpu",
+                 "--latency-cache-dir", str(tmp_path / "latency"), "--profile-repeats", "1",
+                 "--output", str(out), "--plot", str(png)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    rows = results["results"]
+    assert {(r["concurrency"], r["method"]) for r in rows} == {(c, m) for c in (1, 2) for m in ("plain", "full", "scheduler")}
+    for row in rows:
+        assert row["total_tokens"] > 0 and row["tokens_per_second"] > 0 and row["per_request_tokens_per_second"] > 0
+        if row["method"] != "plain":
+            for key in ("mean_verified_draft_tokens", "mean_accepted_length", "throughput_ratio_vs_plain",
+                        "per_request_ratio_vs_plain", "greedy_agreement_with_plain"):
+                assert key in row
+    assert results["settings"]["num_prompts"] == 3
+    assert png.stat().st_size > 0
