@@ -15,6 +15,7 @@ from .errors import (
     HfDSparkError,
     UnsupportedTransformersError,
 )
+from .batched import BatchedSpeculativeGenerator
 from .generation_dspark import DSparkCandidateGenerator, install_generate_hook
 from .latency import LatencyProfile, profile_latency
 from .modeling_dspark import DSparkDraftCache, DSparkDraftModel, DSparkTrainingOutput, sample_anchor_positions
@@ -31,6 +32,7 @@ __all__ = [
     "DSparkTrainingOutput",
     "sample_anchor_positions",
     "DSparkCandidateGenerator",
+    "BatchedSpeculativeGenerator",
     "install_generate_hook",
     "profile_latency",
     "LatencyProfile",

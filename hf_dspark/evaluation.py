@@ -519,8 +519,12 @@ class EvalResults:
                 summary = summarize_prompt_set(records)
                 per_set[key] = {"source": self.sources.get(key, key), **summary, "prompts": records}
         top = macro_average([{k: v for k, v in s.items() if k not in ("prompts", "source")} for s in per_set.values()])
+        # Each prompt file's summary is also exposed at top level under its stem (the documented
+        # layout); ``datasets`` keeps the per-prompt records used for resuming.
+        by_stem = {key: {k: v for k, v in s.items() if k != "prompts"} for key, s in per_set.items()
+                   if key not in top and key not in ("format", "version", "settings", "datasets")}
         return {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "settings": self.settings, **top,
-                "datasets": per_set}
+                **by_stem, "datasets": per_set}
 
     def write(self) -> dict[str, Any]:
         data = self.to_dict()

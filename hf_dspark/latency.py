@@ -427,6 +427,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/hf_dspark/latency)")
     parser.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
     parser.add_argument("--output", default=None, help="also write the profile JSON to this file")
+    parser.add_argument(
+        "--draft",
+        default=None,
+        help="drafter folder: store the batch-1 table as its generation_config latency_table "
+        "(enables the 'cost' verification policy)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -450,4 +456,27 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(profile))
     if args.output:
         print(f"wrote {profile.to_json(args.output)}")
+    if args.draft:
+        path = attach_latency_table(args.draft, profile)
+        print(f"stored the batch-1 latency table in {path}")
     return 0
+
+
+def attach_latency_table(draft_dir: str | os.PathLike, profile: LatencyProfile, batch_size: int = 1) -> Path:
+    """Write ``profile``'s ``batch_size`` row into the drafter's ``generation_config.json`` as
+    ``latency_table`` (seconds per target pass by tokens), which the ``cost`` policy reads."""
+    from transformers import GenerationConfig
+
+    folder = Path(draft_dir)
+    if not (folder / "config.json").exists():
+        raise LatencyProfileError(f"--draft {folder} is not a drafter folder (no config.json)")
+    if batch_size not in profile.table:
+        raise LatencyProfileError(f"the profile has no batch size {batch_size}; profile with --batch-sizes {batch_size}")
+    try:
+        config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        config = GenerationConfig()
+    config.latency_table = {int(n): float(t) for n, t in sorted(profile.table[batch_size].items())}
+    config.latency_profile_key = profile.key
+    config.save_pretrained(folder)
+    return folder / "generation_config.json"

@@ -96,3 +96,13 @@ def tiny_target_dir(tmp_path_factory):
 def tiny_chat_target_dir(tmp_path_factory):
     """Folder with a tiny Qwen3 target whose tokenizer has a chat template."""
     return save_tiny_target(tmp_path_factory.mktemp("tiny_chat_target"), chat_template=TINY_CHAT_TEMPLATE)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest single-threaded; with two threads on a busy 2-core machine the
+    thread hand-offs cost more than the arithmetic (seen: 10-100x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
