@@ -514,9 +514,11 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         d2t = self.draft_to_target
         if d2t is None:
             return weight
-        key = (weight.data_ptr(), weight._version, d2t.data_ptr(), d2t._version, weight.device)
+        dtype = self.fc.weight.dtype
+        key = (weight.data_ptr(), weight._version, d2t.data_ptr(), d2t._version, weight.device, dtype)
         if self._head_cache is None or self._head_cache[0] != key:
-            self._head_cache = (key, weight.detach()[d2t.to(weight.device)])
+            # The sliced head is cached in the drafter's dtype: a bf16 drafter then reads half the bytes.
+            self._head_cache = (key, weight.detach()[d2t.to(weight.device)].to(dtype))
         return self._head_cache[1]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
