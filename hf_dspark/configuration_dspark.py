@@ -54,6 +54,10 @@ class DSparkConfig(PretrainedConfig):
         target_model_name (`str`, *optional*): Hub id / name of the target the drafter serves.
         target_hidden_size (`int`, *optional*): hidden size of the target (defaults to
             ``hidden_size``).
+        context_input_norm (`bool`): RMS-normalize each target layer's hidden states (learned
+            per-layer weight) before ``fc``. Targets such as Gemma 3 have residual streams whose
+            scale grows by orders of magnitude with depth and carries huge outlier dimensions;
+            without this the deepest layer dominates the projection. Off in DeepSpec checkpoints.
         confidence_temperatures (`list[float]`, *optional*): per-position temperatures fitted
             by Sequential Temperature Scaling, applied to the confidence logits.
         num_anchors, loss_decay_gamma, ce_loss_alpha, l1_loss_alpha, confidence_head_alpha:
@@ -81,6 +85,7 @@ class DSparkConfig(PretrainedConfig):
         target_layer_ids: list[int] | None = None,
         num_target_layers: int | None = None,
         target_hidden_size: int | None = None,
+        context_input_norm: bool = False,
         block_size: int = 7,
         mask_token_id: int | None = None,
         markov_rank: int = 256,
@@ -120,6 +125,7 @@ class DSparkConfig(PretrainedConfig):
         self.target_layer_ids = list(target_layer_ids) if target_layer_ids is not None else [0]
         self.num_target_layers = num_target_layers if num_target_layers is not None else max(self.target_layer_ids) + 1
         self.target_hidden_size = target_hidden_size if target_hidden_size is not None else hidden_size
+        self.context_input_norm = context_input_norm
         self.block_size = block_size
         self.mask_token_id = mask_token_id if mask_token_id is not None else vocab_size - 1
         self.markov_rank = markov_rank

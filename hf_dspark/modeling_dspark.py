@@ -341,6 +341,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         super().__init__(config)
         self.generation_config = default_dspark_generation_config()
         self.last_generation_stats = None
+        if config.context_input_norm:
+            self.context_norms = nn.ModuleList(
+                [DSparkRMSNorm(config.target_hidden_size, eps=config.rms_norm_eps) for _ in config.target_layer_ids]
+            )
         self.fc = nn.Linear(config.context_size, config.hidden_size, bias=False)
         self.hidden_norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layers = nn.ModuleList([DSparkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
@@ -396,6 +400,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             block_size=7,
             mask_token_id=mask_token_id if mask_token_id is not None else tcfg.vocab_size - 1,
             embeddings_from_target=True,
+            context_input_norm=True,
             target_model_name=getattr(target_model.config, "_name_or_path", None) or None,
             eos_token_id=getattr(tcfg, "eos_token_id", None),
             bos_token_id=getattr(tcfg, "bos_token_id", None),
@@ -534,6 +539,9 @@ class DSparkDraftModel(DSparkPreTrainedModel):
                 f"target_hidden_states has width {target_hidden_states.shape[-1]} but the drafter expects "
                 f"{self.config.context_size} = {len(self.config.target_layer_ids)} layers x {self.config.target_hidden_size}"
             )
+        if self.config.context_input_norm:
+            chunks = target_hidden_states.split(self.config.target_hidden_size, dim=-1)
+            target_hidden_states = torch.cat([norm(chunk) for norm, chunk in zip(self.context_norms, chunks)], dim=-1)
         return self.hidden_norm(self.fc(target_hidden_states.to(self.fc.weight.dtype)))
 
     def _backbone(
