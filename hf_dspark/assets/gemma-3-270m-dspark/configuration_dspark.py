@@ -1,0 +1,206 @@
+"""Configuration of DSpark drafters.
+
+This file ships as remote code next to drafter checkpoints: it imports only torch,
+transformers and its sibling files.
+
+Field names follow the DeepSpec checkpoints (``target_layer_ids``, ``block_size``,
+``mask_token_id``, ``markov_rank``, ``markov_head_type``, ``enable_confidence_head``,
+``confidence_head_with_markov``, ``num_target_layers``...) so that one ``config.json`` is
+understood by hf-dspark, DeepSpec and serving engines. ``vocab_size`` is always the
+TARGET's vocabulary (transformers' assisted decoding compares it with the target's); a
+reduced draft vocabulary lives in ``draft_vocab_size`` plus a stored draft-to-target map.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+VERIFICATION_POLICIES = ("full", "threshold", "cost")
+
+
+def _config_error(field: str, value, fix: str) -> ValueError:
+    # Kept as a plain ValueError so this file has no dependency on the hf_dspark package
+    # (it must work as stand-alone remote code); hf_dspark re-raises nothing here.
+    return ValueError(f"DSparkConfig.{field}={value!r} is invalid: {fix}")
+
+
+class DSparkConfig(PretrainedConfig):
+    r"""Configuration of a [`DSparkDraftModel`].
+
+    Backbone fields (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``head_dim``, ``intermediate_size``, ``hidden_act``,
+    ``rms_norm_eps``, ``rope_parameters``, ``max_position_embeddings``,
+    ``attention_bias``) describe the drafter's own decoder layers (Qwen3-style: RMSNorm,
+    GQA attention with RoPE and q/k-norm, SwiGLU MLP). ``hidden_size`` must equal the
+    target's hidden size because the target's embedding table and LM head are reused.
+
+    DSpark fields:
+        target_layer_ids (`list[int]`): target layers whose hidden states feed the drafter
+            (layer ``l`` is ``hidden_states[l + 1]`` of a transformers forward; ``-1`` is the
+            embedding output). Sorted, unique, in ``[-1, num_target_layers)``.
+        num_target_layers (`int`): number of decoder layers of the target.
+        block_size (`int`): tokens drafted per round (anchor position predicts the first one).
+        mask_token_id (`int`): target token id used to fill the block after the anchor.
+        markov_rank (`int`): rank of the Markov transition head; ``0`` disables it (DFlash).
+        markov_head_type (`str`): ``"vanilla"``, ``"gated"`` or ``"rnn"``.
+        enable_confidence_head (`bool`): predict per-position survival probabilities.
+        confidence_head_with_markov (`bool`): feed the Markov embedding of the previous
+            token to the confidence head as well as the hidden state.
+        draft_vocab_size (`int`, *optional*): size of the reduced draft vocabulary; ``None``
+            means the drafter predicts over the full target vocabulary.
+        embeddings_from_target (`bool`): the embedding table and LM head are borrowed from the
+            target at run time and not stored in the checkpoint.
+        target_model_name (`str`, *optional*): Hub id / name of the target the drafter serves.
+        target_hidden_size (`int`, *optional*): hidden size of the target (defaults to
+            ``hidden_size``).
+        context_input_norm (`bool`): RMS-normalize each target layer's hidden states (learned
+            per-layer weight) before ``fc``. Targets such as Gemma 3 have residual streams whose
+            scale grows by orders of magnitude with depth and carries huge outlier dimensions;
+            without this the deepest layer dominates the projection. Off in DeepSpec checkpoints.
+        confidence_temperatures (`list[float]`, *optional*): per-position temperatures fitted
+            by Sequential Temperature Scaling, applied to the confidence logits.
+        num_anchors, loss_decay_gamma, ce_loss_alpha, l1_loss_alpha, confidence_head_alpha:
+            training recipe defaults (anchors per sequence, position-weight decay, loss weights).
+    """
+
+    model_type = "dspark"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1024,
+        intermediate_size: int = 3072,
+        num_hidden_layers: int = 1,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int = 2,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        rms_norm_eps: float = 1e-6,
+        max_position_embeddings: int = 32768,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        target_layer_ids: list[int] | None = None,
+        num_target_layers: int | None = None,
+        target_hidden_size: int | None = None,
+        context_input_norm: bool = False,
+        block_size: int = 7,
+        mask_token_id: int | None = None,
+        markov_rank: int = 256,
+        markov_head_type: str = "vanilla",
+        enable_confidence_head: bool = True,
+        confidence_head_with_markov: bool = True,
+        draft_vocab_size: int | None = None,
+        embeddings_from_target: bool = False,
+        target_model_name: str | None = None,
+        confidence_temperatures: list[float] | None = None,
+        num_anchors: int = 512,
+        loss_decay_gamma: float = 4.0,
+        ce_loss_alpha: float = 0.1,
+        l1_loss_alpha: float = 0.9,
+        confidence_head_alpha: float = 1.0,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        # DeepSpec / older configs carry rope_theta at top level.
+        rope_theta = kwargs.pop("rope_theta", None)
+        if rope_parameters is None:
+            rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta or 10000.0)}
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_parameters = dict(rope_parameters)
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.target_layer_ids = list(target_layer_ids) if target_layer_ids is not None else [0]
+        self.num_target_layers = num_target_layers if num_target_layers is not None else max(self.target_layer_ids) + 1
+        self.target_hidden_size = target_hidden_size if target_hidden_size is not None else hidden_size
+        self.context_input_norm = context_input_norm
+        self.block_size = block_size
+        self.mask_token_id = mask_token_id if mask_token_id is not None else vocab_size - 1
+        self.markov_rank = markov_rank
+        self.markov_head_type = markov_head_type
+        self.enable_confidence_head = enable_confidence_head
+        self.confidence_head_with_markov = confidence_head_with_markov
+        self.draft_vocab_size = draft_vocab_size if draft_vocab_size else None
+        self.embeddings_from_target = embeddings_from_target
+        self.target_model_name = target_model_name
+        self.confidence_temperatures = list(confidence_temperatures) if confidence_temperatures else None
+        self.num_anchors = num_anchors
+        self.loss_decay_gamma = loss_decay_gamma
+        self.ce_loss_alpha = ce_loss_alpha
+        self.l1_loss_alpha = l1_loss_alpha
+        self.confidence_head_alpha = confidence_head_alpha
+        # DeepSpec writes layer_types; our backbone is full attention only.
+        kwargs.pop("layer_types", None)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_dspark()
+
+    @property
+    def context_size(self) -> int:
+        """Width of the concatenated target features fed to ``fc``."""
+        return len(self.target_layer_ids) * self.target_hidden_size
+
+    @property
+    def effective_draft_vocab_size(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+    def validate_dspark(self) -> None:
+        """Raise ``ValueError`` naming the field, the value and the fix for inconsistent settings."""
+        ids = self.target_layer_ids
+        if not ids:
+            raise _config_error("target_layer_ids", ids, "give at least one target layer index")
+        if any(not isinstance(i, int) for i in ids) or list(ids) != sorted(set(ids)):
+            raise _config_error("target_layer_ids", ids, "use sorted, unique integer layer indices")
+        if ids[0] < -1 or ids[-1] >= self.num_target_layers:
+            raise _config_error(
+                "target_layer_ids",
+                ids,
+                f"indices must lie in [-1, num_target_layers) = [-1, {self.num_target_layers}); "
+                "-1 is the embedding output",
+            )
+        if self.block_size < 2:
+            raise _config_error("block_size", self.block_size, "use at least 2 (the anchor plus one mask token)")
+        if self.markov_head_type not in MARKOV_HEAD_TYPES:
+            raise _config_error("markov_head_type", self.markov_head_type, f"choose one of {MARKOV_HEAD_TYPES}")
+        if self.markov_rank < 0:
+            raise _config_error("markov_rank", self.markov_rank, "use 0 (no Markov head) or a positive rank")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise _config_error(
+                "mask_token_id", self.mask_token_id, f"pick a target token id in [0, vocab_size={self.vocab_size})"
+            )
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise _config_error(
+                "draft_vocab_size",
+                self.draft_vocab_size,
+                f"must be positive and at most the target vocabulary ({self.vocab_size}); use None for the full vocabulary",
+            )
+        if self.hidden_size % 2 or self.head_dim % 2:
+            raise _config_error("head_dim", self.head_dim, "RoPE needs an even head dimension")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise _config_error(
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                f"must divide num_attention_heads={self.num_attention_heads}",
+            )
+        temps = self.confidence_temperatures
+        if temps is not None:
+            if len(temps) != self.block_size or any(t <= 0 for t in temps):
+                raise _config_error(
+                    "confidence_temperatures",
+                    temps,
+                    f"give {self.block_size} positive temperatures (one per block position) or None",
+                )
+
+
+__all__ = ["DSparkConfig"]

@@ -1,0 +1,425 @@
+"""`target.generate(..., assistant_model=dspark_drafter)`: the DSpark candidate generator and its hook.
+
+This file ships as remote code next to drafter checkpoints (imports: torch, transformers and
+its siblings only), so a user who loads a drafter with ``trust_remote_code=True`` gets the
+hook without installing hf-dspark.
+
+The hook
+--------
+transformers has no public registry of candidate generators. This module owns the one place
+where hf-dspark touches a private internal:
+
+    ``transformers.generation.utils.GenerationMixin._get_candidate_generator``
+
+It is wrapped (once, idempotently) so that a DSpark drafter passed as ``assistant_model`` gets a
+:class:`DSparkCandidateGenerator`; every other assistant goes to the original method unchanged.
+The wrapper is installed for the transformers range in ``SUPPORTED_TRANSFORMERS`` only and
+refuses clearly otherwise; ``tests/test_generate_hook.py`` fails if the internal's signature
+or the ``CandidateGenerator`` model-outputs protocol changes.
+
+Verification policies (``draft.generation_config.verification_policy``)
+-----------------------------------------------------------------------
+* ``full``: submit the whole block;
+* ``threshold``: cut at the first position whose (calibrated) prefix survival
+  ``a_k = prod_{i<=k} c_i`` falls below ``confidence_threshold``;
+* ``cost``: extend the submitted prefix while the expected tokens per second
+  ``(1 + sum_{j<=L} a_j) / (T_draft + T_verify(1 + L))`` keeps improving and stop at the first
+  non-improvement; ``T_verify(n)`` comes from ``latency_table`` (a target latency profile) and
+  ``T_draft`` is measured during the call. Deciding on token ``k`` only ever looks at
+  ``a_k``, which depends on the tokens before ``k`` and not on token ``k`` itself, so the cut is
+  non-anticipating and the output distribution stays exact.
+``policy="auto"`` (default) means ``cost`` when a latency table is set and ``full`` otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+import transformers
+from transformers import GenerationConfig
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.utils import GenerationMixin
+
+SUPPORTED_TRANSFORMERS = ("5.24.0", "5.25.0")  # [min, max) tested range
+HOOKED_INTERNAL = "transformers.generation.utils.GenerationMixin._get_candidate_generator"
+POLICIES = ("auto", "full", "threshold", "cost")
+
+DEFAULT_DSPARK_GENERATION = {
+    "verification_policy": "auto",
+    "confidence_threshold": 0.3,
+    "min_draft_tokens": 1,
+    "latency_table": None,  # {"1": seconds, "2": seconds, ...}: T_verify(n tokens) of the target
+}
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def transformers_supported(version: str | None = None) -> bool:
+    v = _version_tuple(version or transformers.__version__)
+    return _version_tuple(SUPPORTED_TRANSFORMERS[0]) <= v < _version_tuple(SUPPORTED_TRANSFORMERS[1])
+
+
+def is_dspark_drafter(model: Any) -> bool:
+    """Duck-typed so that drafters loaded from remote code (a different class object) qualify."""
+    return bool(getattr(model, "is_dspark_drafter", False))
+
+
+def default_dspark_generation_config(**overrides) -> GenerationConfig:
+    settings = dict(DEFAULT_DSPARK_GENERATION)
+    settings.update(overrides)
+    return GenerationConfig(**settings)
+
+
+# ----------------------------------------------------------------------------- policies
+def prefix_survival(confidence: torch.Tensor) -> torch.Tensor:
+    """[n] per-position conditional survival c_k -> prefix survival a_k = prod_{i<=k} c_i."""
+    return torch.cumprod(confidence.float(), dim=-1)
+
+
+def threshold_length(survival: list[float], threshold: float, min_tokens: int = 1) -> int:
+    """Number of draft tokens before the first a_k < threshold (at least ``min_tokens``)."""
+    n = 0
+    for a in survival:
+        if a < threshold:
+            break
+        n += 1
+    return max(min(min_tokens, len(survival)), n)
+
+
+def latency_from_table(table: dict, n_tokens: int) -> float:
+    """T_verify(n) from a {tokens: seconds} table: linear interpolation, linear extrapolation."""
+    points = sorted((int(k), float(v)) for k, v in table.items())
+    if not points:
+        raise ValueError("latency_table is empty; profile the target with hf_dspark.profile_latency(target)")
+    if len(points) == 1:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if n_tokens <= x1 or (x1, y1) == points[-1]:
+            if n_tokens < x0 and (x0, y0) != points[0]:
+                continue
+            return max(0.0, y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0))
+    return points[-1][1]
+
+
+def cost_length(survival: list[float], draft_seconds: float, verify_seconds, min_tokens: int = 1) -> int:
+    """Batch-1 form of the prefix scheduler (DSPARK.md section 5) with early stop.
+
+    L = 0 means only the bonus token is expected. Admit token L+1 while
+    ``(1 + sum_{j<=L+1} a_j) / (T_draft + T_verify(L + 2))`` strictly improves; stop at the first
+    non-improvement. At least ``min_tokens`` are submitted (the draft cost is already paid).
+    """
+    expected = 1.0
+    best = expected / (draft_seconds + verify_seconds(1))
+    length = 0
+    for j, a in enumerate(survival, start=1):
+        candidate = (expected + a) / (draft_seconds + verify_seconds(1 + j))
+        if candidate <= best:
+            break
+        expected, best, length = expected + a, candidate, j
+    return max(min(min_tokens, len(survival)), length)
+
+
+# ----------------------------------------------------------------------------- statistics
+class DSparkGenerationStats(dict):
+    """Per-call statistics (``draft.last_generation_stats``), a plain dict for easy JSON dumps."""
+
+    def __init__(self, block_size: int):
+        super().__init__(
+            rounds=0,
+            accepted_lengths=[],
+            submitted_lengths=[],
+            mean_accepted_length=0.0,
+            position_attempted=[0] * block_size,
+            position_accepted=[0] * block_size,
+            draft_seconds=0.0,
+            verify_seconds=0.0,
+            prefill_seconds=0.0,
+            policy=None,
+        )
+
+    def record_round(self, submitted: int, matches: int) -> None:
+        matches = min(matches, submitted)
+        self["rounds"] += 1
+        self["submitted_lengths"].append(submitted)
+        self["accepted_lengths"].append(matches + 1)
+        for j in range(min(matches + 1, submitted)):
+            self["position_attempted"][j] += 1
+        for j in range(matches):
+            self["position_accepted"][j] += 1
+        self["mean_accepted_length"] = sum(self["accepted_lengths"]) / self["rounds"]
+
+
+# ----------------------------------------------------------------------------- generator
+class DSparkCandidateGenerator(CandidateGenerator):
+    """Candidate generator driving a DSpark drafter inside transformers' assisted decoding.
+
+    Per round: take the target features of the tokens accepted last round, run one drafter
+    block with the incremental draft cache, run the Markov loop (sampling through the same
+    logits processors/warpers the target uses), compute confidences, choose how many tokens to
+    submit, and return them with the exact logits each was drawn from.
+    """
+
+    requires_model_outputs = True
+
+    def __init__(
+        self,
+        target_model,
+        assistant_model,
+        generation_config: GenerationConfig,
+        logits_processor=None,
+        input_ids: torch.LongTensor | None = None,
+    ):
+        from .modeling_dspark import DSparkDraftCache
+
+        if input_ids is not None and input_ids.shape[0] != 1:
+            raise ValueError(
+                f"DSpark assisted generate() runs one sequence at a time (got batch size {input_ids.shape[0]}); "
+                "transformers' assisted decoding is batch-size-1 only. For several requests use the batched "
+                "engine: hf_dspark.batched.BatchedSpeculativeGenerator (or `hf-dspark bench-batch`)."
+            )
+        self.draft = assistant_model
+        self.draft.bind_target(target_model)
+        cfg = self.draft.config
+        self.block_size = cfg.block_size
+        self.model_kwargs_overrides = {"output_hidden_states": [i + 1 for i in cfg.target_layer_ids]}
+        self.cache = DSparkDraftCache(cfg.num_hidden_layers)
+        self.max_length = generation_config.max_length
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor
+        self.vocab_size = cfg.vocab_size
+        settings = dict(DEFAULT_DSPARK_GENERATION)
+        gen_cfg = getattr(self.draft, "generation_config", None)
+        if gen_cfg is not None:
+            for key in settings:
+                if getattr(gen_cfg, key, None) is not None:
+                    settings[key] = getattr(gen_cfg, key)
+        policy = settings["verification_policy"]
+        if policy not in POLICIES:
+            raise ValueError(
+                f"draft.generation_config.verification_policy={policy!r} is not one of {POLICIES}"
+            )
+        if policy == "auto":
+            policy = "cost" if settings["latency_table"] else "full"
+        if policy == "cost" and not settings["latency_table"]:
+            raise ValueError(
+                "verification_policy='cost' needs draft.generation_config.latency_table; measure it with "
+                "hf_dspark.profile_latency(target) (or `hf-dspark profile`) and set it, or use 'full'/'threshold'."
+            )
+        if policy in ("threshold", "cost") and cfg.enable_confidence_head is False:
+            raise ValueError(f"verification_policy={policy!r} needs a drafter with a confidence head")
+        self.policy = policy
+        self.threshold = float(settings["confidence_threshold"])
+        self.min_tokens = int(settings["min_draft_tokens"])
+        self.latency_table = settings["latency_table"]
+        self.draft_time_ema: float | None = None
+        self.stats = DSparkGenerationStats(self.block_size)
+        self.stats["policy"] = policy
+        self.draft.last_generation_stats = self.stats
+        self._is_prefill = True
+        self._submitted = 0
+        self._last_confidence: torch.Tensor | None = None  # raw confidence logits of the submitted tokens
+        self._round_start = time.perf_counter()
+
+    # -- helpers -----------------------------------------------------------------------
+    def _new_context(self, model_outputs, input_ids: torch.LongTensor, n_last_matches: int) -> torch.Tensor:
+        if model_outputs is None or getattr(model_outputs, "hidden_states", None) is None:
+            raise ValueError("DSpark drafting needs the target's hidden states from the previous forward pass")
+        # After prefill every prompt token is context; afterwards only the anchor + accepted drafts.
+        n_new = input_ids.shape[1] - 1 if self._is_prefill else n_last_matches + 1
+        layers = [model_outputs.hidden_states[i + 1] for i in self.draft.config.target_layer_ids]
+        if any(h is None for h in layers):
+            raise ValueError("the target did not return the hidden states of the drafter's target_layer_ids")
+        return torch.cat([h[:, :n_new] for h in layers], dim=-1).to(self.draft.device)
+
+    def _full_vocab(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        d2t = self.draft.draft_to_target
+        if d2t is None:
+            return draft_logits.float()
+        full = draft_logits.new_full((draft_logits.shape[0], self.vocab_size), float("-inf"), dtype=torch.float32)
+        full[:, d2t] = draft_logits.float()
+        return full
+
+    def _chooser(self, input_ids: torch.LongTensor, drafted: list):
+        """Returns the Markov loop's per-position choice function (processors, then argmax/sample)."""
+        t2d = self.draft.target_to_draft_table()
+
+        plain_greedy = not self.do_sample and not (self.logits_processor is not None and len(self.logits_processor) > 0)
+
+        def choose(logits_k: torch.Tensor, k: int):
+            if plain_greedy:  # argmax over the draft vocabulary; no full-vocabulary logits needed
+                draft_ids = logits_k.argmax(-1)
+                drafted.append(self.draft.draft_ids_to_target(draft_ids)[:, None])
+                return draft_ids, logits_k
+            scores = self._full_vocab(logits_k)
+            if self.logits_processor is not None and len(self.logits_processor) > 0:
+                prefix = torch.cat([input_ids] + drafted, dim=1) if drafted else input_ids
+                scores = self.logits_processor(prefix, scores)
+            if self.do_sample:
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(-1)
+            else:
+                token = scores.argmax(-1)
+            drafted.append(token[:, None])
+            draft_ids = token if t2d is None else t2d[token]
+            return draft_ids, scores
+
+        return choose
+
+    def _submit_length(self, confidence: torch.Tensor | None, n_max: int) -> int:
+        if self.policy == "full" or confidence is None:
+            return n_max
+        conf = self.draft.calibrated_confidence(confidence[0, :n_max])
+        survival = prefix_survival(conf).tolist()
+        if self.policy == "threshold":
+            return threshold_length(survival, self.threshold, self.min_tokens)
+        if self.draft_time_ema is None:  # no draft timing yet: verify the whole block once
+            return n_max
+        verify = functools.partial(latency_from_table, self.latency_table)
+        return cost_length(survival, self.draft_time_ema, verify, self.min_tokens)
+
+    # -- protocol ----------------------------------------------------------------------
+    @torch.no_grad()
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict | None = None,
+        model_outputs=None,
+        is_first_iteration: bool = False,
+        n_last_matches: int = 0,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        now = time.perf_counter()
+        if is_first_iteration:
+            # transformers runs the target's prefill first; we draft from its features next round.
+            self._round_start = now
+            return input_ids, None
+        if self._is_prefill:
+            self.stats["prefill_seconds"] += now - self._round_start
+
+        context = self._new_context(model_outputs, input_ids, n_last_matches)
+        self._is_prefill = False
+        n_max = min(self.block_size, self.max_length - input_ids.shape[1])
+        if n_max <= 0:
+            # nothing to draft; still append the new context so the draft cache stays in sync
+            self.draft.draft_block(input_ids[:, -1].to(self.draft.device), context, self.cache)
+            self._submitted = 0
+            self._last_confidence = None
+            self._round_start = time.perf_counter()
+            return input_ids, None
+
+        start = time.perf_counter()
+        anchor = input_ids[:, -1].to(self.draft.device)
+        block = self.draft.draft_block(anchor, context, self.cache)
+        drafted: list[torch.Tensor] = []
+        tokens, logits, confidence = self.draft.sample_block(
+            block.base_logits, block.hidden_states, anchor, choose=self._chooser(input_ids, drafted), num_tokens=n_max
+        )
+        length = self._submit_length(confidence, n_max)
+        elapsed = time.perf_counter() - start
+        self.draft_time_ema = elapsed if self.draft_time_ema is None else 0.8 * self.draft_time_ema + 0.2 * elapsed
+        self.stats["draft_seconds"] += elapsed
+
+        self._submitted = length
+        self._last_confidence = None if confidence is None else confidence[0, :length]
+        self._round_start = time.perf_counter()
+        candidates = torch.cat([input_ids, tokens[:, :length].to(input_ids.device)], dim=1)
+        candidate_logits = logits[:, :length].to(input_ids.device) if self.do_sample else None
+        return candidates, candidate_logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+        elapsed = time.perf_counter() - self._round_start
+        if self._is_prefill:
+            return
+        self.stats["verify_seconds"] += elapsed
+        self.stats.record_round(self._submitted, int(num_matches))
+        # Opt-in per-round record for calibration (hf_dspark.calibration): set draft.record_rounds = [].
+        rounds = getattr(self.draft, "record_rounds", None)
+        if isinstance(rounds, list):
+            conf = self._last_confidence
+            rounds.append({
+                "confidence_logits": [] if conf is None else conf.float().tolist(),
+                "submitted": self._submitted,
+                "accepted": min(int(num_matches), self._submitted),
+            })
+
+
+# ----------------------------------------------------------------------------- the hook
+def _check_internal_signature(method) -> None:
+    import inspect
+
+    expected = [
+        "self",
+        "generation_config",
+        "input_ids",
+        "inputs_tensor",
+        "logits_processor",
+        "model_kwargs",
+        "assistant_model",
+        "target_tokenizer",
+        "assistant_tokenizer",
+    ]
+    found = list(inspect.signature(method).parameters)
+    if found != expected:
+        raise RuntimeError(
+            f"hf-dspark hooks {HOOKED_INTERNAL} but its signature changed: expected {expected}, found {found}. "
+            f"Use transformers>={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}."
+        )
+
+
+def install_generate_hook() -> bool:
+    """Wrap ``GenerationMixin._get_candidate_generator`` once. Returns True when (already) installed.
+
+    Raises ``RuntimeError`` on an unsupported transformers version so that nothing half-works.
+    """
+    current = GenerationMixin._get_candidate_generator
+    if getattr(current, "_dspark_hook", False):
+        return True
+    if not transformers_supported():
+        raise RuntimeError(
+            f"hf-dspark's generate() integration supports transformers>={SUPPORTED_TRANSFORMERS[0]},"
+            f"<{SUPPORTED_TRANSFORMERS[1]} (it hooks {HOOKED_INTERNAL}); found {transformers.__version__}. "
+            f"Install a supported version: pip install 'transformers>={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}'"
+        )
+    _check_internal_signature(current)
+    original = current
+
+    @functools.wraps(original)
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                 assistant_model=None, target_tokenizer=None, assistant_tokenizer=None):
+        if assistant_model is not None and is_dspark_drafter(assistant_model):
+            return DSparkCandidateGenerator(
+                target_model=self,
+                assistant_model=assistant_model,
+                generation_config=generation_config,
+                logits_processor=logits_processor,
+                input_ids=input_ids,
+            )
+        return original(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                        assistant_model, target_tokenizer, assistant_tokenizer)
+
+    _get_candidate_generator._dspark_hook = True
+    _get_candidate_generator._dspark_original = original
+    GenerationMixin._get_candidate_generator = _get_candidate_generator
+    return True
+
+
+__all__ = [
+    "DSparkCandidateGenerator",
+    "DSparkGenerationStats",
+    "install_generate_hook",
+    "is_dspark_drafter",
+    "cost_length",
+    "threshold_length",
+    "latency_from_table",
+    "prefix_survival",
+    "HOOKED_INTERNAL",
+    "SUPPORTED_TRANSFORMERS",
+]

@@ -1,0 +1,867 @@
+"""DSpark drafter: parallel block backbone fed with target features, Markov head, confidence head.
+
+This file ships as remote code next to drafter checkpoints: it imports only torch,
+transformers and its sibling files.
+
+Layout of one drafting round (see ``DSPARK.md``):
+
+* context features: the target's hidden states of ``config.target_layer_ids`` for every
+  committed token, concatenated, projected by ``fc`` and normalized by ``hidden_norm``;
+  they are injected as extra keys/values in every draft attention layer;
+* block input: the anchor (last committed token) followed by ``block_size - 1`` mask tokens;
+  position ``k`` of the block predicts draft token ``k + 1``; attention inside the block is
+  bidirectional and the block sees all context strictly before its anchor;
+* base logits come from the target's frozen LM head (restricted to the draft vocabulary when
+  one is configured); the Markov head adds a bias from the previously drafted token; the
+  confidence head predicts the probability that each draft token survives verification given
+  that the earlier ones did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_dspark import DSparkConfig
+from .generation_dspark import default_dspark_generation_config, install_generate_hook
+
+
+# --------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------
+class DSparkRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class DSparkRotaryEmbedding(nn.Module):
+    """Standard RoPE (``rope_type`` ``default``/``linear``) returning cos/sin for given positions."""
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        params = config.rope_parameters or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in ("default", "linear"):
+            raise ValueError(
+                f"DSparkConfig.rope_parameters['rope_type']={rope_type!r} is not supported by the drafter "
+                "backbone; use 'default' or 'linear'"
+            )
+        base = float(params.get("rope_theta", 10000.0))
+        self.position_scale = 1.0 / float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        # Computed on the fly (not a buffer): transformers materialises modules on the meta device
+        # when loading, and a tiny arange is cheaper than re-initialising buffers correctly.
+        self.base = base
+        self.dim = config.head_dim
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (
+            self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device) / self.dim)
+        )
+        freqs = (position_ids.float() * self.position_scale)[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class DSparkMLP(nn.Module):
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DSparkAttention(nn.Module):
+    """GQA attention whose keys/values are [injected context ; block tokens]; queries are block tokens only."""
+
+    def __init__(self, config: DSparkConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def key_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (k-norm + RoPE) and values of ``x`` [batch, seq, hidden] -> 2 x [batch, kv_heads, seq, head_dim]."""
+        b, s, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return _apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        context_keys: torch.Tensor | None,
+        context_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """hidden_states: [batch, q_len, hidden]; context keys/values: [batch, kv_heads, ctx_len, head_dim];
+        attention_mask: boolean [batch or 1, 1, q_len, ctx_len + q_len] (True = attend) or None (attend all)."""
+        b, q_len, _ = hidden_states.shape
+        q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = _apply_rope(q, cos, sin)
+        k, v = self.key_values(hidden_states, cos, sin)
+        if context_keys is not None:
+            k = torch.cat([context_keys, k], dim=2)
+            v = torch.cat([context_values, v], dim=2)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
+        out = out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class DSparkDecoderLayer(nn.Module):
+    def __init__(self, config: DSparkConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DSparkAttention(config, layer_idx)
+        self.mlp = DSparkMLP(config)
+        self.input_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, cos, sin, context_keys, context_values, attention_mask):
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, context_keys, context_values, attention_mask
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# --------------------------------------------------------------------------------------
+# heads
+# --------------------------------------------------------------------------------------
+class DSparkMarkovHead(nn.Module):
+    """Low-rank transition bias from the previous token: ``B(x_prev, .) = W1[x_prev] @ W2^T``.
+
+    ``vanilla``: the W1 row is used as is. ``gated``: it is scaled by
+    ``sigmoid(gate_proj([h_k ; W1[x_prev]]))``. ``rnn``: a gated recurrent state
+    ``s_k`` over ``[s_{k-1} ; W1[x_prev] ; h_k]`` (one joint linear split into update gate,
+    candidate and output); the bias is ``W2 tanh(output)``.
+    """
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        rank, hidden = config.markov_rank, config.hidden_size
+        self.head_type = config.markov_head_type
+        self.rank = rank
+        self.markov_w1 = nn.Embedding(config.effective_draft_vocab_size, rank)
+        self.markov_w2 = nn.Linear(rank, config.effective_draft_vocab_size, bias=False)
+        if self.head_type == "gated":
+            self.gate_proj = nn.Linear(hidden + rank, rank)
+        elif self.head_type == "rnn":
+            self.joint_proj = nn.Linear(2 * rank + hidden, 3 * rank)
+
+    def embed_previous(self, prev_draft_ids: torch.Tensor) -> torch.Tensor:
+        """W1 rows of previous tokens given as DRAFT ids; ``-1`` (outside the draft vocabulary) gives zeros."""
+        known = prev_draft_ids >= 0
+        rows = self.markov_w1(prev_draft_ids.clamp(min=0))
+        return rows * known.unsqueeze(-1).to(rows.dtype)
+
+    def step(
+        self, hidden: torch.Tensor, prev_embedding: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One position: hidden [..., H], prev_embedding [..., r] -> (bias [..., Vd], new state)."""
+        if self.head_type == "vanilla":
+            return self.markov_w2(prev_embedding), None
+        if self.head_type == "gated":
+            gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, prev_embedding], dim=-1)))
+            return self.markov_w2(gate * prev_embedding), None
+        if state is None:
+            state = prev_embedding.new_zeros(prev_embedding.shape)
+        update, candidate, output = self.joint_proj(torch.cat([state, prev_embedding, hidden], dim=-1)).split(
+            self.rank, dim=-1
+        )
+        update = torch.sigmoid(update)
+        state = (1 - update) * state + update * torch.tanh(candidate)
+        return self.markov_w2(torch.tanh(output)), state
+
+    def teacher_forced_bias(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
+        """Biases for all positions at once given the true previous tokens: [..., block, H] -> [..., block, Vd]."""
+        if self.head_type != "rnn":
+            return self.step(hidden, prev_embedding, None)[0]
+        state, biases = None, []
+        for k in range(hidden.shape[-2]):
+            bias, state = self.step(hidden[..., k, :], prev_embedding[..., k, :], state)
+            biases.append(bias)
+        return torch.stack(biases, dim=-2)
+
+
+class DSparkConfidenceHead(nn.Module):
+    """c_k = sigmoid(proj([h_k ; W1[x_{k-1}]])): survival of draft token k given that 1..k-1 survived."""
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        self.with_markov = config.confidence_head_with_markov and config.markov_rank > 0
+        extra = config.markov_rank if self.with_markov else 0
+        self.proj = nn.Linear(config.hidden_size + extra, 1)
+
+    def forward(self, hidden: torch.Tensor, prev_embedding: torch.Tensor | None) -> torch.Tensor:
+        features = torch.cat([hidden, prev_embedding], dim=-1) if self.with_markov else hidden
+        return self.proj(features).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------
+# outputs and cache
+# --------------------------------------------------------------------------------------
+@dataclass
+class DSparkTrainingOutput(ModelOutput):
+    """Output of the training forward (many anchor blocks per sequence, teacher forced).
+
+    Shapes: ``batch`` sequences, ``A`` anchors per sequence, ``K = block_size``, ``Vd`` draft vocabulary.
+    """
+
+    draft_logits: torch.Tensor | None = None  # [batch, A, K, Vd] Markov-corrected, teacher forced
+    confidence_logits: torch.Tensor | None = None  # [batch, A, K]
+    target_ids: torch.Tensor | None = None  # [batch, A, K] next tokens (target ids)
+    eval_mask: torch.Tensor | None = None  # [batch, A, K] bool, cumulative over the block
+    anchor_positions: torch.Tensor | None = None  # [batch, A]
+    block_keep_mask: torch.Tensor | None = None  # [batch, A] bool
+    hidden_states: torch.Tensor | None = None  # [batch, A, K, H]
+
+
+@dataclass
+class DSparkBlockOutput(ModelOutput):
+    """Output of one inference block. ``hidden_states`` [batch, K, H], ``base_logits`` [batch, K, Vd]."""
+
+    hidden_states: torch.Tensor | None = None
+    base_logits: torch.Tensor | None = None
+
+
+class DSparkDraftCache:
+    """Per-layer keys/values of the injected context of committed tokens.
+
+    Only context rows are stored (never block tokens), so a round appends the features of the
+    tokens accepted since the previous round and nothing has to be rolled back on rejection.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = keys, values
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], keys], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], values], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` context rows."""
+        if length < 0:
+            raise ValueError(f"DSparkDraftCache.crop(length={length}): length must be >= 0")
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k[:, :, :length], v[:, :, :length]
+
+
+# --------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------
+class DSparkPreTrainedModel(PreTrainedModel):
+    config_class = DSparkConfig
+    base_model_prefix = "dspark"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DSparkDecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(mean=0.0, std=std)
+        elif isinstance(module, DSparkRMSNorm):
+            module.weight.fill_(1.0)
+        if isinstance(module, DSparkMarkovHead):
+            # Start as "no transition bias" so a fresh drafter equals its parallel backbone.
+            module.markov_w2.weight.zero_()
+
+
+class DSparkDraftModel(DSparkPreTrainedModel):
+    """The DSpark drafter. See the module docstring for the architecture.
+
+    Pass it as ``assistant_model`` to ``target.generate``; decoding settings (verification
+    policy, confidence threshold, latency table) live in ``draft.generation_config`` and are
+    saved to ``generation_config.json`` next to the weights.
+    """
+
+    is_dspark_drafter = True
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__(config)
+        self.generation_config = default_dspark_generation_config()
+        self.last_generation_stats = None
+        if config.context_input_norm:
+            self.context_norms = nn.ModuleList(
+                [DSparkRMSNorm(config.target_hidden_size, eps=config.rms_norm_eps) for _ in config.target_layer_ids]
+            )
+        self.fc = nn.Linear(config.context_size, config.hidden_size, bias=False)
+        self.hidden_norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList([DSparkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DSparkRotaryEmbedding(config)
+        if not config.embeddings_from_target:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.markov_head = DSparkMarkovHead(config) if config.markov_rank > 0 else None
+        self.confidence_head = DSparkConfidenceHead(config) if config.enable_confidence_head else None
+        if config.draft_vocab_size is not None:
+            # d2t[i] = target id of draft token i (absolute ids).
+            self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long), persistent=True)
+        self._borrowed: dict[str, nn.Module] = {}
+        self._head_cache: tuple | None = None
+        self.post_init()
+
+    # ---------------------------------------------------------------- target binding
+    @classmethod
+    def from_target(cls, target_model, tokenizer=None, **overrides) -> "DSparkDraftModel":
+        """Build a fresh drafter for ``target_model`` (any ``AutoModelForCausalLM``).
+
+        Reads hidden size, vocabulary, number of layers and attention geometry from the
+        target; ``overrides`` (any ``DSparkConfig`` field) win. The embedding table and LM head
+        are borrowed from the target (not duplicated).
+        """
+        tcfg = target_model.config.get_text_config()
+        n_layers = tcfg.num_hidden_layers
+        num_heads = getattr(tcfg, "num_attention_heads", 8)
+        head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // num_heads
+        rope = _target_rope_parameters(tcfg)
+        mask_token_id = None
+        if tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None:
+            mask_token_id = tokenizer.mask_token_id
+        elif getattr(tcfg, "pad_token_id", None) is not None:
+            mask_token_id = tcfg.pad_token_id
+        if isinstance(mask_token_id, list):
+            mask_token_id = mask_token_id[0]
+        defaults = dict(
+            vocab_size=tcfg.vocab_size,
+            hidden_size=tcfg.hidden_size,
+            target_hidden_size=tcfg.hidden_size,
+            intermediate_size=getattr(tcfg, "intermediate_size", 4 * tcfg.hidden_size),
+            num_hidden_layers=1,
+            num_attention_heads=num_heads,
+            num_key_value_heads=getattr(tcfg, "num_key_value_heads", num_heads) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=getattr(tcfg, "rms_norm_eps", 1e-6),
+            rope_parameters=rope,
+            max_position_embeddings=getattr(tcfg, "max_position_embeddings", 32768),
+            target_layer_ids=default_target_layer_ids(n_layers),
+            num_target_layers=n_layers,
+            block_size=7,
+            mask_token_id=mask_token_id if mask_token_id is not None else tcfg.vocab_size - 1,
+            embeddings_from_target=True,
+            context_input_norm=True,
+            target_model_name=getattr(target_model.config, "_name_or_path", None) or None,
+            eos_token_id=getattr(tcfg, "eos_token_id", None),
+            bos_token_id=getattr(tcfg, "bos_token_id", None),
+            pad_token_id=getattr(tcfg, "pad_token_id", None),
+        )
+        defaults.update(overrides)
+        draft_token_ids = defaults.pop("draft_token_ids", None)
+        if draft_token_ids is not None and not defaults.get("draft_vocab_size"):
+            defaults["draft_vocab_size"] = len(draft_token_ids)
+        config = DSparkConfig(**defaults)
+        param = next(target_model.parameters())
+        model = cls(config).to(device=param.device)
+        if draft_token_ids is not None:
+            model.set_draft_vocab(draft_token_ids)
+        model.bind_target(target_model)
+        return model
+
+    def check_target(self, target_model) -> None:
+        """Raise ``ValueError`` naming both sides when this drafter was built for another target."""
+        tcfg = target_model.config.get_text_config()
+        problems = []
+        if tcfg.hidden_size != self.config.target_hidden_size:
+            problems.append(f"hidden size: drafter expects {self.config.target_hidden_size}, target has {tcfg.hidden_size}")
+        if tcfg.num_hidden_layers != self.config.num_target_layers:
+            problems.append(
+                f"number of layers: drafter expects {self.config.num_target_layers}, target has {tcfg.num_hidden_layers}"
+            )
+        if tcfg.vocab_size != self.config.vocab_size:
+            problems.append(f"vocabulary: drafter expects {self.config.vocab_size}, target has {tcfg.vocab_size}")
+        if not 0 <= self.config.mask_token_id < tcfg.vocab_size:
+            problems.append(f"mask token {self.config.mask_token_id} is outside the target vocabulary ({tcfg.vocab_size})")
+        if self.config.embeddings_from_target and tcfg.hidden_size != self.config.hidden_size:
+            problems.append("the drafter borrows the target's embeddings, so its hidden size must equal the target's")
+        if problems:
+            name = self.config.target_model_name or "an unnamed target"
+            raise ValueError(
+                f"This DSpark drafter (built for {name}) does not match the target "
+                f"{getattr(target_model.config, '_name_or_path', '') or type(target_model).__name__}: "
+                + "; ".join(problems)
+                + ". Use a drafter trained for this target, or build one with DSparkDraftModel.from_target(target)."
+            )
+
+    def bind_target(self, target_model) -> "DSparkDraftModel":
+        """Check compatibility and borrow the target's (frozen) embedding table and LM head.
+
+        The borrowed modules are not registered as sub-modules: they are neither saved with
+        the drafter nor returned by ``parameters()``.
+        """
+        self.check_target(target_model)
+        if self.config.embeddings_from_target:
+            self._borrowed = {
+                "embed_tokens": target_model.get_input_embeddings(),
+                "lm_head": target_model.get_output_embeddings(),
+            }
+            self._head_cache = None
+        return self
+
+    @property
+    def is_bound(self) -> bool:
+        return not self.config.embeddings_from_target or bool(self._borrowed)
+
+    def _module(self, name: str) -> nn.Module:
+        if not self.config.embeddings_from_target:
+            return getattr(self, name)
+        if name not in self._borrowed:
+            raise RuntimeError(
+                "This DSpark drafter borrows the target's embedding table and LM head; call "
+                "draft.bind_target(target_model) first (generate(assistant_model=draft) does it for you)."
+            )
+        return self._borrowed[name]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._module("embed_tokens")(input_ids).to(self.fc.weight.dtype)
+
+    # ---------------------------------------------------------------- draft vocabulary
+    def set_draft_vocab(self, target_token_ids) -> None:
+        """Set the reduced draft vocabulary (list of target ids; order defines draft ids)."""
+        ids = torch.as_tensor(list(target_token_ids), dtype=torch.long)
+        if self.config.draft_vocab_size is None or ids.numel() != self.config.draft_vocab_size:
+            raise ValueError(
+                f"set_draft_vocab got {ids.numel()} token ids but config.draft_vocab_size="
+                f"{self.config.draft_vocab_size}; build the drafter with draft_vocab_size={ids.numel()}"
+            )
+        if ids.unique().numel() != ids.numel() or ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError("draft vocabulary ids must be unique target ids in [0, vocab_size)")
+        self.d2t.copy_(ids.to(self.d2t.device))
+        self._head_cache = None
+
+    @property
+    def draft_to_target(self) -> torch.Tensor | None:
+        return getattr(self, "d2t", None)
+
+    def target_to_draft_table(self) -> torch.Tensor | None:
+        """[vocab_size] table mapping target ids to draft ids (-1 outside the draft vocabulary)."""
+        d2t = self.draft_to_target
+        if d2t is None:
+            return None
+        key = (d2t.data_ptr(), d2t._version, d2t.device)
+        if getattr(self, "_t2d_cache", None) is None or self._t2d_cache[0] != key:
+            table = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=d2t.device)
+            table[d2t] = torch.arange(d2t.numel(), device=d2t.device)
+            self._t2d_cache = (key, table)
+        return self._t2d_cache[1]
+
+    def target_to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Map target ids to draft ids; ids outside the draft vocabulary map to -1."""
+        table = self.target_to_draft_table()
+        return target_ids if table is None else table[target_ids]
+
+    def draft_ids_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        d2t = self.draft_to_target
+        return draft_ids if d2t is None else d2t[draft_ids]
+
+    def _draft_head_weight(self) -> torch.Tensor:
+        weight = self._module("lm_head").weight
+        d2t = self.draft_to_target
+        if d2t is None:
+            return weight
+        dtype = self.fc.weight.dtype
+        key = (weight.data_ptr(), weight._version, d2t.data_ptr(), d2t._version, weight.device, dtype)
+        if self._head_cache is None or self._head_cache[0] != key:
+            # The sliced head is cached in the drafter's dtype: a bf16 drafter then reads half the bytes.
+            self._head_cache = (key, weight.detach()[d2t.to(weight.device)].to(dtype))
+        return self._head_cache[1]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Base draft logits over the draft vocabulary from the target's frozen LM head."""
+        weight = self._draft_head_weight()
+        return F.linear(hidden_states.to(weight.dtype), weight)
+
+    # ---------------------------------------------------------------- backbone
+    def project_context(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
+        """[batch, ctx, len(target_layer_ids) * H_target] -> [batch, ctx, H]."""
+        if target_hidden_states.shape[-1] != self.config.context_size:
+            raise ValueError(
+                f"target_hidden_states has width {target_hidden_states.shape[-1]} but the drafter expects "
+                f"{self.config.context_size} = {len(self.config.target_layer_ids)} layers x {self.config.target_hidden_size}"
+            )
+        if self.config.context_input_norm:
+            chunks = target_hidden_states.split(self.config.target_hidden_size, dim=-1)
+            target_hidden_states = torch.cat([norm(chunk) for norm, chunk in zip(self.context_norms, chunks)], dim=-1)
+        return self.hidden_norm(self.fc(target_hidden_states.to(self.fc.weight.dtype)))
+
+    def _backbone(
+        self,
+        block_embeds: torch.Tensor,
+        block_positions: torch.Tensor,
+        context: torch.Tensor | None,
+        context_positions: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: DSparkDraftCache | None = None,
+    ) -> torch.Tensor:
+        dtype = block_embeds.dtype
+        cos, sin = self.rotary_emb(block_positions, dtype)
+        if context is not None and context.shape[1] > 0:
+            ctx_cos, ctx_sin = self.rotary_emb(context_positions, dtype)
+        else:
+            context = None
+        hidden = block_embeds
+        for layer in self.layers:
+            keys = values = None
+            if context is not None:
+                keys, values = layer.self_attn.key_values(context, ctx_cos, ctx_sin)
+            if cache is not None:
+                if keys is not None:
+                    keys, values = cache.update(layer.self_attn.layer_idx, keys, values)
+                else:
+                    keys, values = cache.keys[layer.self_attn.layer_idx], cache.values[layer.self_attn.layer_idx]
+            hidden = layer(hidden, cos, sin, keys, values, attention_mask)
+        return self.norm(hidden)
+
+    def draft_block(
+        self,
+        anchor_ids: torch.Tensor,
+        new_target_hidden_states: torch.Tensor | None,
+        cache: DSparkDraftCache,
+    ) -> DSparkBlockOutput:
+        """Inference: one block per row after appending the context of newly committed tokens.
+
+        Args:
+            anchor_ids: [batch] last committed token (target id) of each row; it sits at position
+                ``cache length`` after the append.
+            new_target_hidden_states: [batch, n_new, context width] raw target features of the
+                tokens committed since the previous call (only these are projected).
+            cache: the drafter's context cache (updated in place).
+        """
+        past = cache.get_seq_length()
+        context = context_positions = None
+        device = anchor_ids.device
+        if new_target_hidden_states is not None and new_target_hidden_states.shape[1] > 0:
+            n_new = new_target_hidden_states.shape[1]
+            context = self.project_context(new_target_hidden_states)
+            context_positions = torch.arange(past, past + n_new, device=device).expand(anchor_ids.shape[0], -1)
+            past += n_new
+        block = self.block_input_ids(anchor_ids)
+        positions = torch.arange(past, past + self.config.block_size, device=device).expand(anchor_ids.shape[0], -1)
+        hidden = self._backbone(self.embed(block), positions, context, context_positions, None, cache)
+        return DSparkBlockOutput(hidden_states=hidden, base_logits=self.compute_logits(hidden))
+
+    def block_input_ids(self, anchor_ids: torch.Tensor) -> torch.Tensor:
+        """[batch] -> [batch, block_size]: anchor followed by mask tokens."""
+        block = anchor_ids.new_full((anchor_ids.shape[0], self.config.block_size), self.config.mask_token_id)
+        block[:, 0] = anchor_ids
+        return block
+
+    # ---------------------------------------------------------------- training forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        target_hidden_states: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+        anchor_positions: torch.Tensor | None = None,
+        block_keep_mask: torch.Tensor | None = None,
+        num_anchors: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> DSparkTrainingOutput:
+        """Training forward over many anchor blocks of each sequence at once (teacher forced).
+
+        Args:
+            input_ids: [batch, seq] token ids (target ids).
+            target_hidden_states: [batch, seq, context width] target features of every token.
+            loss_mask: [batch, seq] 1 where a token is supervised (answer tokens); defaults to all ones.
+            anchor_positions / block_keep_mask: [batch, A] given anchors (sampled when omitted).
+            num_anchors: anchors to sample per sequence when none are given (``config.num_anchors``).
+
+        Block ``a`` holds ``[input_ids[p], mask...]`` at positions ``p .. p + K - 1`` for anchor ``p``;
+        it attends to the context rows ``< p`` and bidirectionally to itself; position ``k``
+        predicts ``input_ids[p + k + 1]``.
+        """
+        bsz, seq_len = input_ids.shape
+        K = self.config.block_size
+        device = input_ids.device
+        if loss_mask is None:
+            loss_mask = torch.ones_like(input_ids)
+        loss_mask = loss_mask.bool()
+        if anchor_positions is None:
+            anchor_positions, block_keep_mask = sample_anchor_positions(
+                loss_mask, num_anchors or self.config.num_anchors, generator=generator
+            )
+        if block_keep_mask is None:
+            block_keep_mask = torch.ones_like(anchor_positions, dtype=torch.bool)
+        block_keep_mask = block_keep_mask.bool()
+        num_blocks = anchor_positions.shape[1]
+        offsets = torch.arange(K, device=device)
+        positions = anchor_positions.unsqueeze(-1) + offsets  # [b, A, K]
+
+        # Targets and the cumulative evaluation mask.
+        target_pos = positions + 1
+        in_range = target_pos < seq_len
+        safe_pos = target_pos.clamp(max=seq_len - 1)
+        target_ids = torch.gather(input_ids, 1, safe_pos.view(bsz, -1)).view(bsz, num_blocks, K)
+        supervised = torch.gather(loss_mask, 1, safe_pos.view(bsz, -1)).view(bsz, num_blocks, K) & in_range
+        eval_mask = supervised.long().cumprod(-1).bool() & block_keep_mask.unsqueeze(-1)
+
+        # Block inputs: anchor then mask tokens.
+        block_ids = input_ids.new_full((bsz, num_blocks, K), self.config.mask_token_id)
+        block_ids[..., 0] = torch.gather(input_ids, 1, anchor_positions)
+        block_embeds = self.embed(block_ids.view(bsz, -1))
+
+        # Attention mask [b, 1, A*K, seq + A*K]: context strictly before the anchor + own block.
+        ctx_visible = torch.arange(seq_len, device=device).view(1, 1, seq_len) < anchor_positions.unsqueeze(-1)
+        ctx_visible = ctx_visible & block_keep_mask.unsqueeze(-1)
+        ctx_visible = ctx_visible.repeat_interleave(K, dim=1)  # [b, A*K, seq]
+        block_of = torch.arange(num_blocks, device=device).repeat_interleave(K)
+        own_block = (block_of.view(-1, 1) == block_of.view(1, -1)).expand(bsz, -1, -1)
+        mask = torch.cat([ctx_visible, own_block], dim=-1).unsqueeze(1)
+
+        context = self.project_context(target_hidden_states)
+        context_positions = torch.arange(seq_len, device=device).expand(bsz, -1)
+        hidden = self._backbone(
+            block_embeds, positions.view(bsz, -1), context, context_positions, mask
+        ).view(bsz, num_blocks, K, -1)
+
+        base_logits = self.compute_logits(hidden)
+        prev_ids = torch.cat([block_ids[..., :1], target_ids[..., :-1]], dim=-1)
+        draft_logits, confidence_logits = self.apply_heads_teacher_forced(base_logits, hidden, prev_ids)
+        return DSparkTrainingOutput(
+            draft_logits=draft_logits,
+            confidence_logits=confidence_logits,
+            target_ids=target_ids,
+            eval_mask=eval_mask,
+            anchor_positions=anchor_positions,
+            block_keep_mask=block_keep_mask,
+            hidden_states=hidden,
+        )
+
+    # ---------------------------------------------------------------- heads (shared by training & decoding)
+    def previous_token_embedding(self, prev_target_ids: torch.Tensor) -> torch.Tensor | None:
+        if self.markov_head is None:
+            return None
+        return self.markov_head.embed_previous(self.target_to_draft(prev_target_ids))
+
+    def apply_heads_teacher_forced(
+        self, base_logits: torch.Tensor, hidden: torch.Tensor, prev_target_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Markov-corrected logits and confidence logits given the previous tokens of each position."""
+        prev = self.previous_token_embedding(prev_target_ids)
+        logits = base_logits
+        if self.markov_head is not None:
+            logits = base_logits + self.markov_head.teacher_forced_bias(hidden, prev).to(base_logits.dtype)
+        confidence = self.confidence_logits(hidden, prev)
+        return logits, confidence
+
+    def confidence_logits(self, hidden: torch.Tensor, prev_embedding: torch.Tensor | None) -> torch.Tensor | None:
+        """Raw (uncalibrated) confidence logits."""
+        if self.confidence_head is None:
+            return None
+        return self.confidence_head(hidden, prev_embedding)
+
+    def calibrated_confidence(self, confidence_logits: torch.Tensor) -> torch.Tensor:
+        """sigmoid(logit / T_k) with the per-position STS temperatures from the config (1 when absent)."""
+        temps = self.config.confidence_temperatures
+        if temps is not None:
+            t = torch.tensor(temps[: confidence_logits.shape[-1]], dtype=confidence_logits.dtype, device=confidence_logits.device)
+            confidence_logits = confidence_logits / t
+        return torch.sigmoid(confidence_logits)
+
+    def sample_block(
+        self,
+        base_logits: torch.Tensor,
+        hidden: torch.Tensor,
+        anchor_ids: torch.Tensor,
+        choose: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        num_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Markov sampling loop over one block.
+
+        ``logits_k = U_k + B(x_{k-1})``, then ``choose(logits_k, k)`` returns
+        ``(draft_ids, processed_logits)`` (default: greedy argmax, logits unchanged); the chosen
+        token feeds the next step. Returns target ids [batch, n], the processed logits each
+        token was drawn from [batch, n, Vd], and raw confidence logits [batch, n] (None without
+        a confidence head).
+        """
+        n = num_tokens or base_logits.shape[1]
+        prev_target = anchor_ids
+        state = None
+        tokens, logits_out, conf_out = [], [], []
+        for k in range(n):
+            prev_emb = self.previous_token_embedding(prev_target)
+            logits_k = base_logits[:, k]
+            if self.markov_head is not None:
+                bias, state = self.markov_head.step(hidden[:, k], prev_emb, state)
+                logits_k = logits_k + bias.to(logits_k.dtype)
+            if choose is None:
+                draft_ids, logits_k = logits_k.argmax(-1), logits_k
+            else:
+                draft_ids, logits_k = choose(logits_k, k)
+            conf = self.confidence_logits(hidden[:, k], prev_emb)
+            if conf is not None:
+                conf_out.append(conf)
+            prev_target = self.draft_ids_to_target(draft_ids)
+            tokens.append(prev_target)
+            logits_out.append(logits_k)
+        confidence = torch.stack(conf_out, dim=1) if conf_out else None
+        return torch.stack(tokens, dim=1), torch.stack(logits_out, dim=1), confidence
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As ``PreTrainedModel.from_pretrained``, but a checkpoint whose tensors do not cover the
+        model (missing or unexpected weights) raises instead of silently re-initialising."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith("_"))
+        mismatched = info.get("mismatched_keys", [])
+        if missing or mismatched:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path} does not match its config: "
+                f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"mismatched shapes {list(mismatched)[:8]}. Check config.json (markov_rank, markov_head_type, "
+                "draft_vocab_size, num_hidden_layers, embeddings_from_target) against model.safetensors."
+            )
+        model._borrowed = {}
+        model._head_cache = None
+        model.generation_config = _load_dspark_generation_config(pretrained_model_name_or_path, kwargs)
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save config, weights, remote-code files and ``generation_config.json`` (decoding settings)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and self.generation_config is not None:
+            self.generation_config.save_pretrained(save_directory)
+
+    def can_generate(self) -> bool:  # a drafter is driven by the target's generate(), never on its own
+        return False
+
+
+def sample_anchor_positions(
+    loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw up to ``num_anchors`` anchors per row among positions ``p`` with ``loss_mask[p]`` and
+    ``loss_mask[p + 1]`` (the anchor and its first target are supervised); rows with fewer valid
+    positions get dummy blocks (anchor 0, keep False). Anchors are returned sorted."""
+    bsz, seq_len = loss_mask.shape
+    mask = loss_mask.bool()
+    valid = torch.zeros_like(mask)
+    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    scores = torch.rand(valid.shape, generator=generator, device=valid.device if generator is None else generator.device)
+    scores = scores.to(valid.device).masked_fill(~valid, -1.0)
+    take = min(num_anchors, seq_len)
+    top = scores.topk(take, dim=1)
+    keep = top.values >= 0
+    anchors = torch.where(keep, top.indices, torch.zeros_like(top.indices))
+    # sort kept anchors ascending, dummies last
+    sort_key = torch.where(keep, anchors, torch.full_like(anchors, seq_len + 1))
+    order = sort_key.argsort(dim=1)
+    anchors, keep = anchors.gather(1, order), keep.gather(1, order)
+    if take < num_anchors:
+        pad = num_anchors - take
+        anchors = torch.cat([anchors, anchors.new_zeros(bsz, pad)], dim=1)
+        keep = torch.cat([keep, keep.new_zeros(bsz, pad)], dim=1)
+    return anchors, keep
+
+
+def default_target_layer_ids(num_target_layers: int, num_layers: int = 5) -> list[int]:
+    """Layers spread over the target's depth, skipping the first and the last two when possible."""
+    if num_target_layers <= num_layers:
+        return list(range(num_target_layers))
+    start, end = 1, max(1, num_target_layers - 3)
+    ids = sorted({round(start + i * (end - start) / (num_layers - 1)) for i in range(num_layers)})
+    return ids
+
+
+def _target_rope_parameters(text_config) -> dict:
+    rope = getattr(text_config, "rope_parameters", None)
+    if isinstance(rope, dict):
+        if "rope_theta" in rope:
+            return {"rope_type": rope.get("rope_type", "default"), "rope_theta": float(rope["rope_theta"])}
+        # per-layer-type dicts (e.g. Gemma 3): prefer full attention
+        for key in ("full_attention", "sliding_attention"):
+            if isinstance(rope.get(key), dict) and "rope_theta" in rope[key]:
+                return {"rope_type": "default", "rope_theta": float(rope[key]["rope_theta"])}
+    return {"rope_type": "default", "rope_theta": float(getattr(text_config, "rope_theta", 10000.0) or 10000.0)}
+
+
+def _load_dspark_generation_config(name_or_path, kwargs):
+    from transformers import GenerationConfig
+
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+    try:
+        loaded = GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except (OSError, ValueError):
+        return default_dspark_generation_config()
+    settings = {k: getattr(loaded, k) for k in default_dspark_generation_config().to_dict() if hasattr(loaded, k)}
+    return default_dspark_generation_config(**{k: v for k, v in settings.items() if k in (
+        "verification_policy", "confidence_threshold", "min_draft_tokens", "latency_table")})
+
+
+DSparkConfig.register_for_auto_class()
+DSparkDraftModel.register_for_auto_class("AutoModel")
+# The one documented runtime patch: route DSpark drafters passed as assistant_model to our
+# candidate generator (see generation_dspark.py for the internal it touches).
+install_generate_hook()
+
+__all__ = [
+    "DSparkDraftModel",
+    "DSparkPreTrainedModel",
+    "DSparkDraftCache",
+    "DSparkTrainingOutput",
+    "DSparkBlockOutput",
+    "sample_anchor_positions",
+    "default_target_layer_ids",
+]
