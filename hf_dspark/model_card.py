@@ -38,7 +38,7 @@ _METRIC_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("baseline_tokens_per_second", "Tokens/s (target alone)", lambda v: f"{float(v):.1f}"),
     ("prompt_lookup_speedup", "Speed-up of prompt lookup", lambda v: f"{float(v):.2f}×"),
     ("outputs_match_baseline", "Outputs match target", lambda v: "yes" if v else "**no**"),
-    ("per_position_acceptance", "Per-position acceptance", lambda v: " / ".join(f"{float(x):.2f}" for x in v)),
+    ("per_position_acceptance", "Per-position acceptance", lambda v: " / ".join("n/a" if x is None else f"{float(x):.2f}" for x in v)),
 )
 _SETTINGS = (
     ("hardware", "hardware"),
@@ -69,7 +69,8 @@ def load_eval_results(paths: Iterable[str | Path] | None) -> list[dict]:
 
 
 def _dataset_rows(result: Mapping) -> list[tuple[str, Mapping]]:
-    return [(name, value) for name, value in result.items() if name != "settings" and isinstance(value, Mapping)]
+    skip = {"settings", "datasets", "compare", "quality"}  # containers and macro-level extras, not datasets
+    return [(name, value) for name, value in result.items() if name not in skip and isinstance(value, Mapping)]
 
 
 def _has(value) -> bool:
