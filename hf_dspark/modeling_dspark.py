@@ -31,7 +31,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_dspark import DSparkConfig
-from .generation_dspark import default_dspark_generation_config, install_generate_hook
+from .generation_dspark import DEFAULT_DSPARK_GENERATION, default_dspark_generation_config, install_generate_hook
 
 
 # --------------------------------------------------------------------------------------
@@ -845,9 +845,8 @@ def _load_dspark_generation_config(name_or_path, kwargs):
         loaded = GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
     except (OSError, ValueError):
         return default_dspark_generation_config()
-    settings = {k: getattr(loaded, k) for k in default_dspark_generation_config().to_dict() if hasattr(loaded, k)}
-    return default_dspark_generation_config(**{k: v for k, v in settings.items() if k in (
-        "verification_policy", "confidence_threshold", "min_draft_tokens", "latency_table")})
+    settings = {k: getattr(loaded, k) for k in DEFAULT_DSPARK_GENERATION if hasattr(loaded, k)}
+    return default_dspark_generation_config(**settings)
 
 
 DSparkConfig.register_for_auto_class()

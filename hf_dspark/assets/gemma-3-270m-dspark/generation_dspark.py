@@ -33,6 +33,7 @@ Verification policies (``draft.generation_config.verification_policy``)
 
 from __future__ import annotations
 
+import bisect
 import functools
 import time
 from typing import Any
@@ -95,19 +96,27 @@ def threshold_length(survival: list[float], threshold: float, min_tokens: int = 
     return max(min(min_tokens, len(survival)), n)
 
 
-def latency_from_table(table: dict, n_tokens: int) -> float:
-    """T_verify(n) from a {tokens: seconds} table: linear interpolation, linear extrapolation."""
+def latency_points(table: dict) -> list[tuple[int, float]]:
+    """Sorted (tokens, seconds) points of a latency table (JSON keys may be strings)."""
     points = sorted((int(k), float(v)) for k, v in table.items())
     if not points:
         raise ValueError("latency_table is empty; profile the target with hf_dspark.profile_latency(target)")
+    return points
+
+
+def interpolate_latency(points: list[tuple[int, float]], n_tokens: int) -> float:
+    """T_verify(n): linear interpolation between points, linear extrapolation past the ends."""
     if len(points) == 1:
         return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if n_tokens <= x1 or (x1, y1) == points[-1]:
-            if n_tokens < x0 and (x0, y0) != points[0]:
-                continue
-            return max(0.0, y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0))
-    return points[-1][1]
+    # the segment holding n, or the first / last segment when n lies outside the table
+    i = min(max(bisect.bisect_left([x for x, _ in points], n_tokens), 1), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(0.0, y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0))
+
+
+def latency_from_table(table: dict, n_tokens: int) -> float:
+    """T_verify(n) from a {tokens: seconds} table: linear interpolation, linear extrapolation."""
+    return interpolate_latency(latency_points(table), n_tokens)
 
 
 def cost_length(survival: list[float], draft_seconds: float, verify_seconds, min_tokens: int = 1) -> int:
@@ -219,7 +228,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.policy = policy
         self.threshold = float(settings["confidence_threshold"])
         self.min_tokens = int(settings["min_draft_tokens"])
-        self.latency_table = settings["latency_table"]
+        self.latency_points = latency_points(settings["latency_table"]) if policy == "cost" else None
         self.draft_time_ema: float | None = None
         self.stats = DSparkGenerationStats(self.block_size)
         self.stats["policy"] = policy
@@ -282,7 +291,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return threshold_length(survival, self.threshold, self.min_tokens)
         if self.draft_time_ema is None:  # no draft timing yet: verify the whole block once
             return n_max
-        verify = functools.partial(latency_from_table, self.latency_table)
+        verify = functools.partial(interpolate_latency, self.latency_points)
         return cost_length(survival, self.draft_time_ema, verify, self.min_tokens)
 
     # -- protocol ----------------------------------------------------------------------
