@@ -66,7 +66,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .generation_dspark import threshold_length
+from .generation_dspark import activate_verify_head, threshold_length
 from .modeling_dspark import DSparkDraftCache
 from .scheduling import prefix_schedule
 from .verification import verify_block
@@ -354,6 +354,8 @@ class BatchedSpeculativeGenerator:
             ``"algorithm1"`` and ``None`` it is measured (and cached) on first use.
         max_batch_size: most requests decoded at once; the rest wait in a queue.
         confidence_threshold: the ``"threshold"`` scheduler's cut.
+        fast_verify_head: while the engine exists, the target's LM head uses the skinny-product layout
+            for 2-8 rows on CPU fp32 (``generation_dspark.activate_verify_head``; same values to ~1e-6).
 
     Typical use: ``generate(prompts, max_new_tokens)``; or the step API: ``set_sampling(...)``,
     ``add_request(...)`` (any time), ``step()`` until ``has_unfinished()`` is False,
@@ -373,6 +375,7 @@ class BatchedSpeculativeGenerator:
         latency_profile=None,
         max_batch_size: int = 16,
         confidence_threshold: float = 0.3,
+        fast_verify_head: bool = True,
     ):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r} is not one of {SCHEDULERS}")
@@ -399,6 +402,8 @@ class BatchedSpeculativeGenerator:
         self.block_size = draft.config.block_size
         self.hidden_state_ids = [i + 1 for i in draft.config.target_layer_ids]
         self._configure_attention(target)
+        self._verify_head = activate_verify_head(target, self) if fast_verify_head else None
+        self.fast_verify_head = self._verify_head is not None
         self.sampling = SamplingSettings()
         self._warpers = self.sampling.warpers()
         self._generator: torch.Generator | None = None
@@ -408,6 +413,12 @@ class BatchedSpeculativeGenerator:
         self._next_id = 0
         self._reset_state()
         self.stats = self._empty_stats()
+
+    def close(self) -> None:
+        """Give the target's LM head back its default layout now (also happens when the engine is collected)."""
+        if self._verify_head is not None:
+            self._verify_head()
+        self.fast_verify_head = False
 
     # ---------------------------------------------------------------- configuration
     def _configure_attention(self, target) -> None:

@@ -32,6 +32,7 @@ from typing import Iterable
 import torch
 
 from hf_dspark.errors import HfDSparkError
+from hf_dspark.generation_dspark import activate_verify_head
 
 __all__ = [
     "LatencyProfile",
@@ -91,6 +92,7 @@ class LatencyProfile:
     table: dict[int, dict[int, float]] = field(default_factory=dict)
     warmup: int = 0
     repeats: int = 0
+    verify_head: bool = False  # measured with the skinny verification LM head (generation_dspark)
 
     # ------------------------------------------------------------------ identity
 
@@ -99,7 +101,7 @@ class LatencyProfile:
         """Human-readable identity of the setup the profile was measured on."""
         return (
             f"{self.model_name}|{self.dtype}|{self.device}|threads={self.num_threads}"
-            f"|ctx={self.context_length}"
+            f"|ctx={self.context_length}" + ("|verify_head" if self.verify_head else "")
         )
 
     @property
@@ -170,6 +172,7 @@ class LatencyProfile:
             "context_length": self.context_length,
             "warmup": self.warmup,
             "repeats": self.repeats,
+            "verify_head": self.verify_head,
             "table": {
                 str(b): {str(n): float(s) for n, s in sorted(row.items())} for b, row in sorted(self.table.items())
             },
@@ -230,7 +233,7 @@ class LatencyProfile:
         return cls(
             model_name=data["model_name"], dtype=data["dtype"], device=data["device"],
             num_threads=data["num_threads"], context_length=data["context_length"], table=table,
-            warmup=data["warmup"], repeats=data["repeats"],
+            warmup=data["warmup"], repeats=data["repeats"], verify_head=bool(data.get("verify_head", False)),
         )
 
 
@@ -303,6 +306,10 @@ class _ContextCache:
             self.pristine = self._prefill()
 
 
+class _HeadOwner:
+    """Keeps the verification LM-head layout active while a profile is measured."""
+
+
 def profile_latency(
     model,
     token_counts: Iterable[int] = range(1, 17),
@@ -314,6 +321,7 @@ def profile_latency(
     force: bool = False,
     model_name: str | None = None,
     seed: int = 0,
+    verify_head: bool = True,
 ) -> LatencyProfile:
     """Measure (or load from the cache) the verification latency table of ``model``.
 
@@ -326,6 +334,9 @@ def profile_latency(
     The profile is stored in ``<cache_dir>/<LatencyProfile.file_name>``; a later call with the
     same key reuses it, measuring only the (batch size, tokens) pairs it lacks, unless
     ``force=True``. ``model_name`` defaults to ``model.config._name_or_path``.
+
+    ``verify_head=True`` measures with the LM-head layout a DSpark generation uses while verifying
+    (see ``generation_dspark.activate_verify_head``: CPU fp32, 2-8 rows); it is recorded in the key.
     """
     counts = _positive_ints(list(token_counts), "token_counts")
     sizes = _positive_ints(list(batch_sizes), "batch_sizes")
@@ -340,9 +351,12 @@ def profile_latency(
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if model_name is None:
         model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    head_owner = _HeadOwner()
+    verify_head = bool(verify_head) and activate_verify_head(model, head_owner) is not None
     profile = LatencyProfile(
         model_name=str(model_name), dtype=dtype, device=_describe_device(device),
         num_threads=torch.get_num_threads(), context_length=context_length, warmup=warmup, repeats=repeats,
+        verify_head=verify_head,
     )
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / profile.file_name
@@ -389,6 +403,7 @@ def profile_latency(
                 del context
     finally:
         model.train(was_training)
+        del head_owner  # releases the verification head layout
 
     profile.to_json(path)
     return profile

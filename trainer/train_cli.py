@@ -88,6 +88,10 @@ def build_training_args(args: argparse.Namespace) -> DSparkTrainingArguments:
         # Launched as several processes (accelerate launch --multi_gpu / torchrun) on a machine without
         # accelerators: without use_cpu, accelerate would not set up gloo DDP and every process would train alone.
         values["use_cpu"] = True
+    if (values.get("bf16") or values.get("fp16")) and not torch.accelerator.is_available():
+        # transformers refuses bf16/fp16 without an accelerator unless use_cpu is set; on a CPU-only
+        # machine that is the only device anyway, so --bf16 means CPU autocast.
+        values["use_cpu"] = True
     return DSparkTrainingArguments(output_dir=args.output, online=args.data is not None, **values)
 
 
