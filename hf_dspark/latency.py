@@ -441,6 +441,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per point, median kept (default 5)")
     parser.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/hf_dspark/latency)")
     parser.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
+    parser.add_argument("--no-verify-head", dest="verify_head", action="store_false",
+                        help="time transformers' LM head as is instead of the skinny verification layout that "
+                        "DSpark generation uses on CPU fp32 (see benchmarks/bench_verify_head.py)")
     parser.add_argument("--output", default=None, help="also write the profile JSON to this file")
     parser.add_argument(
         "--draft",
@@ -467,6 +470,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         force=args.force,
         model_name=args.target,
+        verify_head=args.verify_head,
     )
     print(format_table(profile))
     if args.output:
