@@ -483,6 +483,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=float, nargs=3, default=list(DEFAULT_GRID), metavar=("MIN", "MAX", "POINTS"),
                         help="log-spaced temperature grid (default 0.05 20 241)")
     parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help="ECE / reliability bins (default 15)")
+    parser.add_argument("--eval-fraction", type=float, default=0.25,
+                        help="share of the prompts held out from the fit; the report and the diagram are computed "
+                             "on them (default 0.25; 0 = fit and report on the same rounds)")
     parser.add_argument("--output", default=None,
                         help="save the calibrated drafter here (default: update config.json of --draft in place)")
     parser.add_argument("--report", default=None, help=f"report JSON (default <output>/{REPORT_NAME})")
@@ -500,6 +503,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     if args.output is None and not Path(args.draft).is_dir():
         raise ValueError(
             f"--draft {args.draft!r} is not a local folder, so it cannot be updated in place; pass --output DIR"
@@ -536,7 +541,7 @@ def run(args: argparse.Namespace) -> int:
 
     rounds_path = Path(args.rounds) if args.rounds else None
     done = _read_rounds_file(rounds_path) if rounds_path else {}
-    rounds: list[dict[str, Any]] = []
+    per_prompt: list[list[dict[str, Any]]] = []
     handle = None
     if rounds_path:
         rounds_path.parent.mkdir(parents=True, exist_ok=True)
@@ -557,22 +562,30 @@ def run(args: argparse.Namespace) -> int:
                 if handle is not None:
                     handle.write(json.dumps({"id": prompt["id"], "rounds": recorded}) + "\n")
                     handle.flush()
-            rounds.extend(recorded)
+            per_prompt.append(recorded)
             accepted_tokens += sum(r["accepted"] + 1 for r in recorded)
-            if rounds:
-                bar.set_postfix(rounds=len(rounds), tau=f"{accepted_tokens / len(rounds):.2f}")
+            n_rounds = sum(len(r) for r in per_prompt)
+            if n_rounds:
+                bar.set_postfix(rounds=n_rounds, tau=f"{accepted_tokens / n_rounds:.2f}")
     finally:
         if handle is not None:
             handle.close()
 
-    data = CalibrationData.from_rounds(rounds, draft.config.block_size)
-    if len(data) == 0:
+    # Hold out whole prompts (the list is already shuffled with --seed): fit on the rest, report on them.
+    n_eval = 0
+    if args.eval_fraction > 0 and len(per_prompt) >= 2:
+        n_eval = min(len(per_prompt) - 1, max(1, round(args.eval_fraction * len(per_prompt))))
+    block = draft.config.block_size
+    fit_data = CalibrationData.from_rounds([r for p in per_prompt[: len(per_prompt) - n_eval] for r in p], block)
+    eval_data = CalibrationData.from_rounds([r for p in per_prompt[len(per_prompt) - n_eval:] for r in p], block)
+    if len(fit_data) == 0:
         raise DataError(
-            "no verification rounds were recorded (every generation ended after one round); "
+            "no verification rounds were recorded for the fit (every generation ended after one round); "
             "use more prompts or a larger --max-new-tokens"
         )
-    temperatures = fit_sts(data.confidence_logits, data.prefix_survived, grid=grid,
-                           observed=data.prefix_observed, n_bins=args.bins)
+    data = eval_data if len(eval_data) else fit_data
+    temperatures = fit_sts(fit_data.confidence_logits, fit_data.prefix_survived, grid=grid,
+                           observed=fit_data.prefix_observed, n_bins=args.bins)
 
     previous = draft.config.confidence_temperatures
     draft.config.confidence_temperatures = temperatures
@@ -582,15 +595,23 @@ def run(args: argparse.Namespace) -> int:
     else:  # only the temperatures change: rewrite config.json, leave the weights alone
         draft.config.save_pretrained(output)
 
+    fit_report = build_report(fit_data, temperatures, args.bins)
     report = build_report(
         data, temperatures, args.bins,
         target=args.target, draft=args.draft, output=str(output), prompts=len(prompts),
         max_new_tokens=args.max_new_tokens, sampling_temperature=args.temperature,
         previous_temperatures=previous,
+        evaluated_on=("held-out prompts" if data is eval_data else "the fit prompts (no held-out rounds)"),
+        eval_prompts=n_eval if data is eval_data else 0,
+        fit={key: fit_report[key] for key in ("rounds", "mean_ece_before", "mean_ece_after")}
+        | {"prompts": len(per_prompt) - n_eval},
     )
     report_path = Path(args.report) if args.report else output / REPORT_NAME
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"fit on {report['fit']['prompts']} prompts ({report['fit']['rounds']} rounds): mean ECE "
+          f"{100 * report['fit']['mean_ece_before']:.2f}% -> {100 * report['fit']['mean_ece_after']:.2f}%")
+    print(f"evaluated on {report['evaluated_on']}:")
     print(format_report(report))
     at_edge = [k + 1 for k, t in enumerate(temperatures) if t in (grid[0], grid[-1])]
     if at_edge:

@@ -197,7 +197,12 @@ def test_calibrate_cli_end_to_end(tiny_target_dir, drafter_dir, prompts_file, tm
     report = json.loads(report_path.read_text())
     assert report["temperatures"] == pytest.approx(temperatures)
     assert report["rounds"] > 0 and len(report["positions"]) == 5
-    assert report["mean_ece_after"] <= report["mean_ece_before"] + 1e-9
+    # fitted on 3/4 of the prompts, reported on the held-out quarter; STS cannot worsen the fit set
+    assert report["evaluated_on"] == "held-out prompts" and report["eval_prompts"] == round(0.25 * len(PROMPT_TEXTS))
+    assert report["fit"]["prompts"] + report["eval_prompts"] == len(PROMPT_TEXTS)
+    assert report["fit"]["mean_ece_after"] <= report["fit"]["mean_ece_before"] + 1e-9
+    rounds_per_prompt = [len(json.loads(line)["rounds"]) for line in rounds_path.read_text().splitlines()]
+    assert report["fit"]["rounds"] + report["rounds"] <= sum(rounds_per_prompt)
     first = report["positions"][0]
     assert {"ece_before", "ece_after", "auroc_before", "auroc_after", "brier_before", "brier_after"} <= set(first)
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
