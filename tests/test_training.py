@@ -483,3 +483,19 @@ def test_example_script_runs(tmp_path, monkeypatch):
     run = summary(tmp_path / "drafter")
     assert run["steps"] == 60 and run["final_metrics"]["loss"] < run["first_logged_metrics"]["loss"]
     assert (tmp_path / "drafter" / "model.safetensors").is_file()
+
+
+def test_bf16_flag_on_a_cpu_only_machine_means_cpu_autocast(tmp_path, monkeypatch):
+    """transformers refuses --bf16 without an accelerator unless use_cpu is set; the CLI sets it."""
+    import argparse
+
+    from hf_dspark.trainer import train_cli
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    args = parser.parse_args(["--target", "t", "--cache", "c", "--output", str(tmp_path / "o"), "--bf16"])
+    training_args = train_cli.build_training_args(args)
+    assert training_args.bf16 and training_args.use_cpu
+    args = parser.parse_args(["--target", "t", "--cache", "c", "--output", str(tmp_path / "o")])
+    assert not train_cli.build_training_args(args).use_cpu
