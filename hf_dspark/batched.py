@@ -355,7 +355,8 @@ class BatchedSpeculativeGenerator:
         max_batch_size: most requests decoded at once; the rest wait in a queue.
         confidence_threshold: the ``"threshold"`` scheduler's cut.
         fast_verify_head: while the engine exists, the target's LM head uses the skinny-product layout
-            for 2-8 rows on CPU fp32 (``generation_dspark.activate_verify_head``; the same dot products summed in another order).
+            for 2-8 rows on CPU fp32 (``generation_dspark.activate_verify_head``: the same dot products,
+            summed in another order).
 
     Typical use: ``generate(prompts, max_new_tokens)``; or the step API: ``set_sampling(...)``,
     ``add_request(...)`` (any time), ``step()`` until ``has_unfinished()`` is False,
