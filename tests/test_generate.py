@@ -253,6 +253,49 @@ def test_sampling_follows_the_target_distribution(small_vocab, warp):
     assert draft.last_generation_stats["submitted_lengths"][0] == 2  # the draft really proposed tokens
 
 
+@pytest.fixture(scope="module")
+def small_vocab_reduced():
+    """Like small_vocab, but the drafter only proposes 4 of the 6 tokens (reduced draft vocabulary)."""
+    target = tiny_qwen3_target(seed=7, vocab_size=6, num_layers=4, eos_token_id=None)
+    target.generation_config.eos_token_id = None
+    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5,
+                         draft_vocab_size=4, draft_token_ids=[0, 2, 3, 4])
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.is_floating_point():
+                p.mul_(3.0)
+    return target, set_policy(draft, verification_policy="full")
+
+
+@pytest.mark.parametrize(
+    "warp",
+    [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=3, top_p=0.9)],
+    ids=["plain", "temp_topk_topp"],
+)
+def test_sampling_with_reduced_draft_vocab_warps_in_draft_space_and_stays_exact(small_vocab_reduced, warp,
+                                                                                 monkeypatch):
+    from transformers.generation.logits_process import TemperatureLogitsWarper
+
+    target, draft = small_vocab_reduced
+    widths = []
+    original = TemperatureLogitsWarper.__call__
+
+    def spy(self, input_ids, scores):
+        widths.append(scores.shape[-1])
+        return original(self, input_ids, scores)
+
+    monkeypatch.setattr(TemperatureLogitsWarper, "__call__", spy)
+    ids = torch.tensor([[1, 3, 2, 4]])
+    exact = exact_joint(target, ids, warp)
+    widths.clear()
+    counts = sample_counts(target, draft, ids, warp, runs=1500)
+    rejects, stat, crit = chi_square_rejects(counts, exact)
+    assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
+    assert draft.last_generation_stats["submitted_lengths"][0] == 2
+    if warp["temperature"] != 1.0:  # the drafter warped 4-wide draft logits, the target 6-wide scores
+        assert 4 in widths and 6 in widths
+
+
 def test_a_broken_acceptance_rule_is_caught(small_vocab, monkeypatch):
     """Negative control: returning logits that are not the ones sampled from must fail the test above."""
     target, draft = small_vocab
