@@ -15,6 +15,7 @@ off (outputs must be identical to each other and to plain ``generate``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -59,8 +60,6 @@ def main(argv=None) -> int:
     ids = torch.randint(0, vocab, (1, args.context_length + args.max_tokens), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         prefix = target(input_ids=ids[:, : args.context_length], use_cache=True).cache
-
-    import copy
 
     def fresh_cache():
         return copy.deepcopy(prefix)

@@ -227,15 +227,21 @@ def sample_counts(target, draft, ids, warp, runs, seed0=0):
     return counts
 
 
-@pytest.fixture(scope="module")
-def small_vocab():
+def small_vocab_pair(**draft_overrides):
+    """A 6-token target and a drafter whose distribution is clearly different from the target's."""
     target = tiny_qwen3_target(seed=7, vocab_size=6, num_layers=4, eos_token_id=None)
     target.generation_config.eos_token_id = None
-    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5)
-    with torch.no_grad():  # make the draft distribution clearly different from the target's
+    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5, **draft_overrides)
+    with torch.no_grad():
         for p in draft.parameters():
-            p.mul_(3.0)
+            if p.is_floating_point():
+                p.mul_(3.0)
     return target, set_policy(draft, verification_policy="full")
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    return small_vocab_pair()
 
 
 @pytest.mark.parametrize(
@@ -256,15 +262,7 @@ def test_sampling_follows_the_target_distribution(small_vocab, warp):
 @pytest.fixture(scope="module")
 def small_vocab_reduced():
     """Like small_vocab, but the drafter only proposes 4 of the 6 tokens (reduced draft vocabulary)."""
-    target = tiny_qwen3_target(seed=7, vocab_size=6, num_layers=4, eos_token_id=None)
-    target.generation_config.eos_token_id = None
-    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5,
-                         draft_vocab_size=4, draft_token_ids=[0, 2, 3, 4])
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.is_floating_point():
-                p.mul_(3.0)
-    return target, set_policy(draft, verification_policy="full")
+    return small_vocab_pair(draft_vocab_size=4, draft_token_ids=[0, 2, 3, 4])
 
 
 @pytest.mark.parametrize(

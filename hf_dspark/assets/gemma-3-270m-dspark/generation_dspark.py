@@ -372,7 +372,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
                 drafted.append(self.draft.draft_ids_to_target(draft_ids)[:, None])
                 return draft_ids, self._full_vocab(scores)
             scores = self._full_vocab(logits_k)
-            if self.logits_processor is not None and len(self.logits_processor) > 0:
+            if len(processors) > 0:
                 prefix = torch.cat([input_ids] + drafted, dim=1) if drafted else input_ids
                 scores = self.logits_processor(prefix, scores)
             if self.do_sample:
