@@ -66,7 +66,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .generation_dspark import activate_verify_head, threshold_length
+from .generation_dspark import activate_verify_head, fuse_top_k_top_p, threshold_length
 from .modeling_dspark import DSparkDraftCache
 from .scheduling import prefix_schedule
 from .verification import verify_block
@@ -407,6 +407,7 @@ class BatchedSpeculativeGenerator:
         self.fast_verify_head = self._verify_head is not None
         self.sampling = SamplingSettings()
         self._warpers = self.sampling.warpers()
+        fuse_top_k_top_p(self._warpers)  # same result; sorts only the top-k survivors for top-p
         self._generator: torch.Generator | None = None
         self._queue: deque[SpeculativeRequest] = deque()
         self._active: list[SpeculativeRequest] = []
@@ -451,6 +452,7 @@ class BatchedSpeculativeGenerator:
             raise RuntimeError("set_sampling() changes how every request decodes; call it while no request is in flight")
         self.sampling = SamplingSettings(bool(do_sample), float(temperature), top_k, top_p)
         self._warpers = self.sampling.warpers()
+        fuse_top_k_top_p(self._warpers)  # same result; sorts only the top-k survivors for top-p
         self._generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
 
     def _steps_per_second(self, total_tokens: int, rows: int) -> float:

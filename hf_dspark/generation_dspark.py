@@ -44,6 +44,7 @@ import transformers
 from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.logits_process import (
+    LogitsProcessor,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -61,12 +62,72 @@ DEFAULT_DSPARK_GENERATION = {
     "min_draft_tokens": 1,
     "latency_table": None,  # {"1": seconds, "2": seconds, ...}: T_verify(n tokens) of the target
     "fast_verify_head": True,  # skinny-product layout for the target's LM head during verification (CPU fp32)
+    "fast_warpers": True,  # top-k followed by top-p: sort only the k survivors (same result, ~10x cheaper)
 }
 
 # Warpers whose result on a token depends only on the scores, not on token ids or the prefix. For them,
 # warping the draft-vocabulary logits equals warping the full-vocabulary logits (-inf outside the draft
 # vocabulary) restricted to the draft vocabulary, at 1/8 of the cost for Gemma's 262k vocabulary.
-VOCAB_LOCAL_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+
+
+# ----------------------------------------------------------------------------- top-k + top-p in one pass
+# transformers' TopPLogitsWarper sorts the whole vocabulary (Gemma: 262,144 entries, ~11 ms per row on one
+# CPU thread) even when a TopKLogitsWarper just left only k finite scores. Assisted decoding runs the
+# processors once per verified position, so at sampling time a round of 8 positions spent more time
+# sorting than in the draft. After top-k only the k survivors can pass top-p, so the fused warper sorts
+# just those. When ties at the k-th score make top-k keep more than k entries it runs the two original
+# warpers instead, so the result is always what the pair returns.
+class FusedTopKTopPWarper(LogitsProcessor):
+    """Drop-in replacement for ``[TopKLogitsWarper(k), TopPLogitsWarper(p)]`` applied in that order."""
+
+    def __init__(self, top_k_warper: TopKLogitsWarper, top_p_warper: TopPLogitsWarper):
+        if not (top_k_warper.filter_value == top_p_warper.filter_value == -float("inf")):
+            # a finite filter value gives the entries top-k removed some probability inside top-p
+            raise ValueError("only top-k and top-p warpers with filter_value=-inf can be fused")
+        self.top_k_warper = top_k_warper
+        self.top_p_warper = top_p_warper
+        self.top_k = int(top_k_warper.top_k)
+        self.top_p = float(top_p_warper.top_p)
+        self.min_tokens_to_keep = int(top_p_warper.min_tokens_to_keep)
+        self.filter_value = top_p_warper.filter_value
+
+    def _reference(self, input_ids, scores):
+        return self.top_p_warper(input_ids, self.top_k_warper(input_ids, scores))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        k = min(self.top_k, scores.shape[-1])
+        if k >= scores.shape[-1] or self.min_tokens_to_keep > k:
+            return self._reference(input_ids, scores)
+        values, indices = torch.topk(scores, k, dim=-1)  # descending
+        kept = (scores >= values[..., -1:]).sum(dim=-1)
+        if bool((kept != k).any()) or not bool(torch.isfinite(values).all()):
+            return self._reference(input_ids, scores)  # ties at the k-th score, or fewer than k finite scores
+        ascending, order = values.flip(-1), indices.flip(-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - self.top_p)
+        remove[..., -self.min_tokens_to_keep:] = False
+        out = torch.full_like(scores, self.filter_value)
+        return out.scatter_(-1, order, ascending.masked_fill(remove, self.filter_value))
+
+
+def fuse_top_k_top_p(processors) -> int:
+    """Replaces, in place, each TopKLogitsWarper directly followed by a TopPLogitsWarper in ``processors``
+    (a ``LogitsProcessorList``) with one :class:`FusedTopKTopPWarper`. Returns how many pairs it fused."""
+    if processors is None:
+        return 0
+    fused, i = 0, 0
+    while i + 1 < len(processors):
+        first, second = processors[i], processors[i + 1]
+        if (type(first) is TopKLogitsWarper and type(second) is TopPLogitsWarper
+                and first.filter_value == second.filter_value == -float("inf")):
+            processors[i:i + 2] = [FusedTopKTopPWarper(first, second)]
+            fused += 1
+        i += 1
+    return fused
+
+
+VOCAB_LOCAL_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper,
+                       FusedTopKTopPWarper)
 
 # ----------------------------------------------------------------------------- verification LM head
 # On CPU the target's LM head dominates a small model's forward (Gemma 3 270M: 262,144 x 640). For one
@@ -286,7 +347,6 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.cache = DSparkDraftCache(cfg.num_hidden_layers)
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
-        self.logits_processor = logits_processor
         self.vocab_size = cfg.vocab_size
         settings = dict(DEFAULT_DSPARK_GENERATION)
         gen_cfg = getattr(self.draft, "generation_config", None)
@@ -309,6 +369,9 @@ class DSparkCandidateGenerator(CandidateGenerator):
         if policy in ("threshold", "cost") and cfg.enable_confidence_head is False:
             raise ValueError(f"verification_policy={policy!r} needs a drafter with a confidence head")
         self.policy = policy
+        # transformers passes the same list to the verification loop, so fusing it here speeds up both sides.
+        self.fused_warpers = fuse_top_k_top_p(logits_processor) if settings["fast_warpers"] and self.do_sample else 0
+        self.logits_processor = logits_processor
         self.threshold = float(settings["confidence_threshold"])
         self.min_tokens = int(settings["min_draft_tokens"])
         self.latency_points = latency_points(settings["latency_table"]) if policy == "cost" else None
@@ -319,6 +382,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.stats = DSparkGenerationStats(self.block_size)
         self.stats["policy"] = policy
         self.stats["fast_verify_head"] = self.fast_verify_head
+        self.stats["fused_warpers"] = self.fused_warpers
         self.draft.last_generation_stats = self.stats
         self._is_prefill = True
         self._submitted = 0

@@ -362,6 +362,8 @@ def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batc
                                          max_batch_size=max_batch_size)
     batch = [p for _ in range(runs) for p in prompts]
     outputs = engine.generate(batch, max_new_tokens=3, do_sample=True, seed=seed, **warp)
+    fused = [type(w).__name__ for w in engine._warpers].count("FusedTopKTopPWarper")
+    assert fused == (1 if warp.get("top_k") and warp.get("top_p") else 0)  # top-k + top-p run fused
     counts = [torch.zeros(V, V, V, dtype=torch.long) for _ in prompts]
     for i, out in enumerate(outputs):
         counts[i % len(prompts)][out[0], out[1], out[2]] += 1

@@ -257,6 +257,8 @@ def test_sampling_follows_the_target_distribution(small_vocab, warp):
     rejects, stat, crit = chi_square_rejects(counts, exact)
     assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
     assert draft.last_generation_stats["submitted_lengths"][0] == 2  # the draft really proposed tokens
+    # top-k then top-p ran as one fused warper on both sides (hf_dspark.generation_dspark.FusedTopKTopPWarper)
+    assert draft.last_generation_stats["fused_warpers"] == (1 if warp["top_k"] else 0)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +292,7 @@ def test_sampling_with_reduced_draft_vocab_warps_in_draft_space_and_stays_exact(
     rejects, stat, crit = chi_square_rejects(counts, exact)
     assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
     assert draft.last_generation_stats["submitted_lengths"][0] == 2
+    assert draft.last_generation_stats["fused_warpers"] == (1 if warp["top_k"] else 0)
     if warp["temperature"] != 1.0:  # the drafter warped 4-wide draft logits, the target 6-wide scores
         assert 4 in widths and 6 in widths
 

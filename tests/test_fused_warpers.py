@@ -1,0 +1,87 @@
+"""The fused top-k + top-p warper returns exactly what transformers' two warpers return."""
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from hf_dspark.generation_dspark import FusedTopKTopPWarper, fuse_top_k_top_p
+
+from _models import tiny_drafter, tiny_qwen3_target
+
+IDS = torch.zeros(1, 3, dtype=torch.long)
+
+
+def pair(k, p, keep=1):
+    return TopKLogitsWarper(k, min_tokens_to_keep=keep), TopPLogitsWarper(p, min_tokens_to_keep=keep)
+
+
+def reference(k, p, scores, keep=1):
+    top_k, top_p = pair(k, p, keep)
+    return top_p(IDS, top_k(IDS, scores.clone()))
+
+
+@pytest.mark.parametrize("k,p,keep", [(64, 0.95, 1), (8, 0.5, 1), (5, 0.999, 1), (20, 0.3, 3), (1, 0.9, 1),
+                                      (10, 1.0, 1)])
+def test_fused_equals_the_pair_on_random_rows(k, p, keep):
+    gen = torch.Generator().manual_seed(k * 100 + keep)
+    for scale in (0.5, 3.0, 10.0):
+        scores = torch.randn(3, 5000, generator=gen) * scale
+        scores[1, :100] = -float("inf")  # earlier processors may already have removed tokens
+        fused = FusedTopKTopPWarper(*pair(k, p, keep))
+        assert torch.equal(fused(IDS, scores.clone()), reference(k, p, scores, keep))
+
+
+def test_fused_path_is_the_one_running_on_ordinary_rows(monkeypatch):
+    fused = FusedTopKTopPWarper(*pair(16, 0.9))
+    monkeypatch.setattr(FusedTopKTopPWarper, "_reference", lambda *a: pytest.fail("fell back to the pair"))
+    out = fused(IDS, torch.randn(2, 1000))
+    assert (torch.isfinite(out).sum(-1) <= 16).all()
+
+
+@pytest.mark.parametrize("case", ["ties_at_kth", "fewer_finite_than_k", "k_not_below_vocab"])
+def test_edge_cases_match_the_pair(case):
+    if case == "ties_at_kth":
+        scores = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0, -1.0]])  # top-3 keeps five entries
+        k = 3
+    elif case == "fewer_finite_than_k":
+        scores = torch.tensor([[2.0, 1.0, -float("inf"), -float("inf"), 0.5, -float("inf")]])
+        k = 4
+    else:
+        scores = torch.randn(2, 6)
+        k = 6
+    fused = FusedTopKTopPWarper(*pair(k, 0.99))
+    assert torch.equal(fused(IDS, scores.clone()), reference(k, 0.99, scores))
+
+
+def test_fuse_replaces_only_adjacent_top_k_top_p_pairs():
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.7), *pair(10, 0.9)])
+    assert fuse_top_k_top_p(processors) == 1
+    assert [type(p) for p in processors] == [TemperatureLogitsWarper, FusedTopKTopPWarper]
+
+    reversed_order = LogitsProcessorList([TopPLogitsWarper(0.9), TopKLogitsWarper(10)])
+    assert fuse_top_k_top_p(reversed_order) == 0  # top-p first is a different warper chain
+    assert [type(p) for p in reversed_order] == [TopPLogitsWarper, TopKLogitsWarper]
+
+    finite = LogitsProcessorList([TopKLogitsWarper(10, filter_value=-1e4), TopPLogitsWarper(0.9, filter_value=-1e4)])
+    assert fuse_top_k_top_p(finite) == 0  # removed tokens keep some probability: not the same computation
+    with pytest.raises(ValueError, match="filter_value"):
+        FusedTopKTopPWarper(*finite)
+    assert fuse_top_k_top_p(None) == 0
+
+
+def test_generate_fuses_unless_switched_off():
+    target = tiny_qwen3_target(seed=1)
+    draft = tiny_drafter(target, seed=2)
+    ids = torch.tensor([[1, 5, 9, 4]])
+    kwargs = dict(max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, assistant_model=draft)
+    target.generate(ids, **kwargs)
+    assert draft.last_generation_stats["fused_warpers"] == 1
+    draft.generation_config.fast_warpers = False
+    target.generate(ids, **kwargs)
+    assert draft.last_generation_stats["fused_warpers"] == 0
+    target.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft)
+    assert draft.last_generation_stats["fused_warpers"] == 0
