@@ -16,7 +16,7 @@ from .errors import (
     UnsupportedTransformersError,
 )
 from .batched import BatchedSpeculativeGenerator
-from .generation_dspark import DSparkCandidateGenerator, install_generate_hook
+from .generation_dspark import DSparkCandidateGenerator, FusedTopKTopPWarper, fuse_top_k_top_p, install_generate_hook
 from .latency import LatencyProfile, profile_latency
 from .modeling_dspark import DSparkDraftCache, DSparkDraftModel, DSparkTrainingOutput, sample_anchor_positions
 
@@ -34,6 +34,8 @@ __all__ = [
     "DSparkCandidateGenerator",
     "BatchedSpeculativeGenerator",
     "install_generate_hook",
+    "FusedTopKTopPWarper",
+    "fuse_top_k_top_p",
     "profile_latency",
     "LatencyProfile",
     "HfDSparkError",

@@ -592,6 +592,8 @@ __all__ = [
     "DSparkGenerationStats",
     "activate_verify_head",
     "skinny_linear",
+    "FusedTopKTopPWarper",
+    "fuse_top_k_top_p",
     "install_generate_hook",
     "is_dspark_drafter",
     "cost_length",
