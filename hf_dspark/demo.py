@@ -6,6 +6,7 @@ Usage::
     hf-dspark demo --max-new-tokens 64
     hf-dspark demo --target TARGET --draft DRAFT_DIR # any target and drafter
     hf-dspark demo --tiny                            # same flow on a tiny random target + fresh drafter (seconds)
+    hf-dspark demo --policy full                     # verify every drafted token (default: cost policy)
 
 For each demo prompt, plain ``generate`` and ``generate(assistant_model=draft)`` run on the same
 ids (timed by :func:`hf_dspark.evaluation.measure_generate`, the code path of ``hf-dspark eval``);
@@ -22,7 +23,7 @@ import sys
 import torch
 
 from .errors import HfDSparkError
-from .evaluation import measure_generate
+from .evaluation import _apply_policy, measure_generate
 
 DEMO_PROMPTS = [
     "Question: A school bus holds 36 students. The school has 5 buses and 170 students are going on a trip. "
@@ -39,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default="default",
                         help="Drafter folder / Hub id, or 'default' (the drafter shipped for the target).")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt (default 128).")
+    parser.add_argument("--policy", choices=["full", "threshold", "cost", "auto"], default=None,
+                        help="Verification policy (default: 'cost' on a real target: the target's verify latency is "
+                             "profiled on this machine once, cached, and each round verifies the draft prefix with the "
+                             "best expected tokens/s; 'full' with --tiny).")
     parser.add_argument("--tiny", action="store_true",
                         help="Run on a tiny random target and a fresh (untrained) drafter: checks the flow in seconds.")
 
@@ -111,7 +116,16 @@ def run(args) -> int:
         return 2
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     label = "tiny random target + fresh drafter" if args.tiny else f"{args.target} + drafter {args.draft}"
-    print(f"DSpark demo: {label}, greedy, {args.max_new_tokens} new tokens per prompt\n")
+    policy = args.policy or ("full" if args.tiny else "cost")
+    if policy == "cost" and not draft.generation_config.latency_table:
+        print("profiling the target's verification latency on this machine (cached for later runs)...", flush=True)
+    try:
+        _apply_policy(draft, policy, target)
+    except HfDSparkError as error:
+        print(f"hf-dspark demo: error: {error}", file=sys.stderr)
+        return 2
+    print(f"DSpark demo: {label}, greedy, {args.max_new_tokens} new tokens per prompt, "
+          f"verification policy {policy!r}\n")
 
     first = torch.tensor([codec.encode(DEMO_PROMPTS[0])])
     measure_generate(target, first, {**kwargs, "max_new_tokens": 4})  # warm-up, untimed

@@ -257,6 +257,16 @@ def test_demo_tiny(capsys):
     out = capsys.readouterr().out
     assert "all outputs identical to plain generate" in out
     assert out.count("identical to plain generate: True") == 3
+    assert "verification policy 'full'" in out
+
+
+def test_demo_tiny_cost_policy_profiles_and_stays_identical(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DSPARK_CACHE", str(tmp_path))
+    assert main(["demo", "--tiny", "--max-new-tokens", "12", "--policy", "cost"]) == 0
+    out = capsys.readouterr().out
+    assert "verification policy 'cost'" in out and "profiling the target's verification latency" in out
+    assert out.count("identical to plain generate: True") == 3
+    assert list((tmp_path / "latency").glob("*.json")), "the latency profile was not cached"
 
 
 def test_resume_drops_records_of_edited_rows(tmp_path):
