@@ -406,8 +406,7 @@ class BatchedSpeculativeGenerator:
         self._verify_head = activate_verify_head(target, self) if fast_verify_head else None
         self.fast_verify_head = self._verify_head is not None
         self.sampling = SamplingSettings()
-        self._warpers = self.sampling.warpers()
-        fuse_top_k_top_p(self._warpers)  # same result; sorts only the top-k survivors for top-p
+        self._warpers = self._build_warpers()
         self._generator: torch.Generator | None = None
         self._queue: deque[SpeculativeRequest] = deque()
         self._active: list[SpeculativeRequest] = []
@@ -451,9 +450,14 @@ class BatchedSpeculativeGenerator:
         if self._active or self._queue:
             raise RuntimeError("set_sampling() changes how every request decodes; call it while no request is in flight")
         self.sampling = SamplingSettings(bool(do_sample), float(temperature), top_k, top_p)
-        self._warpers = self.sampling.warpers()
-        fuse_top_k_top_p(self._warpers)  # same result; sorts only the top-k survivors for top-p
+        self._warpers = self._build_warpers()
         self._generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def _build_warpers(self) -> LogitsProcessorList:
+        """transformers' warpers for ``self.sampling``, top-k + top-p fused (same result, top-p sorts only k)."""
+        warpers = self.sampling.warpers()
+        fuse_top_k_top_p(warpers)
+        return warpers
 
     def _steps_per_second(self, total_tokens: int, rows: int) -> float:
         if self.latency_profile is None:

@@ -65,11 +65,6 @@ DEFAULT_DSPARK_GENERATION = {
     "fast_warpers": True,  # top-k followed by top-p: sort only the k survivors (same result, ~10x cheaper)
 }
 
-# Warpers whose result on a token depends only on the scores, not on token ids or the prefix. For them,
-# warping the draft-vocabulary logits equals warping the full-vocabulary logits (-inf outside the draft
-# vocabulary) restricted to the draft vocabulary, at 1/8 of the cost for Gemma's 262k vocabulary.
-
-
 # ----------------------------------------------------------------------------- top-k + top-p in one pass
 # transformers' TopPLogitsWarper sorts the whole vocabulary (Gemma: 262,144 entries, ~11 ms per row on one
 # CPU thread) even when a TopKLogitsWarper just left only k finite scores. Assisted decoding runs the
@@ -80,9 +75,14 @@ DEFAULT_DSPARK_GENERATION = {
 class FusedTopKTopPWarper(LogitsProcessor):
     """Drop-in replacement for ``[TopKLogitsWarper(k), TopPLogitsWarper(p)]`` applied in that order."""
 
+    @staticmethod
+    def can_fuse(first, second) -> bool:
+        # a finite filter value gives the entries top-k removed some probability inside top-p
+        return (type(first) is TopKLogitsWarper and type(second) is TopPLogitsWarper
+                and first.filter_value == second.filter_value == -float("inf"))
+
     def __init__(self, top_k_warper: TopKLogitsWarper, top_p_warper: TopPLogitsWarper):
-        if not (top_k_warper.filter_value == top_p_warper.filter_value == -float("inf")):
-            # a finite filter value gives the entries top-k removed some probability inside top-p
+        if not self.can_fuse(top_k_warper, top_p_warper):
             raise ValueError("only top-k and top-p warpers with filter_value=-inf can be fused")
         self.top_k_warper = top_k_warper
         self.top_p_warper = top_p_warper
@@ -117,15 +117,16 @@ def fuse_top_k_top_p(processors) -> int:
         return 0
     fused, i = 0, 0
     while i + 1 < len(processors):
-        first, second = processors[i], processors[i + 1]
-        if (type(first) is TopKLogitsWarper and type(second) is TopPLogitsWarper
-                and first.filter_value == second.filter_value == -float("inf")):
-            processors[i:i + 2] = [FusedTopKTopPWarper(first, second)]
+        if FusedTopKTopPWarper.can_fuse(processors[i], processors[i + 1]):
+            processors[i:i + 2] = [FusedTopKTopPWarper(processors[i], processors[i + 1])]
             fused += 1
         i += 1
     return fused
 
 
+# Warpers whose result on a token depends only on the scores, not on token ids or the prefix. For them,
+# warping the draft-vocabulary logits equals warping the full-vocabulary logits (-inf outside the draft
+# vocabulary) restricted to the draft vocabulary, at 1/8 of the cost for Gemma's 262k vocabulary.
 VOCAB_LOCAL_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper,
                        FusedTopKTopPWarper)
 

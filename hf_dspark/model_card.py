@@ -121,12 +121,10 @@ def _recipe_section(recipe: str | None) -> str:
     return "Trained with hf-dspark:\n\n```bash\n" + recipe.strip() + "\n```"
 
 
-# Built-in target aliases (hf_dspark.targets) and the Hub repository users load instead.
-HUB_IDS_OF_ALIASES = {"gemma-3-270m": "google/gemma-3-270m"}
-
-
 def _usage_snippet(target: str, repo_id: str) -> str:
-    target = HUB_IDS_OF_ALIASES.get(target, target)
+    from .targets import ALIAS_HUB_IDS
+
+    target = ALIAS_HUB_IDS.get(target, target)
     return "\n".join(
         [
             "from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer",
