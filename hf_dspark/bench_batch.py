@@ -219,7 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="requests in flight (default 1 4 8 16)")
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts per run (default 2 x the largest concurrency)")
     parser.add_argument("--prompts", nargs="+", default=None, help="prompt files (.jsonl/.json/.parquet); default: built-in prompts")
-    parser.add_argument("--chat-template", default="auto", help="wrap prompts in the chat template: auto, yes or no (default auto)")
+    parser.add_argument("--chat-template", default="auto",
+                        help="wrap prompts in the chat template: auto, yes or no "
+                             "(default auto: as the drafter was trained, else when the tokenizer has one)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -251,19 +253,17 @@ def _load_draft(name: str, target, target_name: str, device):
     return DSparkDraftModel.from_pretrained(str(Path(name).expanduser())).to(device).eval()
 
 
-def _prompt_ids(args, tokenizer) -> list[list[int]]:
+def _prompt_ids(args, tokenizer, trained_with: bool | None = None) -> list[list[int]]:
+    from .trainer.regenerate import encode_prompt, resolve_chat_mode
+
     count = args.num_prompts or 2 * max(args.concurrency)
+    chat = resolve_chat_mode(tokenizer, args.chat_template, trained_with)
     if args.prompts:
         from .trainer.prompts import load_prompts
-        from .trainer.regenerate import encode_prompt, resolve_chat_mode
 
-        chat = resolve_chat_mode(tokenizer, args.chat_template)
         rows = load_prompts(args.prompts, num_prompts=count, seed=args.seed)
         texts = [row["turns"][0] for row in rows]
         return [encode_prompt(tokenizer, text, chat) for text in texts]
-    from .trainer.regenerate import encode_prompt, resolve_chat_mode
-
-    chat = resolve_chat_mode(tokenizer, args.chat_template)
     return [encode_prompt(tokenizer, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)], chat) for i in range(count)]
 
 
@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
 
     target, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
     draft = _load_draft(args.draft, target, args.target, target.device)
-    prompts = _prompt_ids(args, tokenizer)
+    prompts = _prompt_ids(args, tokenizer, draft.config.prompt_chat_template)
     concurrency = sorted(set(args.concurrency))
     if args.latency_profile:
         profile = LatencyProfile.from_json(args.latency_profile)

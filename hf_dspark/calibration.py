@@ -475,7 +475,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     parser.add_argument("--max-prompt-tokens", type=int, default=2048,
                         help="keep the last N prompt tokens (default 2048)")
-    parser.add_argument("--chat-template", default="auto", help="auto | yes | no: wrap prompts in the chat template")
+    parser.add_argument("--chat-template", default="auto",
+                        help="auto | yes | no: wrap prompts in the chat template "
+                             "(auto: as the drafter was trained, else when the tokenizer has one)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --temperature > 0)")
@@ -532,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(
         args.prompts, split=args.split, column=args.column, num_prompts=args.max_prompts, seed=args.seed
     )
-    chat = resolve_chat_mode(tokenizer, args.chat_template)
+    chat = resolve_chat_mode(tokenizer, args.chat_template, draft.config.prompt_chat_template)
     sampling = {}
     if args.temperature > 0:
         sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}

@@ -78,11 +78,11 @@ def tiny_models():
 class TokenizerCodec:
     """Text <-> ids through the target's tokenizer, rendering prompts as ``hf-dspark eval`` does."""
 
-    def __init__(self, tokenizer):
-        from .trainer.regenerate import has_chat_template
+    def __init__(self, tokenizer, trained_with: bool | None = None):
+        from .trainer.regenerate import resolve_chat_mode
 
         self.tokenizer = tokenizer
-        self.chat = has_chat_template(tokenizer)
+        self.chat = resolve_chat_mode(tokenizer, "auto", trained_with)
 
     def encode(self, text: str) -> list[int]:
         from .trainer.regenerate import encode_prompt
@@ -102,7 +102,7 @@ def load_models(target_name: str, draft_name: str):
     draft_source = resolve_draft(draft_name, target_name)  # fails fast, before the target loads
     target, tokenizer = load_target(target_name)
     draft = AutoModel.from_pretrained(draft_source, trust_remote_code=True).eval()
-    return target, draft, TokenizerCodec(tokenizer)
+    return target, draft, TokenizerCodec(tokenizer, getattr(draft.config, "prompt_chat_template", None))
 
 
 def run(args) -> int:

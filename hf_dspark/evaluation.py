@@ -7,8 +7,9 @@ Usage::
     hf-dspark eval --target T --draft DRAFT_DIR --dataset gsm8k humaneval --max-prompts 50 --baseline
     hf-dspark eval --target T --draft DRAFT_DIR --compare-draft DFLASH_DIR --compare-name dflash --prompts F.jsonl
 
-Prompt files hold one ``{"turns": [...]}`` object per line (only the first turn is used; the
-target's chat template renders it when the tokenizer has one, raw text otherwise); each file is a
+Prompt files hold one ``{"turns": [...]}`` object per line (only the first turn is used; by
+default it is encoded as the drafter's training prompts were: through the target's chat template or
+as raw text, see ``--chat-template``); each file is a
 *prompt set* named by its file stem. ``--dataset`` fetches a known benchmark from the Hub instead
 (see :data:`DATASETS`).
 
@@ -602,6 +603,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", nargs="+", default=[], choices=list(DATASETS), metavar="NAME",
                         help=f"Benchmarks fetched from the Hub: {', '.join(DATASETS)}.")
     parser.add_argument("--max-prompts", type=int, default=None, help="Use the first N prompts of each set.")
+    parser.add_argument("--chat-template", default="auto", metavar="auto|yes|no",
+                        help="Wrap prompts in the target's chat template. auto (default): as the drafter's training "
+                             "prompts were (config.prompt_chat_template), else when the tokenizer has a template.")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="New tokens per prompt (default 256).")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily.")
     parser.add_argument("--top-k", type=int, default=None, help="Top-k when sampling (default: off).")
@@ -710,6 +714,7 @@ def _settings(args, drafts: list[tuple[str, str, bool]], device, dtype) -> dict[
         "top_k": (args.top_k if args.top_k is not None else 0) if sampling else None,
         "top_p": (args.top_p if args.top_p is not None else 1.0) if sampling else None,
         "max_new_tokens": args.max_new_tokens,
+        "chat_template": getattr(args, "chat_template", "auto"),
         "seed": args.seed,
         "baseline": bool(args.baseline),
         "prompt_lookup_num_tokens": args.prompt_lookup_tokens if args.prompt_lookup else None,
@@ -745,9 +750,12 @@ def _named_drafts(args) -> list[tuple[str, str, bool]]:
 def measure_prompt(target, tokenizer, drafters: dict[str, Any], row: dict[str, Any], index: int, args,
                    want_answers: bool) -> dict[str, Any]:
     """Every requested method on one prompt; returns its record (timings, drafter stats, output checks)."""
-    from .trainer.regenerate import encode_prompt, has_chat_template
+    from .trainer.regenerate import encode_prompt, resolve_chat_mode
 
-    input_ids = torch.tensor([encode_prompt(tokenizer, row["turns"][0], has_chat_template(tokenizer))])
+    chat = getattr(args, "use_chat", None)
+    if chat is None:
+        chat = resolve_chat_mode(tokenizer, getattr(args, "chat_template", "auto"))
+    input_ids = torch.tensor([encode_prompt(tokenizer, row["turns"][0], chat)])
     kwargs = _generation_kwargs(args)
     seed = args.seed + index
     greedy = not kwargs["do_sample"]
@@ -835,6 +843,10 @@ def evaluate_drafters(args) -> dict[str, Any]:
         drafters[name] = _load_drafter(source, target, device, dtype)
         if under_test:
             _apply_policy(drafters[name], args.policy, target)
+    from .trainer.regenerate import resolve_chat_mode
+
+    trained_with = getattr(drafters[drafts[0][0]].config, "prompt_chat_template", None)
+    args.use_chat = resolve_chat_mode(tokenizer, args.chat_template, trained_with)
 
     _warm_up(target, tokenizer, drafters, sets[0].rows[0], args)
     for prompt_set in sets:

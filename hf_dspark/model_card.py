@@ -121,31 +121,39 @@ def _recipe_section(recipe: str | None) -> str:
     return "Trained with hf-dspark:\n\n```bash\n" + recipe.strip() + "\n```"
 
 
-def _usage_snippet(target: str, repo_id: str) -> str:
-    from .targets import ALIAS_HUB_IDS
-
-    target = ALIAS_HUB_IDS.get(target, target)
-    return "\n".join(
-        [
-            "from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'target_id = "{target}"',
-            "tokenizer = AutoTokenizer.from_pretrained(target_id)",
-            'target = AutoModelForCausalLM.from_pretrained(target_id, dtype="auto", device_map="auto")',
-            f'draft = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True, dtype="auto").to(target.device)',
-            "",
+def _usage_snippet(target: str, repo_id: str, chat: bool | None = None) -> str:
+    """Loading and generating; the prompt is encoded the way the drafter's training prompts were."""
+    head = [
+        "from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'target_id = "{target}"',
+        "tokenizer = AutoTokenizer.from_pretrained(target_id)",
+        'target = AutoModelForCausalLM.from_pretrained(target_id, dtype="auto", device_map="auto")',
+        f'draft = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True, dtype="auto").to(target.device)',
+        "",
+    ]
+    if chat is False:
+        prompt = [
+            "# trained on raw prompt text (no chat template), so prompt it the same way",
+            'inputs = tokenizer("Question: A train travels 60 km in 45 minutes. What is its speed in km/h?\\nAnswer:",',
+            '                   return_tensors="pt").to(target.device)',
+        ]
+    else:
+        prompt = [
             'messages = [{"role": "user", "content": "Explain speculative decoding in two sentences."}]',
             "inputs = tokenizer.apply_chat_template(",
             '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
             ").to(target.device)",
-            "out = target.generate(**inputs, assistant_model=draft, max_new_tokens=256)  # greedy",
-            "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
-            'print(draft.last_generation_stats["mean_accepted_length"])',
-            "",
-            "# sampling keeps the target's distribution exactly",
-            "out = target.generate(**inputs, assistant_model=draft, do_sample=True, temperature=0.7, top_p=0.95)",
         ]
-    )
+    tail = [
+        "out = target.generate(**inputs, assistant_model=draft, max_new_tokens=256)  # greedy",
+        "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
+        'print(draft.last_generation_stats["mean_accepted_length"])',
+        "",
+        "# sampling keeps the target's distribution exactly",
+        "out = target.generate(**inputs, assistant_model=draft, do_sample=True, temperature=0.7, top_p=0.95)",
+    ]
+    return "\n".join(head + prompt + tail)
 
 
 def _policy_description(generation_config) -> str:
@@ -226,9 +234,12 @@ def render_model_card(
     repo_id: str | None = None,
 ) -> str:
     """Return the README.md text (YAML metadata + body) of an exported drafter."""
+    from .targets import ALIAS_HUB_IDS
+
     target = config.target_model_name
     if not target:
         raise ValueError("render_model_card needs config.target_model_name (the Hub id of the target)")
+    target = ALIAS_HUB_IDS.get(target, target)  # a built-in alias names a Hub model
     repo_id = repo_id or suggested_repo_id(target)
     template = string.Template(TEMPLATE_PATH.read_text())
     text = template.substitute(
@@ -242,7 +253,7 @@ def render_model_card(
             if config.embeddings_from_target
             else "This checkpoint stores its own copy of the embedding table and LM head;"
         ),
-        usage=_usage_snippet(target, repo_id),
+        usage=_usage_snippet(target, repo_id, getattr(config, "prompt_chat_template", None)),
         drafter_table=_drafter_table(config, generation_config),
         results=_results_section(eval_results),
         recipe=_recipe_section(recipe),

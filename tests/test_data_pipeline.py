@@ -140,6 +140,11 @@ def test_chat_mode_resolution():
         resolve_chat_mode(plain, True)
     with pytest.raises(DataError, match="has none"):
         resolve_chat_mode(plain, "yes")
+    # auto follows how the drafter's training prompts were encoded, when the tokenizer allows it
+    assert resolve_chat_mode(chat, "auto", trained_with=False) is False
+    assert resolve_chat_mode(chat, "auto", trained_with=True) is True
+    assert resolve_chat_mode(plain, "auto", trained_with=True) is False  # no template to apply
+    assert resolve_chat_mode(chat, "yes", trained_with=False) is True  # an explicit choice wins
     ids = encode_prompt(chat, "sum a list", chat=True)
     assert chat.convert_ids_to_tokens(ids) == ["<bos>", "<|user|>", "sum", "a", "list", "<|assistant|>"]
     assert encode_prompt(plain, "sum a list", chat=False) == [1] + plain("sum a list", add_special_tokens=False)[

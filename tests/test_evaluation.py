@@ -162,6 +162,36 @@ def test_eval_cost_policy_profiles_target_and_second_draft_is_compared(workspace
     assert entry["compare"]["dflash"]["outputs_match_baseline"] is True
 
 
+def test_eval_encodes_prompts_as_the_drafter_was_trained(workspace, tiny_chat_target_dir, tmp_path):
+    """A drafter trained on raw text gets raw prompts even when the target has a chat template."""
+    import shutil
+
+    from conftest import build_tiny_tokenizer
+
+    from hf_dspark.trainer.regenerate import encode_prompt
+
+    raw_draft = tmp_path / "raw_draft"
+    shutil.copytree(workspace["root"] / "draft", raw_draft)
+    config = json.loads((raw_draft / "config.json").read_text())
+    (raw_draft / "config.json").write_text(json.dumps({**config, "prompt_chat_template": False}))
+    tokenizer = build_tiny_tokenizer()
+    text = CODE_ROWS[0]["turns"][0]
+    raw = len(encode_prompt(tokenizer, text, False))
+
+    def prompt_tokens(*extra):
+        output = tmp_path / f"chat{len(extra)}.json"
+        args = ["eval", "--target", str(tiny_chat_target_dir), "--draft", str(raw_draft), "--prompts",
+                str(workspace["code"]), "--max-prompts", "1", "--max-new-tokens", "4", "--output", str(output),
+                "--no-progress", *extra]
+        assert main(args) == 0
+        results = json.loads(output.read_text())
+        return results["datasets"]["code"]["prompts"][0]["prompt_tokens"], results["settings"]["chat_template"]
+
+    assert prompt_tokens() == (raw, "auto")
+    chat, mode = prompt_tokens("--chat-template", "yes")
+    assert mode == "yes" and chat > raw  # the template adds its role markers
+
+
 def test_eval_reports_missing_inputs(workspace, capsys):
     assert main(["eval", "--target", workspace["target"], "--draft", str(workspace["root"] / "draft")]) == 2
     assert "--prompts" in capsys.readouterr().err

@@ -130,6 +130,24 @@ def test_model_card_metadata_and_measured_table(exported):
     assert "| **macro average** | — | 2.49 | 1.67× |" in text
 
 
+def test_card_names_the_hub_target_and_prompts_as_the_drafter_was_trained():
+    from huggingface_hub import ModelCard
+
+    from hf_dspark import DSparkConfig
+    from hf_dspark.model_card import render_model_card
+    from hf_dspark.targets import ALIAS_HUB_IDS, GEMMA_ALIAS
+
+    config = DSparkConfig(vocab_size=96, hidden_size=32, num_attention_heads=4, target_layer_ids=[0, 1],
+                          num_target_layers=2, target_model_name=GEMMA_ALIAS, prompt_chat_template=False)
+    raw = render_model_card(config)
+    card = ModelCard(raw)
+    assert card.data.base_model == ALIAS_HUB_IDS[GEMMA_ALIAS]  # the Hub id, not our alias
+    assert f"https://huggingface.co/{ALIAS_HUB_IDS[GEMMA_ALIAS]})" in raw
+    assert "apply_chat_template" not in raw and "tokenizer(\"Question:" in raw
+    config.prompt_chat_template = True
+    assert "apply_chat_template" in render_model_card(config)
+
+
 def test_export_load_export_gives_identical_files(exported):
     root, _, out = exported
     again = export_drafter(out, root / "hub_again")  # card inputs come from dspark_card.json

@@ -101,6 +101,8 @@ def data_dir(work, target):
             handle.write(json.dumps({"id": f"r{row}", "prompt": "p", "input_ids": ids[:keep],
                                      "loss_mask": [0] * 6 + [1] * (keep - 6), "num_prompt_tokens": 6,
                                      "num_answer_tokens": keep - 6, "answer": "a"}) + "\n")
+    # prepare-data's record of how prompts were encoded (raw token ids here, no chat template)
+    (folder / "data_config.json").write_text(json.dumps({"format_version": 1, "chat_template": False}))
     return folder
 
 
@@ -291,6 +293,10 @@ def test_train_from_cache_end_to_end(work, target_dir, target, cache_dir, init_d
 
     # The final folder and the checkpoints are drafter folders with their remote code.
     assert trained.config.target_model_name == str(target_dir.resolve())
+    # How the training prompts were encoded travels data_config.json -> cache manifest -> drafter config.
+    assert json.loads((cache_dir / "manifest.json").read_text())["chat_template"] is False
+    assert DSparkDraftModel.from_pretrained(init_draft).config.prompt_chat_template is None
+    assert trained.config.prompt_chat_template is False
     for folder in (output, output / "checkpoint-20"):
         assert {"configuration_dspark.py", "modeling_dspark.py", "config.json"} <= {p.name for p in folder.iterdir()}
     assert json.loads((output / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_dspark.DSparkDraftModel"
@@ -381,6 +387,23 @@ def test_online_training_through_the_cli(work, target_dir, data_dir):
                  "--target_topk", "0", "--logging_steps", "2", "--block_size", "4", "--markov_rank", "8") == 0
     run = summary(output)
     assert run["mode"] == "online" and run["steps"] == 4 and run["final_metrics"]["expected_tau"] > 1
+    assert DSparkDraftModel.from_pretrained(output).config.prompt_chat_template is False
+
+
+def test_prompt_chat_template_is_read_from_the_data_behind_an_older_cache(tmp_path):
+    import argparse
+
+    from hf_dspark.trainer.train_cli import _prompt_chat_template
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "data_config.json").write_text(json.dumps({"chat_template": True}))
+    old_cache = argparse.Namespace(manifest={"data": str(data)})  # built before manifests carried the flag
+    assert _prompt_chat_template(argparse.Namespace(cache="c", data=None), old_cache) is True
+    new_cache = argparse.Namespace(manifest={"data": str(data), "chat_template": False})
+    assert _prompt_chat_template(argparse.Namespace(cache="c", data=None), new_cache) is False
+    assert _prompt_chat_template(argparse.Namespace(cache=None, data=str(data)), None) is True
+    assert _prompt_chat_template(argparse.Namespace(cache=None, data=str(tmp_path)), None) is None  # unknown
 
 
 def test_lora_trains_only_adapters_and_heads(work, target_dir, target, cache_dir, init_draft):

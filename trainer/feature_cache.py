@@ -170,6 +170,16 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def data_chat_template(data_dir: Path) -> bool | None:
+    """prepare-data's record of whether prompts went through the chat template (None if unknown)."""
+    path = data_dir / "data_config.json"
+    try:
+        value = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return None if value is None else bool(value)
+
+
 def _check_resume(manifest_path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Finished shards of an earlier build with the same settings (verified); refuse other settings."""
     if not manifest_path.is_file():
@@ -316,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
         "max_seq_len": args.max_seq_len,
         "split": args.split,
         "data": str(Path(args.data).resolve()),
+        "chat_template": data_chat_template(Path(args.data)),
         "shard_tokens": args.shard_tokens,
         "data_fingerprint": _rows_digest_of_plan(shards),
         "bytes_per_token": per_token,
@@ -385,4 +396,4 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["add_arguments", "run", "target_features", "bytes_per_token", "plan_shards", "resolve_layer_ids"]
+__all__ = ["add_arguments", "run", "target_features", "bytes_per_token", "plan_shards", "resolve_layer_ids", "data_chat_template"]

@@ -65,15 +65,19 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def resolve_chat_mode(tokenizer, use_chat_template: str | bool = "auto") -> bool:
+def resolve_chat_mode(tokenizer, use_chat_template: str | bool = "auto", trained_with: bool | None = None) -> bool:
     """Decide whether prompts are wrapped in the chat template.
 
-    ``"auto"`` uses the template when the tokenizer has one (base models usually
-    do not); ``True`` requires one; ``False`` always uses the raw prompt text.
+    ``"auto"`` follows ``trained_with`` (a drafter's ``config.prompt_chat_template``: how its
+    training prompts were encoded) when known and possible, else uses the template when the
+    tokenizer has one (base models usually do not); ``True`` requires one; ``False`` always uses
+    the raw prompt text.
     """
     if isinstance(use_chat_template, str):
         mode = use_chat_template.lower()
         if mode in ("auto",):
+            if trained_with is not None and (not trained_with or has_chat_template(tokenizer)):
+                return bool(trained_with)
             return has_chat_template(tokenizer)
         if mode in ("yes", "true", "1"):
             use_chat_template = True

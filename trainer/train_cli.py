@@ -37,7 +37,7 @@ import torch
 from ..errors import CheckpointError, DataError
 from .data import CachedFeatureDataset, OnlineDataset, check_cache_matches, choose_draft_vocab
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
-from .feature_cache import resolve_layer_ids
+from .feature_cache import data_chat_template, resolve_layer_ids
 from .training_args import DSparkTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,17 @@ def _load_dataset(args, training_args: DSparkTrainingArguments, target):
         return dataset, list(dataset.manifest["target_layer_ids"])
     dataset = OnlineDataset(args.data, "train", training_args.max_seq_len)
     return dataset, resolve_layer_ids(training_args.target_layer_ids, num_layers)
+
+
+def _prompt_chat_template(args, dataset) -> bool | None:
+    """Whether the training prompts went through the chat template, as prepare-data recorded it (None: unknown)."""
+    if args.cache is not None:
+        if dataset.manifest.get("chat_template") is not None:
+            return bool(dataset.manifest["chat_template"])
+        data_dir = dataset.manifest.get("data")  # caches built before the manifest carried it
+    else:
+        data_dir = args.data
+    return data_chat_template(Path(data_dir)) if data_dir else None
 
 
 def _check_anchor_config(training_args: DSparkTrainingArguments, dataset) -> None:
@@ -242,6 +253,9 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
     set_seed(training_args.seed)
     draft = _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, target_name, checkpoint)
     draft.config.target_model_name = target_name
+    chat = _prompt_chat_template(args, dataset)
+    if chat is not None:  # else keep what an --init-draft drafter recorded
+        draft.config.prompt_chat_template = chat
     if training_args.use_lora and checkpoint is None and training_args.should_save:
         draft.save_pretrained(output / BASE_DRAFTER_DIR)  # the weights the adapters apply to (resume, no-merge)
 
