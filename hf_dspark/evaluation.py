@@ -31,7 +31,10 @@ set), ``per_position_acceptance`` (accepted / attempted at each draft position; 
 attempted), ``tokens_per_second`` (new tokens / wall seconds), and with the matching flags
 ``baseline_tokens_per_second``, ``speedup``, ``outputs_match_baseline`` (greedy: every output
 identical; sampling: null), ``prompt_lookup_tokens_per_second``, ``prompt_lookup_speedup`` and
-``compare[name]``. Prompt sets whose name contains ``gsm8k`` also get ``quality``: the final
+``compare[name]`` (with ``dspark_tau_ratio``: tau of the drafter under test over this one's).
+``mean_accepted_length_ci90`` and ``dspark_tau_ratio_ci90`` are 90% bootstrap intervals over the
+set's prompts (per set only): with a few prompts, and above all when sampling, they are wide.
+Prompt sets whose name contains ``gsm8k`` also get ``quality``: the final
 number of each answer, compared by exact match between drafter and baseline and, for rows with an
 ``answer`` field, against the reference.
 """
@@ -56,7 +59,7 @@ import torch
 from .errors import DataError, HfDSparkError
 
 __all__ = [
-    "DATASETS", "HubPromptSet", "Measurement", "PromptSet", "add_arguments", "alpaca_row",
+    "DATASETS", "HubPromptSet", "Measurement", "PromptSet", "add_arguments", "alpaca_row", "bootstrap_ci",
     "extract_final_number", "gsm8k_row", "humaneval_row", "load_dataset_prompts", "macro_average",
     "math500_row", "mbpp_row", "measure_generate", "mt_bench_row", "read_prompt_file", "run",
     "summarize_prompt_set", "write_plots",
@@ -399,6 +402,34 @@ def _drafter_summary(entries: list[dict[str, Any]], baseline_tps: float | None) 
     return summary
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_ci(entries: list, statistic: Callable[[list], float | None], level: float = 0.9,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of ``statistic`` over prompts (resampled with replacement).
+
+    Prompts, not rounds, are the independent units: rounds of one answer are strongly correlated,
+    so an interval over rounds would be far too narrow. ``None`` with fewer than 2 prompts.
+    """
+    import random
+
+    if len(entries) < 2:
+        return None
+    rng = random.Random(seed)
+    values = sorted(v for v in (statistic(rng.choices(entries, k=len(entries))) for _ in range(resamples))
+                    if v is not None)
+    if not values:
+        return None
+    tail = (1 - level) / 2
+    return [values[int(tail * (len(values) - 1))], values[int((1 - tail) * (len(values) - 1))]]
+
+
+def _tau(entries: list[dict[str, Any]]) -> float | None:
+    rounds = sum(e["rounds"] for e in entries)
+    return sum(e["accepted_tokens"] for e in entries) / rounds if rounds else None
+
+
 def summarize_prompt_set(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The summary of one prompt set, computed from its per-prompt records only."""
     has = lambda name: bool(records) and all(name in r for r in records)  # noqa: E731
@@ -416,16 +447,24 @@ def summarize_prompt_set(records: list[dict[str, Any]]) -> dict[str, Any]:
         summary["prompt_lookup_speedup"] = _ratio(summary["prompt_lookup_tokens_per_second"], baseline_tps)
         if baseline_tps is not None:
             summary["prompt_lookup_outputs_match_baseline"] = _all_or_none([e.get("matches_baseline") for e in lookup])
+    summary["mean_accepted_length_ci90"] = bootstrap_ci([r[DSPARK] for r in records], _tau)
     names = list(records[0].get("compare", {})) if records else []
     if names:
         summary["compare"] = {n: _drafter_summary([r["compare"][n] for r in records], baseline_tps) for n in names}
+        for n in names:
+            pairs = [(r[DSPARK], r["compare"][n]) for r in records]
+            ratio = lambda ps: _ratio(_tau([a for a, _ in ps]), _tau([b for _, b in ps]))  # noqa: E731
+            summary["compare"][n]["mean_accepted_length_ci90"] = bootstrap_ci([b for _, b in pairs], _tau)
+            summary["compare"][n]["dspark_tau_ratio"] = ratio(pairs)
+            summary["compare"][n]["dspark_tau_ratio_ci90"] = bootstrap_ci(pairs, ratio)
     if has("answers"):
         summary["quality"] = answer_quality(records)
     return summary
 
 
 _SUMMED = {"num_prompts", "new_tokens", "seconds", "rounds", "accepted_tokens"}
-_NOT_AVERAGED = {"quality", "policy"}
+# Intervals of different sets do not average into an interval of the macro average.
+_NOT_AVERAGED = {"quality", "policy", "mean_accepted_length_ci90", "dspark_tau_ratio_ci90"}
 
 
 def _mean(values: list) -> float | None:

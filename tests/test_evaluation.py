@@ -93,12 +93,35 @@ def test_eval_fields_are_present_and_consistent(greedy_results):
         records = entry["prompts"]
         accepted = sum(r["dspark"]["accepted_tokens"] for r in records)
         assert entry["mean_accepted_length"] == pytest.approx(accepted / sum(r["dspark"]["rounds"] for r in records))
+        low, high = entry["mean_accepted_length_ci90"]
+        assert low <= entry["mean_accepted_length"] <= high
+        assert dflash["dspark_tau_ratio"] == pytest.approx(entry["mean_accepted_length"] / dflash["mean_accepted_length"])
+        low, high = dflash["dspark_tau_ratio_ci90"]
+        assert low <= dflash["dspark_tau_ratio"] <= high
     assert results["num_prompts"] == len(GSM8K_ROWS) + len(CODE_ROWS)
     assert results["mean_accepted_length"] == pytest.approx(sum(s["mean_accepted_length"] for s in sets) / 2)
     assert results["speedup"] == pytest.approx(sum(s["speedup"] for s in sets) / 2)
     assert results["outputs_match_baseline"] is True
     assert "dflash" in results["compare"]
     assert len(results["per_position_acceptance"]) == BLOCK_SIZE
+    assert "mean_accepted_length_ci90" not in results  # intervals are per set, never averaged
+
+
+def test_bootstrap_interval_over_prompts():
+    def entry(accepted, rounds):
+        return {"accepted_tokens": accepted, "rounds": rounds}
+
+    tau = lambda es: sum(e["accepted_tokens"] for e in es) / sum(e["rounds"] for e in es)  # noqa: E731
+    spread = [entry(10, 10), entry(40, 10), entry(20, 10), entry(30, 10)]  # per-prompt tau 1..4
+    low, high = evaluation.bootstrap_ci(spread, tau)
+    assert 1.0 <= low < tau(spread) < high <= 4.0
+    assert evaluation.bootstrap_ci(spread, tau) == [low, high]  # seeded: reproducible
+    assert evaluation.bootstrap_ci([entry(25, 10)] * 4, tau) == [2.5, 2.5]  # identical prompts: no spread
+    wide = evaluation.bootstrap_ci(spread, tau, level=0.99)
+    assert wide[0] <= low and wide[1] >= high
+    many = evaluation.bootstrap_ci(spread * 25, tau)  # 100 prompts with the same spread: narrower
+    assert many[1] - many[0] < (high - low) / 2
+    assert evaluation.bootstrap_ci(spread[:1], tau) is None
 
 
 def test_eval_gsm8k_quality_and_plots(greedy_results, workspace):
