@@ -13,7 +13,7 @@
 # merged afterwards) to use both cores; one process over NUM_PROMPTS gives the same kind of data.
 # Training ran in four stages, each continuing from the previous one (540 steps at lr 1e-3, 2,000 at
 # lr 6e-4, 1,800 at lr 4e-4, 1,700 at lr 4e-4), DSpark and DFlash side by side, one thread each:
-# about 19 + 77 + 72 + 60 minutes on a 2-core CPU.
+# 19 + 77 + 63 + 68 minutes for DSpark on a 2-core CPU (228 in all; DFlash 214).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPTS_DIR=${PROMPTS_DIR:-../shared/data/prompts}

@@ -32,8 +32,9 @@ def test_shipped_drafter_is_lossless_and_accepts_on_gemma():
         stats = draft.last_generation_stats
         accepted += sum(stats["accepted_lengths"])
         rounds += stats["rounds"]
-    # The evaluation issue asks for > 2.0. The shipped drafter (2,540 CPU training steps) measured 1.40 on
-    # these two prompts (2.16 on 10 gsm8k eval prompts; the same in fp32 and bf16), so this guards "draft
-    # tokens do get accepted" (a broken drafter gives exactly 1.0), not the target; raise it with a better drafter.
+    # The evaluation issue asks for > 2.0. The shipped drafter (6,040 CPU training steps) measured 1.42 on
+    # these two prompts (2.43 on 10 gsm8k eval prompts), so this guards "draft tokens do get accepted" (a
+    # broken drafter gives exactly 1.0) and the last training stage's gain over the previous drafter's 1.33,
+    # not the target; raise it with a better drafter.
     print(f"mean accepted length {accepted / rounds:.3f}")
-    assert accepted / rounds > 1.2, f"mean accepted length {accepted / rounds:.2f}"
+    assert accepted / rounds > 1.35, f"mean accepted length {accepted / rounds:.2f}"

@@ -60,6 +60,9 @@ class DSparkConfig(PretrainedConfig):
             without this the deepest layer dominates the projection. Off in DeepSpec checkpoints.
         confidence_temperatures (`list[float]`, *optional*): per-position temperatures fitted
             by Sequential Temperature Scaling, applied to the confidence logits.
+        prompt_chat_template (`bool`, *optional*): whether the training prompts were wrapped in
+            the target's chat template (``False``: raw prompt text, as for base models). Tools
+            that encode prompts for this drafter follow it by default; ``None`` means unknown.
         num_anchors, loss_decay_gamma, ce_loss_alpha, l1_loss_alpha, confidence_head_alpha:
             training recipe defaults (anchors per sequence, position-weight decay, loss weights).
     """
@@ -96,6 +99,7 @@ class DSparkConfig(PretrainedConfig):
         embeddings_from_target: bool = False,
         target_model_name: str | None = None,
         confidence_temperatures: list[float] | None = None,
+        prompt_chat_template: bool | None = None,
         num_anchors: int = 512,
         loss_decay_gamma: float = 4.0,
         ce_loss_alpha: float = 0.1,
@@ -136,6 +140,7 @@ class DSparkConfig(PretrainedConfig):
         self.embeddings_from_target = embeddings_from_target
         self.target_model_name = target_model_name
         self.confidence_temperatures = list(confidence_temperatures) if confidence_temperatures else None
+        self.prompt_chat_template = None if prompt_chat_template is None else bool(prompt_chat_template)
         self.num_anchors = num_anchors
         self.loss_decay_gamma = loss_decay_gamma
         self.ce_loss_alpha = ce_loss_alpha
