@@ -450,13 +450,15 @@ def summarize_prompt_set(records: list[dict[str, Any]]) -> dict[str, Any]:
     summary["mean_accepted_length_ci90"] = bootstrap_ci([r[DSPARK] for r in records], _tau)
     names = list(records[0].get("compare", {})) if records else []
     if names:
-        summary["compare"] = {n: _drafter_summary([r["compare"][n] for r in records], baseline_tps) for n in names}
+        ratio = lambda pairs: _ratio(_tau([a for a, _ in pairs]), _tau([b for _, b in pairs]))  # noqa: E731
+        summary["compare"] = {}
         for n in names:
-            pairs = [(r[DSPARK], r["compare"][n]) for r in records]
-            ratio = lambda ps: _ratio(_tau([a for a, _ in ps]), _tau([b for _, b in ps]))  # noqa: E731
-            summary["compare"][n]["mean_accepted_length_ci90"] = bootstrap_ci([b for _, b in pairs], _tau)
-            summary["compare"][n]["dspark_tau_ratio"] = ratio(pairs)
-            summary["compare"][n]["dspark_tau_ratio_ci90"] = bootstrap_ci(pairs, ratio)
+            entries = [r["compare"][n] for r in records]
+            pairs = [(r[DSPARK], e) for r, e in zip(records, entries)]
+            summary["compare"][n] = {**_drafter_summary(entries, baseline_tps),
+                                     "mean_accepted_length_ci90": bootstrap_ci(entries, _tau),
+                                     "dspark_tau_ratio": ratio(pairs),
+                                     "dspark_tau_ratio_ci90": bootstrap_ci(pairs, ratio)}
     if has("answers"):
         summary["quality"] = answer_quality(records)
     return summary
@@ -788,13 +790,13 @@ def _named_drafts(args) -> list[tuple[str, str, bool]]:
 
 def measure_prompt(target, tokenizer, drafters: dict[str, Any], row: dict[str, Any], index: int, args,
                    want_answers: bool) -> dict[str, Any]:
-    """Every requested method on one prompt; returns its record (timings, drafter stats, output checks)."""
-    from .trainer.regenerate import encode_prompt, resolve_chat_mode
+    """Every requested method on one prompt; returns its record (timings, drafter stats, output checks).
 
-    chat = getattr(args, "use_chat", None)
-    if chat is None:
-        chat = resolve_chat_mode(tokenizer, getattr(args, "chat_template", "auto"))
-    input_ids = torch.tensor([encode_prompt(tokenizer, row["turns"][0], chat)])
+    ``args.use_chat`` (resolved once by :func:`evaluate_drafters`) says whether the chat template encodes it.
+    """
+    from .trainer.regenerate import encode_prompt
+
+    input_ids = torch.tensor([encode_prompt(tokenizer, row["turns"][0], args.use_chat)])
     kwargs = _generation_kwargs(args)
     seed = args.seed + index
     greedy = not kwargs["do_sample"]

@@ -32,9 +32,10 @@ from .errors import HfDSparkError
 logger = logging.getLogger(__name__)
 
 GEMMA_ALIAS = "gemma-3-270m"
+"""Name of the built-in default target (Gemma 3 270M, from the bundled GGUF file)."""
+
 # Built-in aliases and the Hub repository a user outside hf-dspark loads instead.
 ALIAS_HUB_IDS = {GEMMA_ALIAS: "google/gemma-3-270m"}
-"""Name of the built-in default target (Gemma 3 270M, from the bundled GGUF file)."""
 
 GEMMA_FLOAT_DIRNAME = "gemma-3-270m-float"
 CACHE_ENV_VAR = "HF_DSPARK_CACHE"
