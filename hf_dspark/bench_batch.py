@@ -8,6 +8,9 @@ For every concurrency ``C`` the same prompts are decoded, in one process, three 
 * ``scheduler``: the same engine with the hardware-aware prefix scheduler (Algorithm 1) fed
   with the target's measured latency curve (``profile_latency``, cached on disk).
 
+Both speculative runs use n-gram rounds when ``--ngram-lookup N`` is given (default: the
+drafter's saved ``ngram_lookup_tokens``).
+
 It prints total tokens/s, mean per-request tokens/s, mean draft tokens verified per request
 per round, mean accepted length and the ratios to ``plain``; ``--output`` writes them as JSON
 and ``--plot`` draws the verified draft tokens per request against concurrency (the
@@ -89,9 +92,10 @@ def _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, 
     return dict(outputs=outputs, seconds=seconds, per_request=per_request)
 
 
-def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, eos, scheduler, profile) -> dict:
+def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, eos, scheduler, profile,
+                 ngram_lookup_tokens: int = 0) -> dict:
     engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
-                                         max_batch_size=concurrency)
+                                         max_batch_size=concurrency, ngram_lookup_tokens=ngram_lookup_tokens)
     engine.set_sampling(**sampling)
     start = time.perf_counter()
     ids = [engine.add_request(p, max_new_tokens, eos) for p in prompts]
@@ -109,6 +113,8 @@ def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, 
         mean_verified_draft_tokens=stats["verified_draft_tokens"] / request_rounds,
         mean_accepted_length=(stats["accepted_draft_tokens"] + stats["request_rounds"]) / request_rounds,
         rounds=stats["rounds"],
+        ngram_request_rounds=stats["ngram_request_rounds"],
+        request_rounds=stats["request_rounds"],
         draft_seconds=stats["draft_seconds"],
         verify_seconds=stats["verify_seconds"],
     )
@@ -117,7 +123,7 @@ def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, 
 def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency: Sequence[int], max_new_tokens: int,
                     latency_profile, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int = 0, eos_token_id=None, pad_token_id: int = 0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, ngram_lookup_tokens: int = 0) -> dict:
     """Run the three methods for every concurrency; returns the JSON-ready results."""
     prompts = [list(map(int, p)) for p in prompts]
     eos = eos_token_id if eos_token_id is not None else getattr(target.generation_config, "eos_token_id", None)
@@ -133,7 +139,7 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
         runs["plain"] = _plain_batched(target, prompts, c, max_new_tokens, sampling, eos, pad_token_id)
         for method, scheduler in (("full", "full"), ("scheduler", "algorithm1")):
             runs[method] = _speculative(target, draft, prompts, c, max_new_tokens, dict(sampling, seed=seed), eos,
-                                        scheduler, latency_profile)
+                                        scheduler, latency_profile, ngram_lookup_tokens)
         for method in METHODS:
             r = runs[method]
             tokens = sum(len(o) for o in r["outputs"])
@@ -142,7 +148,8 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
                 tokens_per_second=tokens / r["seconds"] if r["seconds"] > 0 else 0.0,
                 per_request_tokens_per_second=sum(r["per_request"]) / max(1, len(r["per_request"])),
             )
-            for key in ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "draft_seconds", "verify_seconds"):
+            for key in ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "request_rounds",
+                        "ngram_request_rounds", "draft_seconds", "verify_seconds"):
                 if key in r:
                     row[key] = r[key]
             if method != "plain":
@@ -162,6 +169,7 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
         settings=dict(concurrency=list(concurrency), num_prompts=len(prompts), max_new_tokens=max_new_tokens,
                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                       block_size=draft.config.block_size, device=str(next(target.parameters()).device),
+                      ngram_lookup_tokens=ngram_lookup_tokens,
                       latency_profile=getattr(latency_profile, "key", None)),
         results=rows,
     )
@@ -228,6 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sampling top-k (default off)")
     parser.add_argument("--top-p", type=float, default=None, help="sampling top-p (default off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
+                        help="n-gram rounds in both speculative runs: copy up to N tokens after an earlier match of "
+                             "the last tokens instead of the drafted block (0 = off; default: the drafter's setting)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="target dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default cuda if available)")
     parser.add_argument("--latency-profile", default=None, help="a latency profile JSON (default: measure, cached)")
@@ -274,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.ngram_lookup is not None and args.ngram_lookup < 0:
+        raise ValueError(f"--ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}")
     from .latency import LatencyProfile, format_table, profile_latency
     from .targets import load_target
 
@@ -288,9 +301,13 @@ def run(args: argparse.Namespace) -> int:
                                   repeats=args.profile_repeats, cache_dir=args.latency_cache_dir, model_name=args.target)
     print(format_table(profile))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ngram = args.ngram_lookup
+    if ngram is None:
+        ngram = int(getattr(draft.generation_config, "ngram_lookup_tokens", 0) or 0)
     results = benchmark_batch(
         target, draft, prompts, concurrency, args.max_new_tokens, profile, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, pad_token_id=pad_id,
+        ngram_lookup_tokens=ngram,
     )
     results["settings"].update(target=args.target, draft=args.draft, dtype=args.dtype)
     if args.output:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("hf_dspark.calibration", "Fit Sequential Temperature Scaling of the confidence head."),
     "profile": ("hf_dspark.latency", "Measure the target's forward latency vs tokens per pass."),
     "eval": ("hf_dspark.evaluation", "Measure acceptance length and speed-up on prompt files."),
+    "merge-eval": ("hf_dspark.evaluation", "Pool `hf-dspark eval` files measured on disjoint prompts (shards)."),
     "bench-batch": ("hf_dspark.batched", "Benchmark the batched speculative engine vs plain batched generate."),
     "export": ("hf_dspark.export", "Export a drafter as a Hub repo or for vLLM / SGLang."),
     "push": ("hf_dspark.export", "Upload an exported drafter folder to the Hub."),

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Verification policy (default: 'cost' on a real target: the target's verify latency is "
                              "profiled on this machine once, cached, and each round verifies the draft prefix with the "
                              "best expected tokens/s; 'full' with --tiny).")
+    parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
+                        help="n-gram rounds: copy up to N tokens after an earlier match of the last tokens instead of "
+                             "drafting (0 = off; default: the drafter's saved setting).")
     parser.add_argument("--tiny", action="store_true",
                         help="Run on a tiny random target and a fresh (untrained) drafter: checks the flow in seconds.")
 
@@ -119,19 +122,26 @@ def run(args) -> int:
     policy = args.policy or ("full" if args.tiny else "cost")
     if policy == "cost" and not draft.generation_config.latency_table:
         print("profiling the target's verification latency on this machine (cached for later runs)...", flush=True)
+    if args.ngram_lookup is not None:
+        if args.ngram_lookup < 0:
+            print(f"hf-dspark demo: error: --ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}",
+                  file=sys.stderr)
+            return 2
+        draft.generation_config.ngram_lookup_tokens = args.ngram_lookup
     try:
         _apply_policy(draft, policy, target)
     except HfDSparkError as error:
         print(f"hf-dspark demo: error: {error}", file=sys.stderr)
         return 2
+    ngram = int(getattr(draft.generation_config, "ngram_lookup_tokens", 0) or 0)
     print(f"DSpark demo: {label}, greedy, {args.max_new_tokens} new tokens per prompt, "
-          f"verification policy {policy!r}\n")
+          f"verification policy {policy!r}, n-gram rounds {f'on ({ngram} tokens)' if ngram else 'off'}\n")
 
     first = torch.tensor([codec.encode(DEMO_PROMPTS[0])])
     measure_generate(target, first, {**kwargs, "max_new_tokens": 4})  # warm-up, untimed
     measure_generate(target, first, {**kwargs, "max_new_tokens": 4}, assistant_model=draft)
 
-    totals = {"plain": [0, 0.0], "dspark": [0, 0.0], "accepted": 0, "rounds": 0}
+    totals = {"plain": [0, 0.0], "dspark": [0, 0.0], "accepted": 0, "rounds": 0, "ngram_rounds": 0}
     all_identical = True
     for number, prompt in enumerate(DEMO_PROMPTS, start=1):
         input_ids = torch.tensor([codec.encode(prompt)])
@@ -147,6 +157,7 @@ def run(args) -> int:
             totals[key][1] += m.seconds
         totals["accepted"] += sum(stats.get("accepted_lengths", []))
         totals["rounds"] += stats.get("rounds", 0)
+        totals["ngram_rounds"] += stats.get("ngram_rounds", 0)
 
         print(f"--- prompt {number} " + "-" * 60)
         print(prompt if not args.tiny else repr(prompt))
@@ -160,6 +171,9 @@ def run(args) -> int:
     tau = totals["accepted"] / totals["rounds"] if totals["rounds"] else float("nan")
     print(f"overall: tau {tau:.2f}, plain {plain_tps:.1f} tok/s, DSpark {spec_tps:.1f} tok/s, "
           f"speed-up {spec_tps / plain_tps:.2f}x")
+    if ngram:
+        print(f"n-gram rounds: {totals['ngram_rounds']} of {totals['rounds']} rounds copied earlier tokens "
+              "instead of drafting")
     print("all outputs identical to plain generate" if all_identical
           else "MISMATCH: an output differs from plain generate")
     return 0 if all_identical else 1

@@ -359,6 +359,8 @@ def _drafter_record(m: Measurement) -> dict[str, Any]:
         "draft_seconds": stats.get("draft_seconds"),
         "verify_seconds": stats.get("verify_seconds"),
         "policy": stats.get("policy"),
+        "ngram_rounds": stats.get("ngram_rounds", 0),
+        "ngram_accepted_tokens": stats.get("ngram_accepted", 0),
     }
 
 
@@ -396,6 +398,10 @@ def _drafter_summary(entries: list[dict[str, Any]], baseline_tps: float | None) 
         "accepted_tokens": accepted,
         "policy": entries[0].get("policy"),
     }
+    ngram_rounds = sum(e.get("ngram_rounds", 0) for e in entries)
+    if ngram_rounds:  # per_position_acceptance above covers the drafter's rounds only
+        summary["ngram_rounds"] = ngram_rounds
+        summary["ngram_accepted_tokens"] = sum(e.get("ngram_accepted_tokens", 0) for e in entries)
     if baseline_tps is not None:
         summary["speedup"] = _ratio(tps, baseline_tps)
         summary["outputs_match_baseline"] = _all_or_none([e.get("matches_baseline") for e in entries])
@@ -464,7 +470,7 @@ def summarize_prompt_set(records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-_SUMMED = {"num_prompts", "new_tokens", "seconds", "rounds", "accepted_tokens"}
+_SUMMED = {"num_prompts", "new_tokens", "seconds", "rounds", "accepted_tokens", "ngram_rounds", "ngram_accepted_tokens"}
 # Intervals of different sets do not average into an interval of the macro average.
 _NOT_AVERAGED = {"quality", "policy", "mean_accepted_length_ci90", "dspark_tau_ratio_ci90"}
 
@@ -512,6 +518,11 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+# Settings added to the results file after its first format: a file written before a key existed was
+# measured with the value given here, so it resumes when the new run uses that value.
+SETTINGS_ADDED_LATER = {"ngram_lookup_tokens": "saved"}
+
+
 class EvalResults:
     """The results JSON: settings, per-prompt records per set, summaries derived from the records."""
 
@@ -531,9 +542,11 @@ class EvalResults:
                             "another --output.") from error
         if existing.get("format") != RESULTS_FORMAT:
             raise DataError(f"--output {path} exists and is not an hf-dspark eval file; choose another --output.")
-        if existing.get("settings") != self.settings:
-            changed = sorted(k for k in set(existing.get("settings", {})) | set(self.settings)
-                             if existing.get("settings", {}).get(k) != self.settings.get(k))
+        old = dict(existing.get("settings", {}))
+        for key, implied in SETTINGS_ADDED_LATER.items():
+            old.setdefault(key, implied)
+        if old != self.settings:
+            changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
             raise DataError(f"--output {path} holds results measured with other settings ({', '.join(changed)}); "
                             "rerun with the same settings to resume, or pass --overwrite or another --output.")
         for key, entry in existing.get("datasets", {}).items():
@@ -656,6 +669,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Verification policy of the drafter(s) under test (default: the saved one); "
                              "'cost' without a saved latency table profiles the target first. "
                              "--compare-draft drafters keep their saved policy.")
+    parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
+                        help="Drafter(s) under test also copy up to N tokens after an earlier match of the last "
+                             "2-3 tokens instead of drafting when one exists (ngram_lookup_tokens; 0 = off; "
+                             "default: the saved setting). --compare-draft drafters keep their saved setting.")
     parser.add_argument("--baseline", action="store_true", help="Also run plain generate (speed-up, output check).")
     parser.add_argument("--prompt-lookup", action="store_true", help="Also run transformers' prompt lookup decoding.")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
@@ -751,6 +768,7 @@ def _settings(args, drafts: list[tuple[str, str, bool]], device, dtype) -> dict[
         "draft": drafts[0][1],
         "compare": {name: source for name, source, _ in drafts[1:]},
         "policy": args.policy or "saved",
+        "ngram_lookup_tokens": "saved" if getattr(args, "ngram_lookup", None) is None else args.ngram_lookup,
         "temperature": args.temperature,
         "top_k": (args.top_k if args.top_k is not None else 0) if sampling else None,
         "top_p": (args.top_p if args.top_p is not None else 1.0) if sampling else None,
@@ -884,6 +902,10 @@ def evaluate_drafters(args) -> dict[str, Any]:
         drafters[name] = _load_drafter(source, target, device, dtype)
         if under_test:
             _apply_policy(drafters[name], args.policy, target)
+            if getattr(args, "ngram_lookup", None) is not None:
+                if args.ngram_lookup < 0:
+                    raise DataError(f"--ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}.")
+                drafters[name].generation_config.ngram_lookup_tokens = args.ngram_lookup
     from .trainer.regenerate import resolve_chat_mode
 
     trained_with = getattr(drafters[drafts[0][0]].config, "prompt_chat_template", None)
@@ -920,4 +942,69 @@ def run(args) -> int:
         print(f"results: {args.output}")
     if args.plots:
         print(f"plots: {args.plots}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- merging shards
+# Settings that may differ between shards of one evaluation (every record keeps its own seed).
+SHARD_VARIABLE_SETTINGS = ("seed",)
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from eval files that measured disjoint prompts of the same sets with the same
+    settings (e.g. shards run side by side): records are pooled per set and every summary (tau,
+    intervals, speed-ups, ratios) is recomputed from the pooled records."""
+    if len(results) < 2:
+        raise DataError("merge-eval needs at least two results files.")
+    for result in results:
+        if result.get("format") != RESULTS_FORMAT:
+            raise DataError("merge-eval reads files written by `hf-dspark eval` only.")
+
+    def fixed(settings):
+        return {k: v for k, v in settings.items() if k not in SHARD_VARIABLE_SETTINGS}
+
+    first = results[0].get("settings", {})
+    for index, result in enumerate(results[1:], start=2):
+        other = result.get("settings", {})
+        if fixed(other) != fixed(first):
+            changed = sorted(k for k in set(fixed(first)) | set(fixed(other)) if first.get(k) != other.get(k))
+            raise DataError(f"file {index} was measured with other settings ({', '.join(changed)}); only "
+                            f"{', '.join(SHARD_VARIABLE_SETTINGS)} may differ between shards.")
+    seeds = sorted({r.get("settings", {}).get("seed") for r in results}, key=str)
+    merged = EvalResults(None, {**first, "seed": seeds[0] if len(seeds) == 1 else "per prompt (see records)"})
+    for result in results:
+        for key, entry in result.get("datasets", {}).items():
+            taken = {r["id"] for r in merged.records.get(key, [])}
+            for record in entry.get("prompts", []):
+                if record["id"] in taken:
+                    raise DataError(f"prompt {record['id']} of set {key!r} was measured in more than one file; "
+                                    "shards must hold disjoint prompts.")
+                merged.sources.setdefault(key, entry.get("source", key))
+                merged.records.setdefault(key, []).append(record)
+    return merged.to_dict()
+
+
+def add_merge_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="RESULTS_JSON", help="`hf-dspark eval` files to pool.")
+    parser.add_argument("--output", required=True, help="Merged results JSON to write.")
+    parser.add_argument("--plots", default=None, metavar="DIR", help="Write PNG plots of the merged results.")
+
+
+def run_merge_eval(args) -> int:
+    try:
+        loaded = []
+        for path in args.inputs:
+            try:
+                loaded.append(json.loads(Path(path).read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError) as error:
+                raise DataError(f"cannot read {path}: {error}") from error
+        data = merge_results(loaded)
+    except HfDSparkError as error:
+        print(f"hf-dspark merge-eval: error: {error}", file=sys.stderr)
+        return 2
+    _write_json_atomic(Path(args.output), data)
+    if args.plots:
+        write_plots(data, args.plots)
+    print_summary(data)
+    print(f"results: {args.output}")
     return 0

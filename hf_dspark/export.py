@@ -399,6 +399,7 @@ def export_drafter(
     target: str | os.PathLike | None = None,
     expand_draft_vocab: bool = False,
     overwrite: bool = False,
+    ngram_lookup_tokens: int | None = None,
 ) -> Path:
     """Export the drafter saved in ``draft_dir`` to ``output_dir`` and return ``output_dir``.
 
@@ -413,11 +414,20 @@ def export_drafter(
             that borrows the target's LM head (vLLM needs those rows in the checkpoint).
         expand_draft_vocab: allow an SGLang export of a reduced-vocabulary drafter (see docs/serving.md).
         overwrite: replace an existing export in ``output_dir``.
+        ngram_lookup_tokens: hub format: store this ``ngram_lookup_tokens`` in the exported
+            ``generation_config.json`` (n-gram rounds, see :mod:`hf_dspark.generation_dspark`;
+            0 turns them off); ``None`` keeps the drafter's setting.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r} is not supported; choose one of {EXPORT_FORMATS}")
     draft_dir, output_dir = _resolve_draft(draft_dir), Path(output_dir)
     model = load_checked_drafter(draft_dir)
+    if ngram_lookup_tokens is not None:
+        if format != "hub":
+            raise ValueError("ngram_lookup_tokens is a transformers generate() setting; set it for the hub format only")
+        if int(ngram_lookup_tokens) < 0:
+            raise ValueError(f"ngram_lookup_tokens must be >= 0 (0 = off), got {ngram_lookup_tokens}")
+        model.generation_config.ngram_lookup_tokens = int(ngram_lookup_tokens)
     if format != "hub":
         check_engine_support(model.config, format, expand_draft_vocab)  # refuse before touching output_dir
     _prepare_output(output_dir, draft_dir, overwrite)
@@ -518,6 +528,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expand-draft-vocab", action="store_true",
                         help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/serving.md).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing export in --output.")
+    parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
+                        help="hub: turn on n-gram rounds in the exported generation_config.json (copy up to N tokens "
+                             "after an earlier match of the last tokens instead of drafting; 0 = off; "
+                             "default: keep the drafter's setting).")
 
 
 def _cli_error(exc: Exception) -> int:
@@ -531,6 +545,7 @@ def run_export(args: argparse.Namespace) -> int:
             args.draft, args.output, format=args.format, eval_json=args.eval_json, recipe=args.recipe,
             license=args.license, repo_id=args.repo_id, target=args.target,
             expand_draft_vocab=args.expand_draft_vocab, overwrite=args.overwrite,
+            ngram_lookup_tokens=args.ngram_lookup,
         )
     except (HfDSparkError, FileExistsError, ValueError) as exc:
         return _cli_error(exc)

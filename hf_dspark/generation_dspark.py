@@ -29,6 +29,17 @@ Verification policies (``draft.generation_config.verification_policy``)
   ``a_k``, which depends on the tokens before ``k`` and not on token ``k`` itself, so the cut is
   non-anticipating and the output distribution stays exact.
 ``policy="auto"`` (default) means ``cost`` when a latency table is set and ``full`` otherwise.
+
+N-gram rounds (``draft.generation_config.ngram_lookup_tokens``, off by default)
+------------------------------------------------------------------------------
+With ``ngram_lookup_tokens = N > 0``, a round first looks for an earlier occurrence of the
+last ``ngram_max_size`` .. ``ngram_min_size`` tokens of the sequence (longest first). When
+one exists, the round submits up to ``N`` tokens that followed it (as a one-hot proposal when
+sampling) and skips the drafter; the target features of that round are kept and handed to
+the drafter with the next block it drafts. Otherwise the drafter drafts as usual. The choice
+depends only on the committed tokens, never on the tokens being proposed, so greedy output
+still equals plain ``generate`` and sampled output still follows the target distribution.
+It pays off where the target repeats itself (loops, code, quoting the prompt).
 """
 
 from __future__ import annotations
@@ -63,6 +74,9 @@ DEFAULT_DSPARK_GENERATION = {
     "latency_table": None,  # {"1": seconds, "2": seconds, ...}: T_verify(n tokens) of the target
     "fast_verify_head": True,  # skinny-product layout for the target's LM head during verification (CPU fp32)
     "fast_warpers": True,  # top-k followed by top-p: sort only the k survivors (same result, ~10x cheaper)
+    "ngram_lookup_tokens": 0,  # > 0: propose up to this many tokens copied after an earlier n-gram match
+    "ngram_max_size": 3,  # longest suffix n-gram searched for
+    "ngram_min_size": 2,  # shortest suffix n-gram accepted as a match
 }
 
 # ----------------------------------------------------------------------------- top-k + top-p in one pass
@@ -282,6 +296,29 @@ def cost_length(survival: list[float], draft_seconds: float, verify_seconds, min
     return max(min(min_tokens, len(survival)), length)
 
 
+def ngram_continuation(tokens: torch.Tensor, num_tokens: int, max_size: int = 3, min_size: int = 2) -> torch.Tensor | None:
+    """``num_tokens`` tokens that followed the latest earlier occurrence of the sequence's last n tokens.
+
+    ``tokens`` is 1-D. Suffix n-grams are tried from ``max_size`` down to ``min_size``; the first
+    size with an earlier occurrence wins and its latest occurrence is used. The tokens between
+    that occurrence and the end of the sequence repeat with period ``d`` (the distance between
+    the two occurrences), so when they run out the continuation keeps repeating them: a loop is
+    proposed for the full length. ``None`` when no suffix n-gram occurred before.
+    """
+    length = tokens.shape[0]
+    if num_tokens <= 0:
+        return None
+    for size in range(min(max_size, length - 1), max(min_size, 1) - 1, -1):
+        windows = tokens[: length - 1].unfold(0, size, 1)  # every earlier n-gram, excluding the suffix itself
+        starts = (windows == tokens[length - size:]).all(dim=1).nonzero().flatten()
+        if starts.numel() == 0:
+            continue
+        begin = int(starts[-1]) + size
+        period = length - begin
+        return tokens[begin + torch.arange(num_tokens, device=tokens.device) % period]
+    return None
+
+
 # ----------------------------------------------------------------------------- statistics
 class DSparkGenerationStats(dict):
     """Per-call statistics (``draft.last_generation_stats``), a plain dict for easy JSON dumps."""
@@ -298,18 +335,28 @@ class DSparkGenerationStats(dict):
             verify_seconds=0.0,
             prefill_seconds=0.0,
             policy=None,
+            ngram_rounds=0,
+            ngram_submitted=0,
+            ngram_accepted=0,
         )
 
-    def record_round(self, submitted: int, matches: int) -> None:
+    def record_round(self, submitted: int, matches: int, ngram: bool = False) -> None:
+        """One verified round. Per-position acceptance counts drafter rounds only (n-gram rounds are
+        counted in ``ngram_*``); ``mean_accepted_length`` covers every round."""
         matches = min(matches, submitted)
         self["rounds"] += 1
         self["submitted_lengths"].append(submitted)
         self["accepted_lengths"].append(matches + 1)
+        self["mean_accepted_length"] = sum(self["accepted_lengths"]) / self["rounds"]
+        if ngram:
+            self["ngram_rounds"] += 1
+            self["ngram_submitted"] += submitted
+            self["ngram_accepted"] += matches
+            return
         for j in range(min(matches + 1, submitted)):
             self["position_attempted"][j] += 1
         for j in range(matches):
             self["position_accepted"][j] += 1
-        self["mean_accepted_length"] = sum(self["accepted_lengths"]) / self["rounds"]
 
 
 # ----------------------------------------------------------------------------- generator
@@ -376,6 +423,16 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.threshold = float(settings["confidence_threshold"])
         self.min_tokens = int(settings["min_draft_tokens"])
         self.latency_points = latency_points(settings["latency_table"]) if policy == "cost" else None
+        self.ngram_tokens = int(settings["ngram_lookup_tokens"] or 0)
+        self.ngram_sizes = (int(settings["ngram_max_size"]), int(settings["ngram_min_size"]))
+        if self.ngram_tokens < 0 or not 1 <= self.ngram_sizes[1] <= self.ngram_sizes[0]:
+            raise ValueError(
+                f"n-gram lookup settings ngram_lookup_tokens={self.ngram_tokens}, ngram_max_size={self.ngram_sizes[0]}, "
+                f"ngram_min_size={self.ngram_sizes[1]} are invalid: need ngram_lookup_tokens >= 0 (0 = off) and "
+                "1 <= ngram_min_size <= ngram_max_size."
+            )
+        self._pending: list[torch.Tensor] = []  # target features not yet handed to the drafter (n-gram rounds)
+        self._ngram_round = False
         self.draft_time_ema: float | None = None
         # Released when this generator is garbage collected, i.e. when generate() returns.
         handle = activate_verify_head(target_model, self) if settings["fast_verify_head"] else None
@@ -384,6 +441,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.stats["policy"] = policy
         self.stats["fast_verify_head"] = self.fast_verify_head
         self.stats["fused_warpers"] = self.fused_warpers
+        self.stats["ngram_lookup_tokens"] = self.ngram_tokens
         self.draft.last_generation_stats = self.stats
         self._is_prefill = True
         self._submitted = 0
@@ -483,7 +541,16 @@ class DSparkCandidateGenerator(CandidateGenerator):
 
         context = self._new_context(model_outputs, input_ids, n_last_matches)
         self._is_prefill = False
-        n_max = min(self.block_size, self.max_length - input_ids.shape[1])
+        room = self.max_length - input_ids.shape[1]
+        n_max = min(self.block_size, room)
+        self._ngram_round = False
+        if room > 0 and self.ngram_tokens > 0:
+            lookup = ngram_continuation(input_ids[0], min(self.ngram_tokens, room), *self.ngram_sizes)
+            if lookup is not None:
+                return self._ngram_candidates(input_ids, lookup, context)
+        if self._pending:
+            context = torch.cat(self._pending + [context], dim=1)
+            self._pending = []
         if n_max <= 0:
             # nothing to draft; still append the new context so the draft cache stays in sync
             self.draft.draft_block(input_ids[:, -1].to(self.draft.device), context, self.cache)
@@ -511,12 +578,29 @@ class DSparkCandidateGenerator(CandidateGenerator):
         candidate_logits = logits[:, :length].to(input_ids.device) if self.do_sample else None
         return candidates, candidate_logits
 
+    def _ngram_candidates(self, input_ids: torch.LongTensor, lookup: torch.Tensor, context: torch.Tensor):
+        """An n-gram round: submit the looked-up tokens, keep this round's features for the drafter."""
+        self._pending.append(context)
+        self._ngram_round = True
+        self._submitted = lookup.shape[0]
+        self._last_confidence = None
+        self._round_start = time.perf_counter()
+        candidates = torch.cat([input_ids, lookup[None].to(input_ids.device)], dim=1)
+        if not self.do_sample:
+            return candidates, None
+        # A deterministic proposal is the one-hot distribution q = 1 at the copied token.
+        logits = torch.full((1, lookup.shape[0], self.vocab_size), float("-inf"), device=input_ids.device)
+        logits[0, torch.arange(lookup.shape[0]), lookup.to(input_ids.device)] = 0.0
+        return candidates, logits
+
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         elapsed = time.perf_counter() - self._round_start
         if self._is_prefill:
             return
         self.stats["verify_seconds"] += elapsed
-        self.stats.record_round(self._submitted, int(num_matches))
+        self.stats.record_round(self._submitted, int(num_matches), ngram=self._ngram_round)
+        if self._ngram_round:
+            return
         # Opt-in per-round record for calibration (hf_dspark.calibration): set draft.record_rounds = [].
         rounds = getattr(self.draft, "record_rounds", None)
         if isinstance(rounds, list):
@@ -598,6 +682,7 @@ __all__ = [
     "install_generate_hook",
     "is_dspark_drafter",
     "cost_length",
+    "ngram_continuation",
     "threshold_length",
     "latency_from_table",
     "prefix_survival",

@@ -43,6 +43,7 @@ _METRIC_COLUMNS: tuple[tuple[str, str, Any], ...] = (
 _SETTINGS = (
     ("hardware", "hardware"),
     ("policy", "verification policy"),
+    ("ngram_lookup_tokens", "n-gram lookup tokens"),
     ("temperature", "temperature"),
     ("top_k", "top-k"),
     ("top_p", "top-p"),
@@ -112,6 +113,10 @@ def _results_section(eval_results: Sequence[Mapping]) -> str:
         "τ counts the tokens committed per verification round, the target's bonus token included. "
         "Speed-ups are wall-clock ratios measured side by side in one run on the hardware named above."
     )
+    if any(isinstance(r.get("settings"), Mapping) and isinstance(r["settings"].get("ngram_lookup_tokens"), int)
+           and r["settings"]["ngram_lookup_tokens"] > 0 for r in eval_results):
+        footnote += (" In runs with n-gram lookup tokens, τ covers every round, n-gram rounds included, and the "
+                     "per-position acceptance covers the drafter's own rounds only.")
     return "\n\n".join(blocks + [footnote])
 
 
@@ -171,6 +176,10 @@ def _policy_description(generation_config) -> str:
     table = get("latency_table")
     if table:
         text += f"; `generation_config.json` holds a target latency table ({len(table)} entries)"
+    ngram = get("ngram_lookup_tokens")
+    if ngram:
+        text += (f"; n-gram rounds on (`ngram_lookup_tokens={ngram}`: when the last tokens occurred before, "
+                 "the tokens that followed them are verified instead of a drafted block)")
     return text
 
 

@@ -353,13 +353,13 @@ def exact_triple(target, prompt, warp):
     return law
 
 
-def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batch_size=1000):
+def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batch_size=1000, **engine_kwargs):
     """Decode ``runs`` copies of each prompt as ragged batches of up to ``max_batch_size`` requests
     (finished requests leave, queued ones join); counts of the first three tokens, per prompt."""
     V = target.config.vocab_size
     profile = synthetic_profile(max_batch=4096, per_token=3e-4)  # cheap tokens: cuts near survival 0.5
     engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
-                                         max_batch_size=max_batch_size)
+                                         max_batch_size=max_batch_size, **engine_kwargs)
     batch = [p for _ in range(runs) for p in prompts]
     outputs = engine.generate(batch, max_new_tokens=3, do_sample=True, seed=seed, **warp)
     fused = [type(w).__name__ for w in engine._warpers].count("FusedTopKTopPWarper")
@@ -403,6 +403,86 @@ def test_a_broken_residual_is_caught(small_vocab, monkeypatch):
     assert rejects, f"a broken rule went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
 
 
+# ---------------------------------------------------------------------------- n-gram rounds
+def repetitive_prompts(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for length in (4, 3, 5):
+        motif = torch.randint(3, 90, (length,), generator=gen).tolist()
+        out.append(motif + torch.randint(3, 90, (2,), generator=gen).tolist() + motif + motif[:2])
+    return out
+
+
+@pytest.mark.parametrize("target_name", ["qwen", "gemma"])
+def test_greedy_batched_with_ngram_rounds_equals_per_request_generate(request, target_name):
+    target = request.getfixturevalue(target_name)
+    draft = request.getfixturevalue(f"{target_name}_drafter")
+    prompts = repetitive_prompts() + mixed_prompts(target, train_prompts())[:4]
+    reference = [plain(target, p, 30) for p in prompts]
+    for scheduler in ("full", "threshold", "algorithm1"):
+        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=synthetic_profile(),
+                                             max_batch_size=4, confidence_threshold=0.5, ngram_lookup_tokens=5)
+        assert engine.generate(prompts, max_new_tokens=30) == reference, scheduler
+        stats = engine.stats
+        assert 0 < stats["ngram_request_rounds"] < stats["request_rounds"], scheduler  # both kinds of row ran
+        assert stats["ngram_accepted_tokens"] <= stats["ngram_verified_tokens"] <= 5 * stats["ngram_request_rounds"]
+        assert stats["ngram_position_attempted"][0] <= stats["ngram_request_rounds"]
+
+
+def test_ngram_settings_are_validated(qwen, qwen_drafter):
+    with pytest.raises(ValueError, match="ngram_min_size <= ngram_max_size"):
+        BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=4, ngram_min_size=4,
+                                    ngram_max_size=2)
+    with pytest.raises(ValueError, match="ngram_lookup_tokens >= 0"):
+        BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=-1)
+
+
+def test_ngram_survival_starts_from_the_prior_and_learns(qwen, qwen_drafter):
+    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=4)
+    assert engine._ngram_survival(3) == pytest.approx([0.9, 0.81, 0.729])
+    for _ in range(40):
+        engine._record_ngram(submitted=4, n_accepted=1)  # position 1 always survives, position 2 never
+    survival = engine._ngram_survival(3)
+    assert survival[0] == pytest.approx((40 + 3.6) / 44)
+    assert survival[1] == pytest.approx(survival[0] * 3.6 / 44)
+    assert engine.stats["ngram_position_attempted"][:3] == [40, 40, 0]
+
+
+NGRAM = dict(ngram_lookup_tokens=3, ngram_max_size=2, ngram_min_size=1)  # 1-gram matches in a 6-token vocabulary
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+def test_sampling_with_ngram_rounds_follows_the_target_distribution(small_vocab, case):
+    target, draft = small_vocab
+    warp, scheduler = SAMPLING_CASES[case]
+    prompts = [[1, 3, 2, 4], [2, 5, 1, 1, 3, 0, 4]]
+    counts, stats = sample_triples(target, draft, prompts, runs=2000, warp=warp, scheduler=scheduler, seed=12, **NGRAM)
+    for prompt, count in zip(prompts, counts):
+        rejects, stat, crit = chi_square_rejects(count, exact_triple(target, prompt, hf_warp(warp)))
+        assert not rejects, f"{case}, prompt {prompt}: chi2={stat:.1f} > {crit:.1f}"
+    assert 0 < stats["ngram_request_rounds"] < stats["request_rounds"]
+    assert 0 < stats["ngram_accepted_tokens"] < stats["ngram_verified_tokens"]
+
+
+def test_a_wrong_ngram_proposal_law_is_caught(small_vocab, monkeypatch):
+    """Negative control: copied tokens verified against a uniform q instead of the one-hot q must fail."""
+    target, draft = small_vocab
+    original = BatchedSpeculativeGenerator._ngram_proposals
+
+    def uniform_q(self, tokens, draft_probs, survival, limits):
+        tokens, draft_probs, survival, limits = original(self, tokens, draft_probs, survival, limits)
+        for row, copied in enumerate(self._ngram_rows):
+            if copied:
+                draft_probs[row] = 1.0 / draft_probs.shape[-1]
+        return tokens, draft_probs, survival, limits
+
+    monkeypatch.setattr(BatchedSpeculativeGenerator, "_ngram_proposals", uniform_q)
+    prompt = [1, 3, 2, 4]
+    counts, _ = sample_triples(target, draft, [prompt], runs=2000, warp={}, scheduler="full", seed=12, **NGRAM)
+    rejects, stat, crit = chi_square_rejects(counts[0], exact_triple(target, prompt, hf_warp({})))
+    assert rejects, f"a wrong proposal law went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
+
+
 # ============================================================================ bench-batch CLI
 def test_bench_batch_cli_writes_results(tiny_target_dir, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -426,5 +506,15 @@ def test_bench_batch_cli_writes_results(tiny_target_dir, tmp_path):
             for key in ("mean_verified_draft_tokens", "mean_accepted_length", "throughput_ratio_vs_plain",
                         "per_request_ratio_vs_plain", "greedy_agreement_with_plain"):
                 assert key in row
-    assert results["settings"]["num_prompts"] == 3
+    assert results["settings"]["num_prompts"] == 3 and results["settings"]["ngram_lookup_tokens"] == 0
     assert png.stat().st_size > 0
+    assert all(r["ngram_request_rounds"] == 0 for r in rows if r["method"] != "plain")
+
+    code = main(["bench-batch", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "draft"),
+                 "--concurrency", "2", "--num-prompts", "3", "--max-new-tokens", "24", "--device", "cpu",
+                 "--latency-cache-dir", str(tmp_path / "latency"), "--profile-repeats", "1",
+                 "--ngram-lookup", "4", "--output", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["settings"]["ngram_lookup_tokens"] == 4
+    assert sum(r["ngram_request_rounds"] for r in results["results"] if r["method"] != "plain") > 0

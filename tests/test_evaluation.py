@@ -150,6 +150,14 @@ def test_eval_resumes_and_refuses_other_settings(greedy_results, monkeypatch, ca
     assert json.loads(output.read_text())["datasets"] == results["datasets"]
     assert main(args + ["--seed", "7"]) == 2
     assert "other settings (seed)" in capsys.readouterr().err
+    # a file written before the ngram_lookup_tokens setting existed resumes with the value it implies only
+    older = json.loads(output.read_text())
+    del older["settings"]["ngram_lookup_tokens"]
+    output.write_text(json.dumps(older))
+    assert main(args) == 0
+    output.write_text(json.dumps(older))
+    assert main(args + ["--ngram-lookup", "3"]) == 2
+    assert "other settings (ngram_lookup_tokens)" in capsys.readouterr().err
 
 
 def test_eval_sampling_without_baseline_and_policy(workspace):
@@ -183,6 +191,59 @@ def test_eval_cost_policy_profiles_target_and_second_draft_is_compared(workspace
     assert entry["policy"] == "cost" and entry["outputs_match_baseline"] is True
     assert any((tmp_path / "cache" / "latency").iterdir())
     assert entry["compare"]["dflash"]["outputs_match_baseline"] is True
+
+
+def test_eval_ngram_lookup_applies_to_the_drafter_under_test_only(workspace, tmp_path):
+    output = tmp_path / "ngram.json"
+    args = ["eval", "--target", workspace["target"], "--draft", str(workspace["root"] / "draft"),
+            "--compare-draft", str(workspace["root"] / "dflash"), "--prompts", str(workspace["gsm8k"]),
+            "--max-new-tokens", "24", "--ngram-lookup", "6", "--baseline", "--output", str(output), "--no-progress"]
+    assert main(args) == 0
+    results = json.loads(output.read_text())
+    assert results["settings"]["ngram_lookup_tokens"] == 6
+    entry = results["datasets"]["gsm8k-mini"]
+    assert entry["outputs_match_baseline"] is True and entry["compare"]["dflash"]["outputs_match_baseline"] is True
+    assert entry["ngram_rounds"] > 0  # the tiny target repeats itself, so n-gram rounds happen
+    assert entry["ngram_accepted_tokens"] <= 6 * entry["ngram_rounds"]
+    assert "ngram_rounds" not in entry["compare"]["dflash"]  # compare drafters keep their saved setting (off)
+    assert entry["ngram_rounds"] == sum(r["dspark"]["ngram_rounds"] for r in entry["prompts"])
+    assert main(args[:-4] + ["--ngram-lookup", "-1", "--output", str(tmp_path / "bad.json"), "--no-progress"]) == 2
+
+
+def test_merge_eval_pools_shards_like_one_run(workspace, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_jsonl(tmp_path / "a" / "gsm8k-mini.jsonl", GSM8K_ROWS[:1])
+    write_jsonl(tmp_path / "b" / "gsm8k-mini.jsonl", GSM8K_ROWS[1:])
+
+    def run(prompts, output, *extra):
+        args = ["eval", "--target", workspace["target"], "--draft", str(workspace["root"] / "draft"),
+                "--compare-draft", str(workspace["root"] / "dflash"), "--prompts", str(prompts),
+                "--max-new-tokens", "16", "--baseline", "--output", str(output), "--no-progress", *extra]
+        assert main(args) == 0
+        return json.loads(output.read_text())
+
+    whole = run(workspace["gsm8k"], tmp_path / "whole.json")
+    run(tmp_path / "a" / "gsm8k-mini.jsonl", tmp_path / "a.json")
+    run(tmp_path / "b" / "gsm8k-mini.jsonl", tmp_path / "b.json", "--seed", "1")  # row i of the file: seed 1 + i
+    assert main(["merge-eval", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                 "--output", str(tmp_path / "merged.json")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    one, pooled = whole["datasets"]["gsm8k-mini"], merged["datasets"]["gsm8k-mini"]
+    for key in ("num_prompts", "rounds", "accepted_tokens", "mean_accepted_length", "per_position_acceptance",
+                "mean_accepted_length_ci90", "outputs_match_baseline"):
+        assert pooled[key] == one[key], key
+    assert pooled["compare"]["dflash"]["dspark_tau_ratio"] == one["compare"]["dflash"]["dspark_tau_ratio"]
+    assert [r["seed"] for r in pooled["prompts"]] == [r["seed"] for r in one["prompts"]]
+    assert merged["settings"]["seed"] == "per prompt (see records)"
+    capsys.readouterr()
+    assert main(["merge-eval", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--output",
+                 str(tmp_path / "bad.json")]) == 2
+    assert "more than one file" in capsys.readouterr().err
+    run(tmp_path / "b" / "gsm8k-mini.jsonl", tmp_path / "c.json", "--max-new-tokens", "8")
+    assert main(["merge-eval", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--output",
+                 str(tmp_path / "bad.json")]) == 2
+    assert "other settings (max_new_tokens)" in capsys.readouterr().err
 
 
 def test_eval_encodes_prompts_as_the_drafter_was_trained(workspace, tiny_chat_target_dir, tmp_path):
@@ -311,6 +372,15 @@ def test_demo_tiny(capsys):
     assert "all outputs identical to plain generate" in out
     assert out.count("identical to plain generate: True") == 3
     assert "verification policy 'full'" in out
+
+
+def test_demo_tiny_with_ngram_rounds(capsys):
+    assert main(["demo", "--tiny", "--max-new-tokens", "40", "--ngram-lookup", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "n-gram rounds on (5 tokens)" in out and "all outputs identical to plain generate" in out
+    copied = int(out.split("n-gram rounds: ")[1].split(" of ")[0])
+    assert copied > 0  # the byte-level random target repeats itself, so some rounds copy
+    assert main(["demo", "--tiny", "--ngram-lookup", "-1"]) == 2
 
 
 def test_demo_tiny_cost_policy_profiles_and_stays_identical(capsys, tmp_path, monkeypatch):

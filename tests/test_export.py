@@ -173,6 +173,39 @@ def test_cli_export_and_overwrite(exported, capsys):
     assert "license: apache-2.0" in (dest / "README.md").read_text()
 
 
+def test_cli_export_turns_on_ngram_rounds(exported):
+    from hf_dspark import DSparkDraftModel
+    from hf_dspark.cli import main
+
+    root, target, _ = exported
+    dest = root / "ngram_hub"
+    assert main(["export", "--draft", str(root / "draft"), "--output", str(dest), "--ngram-lookup", "5"]) == 0
+    assert json.loads((dest / "generation_config.json").read_text())["ngram_lookup_tokens"] == 5
+    assert "ngram_lookup_tokens=5" in (dest / "README.md").read_text()
+    draft = DSparkDraftModel.from_pretrained(dest).eval()
+    motif = [11, 12, 13, 14]
+    ids = torch.tensor([motif + [40, 41] + motif + motif[:2]])
+    plain = target.generate(ids, max_new_tokens=20, do_sample=False)
+    assert torch.equal(plain, target.generate(ids, max_new_tokens=20, do_sample=False, assistant_model=draft))
+    assert draft.last_generation_stats["ngram_rounds"] > 0
+    assert json.loads((root / "draft" / "generation_config.json").read_text()).get("ngram_lookup_tokens", 0) == 0
+    assert main(["export", "--draft", str(root / "draft"), "--output", str(root / "bad"), "--ngram-lookup", "-2"]) == 2
+    assert main(["export", "--draft", str(root / "draft"), "--output", str(root / "bad_vllm"), "--format", "vllm",
+                 "--ngram-lookup", "3"]) == 2
+
+
+def test_card_explains_runs_with_ngram_rounds(exported):
+    from hf_dspark.model_card import render_model_card
+
+    _, target, _ = exported
+    config = tiny_drafter(target, target_model_name=TARGET_NAME).config
+    note = "n-gram rounds included"
+    with_ngram = dict(EVAL, settings=dict(EVAL["settings"], ngram_lookup_tokens=7))
+    card = render_model_card(config, {"verification_policy": "full", "ngram_lookup_tokens": 7}, [EVAL, with_ngram])
+    assert note in card and "n-gram lookup tokens `7`" in card and "n-gram rounds on" in card
+    assert note not in render_model_card(config, {"verification_policy": "full"}, [EVAL])
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_refuses_drafter_without_target_name(tmp_path):
     target = tiny_qwen3_target()

@@ -10,6 +10,8 @@ PROMPTS = [
     "def is_palindrome(text: str) -> bool:\n    \"\"\"Return True if text reads the same backwards.\"\"\"\n",
 ]
 
+THRESHOLD_SHIPPED = 2.0
+
 
 @pytest.mark.slow
 def test_shipped_drafter_is_lossless_and_accepts_on_gemma():
@@ -22,19 +24,28 @@ def test_shipped_drafter_is_lossless_and_accepts_on_gemma():
     target, tokenizer = load_target(GEMMA_ALIAS)
     draft = AutoModel.from_pretrained(resolve_draft("default", GEMMA_ALIAS), trust_remote_code=True).eval()
     assert draft.config.block_size == 7
-    accepted, rounds = 0, 0
-    for text in PROMPTS:
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            plain = target.generate(ids, max_new_tokens=64, do_sample=False)
-            spec = target.generate(ids, max_new_tokens=64, do_sample=False, assistant_model=draft)
-        assert torch.equal(plain, spec), tokenizer.decode(spec[0, ids.shape[1]:])
-        stats = draft.last_generation_stats
-        accepted += sum(stats["accepted_lengths"])
-        rounds += stats["rounds"]
-    # The evaluation issue asks for > 2.0. The shipped drafter (6,040 CPU training steps) measured 1.42 on
-    # these two prompts (2.43 on 10 gsm8k eval prompts), so this guards "draft tokens do get accepted" (a
-    # broken drafter gives exactly 1.0) and the last training stage's gain over the previous drafter's 1.33,
-    # not the target; raise it with a better drafter.
-    print(f"mean accepted length {accepted / rounds:.3f}")
-    assert accepted / rounds > 1.35, f"mean accepted length {accepted / rounds:.2f}"
+    shipped_ngram = draft.generation_config.ngram_lookup_tokens
+    assert shipped_ngram == 7  # the shipped generation_config.json turns n-gram rounds on
+    tau = {}
+    for name, ngram in (("drafter only", 0), ("shipped settings", shipped_ngram)):
+        draft.generation_config.ngram_lookup_tokens = ngram
+        accepted, rounds, copied = 0, 0, 0
+        for text in PROMPTS:
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                plain = target.generate(ids, max_new_tokens=64, do_sample=False)
+                spec = target.generate(ids, max_new_tokens=64, do_sample=False, assistant_model=draft)
+            assert torch.equal(plain, spec), f"{name}: " + tokenizer.decode(spec[0, ids.shape[1]:])
+            stats = draft.last_generation_stats
+            accepted += sum(stats["accepted_lengths"])
+            rounds += stats["rounds"]
+            copied += stats["ngram_rounds"]
+        tau[name] = accepted / rounds
+        print(f"{name}: mean accepted length {tau[name]:.3f}, {copied} of {rounds} rounds copied an n-gram")
+        assert (copied > 0) == (ngram > 0)
+    # The evaluation issue asks for > 2.0. The drafter alone (6,040 CPU training steps) measured 1.42 on these
+    # two prompts (2.43 on 10 gsm8k eval prompts): this guards "draft tokens do get accepted" (a broken drafter
+    # gives exactly 1.0) and the last training stage's gain over the previous drafter's 1.33.
+    assert tau["drafter only"] > 1.35, tau
+    # With the shipped settings (n-gram rounds on) it measured 2.68: the issue's > 2.0 holds for what users get.
+    assert tau["shipped settings"] > THRESHOLD_SHIPPED, tau
