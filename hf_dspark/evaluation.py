@@ -520,7 +520,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 # Settings added to the results file after its first format: a file written before a key existed was
 # measured with the value given here, so it resumes when the new run uses that value.
-SETTINGS_ADDED_LATER = {"ngram_lookup_tokens": "saved"}
+SETTINGS_ADDED_LATER = {"ngram_lookup_tokens": 0}
 
 
 class EvalResults:
@@ -768,7 +768,7 @@ def _settings(args, drafts: list[tuple[str, str, bool]], device, dtype) -> dict[
         "draft": drafts[0][1],
         "compare": {name: source for name, source, _ in drafts[1:]},
         "policy": args.policy or "saved",
-        "ngram_lookup_tokens": "saved" if getattr(args, "ngram_lookup", None) is None else args.ngram_lookup,
+        "ngram_lookup_tokens": _ngram_setting(args, drafts[0][1]),
         "temperature": args.temperature,
         "top_k": (args.top_k if args.top_k is not None else 0) if sampling else None,
         "top_p": (args.top_p if args.top_p is not None else 1.0) if sampling else None,
@@ -785,6 +785,22 @@ def _settings(args, drafts: list[tuple[str, str, bool]], device, dtype) -> dict[
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def _ngram_setting(args, source: str) -> int:
+    """The n-gram lookup length the drafter under test will use: ``--ngram-lookup``, else its saved setting."""
+    value = getattr(args, "ngram_lookup", None)
+    if value is not None:
+        if value < 0:
+            raise DataError(f"--ngram-lookup must be >= 0 (0 = off), got {value}.")
+        return int(value)
+    from transformers import GenerationConfig
+
+    try:
+        saved = GenerationConfig.from_pretrained(source)
+    except (OSError, ValueError):  # no generation_config.json: the drafter's default, off
+        return 0
+    return int(getattr(saved, "ngram_lookup_tokens", 0) or 0)
 
 
 def _named_drafts(args) -> list[tuple[str, str, bool]]:
@@ -903,8 +919,6 @@ def evaluate_drafters(args) -> dict[str, Any]:
         if under_test:
             _apply_policy(drafters[name], args.policy, target)
             if getattr(args, "ngram_lookup", None) is not None:
-                if args.ngram_lookup < 0:
-                    raise DataError(f"--ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}.")
                 drafters[name].generation_config.ngram_lookup_tokens = args.ngram_lookup
     from .trainer.regenerate import resolve_chat_mode
 
