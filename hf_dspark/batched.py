@@ -9,7 +9,9 @@ serves many requests with continuous batching. Each round:
    block), ``"threshold"`` (cut where the calibrated prefix survival falls below a threshold)
    or ``"algorithm1"`` (:func:`hf_dspark.scheduling.prefix_schedule`, the paper's
    hardware-aware scheduler fed with the prefix survival of every request and the target's
-   measured steps per second at the number of tokens in the batch);
+   measured steps per second at the number of tokens in the batch; greedy decoding, whose
+   output does not depend on the verified lengths, uses the best allocation along the whole
+   admission path instead, :func:`hf_dspark.scheduling.global_search_schedule`);
 3. ONE target forward scores ``[anchor, x_1 .. x_l]`` of every request, right-padded to the
    longest row;
 4. :func:`hf_dspark.verification.verify_block` accepts/rejects per request (exact speculative
@@ -75,7 +77,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from .generation_dspark import activate_verify_head, fuse_top_k_top_p, ngram_continuation, threshold_length
 from .modeling_dspark import DSparkDraftCache
-from .scheduling import prefix_schedule
+from .scheduling import global_search_schedule, prefix_schedule
 from .verification import verify_block
 
 logger = logging.getLogger(__name__)
@@ -764,6 +766,12 @@ class BatchedSpeculativeGenerator:
         # Algorithm 1: admit (request, position) pairs in descending prefix survival while the expected
         # committed tokens x target passes per second (at that many tokens in the batch) improves.
         rate = functools.partial(self._steps_per_second, rows=len(rows))
+        if not self.sampling.do_sample:
+            # Greedy output does not depend on how many drafts are verified, so the schedule may look along
+            # the whole admission path. In a right-padded batch one more token for one row widens every
+            # row's pass, so it only pays once many rows grow: stopping at the first non-improvement
+            # (needed for exact sampling) would stop before that.
+            return global_search_schedule(rows, rate)
         return prefix_schedule(rows, rate)
 
     def _verify_forward(self, tokens: torch.Tensor, counts: list[int]):

@@ -437,6 +437,19 @@ def test_ngram_settings_are_validated(qwen, qwen_drafter):
         BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=-1)
 
 
+def test_greedy_schedule_looks_along_the_whole_path_and_sampling_stops_early(qwen, qwen_drafter):
+    """A right-padded pass costs the same for 4 rows whether one or all of them grow by a token: growing one
+    row does not pay, growing all four does. Greedy takes the latter; sampling keeps Algorithm 1's early stop."""
+    table = {4: {1: 0.100, 2: 0.150, 3: 0.300}}
+    profile = LatencyProfile(model_name="synthetic", dtype="float32", device="cpu", num_threads=1,
+                             context_length=128, table=table)
+    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="algorithm1", latency_profile=profile)
+    survival, limits = [[0.9, 0.5]] * 4, [2] * 4
+    assert engine._schedule(survival, limits) == [1, 1, 1, 1]  # (4 + 3.6) / 0.15 beats 4 / 0.10
+    engine.set_sampling(do_sample=True)
+    assert engine._schedule(survival, limits) == [0, 0, 0, 0]  # (4 + 0.9) / 0.15 does not: stop
+
+
 def test_ngram_survival_starts_from_the_prior_and_learns(qwen, qwen_drafter):
     engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=4)
     assert engine._ngram_survival(3) == pytest.approx([0.9, 0.81, 0.729])
