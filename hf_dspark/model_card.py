@@ -179,7 +179,8 @@ def _policy_description(generation_config) -> str:
     ngram = get("ngram_lookup_tokens")
     if ngram:
         text += (f"; n-gram rounds on (`ngram_lookup_tokens={ngram}`: when the last tokens occurred before, "
-                 "the tokens that followed them are verified instead of a drafted block)")
+                 "the tokens that followed them are verified instead of a drafted block; "
+                 "`draft.generation_config.ngram_lookup_tokens = 0` uses the drafter alone)")
     return text
 
 
