@@ -75,7 +75,13 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .generation_dspark import activate_verify_head, fuse_top_k_top_p, ngram_continuation, threshold_length
+from .generation_dspark import (
+    activate_verify_head,
+    check_ngram_settings,
+    fuse_top_k_top_p,
+    ngram_continuation,
+    threshold_length,
+)
 from .modeling_dspark import DSparkDraftCache
 from .scheduling import global_search_schedule, prefix_schedule
 from .verification import verify_block
@@ -416,14 +422,9 @@ class BatchedSpeculativeGenerator:
         self.max_batch_size = max_batch_size
         self.confidence_threshold = float(confidence_threshold)
         self.block_size = draft.config.block_size
-        if int(ngram_lookup_tokens) < 0 or not 1 <= int(ngram_min_size) <= int(ngram_max_size):
-            raise ValueError(
-                f"ngram_lookup_tokens={ngram_lookup_tokens}, ngram_max_size={ngram_max_size}, "
-                f"ngram_min_size={ngram_min_size}: need ngram_lookup_tokens >= 0 (0 = off) and "
-                "1 <= ngram_min_size <= ngram_max_size"
-            )
-        self.ngram_lookup_tokens = min(int(ngram_lookup_tokens), self.block_size)
         self.ngram_sizes = (int(ngram_max_size), int(ngram_min_size))
+        check_ngram_settings(int(ngram_lookup_tokens), *self.ngram_sizes)
+        self.ngram_lookup_tokens = min(int(ngram_lookup_tokens), self.block_size)
         self._ngram_rows: list[bool] = []
         self.hidden_state_ids = [i + 1 for i in draft.config.target_layer_ids]
         self._configure_attention(target)
@@ -626,13 +627,13 @@ class BatchedSpeculativeGenerator:
         for row, found in enumerate(lookups):
             if found is None:
                 continue
-            n = found.shape[0]
+            n, found = found.shape[0], found.to(tokens.device)
             self._ngram_rows[row] = True
             limits[row] = n
-            tokens[row, :n] = found.to(tokens.device)
+            tokens[row, :n] = found
             if draft_probs is not None:  # q is one-hot at the copied token
                 draft_probs[row, :n] = 0
-                draft_probs[row, torch.arange(n, device=tokens.device), found.to(tokens.device)] = 1
+                draft_probs[row, torch.arange(n, device=tokens.device), found] = 1
             if survival is not None:
                 survival[row] = self._ngram_survival(n)
         return tokens, draft_probs, survival, limits

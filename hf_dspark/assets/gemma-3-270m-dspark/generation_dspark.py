@@ -296,6 +296,16 @@ def cost_length(survival: list[float], draft_seconds: float, verify_seconds, min
     return max(min(min_tokens, len(survival)), length)
 
 
+def check_ngram_settings(lookup_tokens: int, max_size: int, min_size: int) -> None:
+    """Raise ``ValueError`` unless ``lookup_tokens >= 0`` (0 = off) and ``1 <= min_size <= max_size``."""
+    if lookup_tokens < 0 or not 1 <= min_size <= max_size:
+        raise ValueError(
+            f"n-gram lookup settings ngram_lookup_tokens={lookup_tokens}, ngram_max_size={max_size}, "
+            f"ngram_min_size={min_size} are invalid: need ngram_lookup_tokens >= 0 (0 = off) and "
+            "1 <= ngram_min_size <= ngram_max_size."
+        )
+
+
 def ngram_continuation(tokens: torch.Tensor, num_tokens: int, max_size: int = 3, min_size: int = 2) -> torch.Tensor | None:
     """``num_tokens`` tokens that followed the latest earlier occurrence of the sequence's last n tokens.
 
@@ -425,12 +435,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.latency_points = latency_points(settings["latency_table"]) if policy == "cost" else None
         self.ngram_tokens = int(settings["ngram_lookup_tokens"] or 0)
         self.ngram_sizes = (int(settings["ngram_max_size"]), int(settings["ngram_min_size"]))
-        if self.ngram_tokens < 0 or not 1 <= self.ngram_sizes[1] <= self.ngram_sizes[0]:
-            raise ValueError(
-                f"n-gram lookup settings ngram_lookup_tokens={self.ngram_tokens}, ngram_max_size={self.ngram_sizes[0]}, "
-                f"ngram_min_size={self.ngram_sizes[1]} are invalid: need ngram_lookup_tokens >= 0 (0 = off) and "
-                "1 <= ngram_min_size <= ngram_max_size."
-            )
+        check_ngram_settings(self.ngram_tokens, *self.ngram_sizes)
         self._pending: list[torch.Tensor] = []  # target features not yet handed to the drafter (n-gram rounds)
         self._ngram_round = False
         self.draft_time_ema: float | None = None
@@ -682,6 +687,7 @@ __all__ = [
     "install_generate_hook",
     "is_dspark_drafter",
     "cost_length",
+    "check_ngram_settings",
     "ngram_continuation",
     "threshold_length",
     "latency_from_table",
