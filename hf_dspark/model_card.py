@@ -74,6 +74,14 @@ def _dataset_rows(result: Mapping) -> list[tuple[str, Mapping]]:
     return [(name, value) for name, value in result.items() if name not in skip and isinstance(value, Mapping)]
 
 
+def _compare_rows(row: Mapping) -> list[tuple[str, Mapping]]:
+    """The ``compare`` drafters of one dataset row (``hf-dspark eval --compare-draft``), in file order."""
+    compare = row.get("compare")
+    if not isinstance(compare, Mapping):
+        return []
+    return [(str(name), entry) for name, entry in compare.items() if isinstance(entry, Mapping)]
+
+
 def _has(value) -> bool:
     return value is not None and not (isinstance(value, (list, tuple)) and not value)
 
@@ -103,9 +111,27 @@ def _results_section(eval_results: Sequence[Mapping]) -> str:
             lines.append("")
             lines.append("| Dataset | " + " | ".join(title for _, title, _ in columns) + " |")
             lines.append("|---|" + "---:|" * len(columns))
+            ratios = []
             for name, row in rows:
                 cells = [fmt(row[key]) if _has(row.get(key)) else "—" for key, _, fmt in columns]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                for other, entry in _compare_rows(row):
+                    entry = {"num_prompts": row.get("num_prompts"), **entry}
+                    cells = [fmt(entry[key]) if _has(entry.get(key)) else "—" for key, _, fmt in columns]
+                    lines.append(f"| ↳ {name}, `{other}` | " + " | ".join(cells) + " |")
+                    if _has(entry.get("dspark_tau_ratio")):
+                        ci = entry.get("dspark_tau_ratio_ci90")
+                        ci_text = f" (90% CI {ci[0]:.2f}–{ci[1]:.2f})" if _has(ci) and len(ci) == 2 else ""
+                        ratios.append(f"{name} vs `{other}`: {float(entry['dspark_tau_ratio']):.2f}{ci_text}")
+            sources = settings.get("compare") if isinstance(settings.get("compare"), Mapping) else {}
+            if any(_compare_rows(row) for _, row in rows):
+                named = ", ".join(f"`{n}` = `{src}`" for n, src in sources.items())
+                lines.append("")
+                lines.append("Rows marked ↳ are other drafters run side by side on the same prompts, each with its "
+                             "own saved decoding settings" + (f" ({named})" if named else "") + ".")
+                if ratios:
+                    lines.append("τ of this drafter over theirs (paired bootstrap over prompts): "
+                                 + "; ".join(ratios) + ".")
         else:
             lines.append("(The evaluation file holds no per-dataset metrics.)")
         blocks.append("\n".join(lines))

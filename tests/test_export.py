@@ -206,6 +206,26 @@ def test_card_explains_runs_with_ngram_rounds(exported):
     assert note not in render_model_card(config, {"verification_policy": "full"}, [EVAL])
 
 
+def test_card_shows_compare_drafters(exported):
+    from hf_dspark.model_card import render_model_card
+
+    _, target, _ = exported
+    config = tiny_drafter(target, target_model_name=TARGET_NAME).config
+    dflash = {"mean_accepted_length": 2.31, "tokens_per_second": 30.2, "speedup": 1.4,
+              "per_position_acceptance": [0.8, 0.4, 0.1], "dspark_tau_ratio": 1.2424, "dspark_tau_ratio_ci90": [1.05, 1.4]}
+    gsm8k = dict(EVAL["gsm8k"], compare={"dflash": dflash})
+    result = dict(EVAL, gsm8k=gsm8k, settings=dict(EVAL["settings"], compare={"dflash": "runs/dflash"}),
+                  compare={"dflash": dict(dflash)})
+    card = render_model_card(config, {"verification_policy": "full"}, [result])
+    row = next(line for line in card.splitlines() if line.startswith("| ↳ gsm8k, `dflash` |"))
+    assert "| 12 | 2.31 | 1.40× | 30.2 |" in row and "0.80 / 0.40 / 0.10" in row
+    assert "`dflash` = `runs/dflash`" in card
+    assert "gsm8k vs `dflash`: 1.24 (90% CI 1.05–1.40)" in card
+    assert "↳" not in render_model_card(config, {"verification_policy": "full"}, [EVAL])
+    # only per-dataset compare rows: the macro-level "compare" entry is not a dataset
+    assert card.count("| ↳ ") == 1
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_refuses_drafter_without_target_name(tmp_path):
     target = tiny_qwen3_target()

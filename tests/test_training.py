@@ -30,6 +30,7 @@ from hf_dspark.trainer import train_cli
 from hf_dspark.trainer.data import (
     CachedFeatureDataset,
     DSparkDataCollator,
+    FeatureCaches,
     OnlineDataset,
     choose_draft_vocab,
     read_data_rows,
@@ -312,6 +313,46 @@ def test_train_from_cache_end_to_end(work, target_dir, target, cache_dir, init_d
     assert module.startswith("transformers_modules") and int(count) == sum(p.numel() for p in trained.parameters())
     checkpoint = DSparkDraftModel.from_pretrained(output / "checkpoint-20")
     assert not torch.equal(checkpoint.fc.weight, trained.fc.weight)
+
+
+def test_training_on_several_caches(work, target_dir, data_dir, cache_dir, init_draft):
+    """New answers get their own cache and train next to the old one, without rebuilding it."""
+    extra_data = work / "extra_data"
+    extra_data.mkdir()
+    rows = (data_dir / "train.jsonl").read_text().splitlines()[:12]
+    (extra_data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (extra_data / "data_config.json").write_text((data_dir / "data_config.json").read_text())
+    assert build_cache(target_dir, extra_data, work / "extra_cache") == 0
+    both = FeatureCaches([cache_dir, work / "extra_cache"])
+    single = CachedFeatureDataset(cache_dir)
+    assert len(both) == len(single) + 12 and both.max_length() == single.max_length()
+    for name, value in both[len(single) + 3].items():  # row 3 of the second cache is row 3 of the data
+        assert torch.equal(value, single[3][name]), name
+    assert sum(1 for _ in both.token_rows()) == len(both)
+
+    output = work / "two_caches"
+    assert cli(["train", "--target", str(target_dir), "--cache", str(cache_dir), str(work / "extra_cache"),
+                "--output", str(output), "--init-draft", str(init_draft), "--max_steps", "3", *TRAIN_FLAGS]) == 0
+    run = summary(output)
+    assert run["steps"] == 3 and run["source"] == [str(cache_dir), str(work / "extra_cache")]
+    assert DSparkDraftModel.from_pretrained(output).config.prompt_chat_template is False
+
+    # Caches of other target features, of differently encoded prompts, or listed twice are refused.
+    assert build_cache(target_dir, extra_data, work / "extra_cache_top8", "--target-topk", "8") == 0
+    with pytest.raises(DataError, match=r"extra_cache_top8 has topk=8 but --cache .*cache has 16"):
+        FeatureCaches([cache_dir, work / "extra_cache_top8"])
+    chat = work / "extra_cache_chat"
+    chat.mkdir()
+    for item in (work / "extra_cache").iterdir():
+        (chat / item.name).symlink_to(item)
+    (chat / "manifest.json").unlink()
+    manifest = json.loads((work / "extra_cache" / "manifest.json").read_text())
+    (chat / "manifest.json").write_text(json.dumps(dict(manifest, chat_template=True)))
+    with pytest.raises(DataError, match="caches disagree on how prompts were encoded"):
+        cli(["train", "--target", str(target_dir), "--cache", str(cache_dir), str(chat), "--output",
+             str(work / "mixed_chat"), "--max_steps", "1", *TRAIN_FLAGS])
+    with pytest.raises(DataError, match="lists a folder twice"):
+        FeatureCaches([cache_dir, cache_dir])
 
 
 def test_fresh_drafter_with_reduced_vocabulary(work, target_dir, cache_dir):

@@ -264,6 +264,46 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         return max(o[i + 1] - o[i] for o in self.offsets for i in range(len(o) - 1))
 
 
+# Manifest fields that must agree before several caches can be trained on as one dataset.
+_CACHE_GEOMETRY = ("target_config", "target_layer_ids", "hidden_size", "hidden_dtype", "topk")
+
+
+class FeatureCaches(torch.utils.data.ConcatDataset):
+    """Several feature caches trained on as one dataset, e.g. a cache of newly regenerated answers next
+    to an older one, so that more data never means rebuilding what is already cached.
+
+    The caches must describe the same target features (target geometry, layers, hidden dtype, top-k);
+    otherwise :class:`DataError` names the field and both folders. ``manifest`` is the first cache's
+    (for the geometry checks); ``parts`` holds each :class:`CachedFeatureDataset`.
+    """
+
+    def __init__(self, cache_dirs: Iterable[str | os.PathLike], verify: bool = True):
+        cache_dirs = [Path(d) for d in cache_dirs]
+        if not cache_dirs:
+            raise DataError("FeatureCaches needs at least one cache folder.")
+        if len({d.resolve() for d in cache_dirs}) != len(cache_dirs):
+            raise DataError(f"--cache lists a folder twice ({', '.join(map(str, cache_dirs))}); give each cache once.")
+        self.parts = [CachedFeatureDataset(d, verify=verify) for d in cache_dirs]
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            for field in _CACHE_GEOMETRY:
+                if part.manifest.get(field) != first.manifest.get(field):
+                    raise DataError(
+                        f"--cache {part.cache_dir} has {field}={part.manifest.get(field)!r} but --cache "
+                        f"{first.cache_dir} has {first.manifest.get(field)!r}; caches trained together must hold "
+                        "the same target features. Rebuild one with the other's `hf-dspark build-cache` settings."
+                    )
+        super().__init__(self.parts)
+        self.manifest = first.manifest
+
+    def token_rows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for part in self.parts:
+            yield from part.token_rows()
+
+    def max_length(self) -> int:
+        return max(part.max_length() for part in self.parts)
+
+
 # ----------------------------------------------------------------------------- batching
 @dataclass
 class DSparkDataCollator:
@@ -348,6 +388,7 @@ __all__ = [
     "MANIFEST_NAME",
     "CachedFeatureDataset",
     "DSparkDataCollator",
+    "FeatureCaches",
     "OnlineDataset",
     "check_cache_matches",
     "choose_draft_vocab",

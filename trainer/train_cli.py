@@ -35,7 +35,7 @@ from typing import get_type_hints
 import torch
 
 from ..errors import CheckpointError, DataError
-from .data import CachedFeatureDataset, OnlineDataset, check_cache_matches, choose_draft_vocab
+from .data import CachedFeatureDataset, FeatureCaches, OnlineDataset, check_cache_matches, choose_draft_vocab
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
 from .feature_cache import data_chat_template, resolve_layer_ids
 from .training_args import DSparkTrainingArguments
@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     main = parser.add_argument_group("models and data")
     main.add_argument("--target", required=True, help="Target model: Hub id, local folder, or 'gemma-3-270m'.")
     source = main.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cache", metavar="CACHE_DIR", help="Feature cache from `hf-dspark build-cache`.")
+    source.add_argument("--cache", nargs="+", metavar="CACHE_DIR",
+                        help="Feature cache from `hf-dspark build-cache`; several caches of the same target "
+                             "features (e.g. newly regenerated answers next to older ones) train as one dataset.")
     source.add_argument("--data", metavar="DATA_DIR",
                         help="Online training on `hf-dspark prepare-data` output (the target runs in every step).")
     main.add_argument("--output", required=True, metavar="DRAFT_DIR", help="Checkpoints and the final drafter.")
@@ -105,10 +107,16 @@ def _load_dataset(args, training_args: DSparkTrainingArguments, target):
                 f"--max_seq_len {training_args.max_seq_len} only applies to online training (--data); a cache is "
                 "truncated when it is built (`hf-dspark build-cache --max-seq-len`)."
             )
-        dataset = CachedFeatureDataset(args.cache, verify=training_args.verify_cache)
-        check_cache_matches(dataset.manifest, target.config, training_args.target_layer_ids)
-        if dataset.manifest.get("split") != "train":
-            logger.warning("--cache %s holds the %r split, not 'train'.", args.cache, dataset.manifest.get("split"))
+        dirs = [args.cache] if isinstance(args.cache, (str, os.PathLike)) else list(args.cache)
+        if len(dirs) == 1:
+            dataset = CachedFeatureDataset(dirs[0], verify=training_args.verify_cache)
+        else:
+            dataset = FeatureCaches(dirs, verify=training_args.verify_cache)
+        for part in getattr(dataset, "parts", [dataset]):
+            check_cache_matches(part.manifest, target.config, training_args.target_layer_ids,
+                                where=f"--cache {part.cache_dir}")
+            if part.manifest.get("split") != "train":
+                logger.warning("--cache %s holds the %r split, not 'train'.", part.cache_dir, part.manifest.get("split"))
         return dataset, list(dataset.manifest["target_layer_ids"])
     dataset = OnlineDataset(args.data, "train", training_args.max_seq_len)
     return dataset, resolve_layer_ids(training_args.target_layer_ids, num_layers)
@@ -116,13 +124,27 @@ def _load_dataset(args, training_args: DSparkTrainingArguments, target):
 
 def _prompt_chat_template(args, dataset) -> bool | None:
     """Whether the training prompts went through the chat template, as prepare-data recorded it (None: unknown)."""
-    if args.cache is not None:
-        if dataset.manifest.get("chat_template") is not None:
-            return bool(dataset.manifest["chat_template"])
-        data_dir = dataset.manifest.get("data")  # caches built before the manifest carried it
-    else:
-        data_dir = args.data
-    return data_chat_template(Path(data_dir)) if data_dir else None
+    if args.cache is None:
+        return data_chat_template(Path(args.data)) if args.data else None
+    found = {}
+    for part in getattr(dataset, "parts", [dataset]):
+        manifest = part.manifest
+        if manifest.get("chat_template") is not None:
+            mode = bool(manifest["chat_template"])
+        else:  # caches built before the manifest carried it: ask the data behind them
+            data_dir = manifest.get("data")
+            mode = data_chat_template(Path(data_dir)) if data_dir else None
+        found[str(getattr(part, "cache_dir", manifest.get("data")))] = mode
+    known = {mode for mode in found.values() if mode is not None}
+    if len(known) > 1:
+        raise DataError(
+            "The caches disagree on how prompts were encoded (chat template: "
+            + ", ".join(f"{name} {mode}" for name, mode in found.items())
+            + "); a drafter is prompted one way, so train on caches of data prepared with the same --chat-template."
+        )
+    if None in found.values():
+        return None
+    return known.pop() if known else None
 
 
 def _check_anchor_config(training_args: DSparkTrainingArguments, dataset) -> None:
@@ -218,7 +240,7 @@ def _summary(trainer: DSparkTrainer, result, args, training_args, checkpoint, el
     return {
         "target": args.target,
         "mode": "online" if training_args.online else "cache",
-        "source": args.data or args.cache,
+        "source": args.data or (args.cache[0] if isinstance(args.cache, list) and len(args.cache) == 1 else args.cache),
         "output": str(Path(args.output).resolve()),
         "steps": trainer.state.global_step,
         "resumed_from": checkpoint,
