@@ -111,14 +111,16 @@ def _results_section(eval_results: Sequence[Mapping]) -> str:
             lines.append("")
             lines.append("| Dataset | " + " | ".join(title for _, title, _ in columns) + " |")
             lines.append("|---|" + "---:|" * len(columns))
+            def table_row(label: str, values: Mapping) -> str:
+                cells = [fmt(values[key]) if _has(values.get(key)) else "—" for key, _, fmt in columns]
+                return f"| {label} | " + " | ".join(cells) + " |"
+
             ratios = []
             for name, row in rows:
-                cells = [fmt(row[key]) if _has(row.get(key)) else "—" for key, _, fmt in columns]
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                lines.append(table_row(name, row))
                 for other, entry in _compare_rows(row):
                     entry = {"num_prompts": row.get("num_prompts"), **entry}
-                    cells = [fmt(entry[key]) if _has(entry.get(key)) else "—" for key, _, fmt in columns]
-                    lines.append(f"| ↳ {name}, `{other}` | " + " | ".join(cells) + " |")
+                    lines.append(table_row(f"↳ {name}, `{other}`", entry))
                     if _has(entry.get("dspark_tau_ratio")):
                         ci = entry.get("dspark_tau_ratio_ci90")
                         ci_text = f" (90% CI {ci[0]:.2f}–{ci[1]:.2f})" if _has(ci) and len(ci) == 2 else ""

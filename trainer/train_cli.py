@@ -142,9 +142,9 @@ def _prompt_chat_template(args, dataset) -> bool | None:
             + ", ".join(f"{name} {mode}" for name, mode in found.items())
             + "); a drafter is prompted one way, so train on caches of data prepared with the same --chat-template."
         )
-    if None in found.values():
+    if None in found.values():  # one cache cannot tell: the drafter's prompt format stays unknown
         return None
-    return known.pop() if known else None
+    return known.pop()
 
 
 def _check_anchor_config(training_args: DSparkTrainingArguments, dataset) -> None:
