@@ -324,9 +324,8 @@ def engine_state_dict(model, engine: str, target_output_embedding: torch.Tensor 
       which is what hf-dspark uses for such previous tokens);
     * reduced draft vocabulary, SGLang (``expand_draft_vocab``): both Markov matrices over the full
       vocabulary, zero outside the draft vocabulary;
-    * ``rnn`` Markov head, SGLang: SGLang's recurrent cell keeps ``gate * state`` where hf-dspark
-      keeps ``(1 - update) * state``; since ``1 - sigmoid(x) = sigmoid(-x)``, negating the gate rows of
-      ``joint_proj`` gives the same function exactly;
+    * ``rnn`` Markov head: hf-dspark, DeepSpec and SGLang share one cell
+      (``sigmoid(gate) * state + (1 - sigmoid(gate)) * tanh(candidate)``), so ``joint_proj`` is copied as is;
     * own ``embed_tokens`` / ``lm_head`` (DeepSpec-style checkpoints): kept for vLLM (which then uses
       them), dropped for SGLang (which always shares the target's).
     """
@@ -365,10 +364,6 @@ def engine_state_dict(model, engine: str, target_output_embedding: torch.Tensor 
         tensors["lm_head.weight"] = own_head
     if engine == "vllm" and own_embed is not None:
         tensors["embed_tokens.weight"] = own_embed
-    if engine == "sglang" and config.markov_head_type == "rnn":
-        rank = config.markov_rank
-        for name in ("markov_head.joint_proj.weight", "markov_head.joint_proj.bias"):
-            tensors[name][:rank] = -tensors[name][:rank]
     return tensors
 
 

@@ -352,9 +352,10 @@ def test_gated_head_is_sglang_only(tmp_path):
     assert "markov_head.gate_proj.weight" in _tensors(out)
 
 
-def test_sglang_rnn_head_is_reparametrized_exactly(tmp_path):
-    """SGLang's RNN cell keeps gate*state + (1-gate)*candidate; hf-dspark keeps (1-update)*state +
-    update*candidate. The export negates the gate rows; the recurrences must then agree."""
+def test_sglang_rnn_head_is_copied_and_matches_sglangs_cell(tmp_path):
+    """SGLang's RNN cell (like DeepSpec's and ours) keeps sigmoid(gate)*state + (1-sigmoid(gate))*tanh(candidate):
+    the export copies joint_proj unchanged, and a cell written from that formula over the exported
+    tensors agrees with hf-dspark's head step by step."""
     target = tiny_qwen3_target()
     folder = _save_drafter(tmp_path / "draft", target, markov_head_type="rnn")
     out = export_drafter(folder, tmp_path / "sglang", format="sglang")
@@ -364,6 +365,9 @@ def test_sglang_rnn_head_is_reparametrized_exactly(tmp_path):
     draft = DSparkDraftModel.from_pretrained(folder)
     head, rank = draft.markov_head, draft.config.markov_rank
     weight, bias = t["markov_head.joint_proj.weight"], t["markov_head.joint_proj.bias"]
+    original = load_file(folder / "model.safetensors")
+    assert torch.equal(weight, original["markov_head.joint_proj.weight"])
+    assert torch.equal(bias, original["markov_head.joint_proj.bias"])
     w1, w2 = t["markov_head.markov_w1.weight"], t["markov_head.markov_w2.weight"]
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 4, 32, generator=gen)

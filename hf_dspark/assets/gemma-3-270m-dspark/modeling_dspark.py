@@ -178,8 +178,11 @@ class DSparkMarkovHead(nn.Module):
 
     ``vanilla``: the W1 row is used as is. ``gated``: it is scaled by
     ``sigmoid(gate_proj([h_k ; W1[x_prev]]))``. ``rnn``: a gated recurrent state
-    ``s_k`` over ``[s_{k-1} ; W1[x_prev] ; h_k]`` (one joint linear split into update gate,
-    candidate and output); the bias is ``W2 tanh(output)``.
+    over ``z = [s_{k-1} ; W1[x_prev] ; h_k]``: one joint linear (with bias) split, in this order,
+    into ``gate``, ``candidate`` and ``output``;
+    ``s_k = sigmoid(gate) * s_{k-1} + (1 - sigmoid(gate)) * tanh(candidate)`` (the sigmoid keeps
+    the OLD state, DeepSpec's convention) and the bias is ``W2 tanh(output)``, computed from ``z``
+    (the old state). The state is zero at the start of every block.
     """
 
     def __init__(self, config: DSparkConfig):
@@ -211,12 +214,12 @@ class DSparkMarkovHead(nn.Module):
             return self.markov_w2(gate * prev_embedding), None
         if state is None:
             state = prev_embedding.new_zeros(prev_embedding.shape)
-        update, candidate, output = self.joint_proj(torch.cat([state, prev_embedding, hidden], dim=-1)).split(
+        gate, candidate, output = self.joint_proj(torch.cat([state, prev_embedding, hidden], dim=-1)).split(
             self.rank, dim=-1
         )
-        update = torch.sigmoid(update)
-        state = (1 - update) * state + update * torch.tanh(candidate)
-        return self.markov_w2(torch.tanh(output)), state
+        gate = torch.sigmoid(gate)
+        new_state = gate * state + (1 - gate) * torch.tanh(candidate)
+        return self.markov_w2(torch.tanh(output)), new_state
 
     def teacher_forced_bias(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
         """Biases for all positions at once given the true previous tokens: [..., block, H] -> [..., block, Vd]."""
