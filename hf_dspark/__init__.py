@@ -9,10 +9,15 @@ from transformers import AutoConfig, AutoModel
 from .configuration_dspark import DSparkConfig
 from .errors import (
     CheckpointError,
+    CorruptFileError,
     DataError,
     DraftTargetMismatchError,
+    DraftNotFoundError,
     DSparkConfigError,
     HfDSparkError,
+    LatencyProfileError,
+    RegenerationServerError,
+    TargetLoadError,
     UnsupportedTransformersError,
 )
 from .batched import BatchedSpeculativeGenerator
@@ -42,7 +47,12 @@ __all__ = [
     "DSparkConfigError",
     "DraftTargetMismatchError",
     "CheckpointError",
+    "CorruptFileError",
     "DataError",
+    "TargetLoadError",
+    "DraftNotFoundError",
+    "LatencyProfileError",
+    "RegenerationServerError",
     "UnsupportedTransformersError",
     "__version__",
 ]

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from .batched import BatchedSpeculativeGenerator
+from .errors import DSparkConfigError
 
 METHODS = ("plain", "full", "scheduler")
 
@@ -256,7 +257,7 @@ def _load_draft(name: str, target, target_name: str, device):
 
         resolve = getattr(targets, "resolve_draft", None)
         if resolve is None:
-            raise ValueError(f"--draft {name!r} is not a folder; pass the folder a drafter was saved to")
+            raise DSparkConfigError(f"--draft {name!r} is not a folder; pass the folder a drafter was saved to")
         resolved = resolve(name, target_name)
         if not isinstance(resolved, (str, Path)):
             return resolved.to(device).eval()
@@ -280,13 +281,13 @@ def _prompt_ids(args, tokenizer, trained_with: bool | None = None) -> list[list[
 
 def run(args: argparse.Namespace) -> int:
     if min(args.concurrency) < 1:
-        raise ValueError(f"--concurrency values must be >= 1, got {args.concurrency}")
+        raise DSparkConfigError(f"--concurrency values must be >= 1, got {args.concurrency}")
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise DSparkConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_prompts is not None and args.num_prompts < 1:
-        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+        raise DSparkConfigError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.ngram_lookup is not None and args.ngram_lookup < 0:
-        raise ValueError(f"--ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}")
+        raise DSparkConfigError(f"--ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}")
     from .latency import LatencyProfile, format_table, profile_latency
     from .targets import load_target
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, DSparkConfigError
 
 DEFAULT_GRID = (0.05, 20.0, 241)  # log-spaced temperatures: min, max, points
 DEFAULT_BINS = 15
@@ -502,13 +502,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("max_prompts", "max_new_tokens", "max_prompt_tokens", "bins"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise DSparkConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+        raise DSparkConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 <= args.eval_fraction < 1:
-        raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+        raise DSparkConfigError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     if args.output is None and not Path(args.draft).is_dir():
-        raise ValueError(
+        raise DSparkConfigError(
             f"--draft {args.draft!r} is not a local folder, so it cannot be updated in place; pass --output DIR"
         )
 
@@ -527,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
     target, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
     draft = DSparkDraftModel.from_pretrained(args.draft).to(args.device).eval()
     if draft.confidence_head is None:
-        raise ValueError(
+        raise DSparkConfigError(
             f"the drafter at {args.draft} has no confidence head (enable_confidence_head=False); nothing to calibrate"
         )
     draft.bind_target(target)

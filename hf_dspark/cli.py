@@ -3,12 +3,20 @@
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them together, importing the module of
 the command actually used (so ``hf-dspark --help`` stays fast).
+
+:func:`main` is the one place that turns failures into exit codes: errors a user causes and
+can fix (the :mod:`hf_dspark.errors` classes, missing or unreadable files, corrupt JSON or
+safetensors) print ``hf-dspark COMMAND: error: <message>`` and exit 2; Ctrl-C prints one line
+saying how to resume and exits 130; anything else is a bug and keeps its traceback.
+:func:`run_command` runs a command without that handling (errors propagate), for tests and
+scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 # name -> (module, one-line help)
@@ -26,6 +34,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("hf_dspark.demo", "Run the Gemma 3 270M demo with the shipped drafter."),
 }
 
+# What an interrupted command keeps, for the one line printed on Ctrl-C (commands not listed keep nothing).
+RESUMABLE: dict[str, str] = {
+    "prepare-data": "answers already written are kept",
+    "build-cache": "finished shards are kept",
+    "train": "training continues from the latest complete checkpoint",
+    "eval": "with --output, prompts already measured are kept",
+    "calibrate": "with --rounds, prompts already recorded are kept",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-dspark", description="DSpark speculative decoding toolchain.")
@@ -33,6 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user causes and can fix: reported in one line, without a traceback."""
+    from safetensors import SafetensorError
+
+    from .errors import HfDSparkError
+
+    # OSError: missing, unreadable or unwritable files and unreachable Hub repositories;
+    # JSONDecodeError / UnicodeDecodeError / SafetensorError: a corrupt file read directly.
+    return (HfDSparkError, OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError)
+
+
+def error_message(error: BaseException) -> str:
+    """``error`` as one line; errors that are not ours are prefixed with their type."""
+    from .errors import HfDSparkError
+
+    message = " ".join(str(error).split()) or type(error).__name__
+    return message if isinstance(error, HfDSparkError) else f"{type(error).__name__}: {message}"
+
+
+def run_command(argv: list[str]) -> int:
+    """Parse ``argv`` (``[COMMAND, *flags]``) and run that command; its errors propagate."""
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"hf-dspark {name}", description=COMMANDS[name][1])
+    add_arguments = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or module.add_arguments
+    run = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
+    add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(run(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"hf-dspark {name}", description=COMMANDS[name][1])
-    add_arguments = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or module.add_arguments
-    run = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
-    add_arguments(parser)
-    args = parser.parse_args(argv[1:])
-    return int(run(args) or 0)
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:
+        if name in RESUMABLE:
+            print(f"hf-dspark {name}: interrupted; rerun the same command to resume ({RESUMABLE[name]}).",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"hf-dspark {name}: interrupted.", file=sys.stderr, flush=True)
+        return 130
+    except expected_errors() as error:
+        print(f"hf-dspark {name}: error: {error_message(error)}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Iterable
 
 import torch
 
-from hf_dspark.errors import HfDSparkError
+from hf_dspark.errors import DSparkConfigError, LatencyProfileError
 from hf_dspark.generation_dspark import activate_verify_head
 
 __all__ = [
@@ -48,10 +48,6 @@ _FORMAT = "hf_dspark.latency_profile"
 _VERSION = 1
 # Floor for extrapolated times so that steps_per_second stays finite.
 _MIN_SECONDS = 1e-9
-
-
-class LatencyProfileError(HfDSparkError, ValueError):
-    """A latency profile file is malformed, or a profile cannot answer a query."""
 
 
 def default_cache_dir() -> Path:
@@ -456,7 +452,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``hf-dspark profile``: load the target, profile it, print the table."""
     if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        raise DSparkConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     from hf_dspark.targets import load_target  # lazy: heavy, and owned by another module
 
     model, _tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)

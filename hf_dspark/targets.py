@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import HfDSparkError
+from .errors import DraftNotFoundError, TargetLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ GEMMA_FLOAT_DIRNAME = "gemma-3-270m-float"
 CACHE_ENV_VAR = "HF_DSPARK_CACHE"
 _CONVERSION_MARKER = "hf_dspark_conversion.json"
 _CONVERSION_FORMAT = 1
-
-
-class TargetLoadError(HfDSparkError, RuntimeError):
-    """A target model could not be loaded; the message says why and what to do."""
 
 
 def cache_root() -> Path:
@@ -252,10 +248,6 @@ DEFAULT_DRAFT = "default"
 
 SHIPPED_DRAFTERS = {GEMMA_ALIAS: "gemma-3-270m-dspark"}
 """Built-in target alias -> folder name of its drafter under ``hf_dspark/assets/``."""
-
-
-class DraftNotFoundError(HfDSparkError, ValueError):
-    """No drafter could be resolved for ``--draft``; the message says how to get one."""
 
 
 def shipped_draft_dir(target: str) -> Path:

@@ -243,11 +243,11 @@ def test_calibrate_cli_sampling(tiny_target_dir, drafter_dir, prompts_file, tmp_
 
 
 def test_calibrate_cli_rejects_bad_arguments(tiny_target_dir, drafter_dir, prompts_file):
-    from hf_dspark.cli import main
+    from hf_dspark.cli import run_command
 
     with pytest.raises(ValueError, match="--temperature"):
-        main(["calibrate", "--target", str(tiny_target_dir), "--draft", str(drafter_dir), "--prompts",
+        run_command(["calibrate", "--target", str(tiny_target_dir), "--draft", str(drafter_dir), "--prompts",
               str(prompts_file), "--temperature", "-1"])
     with pytest.raises(ValueError, match="--output"):
-        main(["calibrate", "--target", str(tiny_target_dir), "--draft", "org/not-a-folder", "--prompts",
+        run_command(["calibrate", "--target", str(tiny_target_dir), "--draft", "org/not-a-folder", "--prompts",
               str(prompts_file)])

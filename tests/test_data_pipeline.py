@@ -337,7 +337,7 @@ def test_openai_regeneration_gives_up_with_clear_error(tmp_path, prompts_file):
 
 
 def test_prepare_data_cli_end_to_end_and_resume(tmp_path, prompts_file, tiny_target_dir, capsys):
-    from hf_dspark.cli import main
+    from hf_dspark.cli import main, run_command
 
     out = tmp_path / "data"
     base = ["prepare-data", "--target", str(tiny_target_dir), "--prompts", str(prompts_file), "--output", str(out),
@@ -363,16 +363,16 @@ def test_prepare_data_cli_end_to_end_and_resume(tmp_path, prompts_file, tiny_tar
     assert main(argv + ["--dtype", "bfloat16"]) == 0  # allowed, with a warning
     assert "dtype='float32'" in capsys.readouterr().out
     with pytest.raises(DataError, match="sampling"):
-        main(base + ["--greedy"])
+        run_command(base + ["--greedy"])
 
 
 def test_prepare_data_cli_rejects_missing_chat_template(tmp_path, prompts_file, tiny_target_dir, tiny_chat_target_dir):
-    from hf_dspark.cli import main
+    from hf_dspark.cli import main, run_command
 
     base = ["prepare-data", "--prompts", str(prompts_file), "--max-new-tokens", "3", "--greedy", "--no-progress",
             "--num-prompts", "3", "--holdout", "0"]
     with pytest.raises(DataError, match="chat template"):
-        main(base + ["--target", str(tiny_target_dir), "--output", str(tmp_path / "a"), "--chat-template", "yes"])
+        run_command(base + ["--target", str(tiny_target_dir), "--output", str(tmp_path / "a"), "--chat-template", "yes"])
     assert main(base + ["--target", str(tiny_chat_target_dir), "--output", str(tmp_path / "b")]) == 0
     config = json.loads((tmp_path / "b" / "data_config.json").read_text())
     assert config["chat_template"] is True and config["counts"]["train"]["rows"] == 3

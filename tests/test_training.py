@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, TrainerCallback
 
 from hf_dspark import DSparkDraftModel
-from hf_dspark.cli import main as cli
+from hf_dspark.cli import run_command as cli  # errors propagate (main() turns them into exit codes)
 from hf_dspark.errors import CheckpointError, DataError
 from hf_dspark.losses import dspark_loss
 from hf_dspark.targets import load_target

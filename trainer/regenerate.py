@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..errors import DataError, HfDSparkError
+from ..errors import DataError, RegenerationServerError
 
 __all__ = [
     "RegenerationServerError",
@@ -51,10 +51,6 @@ __all__ = [
     "regenerate_openai",
     "resolve_chat_mode",
 ]
-
-
-class RegenerationServerError(HfDSparkError, RuntimeError):
-    """The OpenAI-compatible server failed or kept failing after all retries."""
 
 
 # --------------------------------------------------------------------------- prompts

@@ -28,13 +28,14 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import get_type_hints
 
 import torch
 
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, DataError, DSparkConfigError
 from .data import CachedFeatureDataset, FeatureCaches, OnlineDataset, check_cache_matches, choose_draft_vocab
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
 from .feature_cache import data_chat_template, resolve_layer_ids
@@ -43,6 +44,16 @@ from .training_args import DSparkTrainingArguments
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "training_summary.json"
+# What a run was started with; a resumed run must ask for the same (like prepare-data / build-cache).
+SETTINGS_NAME = "train_settings.json"
+# Flags that fix what is trained: the drafter's architecture, where it starts from, and the LoRA layout.
+RESUME_FIELDS = ("num_draft_layers", "block_size", "markov_rank", "markov_head_type", "enable_confidence_head",
+                 "confidence_head_with_markov", "draft_vocab_size", "target_layer_ids", "use_lora", "lora_r",
+                 "lora_alpha", "lora_target_modules")
+# Runs older than train_settings.json: the checkpoint's drafter config tells these (flag -> config field).
+_CONFIG_FIELDS = {"num_draft_layers": "num_hidden_layers", "block_size": "block_size", "markov_rank": "markov_rank",
+                  "markov_head_type": "markov_head_type", "enable_confidence_head": "enable_confidence_head",
+                  "confidence_head_with_markov": "confidence_head_with_markov", "draft_vocab_size": "draft_vocab_size"}
 # Fields that come from the dedicated flags below instead.
 _SKIPPED_FIELDS = {"output_dir", "resume_from_checkpoint", "online"}
 
@@ -94,7 +105,12 @@ def build_training_args(args: argparse.Namespace) -> DSparkTrainingArguments:
         # transformers refuses bf16/fp16 without an accelerator unless use_cpu is set; on a CPU-only
         # machine that is the only device anyway, so --bf16 means CPU autocast.
         values["use_cpu"] = True
-    return DSparkTrainingArguments(output_dir=args.output, online=args.data is not None, **values)
+    try:
+        return DSparkTrainingArguments(output_dir=args.output, online=args.data is not None, **values)
+    except DSparkConfigError:
+        raise
+    except ValueError as error:  # transformers.TrainingArguments refusing a combination of flags
+        raise DSparkConfigError(f"Invalid training arguments: {error}") from error
 
 
 # ----------------------------------------------------------------------------- steps of a run
@@ -150,27 +166,104 @@ def _prompt_chat_template(args, dataset) -> bool | None:
 def _check_anchor_config(training_args: DSparkTrainingArguments, dataset) -> None:
     longest = dataset.max_length()
     if training_args.block_size >= longest:
-        raise ValueError(
+        raise DSparkConfigError(
             f"block_size={training_args.block_size} does not fit the training sequences (longest: {longest} tokens); "
             f"use --block_size < {longest} or longer data."
         )
     if training_args.num_anchors > longest:
-        raise ValueError(
+        raise DSparkConfigError(
             f"num_anchors={training_args.num_anchors} exceeds the longest training sequence ({longest} tokens): at most "
             f"one anchor per token can be drawn; use --num_anchors {longest} or fewer."
         )
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a finished checkpoint, or None when it is.
+
+    The Trainer writes ``trainer_state.json`` after the weights, optimizer, scheduler and RNG
+    states, so a checkpoint whose save was interrupted lacks it (or holds a cut-off copy).
+    """
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "it has no trainer_state.json (its save was interrupted)"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return "its trainer_state.json is cut off (its save was interrupted)"
+    if not any((folder / name).is_file() for name in ("model.safetensors", "adapter_model.safetensors")):
+        return "it holds no model weights"
+    return None
+
+
 def _resolve_checkpoint(resume: str, output: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from: ``auto`` takes the latest finished ``checkpoint-N`` in
+    ``output`` and skips (with a warning naming them) later ones whose save was interrupted."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     if resume == "no":
         return None
     if resume == "auto":
-        return get_last_checkpoint(str(output)) if output.is_dir() else None
-    if not Path(resume).is_dir():
+        if not output.is_dir():
+            return None
+        steps = sorted(
+            (int(path.name.split("-")[-1]), path) for path in output.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+            if path.is_dir() and path.name.split("-")[-1].isdigit()
+        )
+        for step, path in reversed(steps):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return str(path)
+            print(f"Warning: skipping {path}: it is incomplete, {problem}; it will be written again when training "
+                  f"reaches step {step}.", file=sys.stderr, flush=True)
+        return None
+    path = Path(resume)
+    if not path.is_dir():
         raise CheckpointError(f"--resume {resume!r}: no such checkpoint folder; use auto, no, or a checkpoint-N folder.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"--resume {resume}: {path.name} is incomplete, {problem}. Pass --resume auto to take the latest "
+            "finished checkpoint, or another checkpoint-N folder."
+        )
     return resume
+
+
+def resume_settings(args, training_args: DSparkTrainingArguments) -> dict:
+    """The settings a run in ``--output`` was started with (see :data:`RESUME_FIELDS`)."""
+    settings = {name: getattr(training_args, name) for name in RESUME_FIELDS}
+    settings["init_draft"] = str(Path(args.init_draft).resolve()) if args.init_draft else None
+    return settings
+
+
+def _as_flag(name: str, value) -> str:
+    if name == "init_draft":
+        return f"--init-draft {value}" if value else "no --init-draft"
+    if name == "use_lora":
+        return "--lora" if value else "no --lora"
+    if value is None:
+        return f"no --{name}"
+    return f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def _check_resume_settings(output: Path, checkpoint: str, settings: dict) -> None:
+    """Refuse to resume ``checkpoint`` with other architecture / starting-point / LoRA flags than it was trained with."""
+    path = output / SETTINGS_NAME
+    if path.is_file():
+        previous = json.loads(path.read_text())
+    elif settings["init_draft"] is None and (Path(checkpoint) / "config.json").is_file():
+        config = json.loads((Path(checkpoint) / "config.json").read_text())  # a run older than train_settings.json
+        previous = {flag: config.get(field) for flag, field in _CONFIG_FIELDS.items()}
+    else:
+        return
+    changed = [name for name in previous if name in settings and previous[name] != settings[name]]
+    if changed:
+        raise CheckpointError(
+            f"{output} holds a run trained with other settings: "
+            + ", ".join(f"{name}={previous[name]!r} (now {settings[name]!r})" for name in changed)
+            + f". Rerun with the old values ({', '.join(_as_flag(name, previous[name]) for name in changed)}) to "
+            f"resume it from {Path(checkpoint).name}, or pass a new --output to train with the new ones "
+            "(--resume no starts this folder over)."
+        )
 
 
 def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, target_name, checkpoint):
@@ -272,6 +365,12 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
     dataset, layer_ids = _load_dataset(args, training_args, target)
     _check_anchor_config(training_args, dataset)
     checkpoint = _resolve_checkpoint(args.resume, output)
+    settings = resume_settings(args, training_args)
+    if checkpoint is not None:
+        _check_resume_settings(output, checkpoint, settings)
+    elif training_args.should_save:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
     set_seed(training_args.seed)
     draft = _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, target_name, checkpoint)
     draft.config.target_model_name = target_name

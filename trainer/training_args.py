@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..configuration_dspark import MARKOV_HEAD_TYPES
+from ..errors import DSparkConfigError
 
 LORA_MODULE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _error(name: str, value, fix: str) -> ValueError:
-    return ValueError(f"DSparkTrainingArguments.{name}={value!r} is invalid: {fix}")
+def _error(name: str, value, fix: str) -> DSparkConfigError:
+    return DSparkConfigError(f"DSparkTrainingArguments.{name}={value!r} is invalid: {fix}")
 
 
 @dataclass

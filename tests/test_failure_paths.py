@@ -1,0 +1,232 @@
+"""Failure paths a user hits (issue 18): one-line errors, resumable interrupts, nothing silently
+dropped or ignored.
+
+Each test reproduces one defect on a tiny random target: an interrupted checkpoint save, a resume
+with changed architecture flags, tracebacks for deliberate errors, unusable prompt rows, caches over
+unfinished data, config values that failed late, misleading messages and corrupted drafter weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_dspark import errors
+from hf_dspark.cli import main, run_command
+from hf_dspark.errors import CheckpointError, DataError, DSparkConfigError
+
+from conftest import BOS_ID
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_FLAGS = ["--num_anchors", "8", "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--threads", "1",
+               "--report_to", "none", "--block_size", "4", "--markov_rank", "8", "--logging_steps", "5"]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def data_rows(count: int, seed: int = 0) -> list[dict]:
+    """Rows in the prepare-data format (random token ids; 6 prompt tokens, then the answer)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for index in range(count):
+        length = 16 + index % 9
+        ids = torch.randint(6, 128, (length,), generator=gen).tolist()
+        ids[0] = BOS_ID
+        rows.append({"id": f"r{seed}-{index}", "input_ids": ids, "loss_mask": [0] * 6 + [1] * (length - 6),
+                     "num_prompt_tokens": 6, "num_answer_tokens": length - 6})
+    return rows
+
+
+def make_data(folder: Path, rows: list[dict], status: str | None = "complete") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "train.jsonl", rows)
+    config = {"format_version": 1, "chat_template": False}
+    if status is not None:
+        config.update(status=status, num_prompts={"train": len(rows), "holdout": 0})
+    (folder / "data_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def build_cache_argv(target_dir, data_dir, output, *extra) -> list[str]:
+    return ["build-cache", "--target", str(target_dir), "--data", str(data_dir), "--output", str(output),
+            "--target-layer-ids", "0", "1", "--target-topk", "8", "--shard-tokens", "200", "--no-progress",
+            *map(str, extra)]
+
+
+def train_argv(target_dir, cache_dir, output, *extra) -> list[str]:
+    return ["train", "--target", str(target_dir), "--cache", str(cache_dir), "--output", str(output), *TRAIN_FLAGS,
+            *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("failure_paths")
+
+
+@pytest.fixture(scope="module")
+def data_dir(work):
+    return make_data(work / "data", data_rows(12))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(work, tiny_target_dir, data_dir):
+    assert run_command(build_cache_argv(tiny_target_dir, data_dir, work / "cache")) == 0
+    return work / "cache"
+
+
+def last_line(stream: str) -> str:
+    """The last line written (progress bars redraw with carriage returns)."""
+    return stream.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- 1. interrupted checkpoint save
+def test_a_checkpoint_interrupted_while_saving_is_skipped_on_resume(work, tiny_target_dir, cache_dir, monkeypatch,
+                                                                     capsys):
+    from hf_dspark.trainer.dspark_trainer import DSparkTrainer
+
+    flags = ["--max_steps", "8", "--save_steps", "3"]
+    assert run_command(train_argv(tiny_target_dir, cache_dir, work / "straight", *flags)) == 0
+    output = work / "interrupted_save"
+    save_rng_state = DSparkTrainer._save_rng_state
+
+    def ctrl_c_while_saving(self, output_dir):  # weights and optimizer written, trainer_state.json not yet
+        if self.state.global_step == 6:
+            raise KeyboardInterrupt
+        return save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(DSparkTrainer, "_save_rng_state", ctrl_c_while_saving)
+    assert main(train_argv(tiny_target_dir, cache_dir, output, *flags)) == 130
+    monkeypatch.undo()
+    assert (output / "checkpoint-6" / "model.safetensors").is_file()
+    assert not (output / "checkpoint-6" / "trainer_state.json").exists()
+    capsys.readouterr()
+
+    assert main(train_argv(tiny_target_dir, cache_dir, output, *flags)) == 0  # the same command again
+    err = capsys.readouterr().err
+    assert "checkpoint-6" in err and "incomplete" in err
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 8
+    straight, resumed = weights(work / "straight"), weights(output)
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=1e-5, msg=name)
+    # an explicitly named incomplete checkpoint is refused with the reason, not a FileNotFoundError
+    (output / "checkpoint-9").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint-9 is incomplete.*trainer_state.json"):
+        run_command(train_argv(tiny_target_dir, cache_dir, output, *flags, "--resume", output / "checkpoint-9"))
+
+
+# ----------------------------------------------------------------------------- 2. resume with other flags
+@pytest.mark.parametrize("field, old, new", [("block_size", 4, 5), ("markov_rank", 8, 4),
+                                            ("markov_head_type", "vanilla", "gated")])
+def test_resume_with_other_architecture_flags_is_refused(work, tiny_target_dir, cache_dir, field, old, new, capsys):
+    output = work / "arch_run"
+    flags = ["--max_steps", "3", "--save_steps", "2"]
+    if not (output / "checkpoint-2").is_dir():
+        assert run_command(train_argv(tiny_target_dir, cache_dir, output, *flags)) == 0
+    before = weights(output)
+    capsys.readouterr()
+    assert main(train_argv(tiny_target_dir, cache_dir, output, *flags, f"--{field}", new)) == 2
+    err = capsys.readouterr().err
+    assert f"{field}={old!r} (now {new!r})" in err, err
+    assert f"--{field} {old}" in err and "new --output" in err, err
+    assert all(torch.equal(before[name], tensor) for name, tensor in weights(output).items())
+
+
+# ----------------------------------------------------------------------------- 3. one-line errors, Ctrl-C
+def test_deliberate_errors_print_one_line_and_exit_2(work, tiny_target_dir, data_dir, cache_dir, capsys):
+    corrupt = work / "corrupt_cache"
+    corrupt.mkdir()
+    for item in cache_dir.iterdir():
+        (corrupt / item.name).write_bytes(item.read_bytes())
+    shard = corrupt / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-50] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad_prompts = write_jsonl(work / "bad_prompts.jsonl", ['{"turns": ["fine"]}', '{"turns": ['])
+    cases = [
+        (train_argv(tiny_target_dir, "/nonexistent", work / "r1", "--max_steps", "1"), "no manifest.json"),
+        (train_argv(tiny_target_dir, corrupt, work / "r2", "--max_steps", "1"), "shard-00000.safetensors is corrupt"),
+        (build_cache_argv(tiny_target_dir, data_dir, corrupt), "shard-00000.safetensors is corrupt"),
+        (["prepare-data", "--target", str(tiny_target_dir), "--prompts", str(bad_prompts), "--output",
+          str(work / "p1"), "--no-progress"], "line 2: not valid JSON"),
+        (train_argv(tiny_target_dir, cache_dir, work / "r3", "--max_steps", "1", "--num_anchors", "0"),
+         "DSparkTrainingArguments.num_anchors=0 is invalid"),
+        (["calibrate", "--target", str(tiny_target_dir), "--draft", str(work), "--prompts", str(bad_prompts),
+          "--temperature", "-1"], "--temperature must be >= 0"),
+        (["profile", "--target", str(tiny_target_dir), "--max-tokens", "0"], "--max-tokens must be >= 1"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert last_line(err).startswith(f"hf-dspark {argv[0]}: error: ") and message in last_line(err), (argv, err)
+        assert "Traceback" not in err
+
+
+def test_real_bugs_keep_their_traceback(tiny_target_dir, data_dir, work, monkeypatch):
+    from hf_dspark.trainer import feature_cache
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(feature_cache, "plan_shards", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(build_cache_argv(tiny_target_dir, data_dir, work / "bug_cache"))
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(work, tiny_target_dir, cache_dir, monkeypatch, capsys):
+    from hf_dspark.trainer.dspark_trainer import DSparkTrainer
+
+    def ctrl_c(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DSparkTrainer, "training_step", ctrl_c)
+    capsys.readouterr()
+    assert main(train_argv(tiny_target_dir, cache_dir, work / "ctrl_c", "--max_steps", "2")) == 130
+    assert last_line(capsys.readouterr().err) == ("hf-dspark train: interrupted; rerun the same command to resume "
+                                                  "(training continues from the latest complete checkpoint).")
+
+
+def test_sigint_during_training_then_the_same_command_finishes(work, tiny_target_dir, cache_dir):
+    """The issue's reproduction: a real process, SIGINT as soon as a checkpoint folder appears, then a rerun."""
+    output = work / "sigint"
+    argv = [sys.executable, "-m", "hf_dspark.cli", *train_argv(tiny_target_dir, cache_dir, output, "--max_steps", "400",
+                                                               "--save_steps", "2")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (output / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert last_line(err).startswith("hf-dspark train: interrupted; rerun the same command to resume"), err[-3000:]
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((output / "training_summary.json").read_text())["steps"] == 400
+
+
+def test_a_missing_cache_gives_no_traceback_in_a_real_process(tiny_target_dir, work):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "hf_dspark.cli",
+                           *train_argv(tiny_target_dir, "/nonexistent", work / "nocache", "--max_steps", "1")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert last_line(done.stderr).startswith("hf-dspark train: error: --cache /nonexistent: no manifest.json")
