@@ -16,6 +16,15 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+BACKBONE_TYPES = ("qwen3", "gemma4")
+# DeepSpec writes the drafter's backbone as the config's model_type / architecture.
+_GEMMA4_SOURCE_TYPES = ("gemma4", "gemma4_text")
+# Gemma 4 features the DSpark drafter backbone does not implement: field -> value that means "off".
+_UNSUPPORTED_GEMMA4_FIELDS = {
+    "enable_moe_block": "a mixture-of-experts block",
+    "hidden_size_per_layer_input": "per-layer inputs",
+    "num_kv_shared_layers": "KV sharing across layers",
+}
 VERIFICATION_POLICIES = ("full", "threshold", "cost")
 
 
@@ -31,9 +40,24 @@ class DSparkConfig(PretrainedConfig):
     Backbone fields (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
     ``num_key_value_heads``, ``head_dim``, ``intermediate_size``, ``hidden_act``,
     ``rms_norm_eps``, ``rope_parameters``, ``max_position_embeddings``,
-    ``attention_bias``) describe the drafter's own decoder layers (Qwen3-style: RMSNorm,
-    GQA attention with RoPE and q/k-norm, SwiGLU MLP). ``hidden_size`` must equal the
-    target's hidden size because the target's embedding table and LM head are reused.
+    ``attention_bias``) describe the drafter's own decoder layers. ``hidden_size`` must equal
+    the target's hidden size because the target's embedding table and LM head are reused.
+
+    Backbone:
+        backbone_type (`str`): ``"qwen3"`` (RMSNorm, GQA attention with RoPE and q/k-norm, SwiGLU
+            MLP; DeepSpec's ``Qwen3DSparkModel``) or ``"gemma4"`` (DeepSpec's
+            ``Gemma4DSparkModel``: token embedding scaled by sqrt(hidden_size), sandwich norms,
+            q/k norms with scale and a v norm without, attention scale 1.0, gelu-tanh MLP,
+            ``layer_scalar``, the target's full-attention RoPE, soft-capped logits). Read from
+            ``model_type`` (``qwen3`` / ``gemma4_text``) when loading a DeepSpec ``config.json``.
+        global_head_dim (`int`, *optional*): Gemma 4: head dimension of the drafter's attention
+            (the target's full-attention head dimension); ``head_dim`` is then informative only.
+        num_global_key_value_heads (`int`, *optional*): Gemma 4 with ``attention_k_eq_v``: number
+            of key/value heads.
+        attention_k_eq_v (`bool`): Gemma 4: no ``v_proj``; values are the raw ``k_proj`` output
+            (before k-norm and RoPE) through the scale-free v-norm.
+        final_logit_softcapping (`float`, *optional*): Gemma 4: base logits become
+            ``c * tanh(z / c)`` before the Markov bias is added.
 
     DSpark fields:
         target_layer_ids (`list[int]`): target layers whose hidden states feed the drafter
@@ -106,12 +130,33 @@ class DSparkConfig(PretrainedConfig):
         l1_loss_alpha: float = 0.9,
         confidence_head_alpha: float = 1.0,
         tie_word_embeddings: bool = False,
+        backbone_type: str | None = None,
+        global_head_dim: int | None = None,
+        num_global_key_value_heads: int | None = None,
+        attention_k_eq_v: bool = False,
+        final_logit_softcapping: float | None = None,
         **kwargs,
     ):
+        if "speculators_model_type" in kwargs:
+            raise ValueError(
+                "This config.json is in vLLM speculators' format (speculators_model_type="
+                f"{kwargs['speculators_model_type']!r}), not a DSpark/DeepSpec config; load the folder with "
+                "hf_dspark.load_drafter(dir) or convert it once with `hf-dspark convert --from speculators DIR --output OUT`"
+            )
+        source_model_type = kwargs.pop("model_type", None)
+        if backbone_type is None:
+            is_gemma4 = source_model_type in _GEMMA4_SOURCE_TYPES or "Gemma4DSparkModel" in (kwargs.get("architectures") or [])
+            backbone_type = "gemma4" if is_gemma4 else "qwen3"
+        # Gemma 4 configs name the MLP activation hidden_activation.
+        hidden_act = kwargs.pop("hidden_activation", None) or hidden_act
+        unsupported = {field: kwargs.pop(field, None) for field in _UNSUPPORTED_GEMMA4_FIELDS}
         # DeepSpec / older configs carry rope_theta at top level.
         rope_theta = kwargs.pop("rope_theta", None)
         if rope_parameters is None:
             rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta or 10000.0)}
+        elif isinstance(rope_parameters.get("full_attention"), dict):
+            # Per-layer-type RoPE (Gemma 4 targets): every drafter layer is a full-attention layer.
+            rope_parameters = rope_parameters["full_attention"]
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -146,10 +191,41 @@ class DSparkConfig(PretrainedConfig):
         self.ce_loss_alpha = ce_loss_alpha
         self.l1_loss_alpha = l1_loss_alpha
         self.confidence_head_alpha = confidence_head_alpha
-        # DeepSpec writes layer_types; our backbone is full attention only.
-        kwargs.pop("layer_types", None)
+        self.backbone_type = backbone_type
+        self.global_head_dim = global_head_dim
+        self.num_global_key_value_heads = num_global_key_value_heads
+        self.attention_k_eq_v = bool(attention_k_eq_v)
+        self.final_logit_softcapping = float(final_logit_softcapping) if final_logit_softcapping else None
+        # DeepSpec writes layer_types; every layer of a DSpark drafter is a (bidirectional-in-block)
+        # full-attention layer, so anything else cannot be represented.
+        layer_types = kwargs.pop("layer_types", None)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        for field, value in unsupported.items():
+            if value:
+                raise _config_error(
+                    field, value, f"{_UNSUPPORTED_GEMMA4_FIELDS[field]} is not supported by the DSpark drafter "
+                    "backbone; only dense Gemma 4 drafter layers (value 0 / false) can be loaded"
+                )
+        if layer_types is not None and any(t != "full_attention" for t in layer_types):
+            raise _config_error(
+                "layer_types", layer_types, "DSpark drafter layers are full-attention layers only "
+                "(sliding-window draft layers are not supported)"
+            )
         self.validate_dspark()
+
+    @property
+    def attention_head_dim(self) -> int:
+        """Head dimension of the drafter's attention (Gemma 4: ``global_head_dim``)."""
+        if self.backbone_type == "gemma4" and self.global_head_dim:
+            return self.global_head_dim
+        return self.head_dim
+
+    @property
+    def attention_key_value_heads(self) -> int:
+        """Number of key/value heads (Gemma 4 with ``attention_k_eq_v``: ``num_global_key_value_heads``)."""
+        if self.backbone_type == "gemma4" and self.attention_k_eq_v and self.num_global_key_value_heads:
+            return self.num_global_key_value_heads
+        return self.num_key_value_heads
 
     @property
     def context_size(self) -> int:
@@ -190,12 +266,21 @@ class DSparkConfig(PretrainedConfig):
                 self.draft_vocab_size,
                 f"must be positive and at most the target vocabulary ({self.vocab_size}); use None for the full vocabulary",
             )
-        if self.hidden_size % 2 or self.head_dim % 2:
-            raise _config_error("head_dim", self.head_dim, "RoPE needs an even head dimension")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.backbone_type not in BACKBONE_TYPES:
+            raise _config_error("backbone_type", self.backbone_type, f"choose one of {BACKBONE_TYPES}")
+        if self.backbone_type != "gemma4" and (self.attention_k_eq_v or self.final_logit_softcapping):
             raise _config_error(
-                "num_key_value_heads",
-                self.num_key_value_heads,
+                "backbone_type", self.backbone_type,
+                "attention_k_eq_v and final_logit_softcapping are Gemma 4 settings; set backbone_type='gemma4'",
+            )
+        if self.hidden_size % 2 or self.attention_head_dim % 2:
+            field = "global_head_dim" if self.attention_head_dim != self.head_dim else "head_dim"
+            raise _config_error(field, self.attention_head_dim, "RoPE needs an even head dimension")
+        kv_field = "num_global_key_value_heads" if self.attention_key_value_heads != self.num_key_value_heads else "num_key_value_heads"
+        if self.num_attention_heads % self.attention_key_value_heads:
+            raise _config_error(
+                kv_field,
+                self.attention_key_value_heads,
                 f"must divide num_attention_heads={self.num_attention_heads}",
             )
         temps = self.confidence_temperatures

@@ -5,7 +5,7 @@ Formats
 * ``hub`` (default): a folder that *is* a Hub model repository: ``config.json`` (``model_type``
   ``dspark``, ``auto_map``, all DSpark fields, STS temperatures), ``model.safetensors``, the
   remote-code files (``configuration_dspark.py``, ``modeling_dspark.py``,
-  ``generation_dspark.py``), ``generation_config.json`` (verification policy, threshold,
+  ``modeling_dspark_gemma4.py``, ``generation_dspark.py``), ``generation_config.json`` (verification policy, threshold,
   latency table) and a ``README.md`` model card, plus ``dspark_card.json`` (the card's inputs, so
   that re-exporting the folder reproduces it). A user with only ``transformers`` installed runs
   ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` and
@@ -45,7 +45,7 @@ from .errors import CheckpointError, DSparkConfigError, HfDSparkError
 from .model_card import DEFAULT_LICENSE, render_engine_card, render_model_card
 
 EXPORT_FORMATS = ("hub", "vllm", "sglang")
-REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "generation_dspark.py")
+REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_gemma4.py", "generation_dspark.py")
 CARD_INPUTS_FILE = "dspark_card.json"
 ENGINE_ARCHITECTURE = "Qwen3DSparkModel"
 SAFETENSORS_METADATA = {"format": "pt"}

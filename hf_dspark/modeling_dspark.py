@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_dspark import DSparkConfig
 from .generation_dspark import DEFAULT_DSPARK_GENERATION, default_dspark_generation_config, install_generate_hook
+from .modeling_dspark_gemma4 import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm
 
 
 # --------------------------------------------------------------------------------------
@@ -52,28 +53,45 @@ class DSparkRMSNorm(nn.Module):
 
 
 class DSparkRotaryEmbedding(nn.Module):
-    """Standard RoPE (``rope_type`` ``default``/``linear``) returning cos/sin for given positions."""
+    """RoPE returning cos/sin for given positions, in the rotate-half layout over the whole head.
+
+    ``rope_type``: ``default``; ``linear`` (positions divided by ``factor``); ``proportional``
+    (Gemma 4 full attention: only the first ``partial_rotary_factor * head_dim / 2`` frequency
+    pairs rotate, with exponents over the WHOLE head dimension; the other pairs are the identity,
+    so with head dim 64 and factor 0.25 dims 0-7 pair with 32-39 and the rest pass through).
+    """
 
     def __init__(self, config: DSparkConfig):
         super().__init__()
         params = config.rope_parameters or {}
         rope_type = params.get("rope_type", "default")
-        if rope_type not in ("default", "linear"):
+        if rope_type not in ("default", "linear", "proportional"):
             raise ValueError(
                 f"DSparkConfig.rope_parameters['rope_type']={rope_type!r} is not supported by the drafter "
-                "backbone; use 'default' or 'linear'"
+                "backbone; use 'default', 'linear' or 'proportional'"
             )
-        base = float(params.get("rope_theta", 10000.0))
+        theta = params.get("rope_theta")
+        if theta is None:
+            raise ValueError(
+                f"DSparkConfig.rope_parameters={params!r} has no rope_theta; give the RoPE base, e.g. "
+                "{'rope_type': 'default', 'rope_theta': 10000.0}"
+            )
         self.position_scale = 1.0 / float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        self.dim = config.attention_head_dim
+        self.rotated_pairs = self.dim // 2
+        self.frequency_scale = 1.0
+        if rope_type == "proportional":
+            self.rotated_pairs = int(float(params.get("partial_rotary_factor", 1.0)) * self.dim // 2)
+            self.frequency_scale = 1.0 / float(params.get("factor", 1.0))
         # Computed on the fly (not a buffer): transformers materialises modules on the meta device
         # when loading, and a tiny arange is cheaper than re-initialising buffers correctly.
-        self.base = base
-        self.dim = config.head_dim
+        self.base = float(theta)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (
-            self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device) / self.dim)
-        )
+        exponents = torch.arange(0, 2 * self.rotated_pairs, 2, dtype=torch.float32, device=position_ids.device)
+        inv_freq = self.frequency_scale / (self.base ** (exponents / self.dim))
+        if self.rotated_pairs < self.dim // 2:
+            inv_freq = torch.cat([inv_freq, inv_freq.new_zeros(self.dim // 2 - self.rotated_pairs)])
         freqs = (position_ids.float() * self.position_scale)[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -311,7 +329,7 @@ class DSparkPreTrainedModel(PreTrainedModel):
     config_class = DSparkConfig
     base_model_prefix = "dspark"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["DSparkDecoderLayer"]
+    _no_split_modules = ["DSparkDecoderLayer", "DSparkGemma4DecoderLayer"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -323,8 +341,10 @@ class DSparkPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, nn.Embedding):
             module.weight.normal_(mean=0.0, std=std)
-        elif isinstance(module, DSparkRMSNorm):
+        elif isinstance(module, DSparkRMSNorm) or (isinstance(module, DSparkGemma4RMSNorm) and module.with_scale):
             module.weight.fill_(1.0)
+        elif isinstance(module, DSparkGemma4DecoderLayer):
+            module.layer_scalar.fill_(1.0)
         if isinstance(module, DSparkMarkovHead):
             # Start as "no transition bias" so a fresh drafter equals its parallel backbone.
             module.markov_w2.weight.zero_()
@@ -348,10 +368,13 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             self.context_norms = nn.ModuleList(
                 [DSparkRMSNorm(config.target_hidden_size, eps=config.rms_norm_eps) for _ in config.target_layer_ids]
             )
+        gemma4 = config.backbone_type == "gemma4"
+        layer_class = DSparkGemma4DecoderLayer if gemma4 else DSparkDecoderLayer
+        norm_class = DSparkGemma4RMSNorm if gemma4 else DSparkRMSNorm
         self.fc = nn.Linear(config.context_size, config.hidden_size, bias=False)
-        self.hidden_norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.layers = nn.ModuleList([DSparkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hidden_norm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList([layer_class(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DSparkRotaryEmbedding(config)
         if not config.embeddings_from_target:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -476,7 +499,12 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         return self._borrowed[name]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._module("embed_tokens")(input_ids).to(self.fc.weight.dtype)
+        embeds = self._module("embed_tokens")(input_ids)
+        if self.config.backbone_type == "gemma4" and not self.config.embeddings_from_target:
+            # Gemma 4 scales token embeddings by sqrt(hidden_size). A borrowed Gemma 4 target
+            # embedding already does; an own table (DeepSpec's frozen copy of the target's) does not.
+            embeds = embeds * torch.tensor(self.config.hidden_size**0.5, dtype=embeds.dtype)
+        return embeds.to(self.fc.weight.dtype)
 
     # ---------------------------------------------------------------- draft vocabulary
     def set_draft_vocab(self, target_token_ids) -> None:
@@ -532,7 +560,12 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Base draft logits over the draft vocabulary from the target's frozen LM head."""
         weight = self._draft_head_weight()
-        return F.linear(hidden_states.to(weight.dtype), weight)
+        logits = F.linear(hidden_states.to(weight.dtype), weight)
+        cap = self.config.final_logit_softcapping
+        if cap:
+            # Gemma 4: soft-capped like the target's logits, before any Markov bias is added.
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # ---------------------------------------------------------------- backbone
     def project_context(self, target_hidden_states: torch.Tensor) -> torch.Tensor:

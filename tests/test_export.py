@@ -67,7 +67,7 @@ def test_hub_folder_has_config_weights_code_card(exported):
     _, _, out = exported
     names = set(_files(out))
     assert {"config.json", "model.safetensors", "configuration_dspark.py", "modeling_dspark.py",
-            "generation_dspark.py", "generation_config.json", "README.md"} <= names
+            "modeling_dspark_gemma4.py", "generation_dspark.py", "generation_config.json", "README.md"} <= names
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "dspark"
     assert config["auto_map"] == {"AutoConfig": "configuration_dspark.DSparkConfig",

@@ -1,0 +1,146 @@
+"""Gemma 4 decoder layers for DSpark drafters (DeepSpec's ``Gemma4DSparkModel`` backbone).
+
+This file ships as remote code next to drafter checkpoints: it imports only torch and
+transformers. ``modeling_dspark.py`` builds these layers when ``config.backbone_type`` is
+``"gemma4"``; they keep the interface of its Qwen3-style layers (``self_attn.key_values`` for
+the injected context, ``self_attn.layer_idx``, and ``layer(hidden, cos, sin, context_keys,
+context_values, attention_mask)``), so the drafter's training forward, cache and decoding loop
+are shared by both backbones.
+
+How a Gemma 4 draft layer differs from a Qwen3 one:
+
+* RMSNorm is computed in float32 and multiplies by the weight itself (``x * rms^-1 * w``);
+  q/k norms have a weight, the v norm has none;
+* attention heads have ``config.global_head_dim`` dimensions (the target's full-attention head
+  size), the softmax scale is 1.0 (q/k are normalized), and with ``attention_k_eq_v`` there is
+  no ``v_proj``: values are the raw ``k_proj`` output (before k-norm and RoPE) through the v norm,
+  with ``num_global_key_value_heads`` heads;
+* sandwich norms around attention and the MLP (input, post-attention, pre-feedforward,
+  post-feedforward), then the whole hidden state is multiplied by the ``layer_scalar`` buffer;
+* the MLP is ``down(act(gate(x)) * up(x))`` with the configured (gelu-tanh) activation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class DSparkGemma4RMSNorm(nn.Module):
+    """``x * (mean(x^2) + eps)^-0.5 [* weight]`` in float32, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.with_scale = with_scale
+        if with_scale:
+            self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.with_scale:
+            x = x * self.weight.float()
+        return x.type_as(hidden_states)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class DSparkGemma4MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DSparkGemma4Attention(nn.Module):
+    """Gemma 4 full attention whose keys/values are [injected context ; block tokens]."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.attention_head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.attention_key_value_heads
+        self.k_eq_v = config.attention_k_eq_v
+        self.scaling = 1.0
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        if not self.k_eq_v:
+            self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = DSparkGemma4RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = DSparkGemma4RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.v_norm = DSparkGemma4RMSNorm(self.head_dim, eps=config.rms_norm_eps, with_scale=False)
+
+    def key_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (k-norm + RoPE) and values (v-norm, never rotated) of ``x`` [batch, seq, hidden]
+        -> 2 x [batch, kv_heads, seq, head_dim]."""
+        b, s, _ = x.shape
+        raw_k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        raw_v = raw_k if self.k_eq_v else self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        k = _apply_rope(self.k_norm(raw_k).transpose(1, 2), cos, sin)
+        return k, self.v_norm(raw_v).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        context_keys: torch.Tensor | None,
+        context_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Same contract as ``DSparkAttention.forward`` in ``modeling_dspark.py``."""
+        b, q_len, _ = hidden_states.shape
+        q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = _apply_rope(q, cos, sin)
+        k, v = self.key_values(hidden_states, cos, sin)
+        if context_keys is not None:
+            k = torch.cat([context_keys, k], dim=2)
+            v = torch.cat([context_values, v], dim=2)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
+
+
+class DSparkGemma4DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = DSparkGemma4Attention(config, layer_idx)
+        self.mlp = DSparkGemma4MLP(config)
+        self.input_layernorm = DSparkGemma4RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = DSparkGemma4RMSNorm(config.hidden_size, eps=eps)
+        self.pre_feedforward_layernorm = DSparkGemma4RMSNorm(config.hidden_size, eps=eps)
+        self.post_feedforward_layernorm = DSparkGemma4RMSNorm(config.hidden_size, eps=eps)
+        self.register_buffer("layer_scalar", torch.ones(1), persistent=True)
+
+    def forward(self, hidden_states, cos, sin, context_keys, context_values, attention_mask):
+        attn = self.self_attn(self.input_layernorm(hidden_states), cos, sin, context_keys, context_values, attention_mask)
+        hidden_states = hidden_states + self.post_attention_layernorm(attn)
+        mlp = self.mlp(self.pre_feedforward_layernorm(hidden_states))
+        hidden_states = hidden_states + self.post_feedforward_layernorm(mlp)
+        return hidden_states * self.layer_scalar
+
+
+__all__ = ["DSparkGemma4RMSNorm", "DSparkGemma4Attention", "DSparkGemma4DecoderLayer"]
