@@ -81,6 +81,7 @@ class PromptSet:
     key: str
     rows: list[dict[str, Any]]
     source: str
+    skipped: Any = None  # trainer.prompts.SkippedRows of a prompt file: rows without a usable prompt
 
 
 def _eval_row(turns: list[str] | None, answer: Any = None) -> dict[str, Any] | None:
@@ -94,18 +95,23 @@ def _eval_row(turns: list[str] | None, answer: Any = None) -> dict[str, Any] | N
     return row
 
 
-def read_prompt_file(path: str | os.PathLike) -> PromptSet:
-    """Read a ``{"turns": [...]}`` JSON Lines file (an ``answer`` field, if any, is kept as reference)."""
-    from .trainer.prompts import row_to_turns
+def read_prompt_file(path: str | os.PathLike, strict: bool = False) -> PromptSet:
+    """Read a ``{"turns": [...]}`` JSON Lines file (an ``answer`` field, if any, is kept as reference).
+
+    Rows without a usable prompt are counted in ``PromptSet.skipped``; ``strict`` raises
+    :class:`DataError` at the first one instead.
+    """
+    from .trainer.prompts import SkippedRows, row_to_turns, unusable_reason
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"Prompt file {path} does not exist; pass JSON Lines files of {{\"turns\": [...]}} rows.")
-    rows = []
+    rows, skipped = [], SkippedRows(str(path))
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            skipped.rows_read += 1
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as error:
@@ -116,9 +122,16 @@ def read_prompt_file(path: str | os.PathLike) -> PromptSet:
             row = _eval_row(row_to_turns(raw), raw.get("answer") if isinstance(raw, dict) else None)
             if row is not None:
                 rows.append(row)
+                continue
+            reason = unusable_reason(raw)
+            if strict:
+                raise DataError(f"{path}, line {line_number}: {reason}, so it holds no usable prompt; fix or remove "
+                                "it (without --strict such rows are skipped and counted).")
+            skipped.add(reason, f"line {line_number}")
     if not rows:
-        raise DataError(f"{path}: no usable prompt rows; each line should look like {{\"turns\": [\"...\"]}}.")
-    return PromptSet(key=path.stem, rows=rows, source=str(path))
+        raise DataError(f"{path}: no usable prompt rows; each line should look like {{\"turns\": [\"...\"]}}."
+                        + (f" {skipped.describe()}" if skipped.count else ""))
+    return PromptSet(key=path.stem, rows=rows, source=str(path), skipped=skipped)
 
 
 # Conversions of Hub benchmark rows into our rows (pure functions: no I/O).
@@ -657,6 +670,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", nargs="+", default=[], choices=list(DATASETS), metavar="NAME",
                         help=f"Benchmarks fetched from the Hub: {', '.join(DATASETS)}.")
     parser.add_argument("--max-prompts", type=int, default=None, help="Use the first N prompts of each set.")
+    parser.add_argument("--strict", action="store_true",
+                        help="Stop at the first prompt row without a usable prompt (default: skip and count them).")
     parser.add_argument("--chat-template", default="auto", metavar="auto|yes|no",
                         help="Wrap prompts in the target's chat template. auto (default): as the drafter's training "
                              "prompts were (config.prompt_chat_template), else when the tokenizer has a template.")
@@ -745,7 +760,11 @@ def _apply_policy(draft, policy: str | None, target) -> None:
 def _prompt_sets(args) -> list[PromptSet]:
     if not args.prompts and not args.dataset:
         raise DataError("Nothing to evaluate: pass --prompts FILE [FILE ...] and/or --dataset NAME [NAME ...].")
-    sets = [read_prompt_file(p) for p in args.prompts]
+    sets = [read_prompt_file(p, strict=getattr(args, "strict", False)) for p in args.prompts]
+    for prompt_set in sets:
+        if prompt_set.skipped is not None and prompt_set.skipped.count:
+            print(f"Warning: {prompt_set.skipped.describe()} Fix or remove those rows, or pass --strict to stop at "
+                  "the first one.", file=sys.stderr, flush=True)
     sets += [load_dataset_prompts(name, args.max_prompts) for name in args.dataset]
     keys = [s.key for s in sets]
     duplicated = sorted({k for k in keys if keys.count(k) > 1})

@@ -230,3 +230,45 @@ def test_a_missing_cache_gives_no_traceback_in_a_real_process(tiny_target_dir, w
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert last_line(done.stderr).startswith("hf-dspark train: error: --cache /nonexistent: no manifest.json")
+
+
+# ----------------------------------------------------------------------------- 4. unusable prompt rows
+UNUSABLE_ROWS = ['{"turns": ["what is two and two"]}', '{"turns": []}', '{"turns": ["write python code"]}',
+                 '{"turns": [""]}', '{"turns": "a string, not a list"}', '{"turns": [3]}', '{"turns": ["what is two and two"]}']
+
+
+def test_load_prompts_reports_the_rows_it_skips(tmp_path):
+    from hf_dspark.trainer.prompts import load_prompts
+
+    path = write_jsonl(tmp_path / "prompts.jsonl", UNUSABLE_ROWS)
+    skipped = []
+    assert len(load_prompts([str(path)], skipped=skipped)) == 2
+    (report,) = skipped
+    assert report.count == 4 and report.rows_read == 7 and report.duplicates == 1
+    text = report.describe()
+    for part in ("skipped 4 of 7 rows", "'turns' is an empty list (line 2)", "'turns' holds an empty string (line 4)",
+                 "'turns' is not a list but a str (line 5)", "'turns' holds int values, not text (line 6)"):
+        assert part in text, text
+    with pytest.raises(DataError, match=r"prompts.jsonl, line 2: 'turns' is an empty list.*--strict"):
+        load_prompts([str(path)], strict=True)
+
+
+def test_prepare_data_and_eval_say_how_many_rows_they_skipped(tmp_path, tiny_target_dir, capsys):
+    path = write_jsonl(tmp_path / "prompts.jsonl", UNUSABLE_ROWS)
+    argv = ["prepare-data", "--target", str(tiny_target_dir), "--prompts", str(path), "--output", str(tmp_path / "d"),
+            "--max-new-tokens", "3", "--greedy", "--holdout", "0", "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Loaded 2 unique prompts from 7 rows of 1 source(s) (1 duplicate)" in out, out
+    assert "skipped 4 of 7 rows" in out and "(line 2)" in out and "--strict" in out, out
+    assert main(argv[:-2] + ["--output", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "line 2: 'turns' is an empty list" in last_line(capsys.readouterr().err)
+    assert not (tmp_path / "strict").exists()
+
+    evaluate = ["eval", "--target", str(tmp_path / "no_target"), "--draft", str(tmp_path / "no_draft"), "--prompts",
+                str(path), "--no-progress"]
+    assert main(evaluate) == 2  # the target does not exist; the prompts were read before
+    captured = capsys.readouterr()
+    assert "skipped 4 of 7 rows" in captured.out + captured.err and "(line 2)" in captured.out + captured.err
+    assert main(evaluate + ["--strict"]) == 2
+    assert "line 2: 'turns' is an empty list" in last_line(capsys.readouterr().err)

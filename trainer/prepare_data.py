@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout", type=float, default=0.02, help="Fraction held out for evaluation.")
     parser.add_argument("--split", default=None, help="Split of Hub datasets (default 'train').")
     parser.add_argument("--column", default=None, help="Field holding the prompt text.")
+    parser.add_argument("--strict", action="store_true",
+                        help="Stop at the first prompt row without a usable prompt (default: skip and count them).")
     parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature.")
     parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling threshold.")
     parser.add_argument("--top-k", type=int, default=None, help="Top-k sampling (0 disables).")
@@ -162,6 +164,18 @@ def assign_splits(
     return result
 
 
+def describe_loaded(prompts: list[dict[str, Any]], reports) -> str:
+    """What was loaded: prompts kept, rows read, duplicates, and every skipped row by reason."""
+    rows, duplicates = sum(r.rows_read for r in reports), sum(r.duplicates for r in reports)
+    lines = [f"Loaded {len(prompts)} unique prompts from {rows} rows of {len(reports)} source(s)"
+             + (f" ({duplicates} duplicate{'s' if duplicates != 1 else ''})." if duplicates else ".")]
+    skipped = [report for report in reports if report.count]
+    lines += [f"Warning: {report.describe()}" for report in skipped]
+    if skipped:
+        lines.append("Fix or remove those rows, or pass --strict to stop at the first one.")
+    return "\n".join(lines)
+
+
 def _load_target(args):
     """``(model or None, tokenizer, generation_config or None)`` for the requested mode."""
     import torch
@@ -191,14 +205,15 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     config_path = output / "data_config.json"
     show = not args.no_progress
 
     if args.num_prompts is not None and args.num_prompts <= 0:
         raise DataError(f"--num-prompts must be positive, got {args.num_prompts}.")
-    prompts = load_prompts(args.prompts, split=args.split, column=args.column, seed=args.seed)
-    print(f"Loaded {len(prompts)} unique prompts from {len(args.prompts)} source(s).", flush=True)
+    reports = []
+    prompts = load_prompts(args.prompts, split=args.split, column=args.column, seed=args.seed,
+                           strict=args.strict, skipped=reports)
+    print(describe_loaded(prompts, reports), flush=True)
     start = time.time()
     model, tokenizer, generation_config = _load_target(args)
     print(f"Loaded target {args.target!r} in {time.time() - start:.1f} s.", flush=True)
@@ -227,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = prompts[: args.num_prompts]  # after the length filter: N usable prompts
     if not prompts:
         raise DataError("No prompts left to regenerate; check --prompts, --column and --max-prompt-tokens.")
+    output.mkdir(parents=True, exist_ok=True)  # only now: a bad --target or prompt file leaves no folder behind
     prompts = assign_splits(prompts, _read_jsonl(output / "prompts.jsonl"), args.holdout, args.seed)
     _write_prompts(output / "prompts.jsonl", prompts)
     by_split = {name: [p for p in prompts if p["split"] == name] for name in ("holdout", "train")}

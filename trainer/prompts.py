@@ -14,7 +14,9 @@ Every prompt returned by :func:`load_prompts` is a dict::
     {"id": "<16 hex chars>", "turns": [...], "source": "<file or dataset>"}
 
 where ``id`` is the first 16 hex digits of the SHA-1 of the prompt text, so it
-is stable across runs and machines. Prompts are deduplicated by text and then
+is stable across runs and machines. Rows without a usable prompt (``turns`` empty, ``[""]``,
+not a list, not a list of strings...) are counted per reason in a :class:`SkippedRows` report
+with the first line (or row) where each reason occurs; ``strict=True`` raises on the first one. Prompts are deduplicated by text and then
 shuffled with a fixed seed, so that any prefix of the list is a balanced mix of
 the sources (useful when regeneration is stopped early).
 """
@@ -23,12 +25,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+
+logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 TEXT_COLUMNS = ("prompt", "question", "instruction")
@@ -91,13 +97,66 @@ def row_to_turns(row: dict[str, Any], column: str | None = None) -> list[str] | 
     return None
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+def _value_problem(key: str, value: Any, text_ok: bool) -> str:
+    if isinstance(value, str):
+        return f"{key!r} is an empty string" if text_ok else f"{key!r} is not a list but a str"
+    if not isinstance(value, list):
+        return f"{key!r} is not {'text or ' if text_ok else ''}a list but a {type(value).__name__}"
+    if not value:
+        return f"{key!r} is an empty list"
+    if any(isinstance(item, dict) for item in value):
+        return f"{key!r} holds no non-empty user message"
+    wrong = next((item for item in value if not isinstance(item, str)), None)
+    if wrong is not None:
+        return f"{key!r} holds {type(wrong).__name__} values, not text"
+    return f"{key!r} holds an empty string"
+
+
+def unusable_reason(row: Any, column: str | None = None) -> str:
+    """Why :func:`row_to_turns` finds no prompt in ``row`` (call it only when that returned ``None``)."""
+    if not isinstance(row, dict):
+        return f"not a JSON object but a {type(row).__name__}"
+    if column is not None:
+        return _value_problem(column, row[column], text_ok=True) if column in row else f"no {column!r} field"
+    if "turns" in row:
+        return _value_problem("turns", row["turns"], text_ok=False)
+    key = next((k for k in (*CHAT_COLUMNS, *TEXT_COLUMNS) if k in row), None)
+    if key is None:
+        return f"no 'turns' field (nor {', '.join(CHAT_COLUMNS + TEXT_COLUMNS)})"
+    return _value_problem(key, row[key], text_ok=key in TEXT_COLUMNS)
+
+
+@dataclass
+class SkippedRows:
+    """What one prompt source held: rows read, duplicates, and the rows skipped for want of a usable
+    prompt, counted per reason with the first line (or row) where each reason occurs."""
+
+    source: str
+    rows_read: int = 0
+    duplicates: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    first: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+    def add(self, reason: str, where: str) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.first.setdefault(reason, where)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{n} where {reason} ({self.first[reason]})" for reason, n in self.reasons.items())
+        return f"{self.source}: skipped {self.count} of {self.rows_read} rows without a usable prompt: {parts}."
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open("r", encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield f"line {line_number}", json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(
                     f"{path}, line {line_number}: not valid JSON ({error.msg}). Each line of a .jsonl "
@@ -105,7 +164,7 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 ) from error
 
 
-def _iter_json(path: Path) -> Iterator[dict[str, Any]]:
+def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
@@ -125,18 +184,23 @@ def _iter_json(path: Path) -> Iterator[dict[str, Any]]:
             )
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}.")
-    yield from data
+    yield from _numbered(data)
 
 
-def _iter_parquet(path: Path) -> Iterator[dict[str, Any]]:
+def _numbered(rows: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    for number, row in enumerate(rows, start=1):
+        yield f"row {number}", row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as error:  # pragma: no cover - pyarrow ships with `datasets`
         raise DataError(f"Reading {path} needs pyarrow: `pip install pyarrow`.") from error
-    yield from pq.read_table(path).to_pylist()
+    yield from _numbered(pq.read_table(path).to_pylist())
 
 
-def _iter_file(path: Path) -> Iterator[dict[str, Any]]:
+def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _iter_jsonl(path)
@@ -150,13 +214,13 @@ def _iter_file(path: Path) -> Iterator[dict[str, Any]]:
     )
 
 
-def _iter_hub(dataset_id: str, split: str | None) -> Iterable[dict[str, Any]]:
+def _iter_hub(dataset_id: str, split: str | None) -> Iterable[tuple[str, dict[str, Any]]]:
     try:
         import datasets
     except ImportError as error:  # pragma: no cover - a declared dependency
         raise DataError("Loading a Hub dataset needs `datasets`: `pip install datasets`.") from error
     try:
-        return datasets.load_dataset(dataset_id, split=split or "train")
+        return _numbered(datasets.load_dataset(dataset_id, split=split or "train"))
     except Exception as error:  # offline, unknown id, bad split, ...
         raise DataError(
             f"Could not load the Hub dataset {dataset_id!r} (split {split or 'train'!r}): "
@@ -195,6 +259,8 @@ def load_prompts(
     num_prompts: int | None = None,
     seed: int = 0,
     shuffle: bool = True,
+    strict: bool = False,
+    skipped: list[SkippedRows] | None = None,
 ) -> list[dict[str, Any]]:
     """Load, deduplicate and shuffle prompts from local files and/or Hub datasets.
 
@@ -208,12 +274,18 @@ def load_prompts(
         seed: seed of the shuffle.
         shuffle: shuffle after deduplication (default True) so that any prefix is a
             balanced mix of the sources; False keeps file order.
+        strict: raise :class:`DataError` at the first row without a usable prompt instead
+            of skipping it.
+        skipped: a list that receives one :class:`SkippedRows` report per source (rows read,
+            duplicates, skipped rows by reason) for the caller to print; without it, sources
+            with skipped rows are reported as a logged warning.
 
     Returns:
         A list of ``{"id", "turns", "source"}`` dicts.
 
     Raises:
-        DataError: a source is missing, unreadable, or has no usable rows.
+        DataError: a source is missing, unreadable, or has no usable rows (or, with
+            ``strict``, has any row without a usable prompt).
     """
     if isinstance(sources, (str, Path)):
         sources = [str(sources)]
@@ -225,14 +297,21 @@ def load_prompts(
     seen: set[str] = set()
     for name, path in expand_sources(sources):
         rows = _iter_file(path) if path is not None else _iter_hub(name, split)
-        usable = 0
-        for row in rows:
+        usable, report = 0, SkippedRows(name)
+        for where, row in rows:
+            report.rows_read += 1
             turns = row_to_turns(row, column)
             if turns is None:
+                reason = unusable_reason(row, column)
+                if strict:
+                    raise DataError(f"{name}, {where}: {reason}, so it holds no usable prompt; fix or remove it "
+                                    "(without --strict such rows are skipped and counted).")
+                report.add(reason, where)
                 continue
             usable += 1
             text = prompt_text(turns)
             if text in seen:
+                report.duplicates += 1
                 continue
             seen.add(text)
             prompts.append({"id": prompt_id(text), "turns": turns, "source": name})
@@ -241,7 +320,12 @@ def load_prompts(
             raise DataError(
                 f"{name}: no usable prompt rows (looked for {wanted} holding non-empty text). "
                 'Use rows like {"turns": ["..."]} or pass --column with the name of the text field.'
+                + (f" {report.describe()}" if report.count else "")
             )
+        if skipped is not None:
+            skipped.append(report)
+        elif report.count:
+            logger.warning("%s", report.describe())
     if shuffle:
         random.Random(seed).shuffle(prompts)
     if num_prompts is not None:
