@@ -57,6 +57,40 @@ def tiny_gemma3_target(seed: int = 0, vocab_size: int = 96):
     return model
 
 
+def tiny_gemma4_target(seed: int = 0, vocab_size: int = 96, attention_k_eq_v: bool = False):
+    """A random 4-layer Gemma 4 text model (3 sliding + 1 full-attention layer, proportional RoPE,
+    soft-capped logits); with ``attention_k_eq_v`` its full-attention layer has no v_proj."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma4TextConfig(
+        vocab_size=vocab_size,
+        vocab_size_per_layer_input=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=attention_k_eq_v,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        sliding_window=8,
+        final_logit_softcapping=30.0,
+        hidden_size_per_layer_input=0,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = Gemma4ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.generation_config.do_sample = False
+    return model
+
+
 def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
     """Give a fresh drafter non-trivial weights (post_init zero-initialises the Markov W2)."""
     gen = torch.Generator().manual_seed(seed)
