@@ -272,3 +272,39 @@ def test_prepare_data_and_eval_say_how_many_rows_they_skipped(tmp_path, tiny_tar
     assert "skipped 4 of 7 rows" in captured.out + captured.err and "(line 2)" in captured.out + captured.err
     assert main(evaluate + ["--strict"]) == 2
     assert "line 2: 'turns' is an empty list" in last_line(capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------- 5. caches over unfinished data
+def test_build_cache_refuses_unfinished_data_and_explains_grown_data(work, tiny_target_dir, capsys):
+    rows = data_rows(39, seed=5)
+    data = make_data(work / "growing_data", rows[:29], status="running")
+    config = json.loads((data / "data_config.json").read_text())
+    (data / "data_config.json").write_text(json.dumps(dict(config, num_prompts={"train": 39, "holdout": 0})))
+    cache = work / "growing_cache"
+    assert main(build_cache_argv(tiny_target_dir, data, cache)) == 2
+    err = last_line(capsys.readouterr().err)
+    assert "status 'running'" in err and "29 of 39" in err and "--allow-partial" in err, err
+    assert not cache.exists()
+
+    assert main(build_cache_argv(tiny_target_dir, data, cache, "--allow-partial")) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["num_sequences"] == 29 and manifest["data_status"] == "running"
+
+    make_data(data, rows, status="complete")  # prepare-data finished: 10 more rows
+    capsys.readouterr()
+    assert main(build_cache_argv(tiny_target_dir, data, cache)) == 2
+    err = last_line(capsys.readouterr().err)
+    assert "grew" in err and "29" in err and "39" in err and "--first-row 29" in err and "--overwrite" in err, err
+    assert "train --cache" in err, err
+
+    # the first way out: the 10 new rows as a second cache, trained on next to the first one
+    assert main(build_cache_argv(tiny_target_dir, data, work / "new_rows_cache", "--first-row", "29")) == 0
+    assert json.loads((work / "new_rows_cache" / "manifest.json").read_text())["num_sequences"] == 10
+    from hf_dspark.trainer.data import FeatureCaches
+
+    both = FeatureCaches([cache, work / "new_rows_cache"])
+    assert len(both) == 39 and torch.equal(both[29]["input_ids"], torch.tensor(rows[29]["input_ids"]))
+    # the second: rebuild over every row
+    assert main(build_cache_argv(tiny_target_dir, data, cache, "--overwrite")) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["num_sequences"] == 39 and manifest["complete"] and manifest["data_status"] == "complete"

@@ -31,7 +31,12 @@ for k = 64 the per-token overhead beyond the hidden states is 389 bytes, within 
 Rerunning the same command resumes: shards listed in the manifest are checked (size and
 sha256) and skipped; a shard file that is listed but corrupt raises :class:`CheckpointError`
 (delete it to rebuild it). A cache folder built with other settings (target, layers, top-k,
-length limit, data) is refused rather than mixed.
+length limit, data) is refused rather than mixed; ``--overwrite`` rebuilds it from scratch.
+
+Data that ``prepare-data`` has not finished (``data_config.json`` status ``running`` or
+``partial``) is refused unless ``--allow-partial``. When the data grew after its cache was built,
+the new rows can be cached on their own (``--first-row N``, the number of rows already cached) and
+trained on next to the first cache with ``hf-dspark train --cache OLD NEW``.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ DEFAULT_BATCH_TOKENS = 8192
 LOGITS_CHUNK_ELEMENTS = 1 << 25
 # Settings a resumed build must share with the manifest.
 _RESUME_KEYS = ("format_version", "target", "target_config", "target_layer_ids", "topk", "max_seq_len", "split",
-                "shard_tokens", "data_fingerprint")
+                "first_row", "shard_tokens", "data_fingerprint")
+# prepare-data statuses of data it has not finished writing.
+_UNFINISHED_DATA = ("running", "partial")
 
 
 def bytes_per_token(num_layers: int, hidden_size: int, topk: int) -> int:
@@ -180,17 +187,69 @@ def data_chat_template(data_dir: Path) -> bool | None:
     return None if value is None else bool(value)
 
 
-def _check_resume(manifest_path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+def data_status(data: str | os.PathLike, split: str) -> tuple[str | None, int | None]:
+    """prepare-data's ``status`` of a data folder and the number of ``split`` prompts it planned (None: unknown)."""
+    path = Path(data) / "data_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return None, None
+    planned = config.get("num_prompts")
+    return config.get("status"), planned.get(split) if isinstance(planned, dict) else None
+
+
+def _check_data_finished(args: argparse.Namespace, num_rows: int) -> str | None:
+    """Refuse data prepare-data is still writing (or left partial) unless --allow-partial; returns its status."""
+    status, planned = data_status(args.data, args.split)
+    if status in _UNFINISHED_DATA and not (args.allow_partial or args.estimate):
+        count = f"{num_rows} of {planned}" if planned is not None else f"{num_rows}"
+        raise DataError(
+            f"--data {args.data} is unfinished (prepare-data status {status!r}: {count} {args.split} rows written). "
+            "Rerun the same `hf-dspark prepare-data` command to finish it, or pass --allow-partial to cache the rows "
+            "written so far (the new rows can be cached later with --first-row)."
+        )
+    return status
+
+
+def _grown_data_message(previous: dict[str, Any], rows: list[dict[str, Any]], settings: dict[str, Any],
+                        cache_dir: Path) -> str | None:
+    """The way out when the data behind ``cache_dir`` only grew since it was built (None otherwise)."""
+    cached = previous.get("num_sequences")
+    if not isinstance(cached, int) or not 0 < cached < len(rows):
+        return None
+    if _rows_digest_of_plan(plan_shards(rows[:cached], settings["shard_tokens"])) != previous.get("data_fingerprint"):
+        return None
+    first = settings["first_row"] + cached
+    return (
+        f"{settings['data']} grew since {cache_dir} was built: the cache holds its first {cached} "
+        f"{settings['split']} rows, the data now has {len(rows)}. Cache the {len(rows) - cached} new rows on their "
+        f"own (the same build-cache command with --first-row {first} --output NEW_CACHE) and train on both "
+        f"(hf-dspark train --cache {cache_dir} NEW_CACHE ...), or rebuild this cache over every row with --overwrite."
+    )
+
+
+def _clear_cache(cache_dir: Path) -> None:
+    """--overwrite: delete what an earlier build wrote (the manifest and shard files), nothing else."""
+    for path in [cache_dir / MANIFEST_NAME, *cache_dir.glob("shard-*.safetensors"), *cache_dir.glob("*.tmp")]:
+        if path.is_file():
+            path.unlink()
+
+
+def _check_resume(manifest_path: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished shards of an earlier build with the same settings (verified); refuse other settings."""
     if not manifest_path.is_file():
         return []
-    previous = load_cache_manifest(manifest_path.parent, require_complete=False)
+    previous = {"first_row": 0, **load_cache_manifest(manifest_path.parent, require_complete=False)}
     changed = [key for key in _RESUME_KEYS if previous.get(key) != settings.get(key)]
+    if changed == ["data_fingerprint"]:
+        grown = _grown_data_message(previous, rows, settings, manifest_path.parent)
+        if grown is not None:
+            raise CheckpointError(grown)
     if changed:
         details = "; ".join(f"{key}: cache {previous.get(key)!r}, now {settings.get(key)!r}" for key in changed)
         raise CheckpointError(
             f"{manifest_path.parent} holds a cache built with other settings ({details}). Use a new --output "
-            "folder, or delete this one to rebuild it."
+            "folder, or pass --overwrite to rebuild this one."
         )
     finished = []
     for shard in previous.get("shards", []):
@@ -255,6 +314,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                         help=f"Padded tokens per target forward (default {DEFAULT_BATCH_TOKENS}).")
     parser.add_argument("--max-seq-len", type=int, default=None, help="Truncate longer sequences to this many tokens.")
+    parser.add_argument("--first-row", type=int, default=0, metavar="N",
+                        help="Cache rows N.. of the split only, e.g. rows added after an earlier cache of the first N "
+                             "(train on both with `hf-dspark train --cache OLD NEW`).")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="Cache data that prepare-data has not finished (status running/partial).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Rebuild --output from scratch instead of resuming it (deletes its manifest and shards).")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="Target dtype for the forward passes (stored hidden states are bfloat16 either way).")
     parser.add_argument("--device", default="cpu", help="Device of the target.")
@@ -274,6 +340,8 @@ def _validate_args(args: argparse.Namespace) -> None:
             raise DataError(f"{flag} {value} is invalid; use a positive number of tokens.")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise DataError(f"--max-seq-len {args.max_seq_len} is invalid; use at least 2 (or omit it).")
+    if args.first_row < 0:
+        raise DataError(f"--first-row {args.first_row} is invalid; use 0 (every row) or a positive row number.")
 
 
 def _format_bytes(count: float) -> str:
@@ -296,6 +364,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
     rows = read_data_rows(args.data, args.split, args.max_seq_len)
+    status = _check_data_finished(args, len(rows))
+    if args.first_row >= len(rows):
+        raise DataError(f"--first-row {args.first_row}: {args.data} has only {len(rows)} {args.split} rows.")
+    rows = rows[args.first_row :]
     config = AutoConfig.from_pretrained(targets.resolve_target_source(args.target))
     geometry = _target_geometry(config)
     layer_ids = resolve_layer_ids(args.target_layer_ids, geometry["num_hidden_layers"])
@@ -325,7 +397,9 @@ def run(args: argparse.Namespace) -> int:
         "topk": args.target_topk,
         "max_seq_len": args.max_seq_len,
         "split": args.split,
+        "first_row": args.first_row,
         "data": str(Path(args.data).resolve()),
+        "data_status": status,
         "chat_template": data_chat_template(Path(args.data)),
         "shard_tokens": args.shard_tokens,
         "data_fingerprint": _rows_digest_of_plan(shards),
@@ -344,7 +418,9 @@ def run(args: argparse.Namespace) -> int:
     }
     manifest_path = output / MANIFEST_NAME
     output.mkdir(parents=True, exist_ok=True)
-    finished = {shard["file"]: shard for shard in _check_resume(manifest_path, settings)}
+    if args.overwrite:
+        _clear_cache(output)
+    finished = {shard["file"]: shard for shard in _check_resume(manifest_path, settings, rows)}
     todo = [shard for shard in shards if shard["file"] not in finished]
     if finished:
         print(f"Resuming: {len(finished)} finished shard(s) verified and kept, {len(todo)} to build.", flush=True)
@@ -378,7 +454,8 @@ def run(args: argparse.Namespace) -> int:
               f"({built_tokens / elapsed:.0f} tokens/s).", flush=True)
     on_disk = sum(s["bytes"] for s in finished.values())
     print(f"Cache complete at {output}: {total_tokens} tokens, {_format_bytes(on_disk)} "
-          f"({on_disk / max(total_tokens, 1):.0f} bytes/token on disk).", flush=True)
+          f"({on_disk / max(total_tokens, 1):.0f} bytes/token on disk)"
+          + (f", over unfinished data (status {status!r})." if status in _UNFINISHED_DATA else "."), flush=True)
     return 0
 
 
