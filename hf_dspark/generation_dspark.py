@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 import time
 import weakref
 from typing import Any
@@ -233,10 +234,63 @@ def is_dspark_drafter(model: Any) -> bool:
     return bool(getattr(model, "is_dspark_drafter", False))
 
 
-def default_dspark_generation_config(**overrides) -> GenerationConfig:
+def check_dspark_generation_setting(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``value`` is not a valid DSpark decoding setting.
+
+    ``None`` means "the default" for every setting.
+    """
+    if value is None or name not in DEFAULT_DSPARK_GENERATION:
+        return
+
+    def integer(minimum: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    fix = None
+    if name == "verification_policy" and value not in POLICIES:
+        fix = f"choose one of {POLICIES}"
+    elif name == "confidence_threshold" and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0
+    ):
+        fix = "use a prefix-survival probability in [0, 1]"
+    elif name in ("min_draft_tokens", "ngram_lookup_tokens") and not integer(0):
+        fix = "use an integer >= 0" + (" (0 = off)" if name == "ngram_lookup_tokens" else "")
+    elif name in ("ngram_max_size", "ngram_min_size") and not integer(1):
+        fix = "use an integer >= 1"
+    elif name in ("fast_verify_head", "fast_warpers") and not isinstance(value, bool):
+        fix = "use true or false"
+    elif name == "latency_table":
+        try:
+            points = latency_points(value) if isinstance(value, dict) else None
+        except (TypeError, ValueError):
+            points = None
+        if not points or any(n < 1 or not math.isfinite(t) or t < 0 for n, t in points):
+            fix = ('use {"tokens": seconds, ...} with tokens >= 1 and finite seconds >= 0, as '
+                   "hf_dspark.profile_latency(target) measures it, or None")
+    if fix is not None:
+        raise ValueError(f"generation_config.{name}={value!r} is invalid: {fix}")
+
+
+class DSparkGenerationConfig(GenerationConfig):
+    """``GenerationConfig`` of a DSpark drafter: the DSpark decoding settings (``DEFAULT_DSPARK_GENERATION``)
+    are checked when they are set, when the config is built or loaded, and when it is saved."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check_dspark_generation_setting(name, value)
+        super().__setattr__(name, value)
+
+    def validate(self, *args, **kwargs) -> None:
+        super().validate(*args, **kwargs)
+        for name in DEFAULT_DSPARK_GENERATION:
+            check_dspark_generation_setting(name, getattr(self, name, None))
+        sizes = [getattr(self, name, None) for name in ("ngram_lookup_tokens", "ngram_max_size", "ngram_min_size")]
+        if None not in sizes:
+            check_ngram_settings(*sizes)
+
+
+def default_dspark_generation_config(**overrides) -> DSparkGenerationConfig:
     settings = dict(DEFAULT_DSPARK_GENERATION)
     settings.update(overrides)
-    return GenerationConfig(**settings)
+    return DSparkGenerationConfig(**settings)
 
 
 # ----------------------------------------------------------------------------- policies
@@ -679,6 +733,7 @@ def install_generate_hook() -> bool:
 
 __all__ = [
     "DSparkCandidateGenerator",
+    "DSparkGenerationConfig",
     "DSparkGenerationStats",
     "activate_verify_head",
     "skinny_linear",
@@ -687,6 +742,7 @@ __all__ = [
     "install_generate_hook",
     "is_dspark_drafter",
     "cost_length",
+    "check_dspark_generation_setting",
     "check_ngram_settings",
     "ngram_continuation",
     "threshold_length",

@@ -308,3 +308,57 @@ def test_build_cache_refuses_unfinished_data_and_explains_grown_data(work, tiny_
     assert main(build_cache_argv(tiny_target_dir, data, cache, "--overwrite")) == 0
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["num_sequences"] == 39 and manifest["complete"] and manifest["data_status"] == "complete"
+
+
+# ----------------------------------------------------------------------------- 6. config values that failed later
+@pytest.mark.parametrize("overrides, field", [
+    (dict(block_size=4.5), "block_size"),
+    (dict(block_size="4"), "block_size"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+    (dict(draft_vocab_size=0), "draft_vocab_size"),
+    (dict(num_attention_heads=0), "num_attention_heads"),
+    (dict(markov_rank=2.0), "markov_rank"),
+    (dict(hidden_size="64"), "hidden_size"),
+])
+def test_config_values_fail_at_construction_naming_the_field(overrides, field):
+    from hf_dspark import DSparkConfig
+
+    with pytest.raises(ValueError, match=rf"DSparkConfig\.{field}=.* is invalid: "):
+        DSparkConfig(**overrides)
+
+
+def test_from_target_refuses_a_fractional_block_size_before_generate():
+    from _models import tiny_qwen3_target
+
+    from hf_dspark import DSparkDraftModel
+
+    with pytest.raises(ValueError, match=r"DSparkConfig\.block_size=4\.5 is invalid"):
+        DSparkDraftModel.from_target(tiny_qwen3_target(), block_size=4.5)
+
+
+def test_generation_settings_are_checked_when_set_saved_and_loaded(tmp_path):
+    from _models import tiny_drafter, tiny_qwen3_target
+
+    from hf_dspark import DSparkDraftModel
+
+    draft = tiny_drafter(tiny_qwen3_target())
+    with pytest.raises(ValueError, match=r"generation_config\.verification_policy='bogus' is invalid"):
+        draft.generation_config.verification_policy = "bogus"
+    with pytest.raises(ValueError, match=r"generation_config\.confidence_threshold=5\.0 is invalid"):
+        draft.generation_config.confidence_threshold = 5.0
+    with pytest.raises(ValueError, match=r"generation_config\.min_draft_tokens=-1 is invalid"):
+        draft.generation_config.update(min_draft_tokens=-1)
+    draft.generation_config.confidence_threshold = 0.5  # valid values still go through
+    draft.generation_config.__dict__["confidence_threshold"] = 5.0  # slipped past the setter: refused on save
+    with pytest.raises(ValueError, match=r"confidence_threshold=5\.0"):
+        draft.save_pretrained(tmp_path / "not_saved")
+    draft.generation_config.__dict__["confidence_threshold"] = 0.5
+    draft.save_pretrained(tmp_path / "draft")
+    path = tmp_path / "draft" / "generation_config.json"
+    for field, value in (("verification_policy", "bogus"), ("confidence_threshold", 5.0)):
+        saved = json.loads(path.read_text())
+        path.write_text(json.dumps(dict(saved, **{field: value})))  # a hand-edited file
+        with pytest.raises(ValueError, match=rf"generation_config.json.*{field}={value!r} is invalid"):
+            DSparkDraftModel.from_pretrained(tmp_path / "draft")
+        path.write_text(json.dumps(saved))
+    assert DSparkDraftModel.from_pretrained(tmp_path / "draft").generation_config.confidence_threshold == 0.5

@@ -34,6 +34,27 @@ def _config_error(field: str, value, fix: str) -> ValueError:
     return ValueError(f"DSparkConfig.{field}={value!r} is invalid: {fix}")
 
 
+# Integer fields and their smallest valid value (a float or a string here used to fail much later,
+# inside generate or the model's constructor); the optional ones may also be None.
+_INTEGER_FIELDS = {
+    "vocab_size": 1, "hidden_size": 2, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 2, "max_position_embeddings": 1, "num_target_layers": 1,
+    "target_hidden_size": 1, "block_size": 2, "mask_token_id": 0, "markov_rank": 0, "num_anchors": 1,
+}
+_OPTIONAL_INTEGER_FIELDS = {"draft_vocab_size": 1, "global_head_dim": 2, "num_global_key_value_heads": 1}
+_INTEGER_NOTES = {
+    "block_size": " (the anchor plus at least one mask token)",
+    "markov_rank": " (0 disables the Markov head)",
+    "num_hidden_layers": " (the drafter needs a decoder layer)",
+    "draft_vocab_size": "; use None (not 0) for the full target vocabulary",
+}
+
+
+def _check_integer(field: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _config_error(field, value, f"use an integer >= {minimum}{_INTEGER_NOTES.get(field, '')}")
+
+
 class DSparkConfig(PretrainedConfig):
     r"""Configuration of a [`DSparkDraftModel`].
 
@@ -157,6 +178,12 @@ class DSparkConfig(PretrainedConfig):
         elif isinstance(rope_parameters.get("full_attention"), dict):
             # Per-layer-type RoPE (Gemma 4 targets): every drafter layer is a full-attention layer.
             rope_parameters = rope_parameters["full_attention"]
+        # Checked before head_dim, mask_token_id and num_target_layers are derived from them.
+        for field, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                             ("num_attention_heads", num_attention_heads)):
+            _check_integer(field, value, _INTEGER_FIELDS[field])
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in target_layer_ids or []):
+            raise _config_error("target_layer_ids", target_layer_ids, "use sorted, unique integer layer indices")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -181,7 +208,7 @@ class DSparkConfig(PretrainedConfig):
         self.markov_head_type = markov_head_type
         self.enable_confidence_head = enable_confidence_head
         self.confidence_head_with_markov = confidence_head_with_markov
-        self.draft_vocab_size = draft_vocab_size if draft_vocab_size else None
+        self.draft_vocab_size = draft_vocab_size
         self.embeddings_from_target = embeddings_from_target
         self.target_model_name = target_model_name
         self.confidence_temperatures = list(confidence_temperatures) if confidence_temperatures else None
@@ -236,8 +263,17 @@ class DSparkConfig(PretrainedConfig):
     def effective_draft_vocab_size(self) -> int:
         return self.draft_vocab_size or self.vocab_size
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.validate_dspark()  # a value changed after construction is refused before it is written
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def validate_dspark(self) -> None:
         """Raise ``ValueError`` naming the field, the value and the fix for inconsistent settings."""
+        for field, minimum in _INTEGER_FIELDS.items():
+            _check_integer(field, getattr(self, field), minimum)
+        for field, minimum in _OPTIONAL_INTEGER_FIELDS.items():
+            if getattr(self, field) is not None:
+                _check_integer(field, getattr(self, field), minimum)
         ids = self.target_layer_ids
         if not ids:
             raise _config_error("target_layer_ids", ids, "give at least one target layer index")
@@ -250,12 +286,8 @@ class DSparkConfig(PretrainedConfig):
                 f"indices must lie in [-1, num_target_layers) = [-1, {self.num_target_layers}); "
                 "-1 is the embedding output",
             )
-        if self.block_size < 2:
-            raise _config_error("block_size", self.block_size, "use at least 2 (the anchor plus one mask token)")
         if self.markov_head_type not in MARKOV_HEAD_TYPES:
             raise _config_error("markov_head_type", self.markov_head_type, f"choose one of {MARKOV_HEAD_TYPES}")
-        if self.markov_rank < 0:
-            raise _config_error("markov_rank", self.markov_rank, "use 0 (no Markov head) or a positive rank")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise _config_error(
                 "mask_token_id", self.mask_token_id, f"pick a target token id in [0, vocab_size={self.vocab_size})"

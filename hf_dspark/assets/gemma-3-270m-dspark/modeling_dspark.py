@@ -918,7 +918,10 @@ def _load_dspark_generation_config(name_or_path, kwargs):
     except (OSError, ValueError):
         return default_dspark_generation_config()
     settings = {k: getattr(loaded, k) for k in DEFAULT_DSPARK_GENERATION if hasattr(loaded, k)}
-    return default_dspark_generation_config(**settings)
+    try:
+        return default_dspark_generation_config(**settings)
+    except ValueError as error:  # a hand-edited or foreign file: say which one
+        raise ValueError(f"{name_or_path}: generation_config.json holds an invalid setting: {error}") from error
 
 
 DSparkConfig.register_for_auto_class()
