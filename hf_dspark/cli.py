@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-batch": ("hf_dspark.batched", "Benchmark the batched speculative engine vs plain batched generate."),
     "export": ("hf_dspark.export", "Export a drafter as a Hub repo or for vLLM / SGLang."),
     "push": ("hf_dspark.export", "Upload an exported drafter folder to the Hub."),
+    "verify": ("hf_dspark.verify", "Check a drafter folder's weights against the sha256 its export recorded."),
     "demo": ("hf_dspark.demo", "Run the Gemma 3 270M demo with the shipped drafter."),
 }
 

@@ -194,7 +194,11 @@ def _export_hub(model, draft_dir: Path, output_dir: Path, eval_json, recipe, lic
     generation = json.loads((output_dir / "generation_config.json").read_text())
     card = render_model_card(model.config, generation, evals, recipe=recipe, license=license, repo_id=repo_id)
     (output_dir / "README.md").write_text(card)
-    _write_json(output_dir / CARD_INPUTS_FILE, {"eval_results": evals, "license": license, "recipe": recipe})
+    from .verify import weight_checksums
+
+    # The sha256 of each weight file, checked by from_pretrained, `hf-dspark verify` and `hf-dspark push`.
+    _write_json(output_dir / CARD_INPUTS_FILE, {"eval_results": evals, "license": license, "recipe": recipe,
+                                                "weights_sha256": weight_checksums(output_dir)})
 
 
 # ----------------------------------------------------------------------------- engine formats
@@ -469,6 +473,9 @@ def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
             files.append((relative, path.stat().st_size))
     if not any(name.endswith(".safetensors") for name, _ in files):
         raise CheckpointError(f"--draft {folder} holds no *.safetensors weights")
+    from .verify import verify_checksums
+
+    verify_checksums(folder)  # weights whose bytes changed since the export are not uploaded
     return files
 
 
@@ -564,6 +571,12 @@ def run_push(args: argparse.Namespace) -> int:
                               commit_message=args.commit_message)
     except (HfDSparkError, ValueError) as exc:
         return _cli_error(exc)
+    card = Path(args.draft) / CARD_INPUTS_FILE
+    if json.loads((Path(args.draft) / "config.json").read_text()).get("model_type") == "dspark" and not (
+        card.is_file() and "weights_sha256" in json.loads(card.read_text())
+    ):
+        print(f"Warning: {args.draft} records no sha256 of its weights, so nobody can check them after the upload; "
+              "export it again with `hf-dspark export` to record them.", file=sys.stderr)
     if args.dry_run:
         visibility = "private" if args.private else "public"
         print(f"dry run: would upload {len(result)} files to https://huggingface.co/{args.repo} ({visibility}):")

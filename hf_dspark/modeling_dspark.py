@@ -19,6 +19,8 @@ Layout of one drafting round (see ``DSPARK.md``):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -806,8 +808,13 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """As ``PreTrainedModel.from_pretrained``, but a checkpoint whose tensors do not cover the
-        model (missing or unexpected weights) raises instead of silently re-initialising."""
+        model (missing or unexpected weights) raises instead of silently re-initialising, and a
+        weight file whose sha256 differs from the one ``hf-dspark export`` recorded in
+        ``dspark_card.json`` raises ``ValueError`` naming the file (``check_checksums=False`` skips
+        that check, for callers that have just made it)."""
         want_info = kwargs.pop("output_loading_info", False)
+        if kwargs.pop("check_checksums", True):
+            check_weight_checksums(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith("_"))
         mismatched = info.get("mismatched_keys", [])
@@ -909,10 +916,62 @@ def _gemma4_target_fields(text_config) -> dict | None:
     )
 
 
+def _hub_kwargs(kwargs) -> dict:
+    return {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+
+
+# ----------------------------------------------------------------------------- weight checksums
+# `hf-dspark export` records the sha256 of every weight file under this key of CARD_FILE; flipped
+# bytes in a weight file load without any error otherwise (and quietly ruin acceptance).
+CARD_FILE = "dspark_card.json"
+CHECKSUMS_KEY = "weights_sha256"
+
+
+def file_sha256(path, chunk_bytes: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_weight_checksums(name_or_path, **hub_kwargs) -> dict[str, str]:
+    """Compare each weight file of a drafter folder (or Hub repo) with the sha256 recorded in its
+    ``dspark_card.json``; returns ``{file: sha256}`` of the files checked (empty when nothing is
+    recorded). Raises ``ValueError`` naming the file when one is missing or differs."""
+    from transformers.utils import cached_file
+
+    def locate(filename: str):
+        return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub_kwargs)
+
+    card = locate(CARD_FILE)
+    if card is None:
+        return {}
+    try:
+        with open(card, encoding="utf-8") as handle:
+            recorded = json.load(handle).get(CHECKSUMS_KEY) or {}
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{name_or_path}: {CARD_FILE} cannot be read ({error}); export the drafter again") from error
+    for filename, expected in sorted(recorded.items()):
+        path = locate(filename)
+        if path is None:
+            raise ValueError(f"{name_or_path}: {filename} is missing, but {CARD_FILE} records its sha256; download "
+                             "or export the drafter again")
+        found = file_sha256(path)
+        if found != expected:
+            raise ValueError(
+                f"{name_or_path}: {filename} is corrupt: its sha256 is {found[:16]}..., but {CARD_FILE} records "
+                f"{expected[:16]}... for it (flipped or truncated bytes). Download or export the drafter again; "
+                "`hf-dspark verify DIR` checks a folder"
+            )
+    return dict(sorted(recorded.items()))
+
+
 def _load_dspark_generation_config(name_or_path, kwargs):
     from transformers import GenerationConfig
 
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+    hub_kwargs = _hub_kwargs(kwargs)
     try:
         loaded = GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
     except (OSError, ValueError):
@@ -938,4 +997,6 @@ __all__ = [
     "DSparkBlockOutput",
     "sample_anchor_positions",
     "default_target_layer_ids",
+    "check_weight_checksums",
+    "file_sha256",
 ]

@@ -362,3 +362,71 @@ def test_generation_settings_are_checked_when_set_saved_and_loaded(tmp_path):
             DSparkDraftModel.from_pretrained(tmp_path / "draft")
         path.write_text(json.dumps(saved))
     assert DSparkDraftModel.from_pretrained(tmp_path / "draft").generation_config.confidence_threshold == 0.5
+
+
+# ----------------------------------------------------------------------------- 8. corrupted drafter weights
+def flip_data_bytes(path: Path) -> None:
+    """Flip one exponent byte in the data part of a safetensors file (the header stays valid)."""
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def exported(tmp_path):
+    from _models import tiny_drafter, tiny_qwen3_target
+
+    from hf_dspark.export import export_drafter
+
+    draft = tiny_drafter(tiny_qwen3_target())
+    draft.config.target_model_name = "org/tiny-target"
+    draft.save_pretrained(tmp_path / "trained")
+    return export_drafter(tmp_path / "trained", tmp_path / "export")
+
+
+def test_exports_record_weight_checksums_and_loading_checks_them(exported, capsys):
+    from transformers import AutoModel
+
+    from hf_dspark import DSparkDraftModel
+    from hf_dspark.modeling_dspark import file_sha256
+
+    card = json.loads((exported / "dspark_card.json").read_text())
+    assert card["weights_sha256"] == {"model.safetensors": file_sha256(exported / "model.safetensors")}
+    DSparkDraftModel.from_pretrained(exported)
+    assert main(["verify", str(exported)]) == 0
+    assert "1 weight file(s) match" in capsys.readouterr().out
+    assert main(["push", "--draft", str(exported), "--repo", "org/x", "--dry-run"]) == 0
+
+    flip_data_bytes(exported / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors is corrupt: its sha256"):
+        DSparkDraftModel.from_pretrained(exported)
+    with pytest.raises(ValueError, match=r"model.safetensors is corrupt"):
+        AutoModel.from_pretrained(str(exported), trust_remote_code=True)  # the shipped remote code checks too
+    capsys.readouterr()
+    assert main(["verify", str(exported)]) == 2
+    assert "model.safetensors is corrupt" in last_line(capsys.readouterr().err)
+    assert main(["push", "--draft", str(exported), "--repo", "org/x", "--dry-run"]) == 2
+    assert "model.safetensors is corrupt" in last_line(capsys.readouterr().err)
+
+
+def test_verify_without_records_still_checks_the_tensors(tmp_path, capsys):
+    from _models import tiny_drafter, tiny_qwen3_target
+
+    draft = tiny_drafter(tiny_qwen3_target())
+    draft.save_pretrained(tmp_path / "trained")
+    assert main(["verify", str(tmp_path / "trained")]) == 0
+    assert "records no sha256" in capsys.readouterr().out
+    weights_path = tmp_path / "trained" / "model.safetensors"
+    weights_path.write_bytes(weights_path.read_bytes()[:200])  # truncated
+    assert main(["verify", str(tmp_path / "trained")]) == 2
+    assert "cannot be read as safetensors" in last_line(capsys.readouterr().err)
+
+
+def test_the_shipped_drafter_records_its_weight_checksum(capsys):
+    from hf_dspark.modeling_dspark import file_sha256
+    from hf_dspark.targets import shipped_draft_dir
+
+    folder = shipped_draft_dir("gemma-3-270m")
+    card = json.loads((folder / "dspark_card.json").read_text())
+    assert card["weights_sha256"] == {"model.safetensors": file_sha256(folder / "model.safetensors")}
+    assert main(["verify", str(folder)]) == 0
