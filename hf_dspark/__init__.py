@@ -23,6 +23,7 @@ from .errors import (
 from .batched import BatchedSpeculativeGenerator
 from .generation_dspark import DSparkCandidateGenerator, FusedTopKTopPWarper, fuse_top_k_top_p, install_generate_hook
 from .latency import LatencyProfile, profile_latency
+from .loading import load_drafter
 from .modeling_dspark import DSparkDraftCache, DSparkDraftModel, DSparkTrainingOutput, sample_anchor_positions
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ AutoModel.register(DSparkConfig, DSparkDraftModel, exist_ok=True)
 __all__ = [
     "DSparkConfig",
     "DSparkDraftModel",
+    "load_drafter",
     "DSparkDraftCache",
     "DSparkTrainingOutput",
     "sample_anchor_positions",

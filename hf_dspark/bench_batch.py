@@ -250,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_draft(name: str, target, target_name: str, device):
-    from .modeling_dspark import DSparkDraftModel
+    from .loading import load_drafter
 
     if not Path(name).expanduser().exists():
         from . import targets
@@ -262,7 +262,7 @@ def _load_draft(name: str, target, target_name: str, device):
         if not isinstance(resolved, (str, Path)):
             return resolved.to(device).eval()
         name = str(resolved)
-    return DSparkDraftModel.from_pretrained(str(Path(name).expanduser())).to(device).eval()
+    return load_drafter(str(Path(name).expanduser()), device=device)
 
 
 def _prompt_ids(args, tokenizer, trained_with: bool | None = None) -> list[list[int]]:

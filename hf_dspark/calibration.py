@@ -517,7 +517,7 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``hf-dspark calibrate``."""
     from tqdm.auto import tqdm
 
-    from .modeling_dspark import DSparkDraftModel
+    from .loading import load_drafter
     from .targets import load_target
     from .trainer.prompts import load_prompts
     from .trainer.regenerate import encode_prompt, resolve_chat_mode
@@ -525,7 +525,12 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     grid = default_grid(args.grid[0], args.grid[1], int(args.grid[2]))
     target, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
-    draft = DSparkDraftModel.from_pretrained(args.draft).to(args.device).eval()
+    draft = load_drafter(args.draft).to(args.device).eval()
+    if args.output is None and draft.checkpoint_format != "hf-dspark":
+        raise ValueError(
+            f"--draft {args.draft} is a {draft.checkpoint_format} checkpoint; calibrating it in place would mix "
+            "formats in one folder. Pass --output DIR (the calibrated drafter is written in hf-dspark's layout)"
+        )
     if draft.confidence_head is None:
         raise DSparkConfigError(
             f"the drafter at {args.draft} has no confidence head (enable_confidence_head=False); nothing to calibrate"

@@ -165,6 +165,7 @@ class DSparkConfig(PretrainedConfig):
                 "hf_dspark.load_drafter(dir) or convert it once with `hf-dspark convert --from speculators DIR --output OUT`"
             )
         source_model_type = kwargs.pop("model_type", None)
+        kwargs.pop("eagle_aux_hidden_state_layer_ids", None)  # vLLM's copy of target_layer_ids + 1 (engine exports)
         if backbone_type is None:
             is_gemma4 = source_model_type in _GEMMA4_SOURCE_TYPES or "Gemma4DSparkModel" in (kwargs.get("architectures") or [])
             backbone_type = "gemma4" if is_gemma4 else "qwen3"

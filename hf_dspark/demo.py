@@ -98,13 +98,12 @@ class TokenizerCodec:
 
 def load_models(target_name: str, draft_name: str):
     """The target, its drafter and a codec for the demo prompts."""
-    from transformers import AutoModel
-
+    from .loading import load_drafter
     from .targets import load_target, resolve_draft
 
     draft_source = resolve_draft(draft_name, target_name)  # fails fast, before the target loads
     target, tokenizer = load_target(target_name)
-    draft = AutoModel.from_pretrained(draft_source, trust_remote_code=True).eval()
+    draft = load_drafter(draft_source)
     return target, draft, TokenizerCodec(tokenizer, getattr(draft.config, "prompt_chat_template", None))
 
 

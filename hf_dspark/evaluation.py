@@ -732,15 +732,15 @@ def _generation_kwargs(args) -> dict[str, Any]:
 
 
 def _load_drafter(source: str, target, device, dtype):
-    from transformers import AutoModel
+    from .errors import CheckpointError
+    from .loading import load_drafter  # hf-dspark, DeepSpec and speculators folders alike
 
     try:
-        draft = AutoModel.from_pretrained(source, trust_remote_code=True)
-    except OSError as error:
-        raise DataError(f"Could not load the drafter {source!r}: {error}. Pass a drafter folder written by "
-                        "`hf-dspark train` (or save_pretrained), a Hub id, or 'default'.") from error
-    if not getattr(draft, "is_dspark_drafter", False):
-        raise DataError(f"{source!r} is a {type(draft).__name__}, not a DSpark drafter; pass a DSpark drafter folder.")
+        draft = load_drafter(source)
+    except (OSError, CheckpointError) as error:
+        raise DataError(f"Could not load the drafter {source!r}: {error}. Pass a drafter folder (written by "
+                        "`hf-dspark train` / save_pretrained, a DeepSpec or a speculators DSpark checkpoint), "
+                        "a Hub id, or 'default'.") from error
     draft = draft.to(device=device, dtype=dtype).eval()
     draft.bind_target(target)
     return draft

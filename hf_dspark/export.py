@@ -10,8 +10,14 @@ Formats
   that re-exporting the folder reproduces it). A user with only ``transformers`` installed runs
   ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` and
   ``target.generate(..., assistant_model=draft)``.
-* ``vllm`` / ``sglang``: the layout those engines' native DSpark loaders read
-  (``architectures: ["Qwen3DSparkModel"]``, ``model_type: "qwen3"``, engine-specific tensors).
+* ``deepspec``: DeepSpec's own ``save_pretrained`` layout (``architectures:
+  ["Qwen3DSparkModel"]`` / ``["Gemma4DSparkModel"]``, ``model_type`` ``qwen3`` / ``gemma4_text``,
+  DSpark fields at the top level), any Markov head; ``--target`` stores the target's embedding
+  table and LM head, which DeepSpec's classes load from the checkpoint.
+* ``vllm`` / ``sglang``: the DeepSpec Qwen3 layout as those engines' native DSpark loaders read
+  it (engine-specific tensors and restrictions).
+* ``speculators``: vLLM speculators' DSpark format (``speculators_model_type: "dspark"``), see
+  :mod:`hf_dspark.speculators_format`.
   The field mapping, its sources and what is assumed are in ``docs/serving.md``.
 
 Every export first loads the drafter with ``DSparkDraftModel.from_pretrained`` and refuses
@@ -42,12 +48,19 @@ import torch
 
 from .configuration_dspark import DSparkConfig
 from .errors import CheckpointError, DSparkConfigError, HfDSparkError
+from .loading import resolve_checkpoint
 from .model_card import DEFAULT_LICENSE, render_engine_card, render_model_card
 
-EXPORT_FORMATS = ("hub", "vllm", "sglang")
+EXPORT_FORMATS = ("hub", "deepspec", "vllm", "sglang", "speculators")
+# formats written in DeepSpec's save_pretrained layout
+DEEPSPEC_LAYOUT_FORMATS = ("deepspec", "vllm", "sglang")
 REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_gemma4.py", "generation_dspark.py")
 CARD_INPUTS_FILE = "dspark_card.json"
 ENGINE_ARCHITECTURE = "Qwen3DSparkModel"
+GEMMA4_ENGINE_ARCHITECTURE = "Gemma4DSparkModel"
+# Targets whose input embedding multiplies the table by sqrt(hidden): a Qwen3-style DeepSpec drafter
+# would embed their raw table unscaled, unlike the borrowed target module hf-dspark uses.
+_SCALED_EMBEDDING_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text")
 SAFETENSORS_METADATA = {"format": "pt"}
 # Never uploaded: hidden files/folders (.git, .cache, editor files) and Python caches.
 PUSH_IGNORE_PATTERNS = (".*", "*/.*", "__pycache__", "*/__pycache__", "*/__pycache__/*", "__pycache__/*", "*.pyc")
@@ -70,27 +83,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(ordered, str(path), metadata=dict(SAFETENSORS_METADATA))
 
 
-def _stored_tensor_names(draft_dir: Path) -> set[str]:
-    """Names of the tensors stored in a checkpoint folder (single file or sharded safetensors)."""
-    from safetensors import safe_open
-
-    index = draft_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (draft_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(
-            f"{draft_dir} holds no model.safetensors (or sharded model.safetensors.index.json); "
-            "save the drafter with draft.save_pretrained(dir) (safetensors) before exporting"
-        )
-    names: set[str] = set()
-    for name in files:
-        with safe_open(str(draft_dir / name), framework="pt") as handle:
-            names.update(handle.keys())
-    return names
-
-
 def _prepare_output(output_dir: Path, draft_dir: Path, overwrite: bool) -> None:
     if output_dir.resolve() == draft_dir.resolve():
         raise ValueError(f"--output {output_dir} is the drafter folder itself; export into a new folder")
@@ -108,58 +100,27 @@ def _prepare_output(output_dir: Path, draft_dir: Path, overwrite: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_checked_drafter(draft_dir: str | os.PathLike):
-    """Load a drafter folder, refusing checkpoints that cannot be shipped.
+def load_checked_drafter(draft_dir: str | os.PathLike, target_model_name: str | None = None):
+    """Load a drafter folder (any format :func:`hf_dspark.loading.load_drafter` reads), refusing
+    checkpoints that cannot be shipped.
 
     Raises :class:`CheckpointError` when ``config.json`` is missing or invalid, when
-    ``target_model_name`` is unset, or when the stored tensors and the config disagree (missing,
-    mis-shaped or unexpected tensors).
+    ``target_model_name`` is unset (and not given), or when the stored tensors and the config
+    disagree (missing, mis-shaped or unexpected tensors).
     """
-    from .modeling_dspark import DSparkDraftModel
+    from .loading import load_drafter
 
     path = Path(draft_dir)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"--draft {path}: no config.json; point it at a folder written by draft.save_pretrained")
-    try:
-        config = DSparkConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"--draft {path}: config.json is not a valid DSpark config: {exc}") from exc
-    if not config.target_model_name:
+    model = load_drafter(path)
+    if target_model_name:
+        model.config.target_model_name = target_model_name
+    if not model.config.target_model_name:
         raise CheckpointError(
             f"--draft {path}: config.target_model_name is not set, so the export cannot say which target it "
-            "serves (model card base_model, engine configs). Set it and save again, e.g. "
-            "draft.config.target_model_name = 'Qwen/Qwen3-4B'; draft.save_pretrained(dir)"
-        )
-    stored = _stored_tensor_names(path)
-    try:
-        model = DSparkDraftModel.from_pretrained(path, dtype="auto")
-    except (OSError, ValueError, RuntimeError) as exc:  # transformers raises RuntimeError on shape mismatches
-        raise CheckpointError(f"--draft {path}: the weights do not match config.json: {exc}") from exc
-    expected = set(model.state_dict())
-    unexpected, missing = sorted(stored - expected), sorted(expected - stored)
-    if unexpected or missing:
-        raise CheckpointError(
-            f"--draft {path}: the stored tensors do not match config.json: unexpected {unexpected[:8]}"
-            f"{'...' if len(unexpected) > 8 else ''}, missing {missing[:8]}{'...' if len(missing) > 8 else ''}. "
-            "Check markov_rank, markov_head_type, enable_confidence_head, draft_vocab_size, num_hidden_layers "
-            "and embeddings_from_target against model.safetensors."
+            "serves (model card base_model, engine configs). Pass --target-name (e.g. Qwen/Qwen3-4B), or set it and "
+            "save again: draft.config.target_model_name = 'Qwen/Qwen3-4B'; draft.save_pretrained(dir)"
         )
     return model.eval()
-
-
-def _resolve_draft(draft: str | os.PathLike) -> Path:
-    """A local drafter folder, or a Hub id (``org/name``) downloaded to the local cache."""
-    path = Path(draft)
-    if path.exists() or str(draft).count("/") != 1 or str(draft).startswith((".", "/")):
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(draft)))
-    except Exception as exc:  # offline, not found, gated...: all mean "cannot use this --draft"
-        raise CheckpointError(
-            f"--draft {draft}: not a local folder, and downloading it as a Hub repository failed ({exc})"
-        ) from exc
 
 
 def _card_inputs(draft_dir: Path, eval_json, recipe, license) -> tuple[list[dict], str | None, str]:
@@ -208,6 +169,26 @@ def _engine_error(field: str, value, engine: str, fix: str) -> DSparkConfigError
 
 def check_engine_support(config: DSparkConfig, engine: str, expand_draft_vocab: bool = False) -> None:
     """Refuse drafters the engine's DSpark loader (as documented in docs/serving.md) cannot represent."""
+    if engine == "speculators":
+        from .speculators_format import check_speculators_support
+
+        check_speculators_support(config)
+        return
+    if config.context_input_norm:
+        raise _engine_error("context_input_norm", True, engine,
+                            "the per-layer RMSNorm of the target features before fc exists only in hf-dspark; "
+                            "DeepSpec-layout drafters feed the raw features to fc. Train with "
+                            "context_input_norm=False to export in this layout, or use --format hub")
+    if engine == "deepspec":
+        if config.draft_vocab_size is not None:
+            raise _engine_error("draft_vocab_size", config.draft_vocab_size, engine,
+                                "DeepSpec drafters predict over the full vocabulary; export a reduced-vocabulary "
+                                "drafter with --format vllm or --format speculators")
+        return
+    if config.backbone_type != "qwen3":
+        raise _engine_error("backbone_type", config.backbone_type, engine,
+                            f"{engine}'s DSpark loader read for docs/serving.md builds Qwen3DSparkModel drafters only; "
+                            "use --format deepspec for DeepSpec's Gemma4DSparkModel layout")
     if config.markov_rank <= 0:
         raise _engine_error("markov_rank", config.markov_rank, engine,
                             "its DSpark loader requires a Markov head; a rank-0 drafter is a DFlash drafter")
@@ -230,9 +211,11 @@ def check_engine_support(config: DSparkConfig, engine: str, expand_draft_vocab: 
                 "but the drafted distribution then differs from the one measured with hf-dspark)")
 
 
-def engine_config(config: DSparkConfig, engine: str) -> dict:
-    """``config.json`` for vLLM / SGLang: the layout of DeepSpec's ``Qwen3DSparkModel`` checkpoints
-    (``model_type`` ``qwen3``, top-level DSpark fields), which both engines' DSpark loaders read."""
+def engine_config(config: DSparkConfig, engine: str, stores_tables: bool | None = None) -> dict:
+    """``config.json`` in DeepSpec's layout (``deepspec`` / ``vllm`` / ``sglang``): that of DeepSpec's
+    ``Qwen3DSparkModel`` checkpoints (``model_type`` ``qwen3``, top-level DSpark fields), which both
+    engines' DSpark loaders read, or of ``Gemma4DSparkModel`` (``model_type`` ``gemma4_text``).
+    ``stores_tables``: whether the export holds ``embed_tokens`` / ``lm_head`` (default: the drafter's own)."""
     rope = dict(config.rope_parameters or {})
     layer_ids = list(config.target_layer_ids)
     data = {
@@ -273,7 +256,38 @@ def engine_config(config: DSparkConfig, engine: str) -> dict:
         # provenance / hf-dspark-only (ignored by the engines)
         "target_model_name": config.target_model_name,
         "confidence_temperatures": config.confidence_temperatures,
+        "prompt_chat_template": config.prompt_chat_template,
+        # false when the folder holds the embedding table and LM head (as DeepSpec's do)
+        "embeddings_from_target": not (stores_tables if stores_tables is not None else not config.embeddings_from_target),
+        # training recipe (DeepSpec's names)
+        "num_anchors": config.num_anchors,
+        "loss_decay_gamma": config.loss_decay_gamma,
+        "ce_loss_alpha": config.ce_loss_alpha,
+        "l1_loss_alpha": config.l1_loss_alpha,
+        "confidence_head_alpha": config.confidence_head_alpha,
+        "initializer_range": config.initializer_range,
     }
+    for name in ("target_model_type", "target_text_model_type"):  # DeepSpec provenance, when loaded from there
+        if getattr(config, name, None) is not None:
+            data[name] = getattr(config, name)
+    if config.backbone_type == "gemma4":
+        data.pop("hidden_act")
+        data.pop("rope_theta")
+        data.update(
+            architectures=[GEMMA4_ENGINE_ARCHITECTURE],
+            model_type="gemma4_text",
+            hidden_activation=config.hidden_act,
+            global_head_dim=config.attention_head_dim,
+            num_global_key_value_heads=config.num_global_key_value_heads or config.attention_key_value_heads,
+            attention_k_eq_v=config.attention_k_eq_v,
+            final_logit_softcapping=config.final_logit_softcapping,
+            rope_parameters={"full_attention": rope},
+            # Gemma 4 features the draft layers do not use
+            enable_moe_block=False,
+            hidden_size_per_layer_input=0,
+            num_kv_shared_layers=0,
+            use_double_wide_mlp=False,
+        )
     if engine == "vllm":
         # vLLM's aux-hidden-state ids count layer inputs: output of layer l == input of layer l + 1.
         data["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in layer_ids]
@@ -318,6 +332,42 @@ def read_target_output_embedding(target: str | os.PathLike, config: DSparkConfig
     return weight
 
 
+def read_target_input_embedding(target: str | os.PathLike, config: DSparkConfig) -> torch.Tensor:
+    """The target's (unscaled) embedding table [vocab_size, hidden] read straight from its safetensors files."""
+    weight = _read_target_tensor(target, ("embed_tokens.weight",))
+    if tuple(weight.shape) != (config.vocab_size, config.hidden_size):
+        raise CheckpointError(
+            f"--target {target}: embed_tokens.weight has shape {tuple(weight.shape)}, the drafter expects "
+            f"({config.vocab_size}, {config.hidden_size}); is this the drafter's target?"
+        )
+    return weight
+
+
+def _read_target_tensor(target: str | os.PathLike, suffixes: tuple[str, ...]) -> torch.Tensor:
+    from safetensors import safe_open
+
+    path = Path(target)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(target), allow_patterns=["*.json", "*.safetensors"]))
+    for suffix in suffixes:
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                keys = sorted((k for k in handle.keys() if k.endswith(suffix)), key=len)
+                if keys:
+                    return handle.get_tensor(keys[0])
+    raise CheckpointError(f"--target {target}: no tensor named *{' or *'.join(suffixes)} in its safetensors files")
+
+
+def _target_model_type(target: str | os.PathLike) -> str | None:
+    config_file = Path(target) / "config.json"
+    if not config_file.is_file():
+        return None
+    data = json.loads(config_file.read_text())
+    return (data.get("text_config") or {}).get("model_type") or data.get("model_type")
+
+
 def engine_state_dict(model, engine: str, target_output_embedding: torch.Tensor | None = None,
                       expand_draft_vocab: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of the vLLM / SGLang layout (names as in the hf-dspark state dict unless noted).
@@ -331,7 +381,7 @@ def engine_state_dict(model, engine: str, target_output_embedding: torch.Tensor 
     * ``rnn`` Markov head: hf-dspark, DeepSpec and SGLang share one cell
       (``sigmoid(gate) * state + (1 - sigmoid(gate)) * tanh(candidate)``), so ``joint_proj`` is copied as is;
     * own ``embed_tokens`` / ``lm_head`` (DeepSpec-style checkpoints): kept for vLLM (which then uses
-      them), dropped for SGLang (which always shares the target's).
+      them) and DeepSpec, dropped for SGLang (which always shares the target's).
     """
     config = model.config
     check_engine_support(config, engine, expand_draft_vocab)
@@ -366,8 +416,10 @@ def engine_state_dict(model, engine: str, target_output_embedding: torch.Tensor 
             tensors[w2_key] = full_vocab_rows(tensors[w2_key])
     elif engine == "vllm" and own_head is not None:
         tensors["lm_head.weight"] = own_head
-    if engine == "vllm" and own_embed is not None:
+    if engine in ("vllm", "deepspec") and own_embed is not None:
         tensors["embed_tokens.weight"] = own_embed
+    if engine == "deepspec" and own_head is not None:
+        tensors["lm_head.weight"] = own_head
     return tensors
 
 
@@ -375,15 +427,39 @@ def _export_engine(model, output_dir: Path, engine: str, target, expand_draft_vo
     config = model.config
     check_engine_support(config, engine, expand_draft_vocab)
     head = None
-    if engine == "vllm" and config.draft_vocab_size is not None and config.embeddings_from_target:
-        if target is None:
-            target = config.target_model_name if Path(str(config.target_model_name)).is_dir() else None
-        if target is not None:
-            head = read_target_output_embedding(target, config)
-    tensors = engine_state_dict(model, engine, head, expand_draft_vocab)
+    needs_head = config.draft_vocab_size is not None and config.embeddings_from_target
+    if target is None and needs_head and Path(str(config.target_model_name)).is_dir():
+        target = config.target_model_name
+    if engine in ("vllm", "speculators") and needs_head and target is not None:
+        head = read_target_output_embedding(target, config)
+    if engine == "speculators":
+        from .speculators_format import speculators_config, speculators_state_dict
+
+        tensors = speculators_state_dict(model, head)
+        data = speculators_config(config, _target_architectures(target))
+    else:
+        tensors = engine_state_dict(model, engine, head, expand_draft_vocab)
+        if engine == "deepspec" and config.embeddings_from_target and target is not None:
+            # DeepSpec's classes load frozen copies of the target's tables from the checkpoint.
+            if config.backbone_type == "qwen3" and _target_model_type(target) in _SCALED_EMBEDDING_MODEL_TYPES:
+                raise DSparkConfigError(
+                    f"DSparkConfig.backbone_type='qwen3' cannot be exported for deepspec with the tables of "
+                    f"{_target_model_type(target)} target {target}: its input embedding scales the table by "
+                    "sqrt(hidden_size) and DeepSpec's Qwen3 drafter would not; export without --target (tables "
+                    "borrowed at load time) or use --format hub"
+                )
+            tensors["embed_tokens.weight"] = read_target_input_embedding(target, config).to(tensors["fc.weight"].dtype)
+            tensors["lm_head.weight"] = read_target_output_embedding(target, config).to(tensors["fc.weight"].dtype)
+        data = engine_config(config, engine, stores_tables="embed_tokens.weight" in tensors)
     _save_safetensors(tensors, output_dir / "model.safetensors")
-    _write_json(output_dir / "config.json", engine_config(config, engine))
+    _write_json(output_dir / "config.json", data)
     (output_dir / "README.md").write_text(render_engine_card(config, engine, license or DEFAULT_LICENSE))
+
+
+def _target_architectures(target) -> list[str]:
+    if target is None or not (Path(str(target)) / "config.json").is_file():
+        return []
+    return list(json.loads((Path(str(target)) / "config.json").read_text()).get("architectures") or [])
 
 
 # ----------------------------------------------------------------------------- public API
@@ -399,28 +475,33 @@ def export_drafter(
     expand_draft_vocab: bool = False,
     overwrite: bool = False,
     ngram_lookup_tokens: int | None = None,
+    target_model_name: str | None = None,
 ) -> Path:
-    """Export the drafter saved in ``draft_dir`` to ``output_dir`` and return ``output_dir``.
+    """Export the drafter saved in ``draft_dir`` (any format :func:`hf_dspark.loading.load_drafter`
+    reads: ours, DeepSpec, speculators) to ``output_dir`` and return ``output_dir``.
 
     Args:
-        format: ``"hub"`` (transformers / Hub repository), ``"vllm"`` or ``"sglang"``.
+        format: ``"hub"`` (transformers / Hub repository), ``"deepspec"``, ``"vllm"``, ``"sglang"``
+            or ``"speculators"``.
         eval_json: path(s) of ``hf-dspark eval`` JSON files whose numbers fill the card (hub);
             defaults to those recorded by a previous export of ``draft_dir``.
         recipe: the training command shown on the card (hub).
         license: Hub license id for the card metadata (default ``apache-2.0``; match your target's).
         repo_id: the Hub id the card's usage snippet loads (default ``YOUR_ORG/<target>-DSpark``).
-        target: target folder / Hub id, read only for a vLLM export of a reduced-vocabulary drafter
-            that borrows the target's LM head (vLLM needs those rows in the checkpoint).
+        target: target folder / Hub id, read for a vLLM / speculators export of a reduced-vocabulary
+            drafter that borrows the target's LM head (those rows must be in the checkpoint), and for a
+            DeepSpec export, which then stores the target's embedding table and LM head.
         expand_draft_vocab: allow an SGLang export of a reduced-vocabulary drafter (see docs/serving.md).
         overwrite: replace an existing export in ``output_dir``.
         ngram_lookup_tokens: hub format: store this ``ngram_lookup_tokens`` in the exported
             ``generation_config.json`` (n-gram rounds, see :mod:`hf_dspark.generation_dspark`;
             0 turns them off); ``None`` keeps the drafter's setting.
+        target_model_name: the target's Hub id, for checkpoints that do not record it (DeepSpec's).
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r} is not supported; choose one of {EXPORT_FORMATS}")
-    draft_dir, output_dir = _resolve_draft(draft_dir), Path(output_dir)
-    model = load_checked_drafter(draft_dir)
+    draft_dir, output_dir = resolve_checkpoint(draft_dir), Path(output_dir)
+    model = load_checked_drafter(draft_dir, target_model_name)
     if ngram_lookup_tokens is not None:
         if format != "hub":
             raise ValueError("ngram_lookup_tokens is a transformers generate() setting; set it for the hub format only")
@@ -518,7 +599,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Trained drafter folder (draft.save_pretrained) or the Hub id of an exported drafter.")
     parser.add_argument("--output", required=True, metavar="OUT", help="Folder to write (must be new or empty).")
     parser.add_argument("--format", default="hub", choices=EXPORT_FORMATS,
-                        help="hub: transformers / Hub repository (default); vllm / sglang: engine-native layout.")
+                        help="hub: transformers / Hub repository (default); deepspec: DeepSpec's layout; vllm / sglang: "
+                             "engine-native layout; speculators: vLLM speculators' DSpark format.")
     parser.add_argument("--eval-json", nargs="+", default=None, metavar="FILE",
                         help="`hf-dspark eval` results to put on the model card (hub).")
     parser.add_argument("--recipe", default=None, metavar="COMMAND", help="Training command shown on the card (hub).")
@@ -526,7 +608,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"Hub license id for the card (default {DEFAULT_LICENSE}; use your target's license).")
     parser.add_argument("--repo-id", default=None, metavar="ORG/NAME", help="Hub id used in the card's usage snippet.")
     parser.add_argument("--target", default=None, metavar="DIR_OR_ID",
-                        help="Target weights, read only for a vLLM export of a reduced-vocabulary drafter.")
+                        help="Target weights: read for a vLLM / speculators export of a reduced-vocabulary drafter, "
+                             "and stored as embed_tokens / lm_head by a deepspec export.")
+    parser.add_argument("--target-name", default=None, metavar="HUB_ID",
+                        help="The target's Hub id, for drafters that do not record it (DeepSpec checkpoints).")
     parser.add_argument("--expand-draft-vocab", action="store_true",
                         help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/serving.md).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing export in --output.")
@@ -547,7 +632,7 @@ def run_export(args: argparse.Namespace) -> int:
             args.draft, args.output, format=args.format, eval_json=args.eval_json, recipe=args.recipe,
             license=args.license, repo_id=args.repo_id, target=args.target,
             expand_draft_vocab=args.expand_draft_vocab, overwrite=args.overwrite,
-            ngram_lookup_tokens=args.ngram_lookup,
+            ngram_lookup_tokens=args.ngram_lookup, target_model_name=args.target_name,
         )
     except (HfDSparkError, FileExistsError, ValueError) as exc:
         return _cli_error(exc)

@@ -301,8 +301,10 @@ def render_model_card(
 
 
 def render_engine_card(config, engine: str, license: str = DEFAULT_LICENSE) -> str:
-    """Short README.md for a vLLM / SGLang export folder (serve command and provenance)."""
+    """Short README.md for a DeepSpec / vLLM / SGLang / speculators export folder (serve command and provenance)."""
     target = config.target_model_name
+    if engine in ("deepspec", "speculators"):
+        return _layout_card(config, engine, license)
     if engine == "vllm":
         serve = (
             f"vllm serve {target} \\\n  --speculative-config "
@@ -325,6 +327,26 @@ def render_engine_card(config, engine: str, license: str = DEFAULT_LICENSE) -> s
         "For `transformers` (`generate(assistant_model=...)`), use the `hub` export of the same drafter.\n"
     )
     return card_front_matter(target, license, tags=CARD_TAGS + (engine,), library_name=engine) + "\n" + body
+
+
+def _layout_card(config, layout: str, license: str) -> str:
+    target = config.target_model_name
+    if layout == "deepspec":
+        architecture = "Gemma4DSparkModel" if config.backbone_type == "gemma4" else "Qwen3DSparkModel"
+        what = (f"DeepSpec's `save_pretrained` layout (`architectures: [\"{architecture}\"]`), which DeepSpec's "
+                "own classes read")
+    else:
+        what = ("vLLM speculators' DSpark format (`speculators_model_type: \"dspark\"`, read by "
+                "`speculators.models.dspark.DSparkDraftModel`; speculators documents serving its checkpoints "
+                "with `vllm serve <checkpoint>`, not run by hf-dspark)")
+    body = (
+        f"# DSpark drafter for {target} ({layout} layout)\n\n"
+        f"Written by `hf-dspark export --format {layout}`: {what}. The field mapping and what was verified are in "
+        "hf-dspark's `docs/serving.md`.\n\n"
+        f"`hf_dspark.load_drafter(<this folder>)` loads it back; `hf-dspark convert --from {layout} <this folder> "
+        "--output OUT` writes the `transformers` (Hub, remote code) layout.\n"
+    )
+    return card_front_matter(target, license, tags=CARD_TAGS + (layout,), library_name="transformers") + "\n" + body
 
 
 # ----------------------------------------------------------------------------- example

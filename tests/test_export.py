@@ -271,7 +271,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
 def test_engine_export_full_vocab(tmp_path, engine):
     target = tiny_qwen3_target()
-    folder = _save_drafter(tmp_path / "draft", target)
+    folder = _save_drafter(tmp_path / "draft", target, context_input_norm=False)
     out = export_drafter(folder, tmp_path / engine, format=engine)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3DSparkModel"] and config["model_type"] == "qwen3"
@@ -300,7 +300,7 @@ def test_vllm_reduced_vocab_uses_eagle3_offsets_and_target_rows(tmp_path):
     target = tiny_qwen3_target()
     target.save_pretrained(tmp_path / "target")
     vocab_ids = [0, 1, 2] + list(range(10, 90, 2))
-    folder = _save_drafter(tmp_path / "draft", target, draft_vocab_size=len(vocab_ids), draft_token_ids=vocab_ids)
+    folder = _save_drafter(tmp_path / "draft", target, draft_vocab_size=len(vocab_ids), draft_token_ids=vocab_ids, context_input_norm=False)
     with pytest.raises(DSparkConfigError, match="--target"):
         export_drafter(folder, tmp_path / "no_target", format="vllm")
     out = export_drafter(folder, tmp_path / "vllm", format="vllm", target=tmp_path / "target")
@@ -328,7 +328,7 @@ def test_vllm_reduced_vocab_uses_eagle3_offsets_and_target_rows(tmp_path):
 def test_sglang_reduced_vocab_needs_explicit_expansion(tmp_path):
     target = tiny_qwen3_target()
     vocab_ids = list(range(0, 96, 3))
-    folder = _save_drafter(tmp_path / "draft", target, draft_vocab_size=len(vocab_ids), draft_token_ids=vocab_ids)
+    folder = _save_drafter(tmp_path / "draft", target, draft_vocab_size=len(vocab_ids), draft_token_ids=vocab_ids, context_input_norm=False)
     with pytest.raises(DSparkConfigError, match="--expand-draft-vocab"):
         export_drafter(folder, tmp_path / "sglang", format="sglang")
     assert not (tmp_path / "sglang").exists()
@@ -345,7 +345,7 @@ def test_sglang_reduced_vocab_needs_explicit_expansion(tmp_path):
 
 
 def test_gated_head_is_sglang_only(tmp_path):
-    folder = _save_drafter(tmp_path / "draft", tiny_qwen3_target(), markov_head_type="gated")
+    folder = _save_drafter(tmp_path / "draft", tiny_qwen3_target(), markov_head_type="gated", context_input_norm=False)
     with pytest.raises(DSparkConfigError, match="vanilla"):
         export_drafter(folder, tmp_path / "vllm", format="vllm")
     out = export_drafter(folder, tmp_path / "sglang", format="sglang")
@@ -357,7 +357,7 @@ def test_sglang_rnn_head_is_copied_and_matches_sglangs_cell(tmp_path):
     the export copies joint_proj unchanged, and a cell written from that formula over the exported
     tensors agrees with hf-dspark's head step by step."""
     target = tiny_qwen3_target()
-    folder = _save_drafter(tmp_path / "draft", target, markov_head_type="rnn")
+    folder = _save_drafter(tmp_path / "draft", target, markov_head_type="rnn", context_input_norm=False)
     out = export_drafter(folder, tmp_path / "sglang", format="sglang")
     t = _tensors(out)
     from hf_dspark import DSparkDraftModel
@@ -388,10 +388,10 @@ def test_sglang_rnn_head_is_copied_and_matches_sglangs_cell(tmp_path):
 
 def test_engine_refuses_dflash_and_embedding_layer(tmp_path):
     target = tiny_qwen3_target()
-    folder = _save_drafter(tmp_path / "dflash", target, markov_rank=0, confidence_head_with_markov=False)
+    folder = _save_drafter(tmp_path / "dflash", target, markov_rank=0, confidence_head_with_markov=False, context_input_norm=False)
     with pytest.raises(DSparkConfigError, match="markov_rank"):
         export_drafter(folder, tmp_path / "out", format="vllm")
-    folder = _save_drafter(tmp_path / "emb", target, target_layer_ids=[-1, 2])
+    folder = _save_drafter(tmp_path / "emb", target, target_layer_ids=[-1, 2], context_input_norm=False)
     with pytest.raises(DSparkConfigError, match="target_layer_ids"):
         export_drafter(folder, tmp_path / "out", format="sglang")
 

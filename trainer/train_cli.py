@@ -283,7 +283,12 @@ def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, t
         source = Path(args.init_draft) if args.init_draft else None
     if source is not None:
         try:
-            draft = DSparkDraftModel.from_pretrained(source)
+            if checkpoint is None:  # --init-draft: any drafter format (hf-dspark, DeepSpec, speculators)
+                from ..loading import load_drafter
+
+                draft = load_drafter(source)
+            else:
+                draft = DSparkDraftModel.from_pretrained(source)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"Cannot load the drafter at {source}: {error}") from error
         draft.bind_target(target)
