@@ -430,3 +430,34 @@ def test_the_shipped_drafter_records_its_weight_checksum(capsys):
     card = json.loads((folder / "dspark_card.json").read_text())
     assert card["weights_sha256"] == {"model.safetensors": file_sha256(folder / "model.safetensors")}
     assert main(["verify", str(folder)]) == 0
+
+
+# ----------------------------------------------------------------------------- 7. misleading messages
+def test_a_drafter_for_another_vocabulary_gets_our_message_before_transformers_advice():
+    from _models import tiny_qwen3_target
+
+    from conftest import build_tiny_model
+    from hf_dspark import DSparkDraftModel
+
+    target = build_tiny_model()  # vocabulary 128, 2 layers
+    draft = DSparkDraftModel.from_target(tiny_qwen3_target(vocab_size=96, num_layers=2), num_hidden_layers=1)
+    draft._borrowed = {}  # loaded from disk: not bound to any target yet
+    with pytest.raises(ValueError, match=r"vocabulary: drafter expects 96, target has 128") as caught:
+        target.generate(torch.tensor([[1, 7, 8]]), assistant_model=draft, max_new_tokens=3, do_sample=False)
+    assert "different tokenizers" not in str(caught.value)
+
+
+def test_the_generate_hooks_refuse_a_changed_transformers_internal(monkeypatch):
+    from transformers.generation.utils import GenerationMixin
+
+    from hf_dspark import generation_dspark
+
+    def changed(self, generation_mode, generation_config):  # a future signature
+        return None
+
+    hooked = GenerationMixin._validate_generation_mode
+    monkeypatch.setattr(GenerationMixin, "_validate_generation_mode", changed)
+    with pytest.raises(RuntimeError, match="_validate_generation_mode but its signature changed"):
+        generation_dspark._check_internal_signature(
+            changed, generation_dspark.CHECKED_INTERNAL, generation_dspark.CHECKED_INTERNAL_PARAMETERS)
+    assert getattr(hooked, "_dspark_hook", False)

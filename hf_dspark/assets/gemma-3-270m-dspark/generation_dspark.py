@@ -13,6 +13,10 @@ where hf-dspark touches a private internal:
 
 It is wrapped (once, idempotently) so that a DSpark drafter passed as ``assistant_model`` gets a
 :class:`DSparkCandidateGenerator`; every other assistant goes to the original method unchanged.
+``GenerationMixin._validate_generation_mode`` (``CHECKED_INTERNAL``), which runs earlier, is
+wrapped only to run the drafter's own target check first, so that a drafter built for another
+target reports that (vocabulary, hidden size, layers) rather than transformers' advice about
+different tokenizers; it then calls the original unchanged.
 The wrapper is installed for the transformers range in ``SUPPORTED_TRANSFORMERS`` only and
 refuses clearly otherwise; ``tests/test_generate_hook.py`` fails if the internal's signature
 or the ``CandidateGenerator`` model-outputs protocol changes.
@@ -66,6 +70,8 @@ from transformers.generation.utils import GenerationMixin
 
 SUPPORTED_TRANSFORMERS = ("5.24.0", "5.25.0")  # [min, max) tested range
 HOOKED_INTERNAL = "transformers.generation.utils.GenerationMixin._get_candidate_generator"
+CHECKED_INTERNAL = "transformers.generation.utils.GenerationMixin._validate_generation_mode"
+CHECKED_INTERNAL_PARAMETERS = ["self", "generation_mode", "generation_config", "generation_mode_kwargs"]
 POLICIES = ("auto", "full", "threshold", "cost")
 
 DEFAULT_DSPARK_GENERATION = {
@@ -672,26 +678,48 @@ class DSparkCandidateGenerator(CandidateGenerator):
 
 
 # ----------------------------------------------------------------------------- the hook
-def _check_internal_signature(method) -> None:
+HOOKED_INTERNAL_PARAMETERS = [
+    "self",
+    "generation_config",
+    "input_ids",
+    "inputs_tensor",
+    "logits_processor",
+    "model_kwargs",
+    "assistant_model",
+    "target_tokenizer",
+    "assistant_tokenizer",
+]
+
+
+def _check_internal_signature(method, name: str = HOOKED_INTERNAL, expected=HOOKED_INTERNAL_PARAMETERS) -> None:
     import inspect
 
-    expected = [
-        "self",
-        "generation_config",
-        "input_ids",
-        "inputs_tensor",
-        "logits_processor",
-        "model_kwargs",
-        "assistant_model",
-        "target_tokenizer",
-        "assistant_tokenizer",
-    ]
     found = list(inspect.signature(method).parameters)
     if found != expected:
         raise RuntimeError(
-            f"hf-dspark hooks {HOOKED_INTERNAL} but its signature changed: expected {expected}, found {found}. "
+            f"hf-dspark hooks {name} but its signature changed: expected {expected}, found {found}. "
             f"Use transformers>={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}."
         )
+
+
+def _install_target_check() -> None:
+    """Wrap ``_validate_generation_mode`` so a DSpark drafter's own target check runs before it."""
+    current = GenerationMixin._validate_generation_mode
+    if getattr(current, "_dspark_hook", False):
+        return
+    _check_internal_signature(current, CHECKED_INTERNAL, CHECKED_INTERNAL_PARAMETERS)
+    original = current
+
+    @functools.wraps(original)
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        assistant = (generation_mode_kwargs or {}).get("assistant_model")
+        if assistant is not None and is_dspark_drafter(assistant):
+            assistant.check_target(self)
+        return original(self, generation_mode, generation_config, generation_mode_kwargs)
+
+    _validate_generation_mode._dspark_hook = True
+    _validate_generation_mode._dspark_original = original
+    GenerationMixin._validate_generation_mode = _validate_generation_mode
 
 
 def install_generate_hook() -> bool:
@@ -701,6 +729,7 @@ def install_generate_hook() -> bool:
     """
     current = GenerationMixin._get_candidate_generator
     if getattr(current, "_dspark_hook", False):
+        _install_target_check()
         return True
     if not transformers_supported():
         raise RuntimeError(
@@ -709,6 +738,7 @@ def install_generate_hook() -> bool:
             f"Install a supported version: pip install 'transformers>={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}'"
         )
     _check_internal_signature(current)
+    _install_target_check()
     original = current
 
     @functools.wraps(original)
@@ -749,5 +779,6 @@ __all__ = [
     "latency_from_table",
     "prefix_survival",
     "HOOKED_INTERNAL",
+    "CHECKED_INTERNAL",
     "SUPPORTED_TRANSFORMERS",
 ]
