@@ -525,9 +525,9 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     grid = default_grid(args.grid[0], args.grid[1], int(args.grid[2]))
     target, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
-    draft = load_drafter(args.draft).to(args.device).eval()
+    draft = load_drafter(args.draft, device=args.device, target=target)
     if args.output is None and draft.checkpoint_format != "hf-dspark":
-        raise ValueError(
+        raise DSparkConfigError(
             f"--draft {args.draft} is a {draft.checkpoint_format} checkpoint; calibrating it in place would mix "
             "formats in one folder. Pass --output DIR (the calibrated drafter is written in hf-dspark's layout)"
         )
@@ -535,7 +535,6 @@ def run(args: argparse.Namespace) -> int:
         raise DSparkConfigError(
             f"the drafter at {args.draft} has no confidence head (enable_confidence_head=False); nothing to calibrate"
         )
-    draft.bind_target(target)
     prompts = load_prompts(
         args.prompts, split=args.split, column=args.column, num_prompts=args.max_prompts, seed=args.seed
     )

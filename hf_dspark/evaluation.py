@@ -732,18 +732,17 @@ def _generation_kwargs(args) -> dict[str, Any]:
 
 
 def _load_drafter(source: str, target, device, dtype):
-    from .errors import CheckpointError
+    from .errors import CheckpointError, CorruptFileError
     from .loading import load_drafter  # hf-dspark, DeepSpec and speculators folders alike
 
     try:
-        draft = load_drafter(source)
+        return load_drafter(source, dtype=dtype, device=device, target=target)
+    except CorruptFileError:
+        raise  # says which file and what to do
     except (OSError, CheckpointError) as error:
         raise DataError(f"Could not load the drafter {source!r}: {error}. Pass a drafter folder (written by "
                         "`hf-dspark train` / save_pretrained, a DeepSpec or a speculators DSpark checkpoint), "
                         "a Hub id, or 'default'.") from error
-    draft = draft.to(device=device, dtype=dtype).eval()
-    draft.bind_target(target)
-    return draft
 
 
 def _apply_policy(draft, policy: str | None, target) -> None:

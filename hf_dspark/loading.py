@@ -19,13 +19,14 @@ tensors) are refused with :class:`~hf_dspark.errors.CheckpointError`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptFileError, DraftTargetMismatchError
 
 CHECKPOINT_FORMATS = ("hf-dspark", "deepspec", "speculators")
 DEEPSPEC_ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
@@ -37,8 +38,10 @@ _DSPARK_FIELDS = ("block_size", "target_layer_ids", "markov_rank")
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
     """A local folder, or a Hub id (``org/name``) downloaded to the local cache."""
     path = Path(source).expanduser()
-    if path.exists() or str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
+    if path.exists():
         return path
+    if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
+        raise CheckpointError(f"--draft {source}: no such folder, and not a Hub id (Hub ids look like org/name)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -94,8 +97,9 @@ def stored_tensor_names(folder: Path) -> set[str]:
     files = _safetensors_files(folder)
     names: set[str] = set()
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            names.update(handle.keys())
+        with _readable(file):
+            with safe_open(str(file), framework="pt") as handle:
+                names.update(handle.keys())
     return names
 
 
@@ -104,8 +108,23 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
     tensors: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(folder):
-        tensors.update(load_file(str(file)))
+        with _readable(file):
+            tensors.update(load_file(str(file)))
     return tensors
+
+
+@contextlib.contextmanager
+def _readable(file: Path):
+    """safetensors' own error names no file: say which one is truncated or corrupt."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        raise CorruptFileError(
+            f"{file} cannot be read as safetensors ({exc}); it is truncated or corrupt. Download, export or save "
+            "the drafter again."
+        ) from exc
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -213,7 +232,9 @@ def load_drafter(
         target: bind the drafter to this target model (checks it matches and borrows its tables).
 
     Returns the drafter in eval mode. Raises :class:`CheckpointError` for folders that are no
-    DSpark drafter or whose tensors do not match their config.
+    DSpark drafter or whose tensors do not match their config (:class:`CorruptFileError` for weight
+    files that cannot be read or whose sha256 differs from the one ``hf-dspark export`` recorded),
+    and :class:`DraftTargetMismatchError` for a drafter built for another ``target``.
     """
     from .modeling_dspark import DSparkDraftModel, _load_dspark_generation_config
 
@@ -221,6 +242,9 @@ def load_drafter(
     where = f"--draft {source}"
     config_dict = read_config_dict(folder)
     fmt = detect_checkpoint_format(config_dict, where)
+    from .verify import verify_checksums
+
+    verify_checksums(folder)  # the sha256 hf-dspark export recorded for each weight file, if any
     stored = stored_tensor_names(folder)
     if fmt == "speculators" or (fmt == "deepspec" and _needs_layout_conversion(config_dict, stored)):
         if fmt == "speculators":
@@ -238,7 +262,10 @@ def load_drafter(
             # The config is built here: a DeepSpec model_type ("qwen3") would otherwise make transformers
             # warn that a qwen3 checkpoint is loaded into another architecture.
             config = DSparkConfig(**config_dict)
-            model = DSparkDraftModel.from_pretrained(folder, config=config, dtype="auto")
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: config.json is not a valid DSpark config: {exc}") from exc
+        try:
+            model = DSparkDraftModel.from_pretrained(folder, config=config, dtype="auto", check_checksums=False)
         except (OSError, ValueError, RuntimeError) as exc:  # transformers raises RuntimeError on shape mismatches
             raise CheckpointError(f"{where}: the weights do not match config.json: {exc}") from exc
         _check_tensor_names(stored, set(model.state_dict()), where)
@@ -246,7 +273,10 @@ def load_drafter(
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if target is not None:
-        model.bind_target(target)
+        try:
+            model.bind_target(target)
+        except ValueError as exc:  # the drafter's own check (remote code raises plain ValueErrors)
+            raise DraftTargetMismatchError(f"{where}: {exc}") from exc
     return model.eval()
 
 

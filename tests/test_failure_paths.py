@@ -461,3 +461,71 @@ def test_the_generate_hooks_refuse_a_changed_transformers_internal(monkeypatch):
         generation_dspark._check_internal_signature(
             changed, generation_dspark.CHECKED_INTERNAL, generation_dspark.CHECKED_INTERNAL_PARAMETERS)
     assert getattr(hooked, "_dspark_hook", False)
+
+
+def test_export_of_a_plain_model_says_it_is_not_a_dspark_drafter(tmp_path, tiny_target_dir, capsys):
+    assert main(["export", "--draft", str(tiny_target_dir), "--output", str(tmp_path / "out")]) == 2
+    err = last_line(capsys.readouterr().err)
+    assert "not a DSpark drafter" in err and "target_model_name" not in err, err
+
+
+def test_eval_with_a_missing_draft_folder_says_so(tmp_path, tiny_target_dir, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ['{"turns": ["what is two and two"]}'])
+    for draft in ("/nonexistent", str(tmp_path / "no" / "such" / "drafter")):
+        assert main(["eval", "--target", str(tiny_target_dir), "--draft", draft, "--prompts", str(prompts),
+                     "--no-progress", "--max-new-tokens", "4"]) == 2
+        err = last_line(capsys.readouterr().err)
+        assert f"{draft}: no such folder, and not a Hub id" in err and "Repo id" not in err, err
+
+
+@pytest.fixture
+def eval_argv(tmp_path, tiny_target_dir):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ['{"turns": ["what is two and two"]}'])
+    return lambda draft: ["eval", "--target", str(tiny_target_dir), "--draft", str(draft), "--prompts", str(prompts),
+                          "--no-progress", "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def test_a_drafter_for_another_target_is_reported_in_one_line(tmp_path, eval_argv, cache_dir, capsys):
+    from _models import tiny_qwen3_target
+
+    from hf_dspark import DSparkDraftModel
+
+    other = tmp_path / "other"
+    DSparkDraftModel.from_target(tiny_qwen3_target(vocab_size=96, num_layers=2), target_layer_ids=[0, 1],
+                                 markov_rank=8, block_size=4).save_pretrained(other)
+    target = eval_argv(other)[2]
+    argvs = [eval_argv(other),
+             ["calibrate", "--target", target, "--draft", str(other), "--prompts", eval_argv(other)[6],
+              "--output", str(tmp_path / "calibrated")],
+             train_argv(target, cache_dir, tmp_path / "init_other", "--init-draft", other, "--max_steps", "1")]
+    for argv in argvs:
+        assert main(argv) == 2, argv
+        err = last_line(capsys.readouterr().err)
+        assert err.startswith(f"hf-dspark {argv[0]}: error: ") and "vocabulary: drafter expects 96, target has 128" in err, err
+
+
+def test_eval_reports_truncated_or_corrupted_drafter_weights_in_one_line(tmp_path, eval_argv, exported, capsys):
+    from conftest import build_tiny_model
+
+    from hf_dspark import DSparkDraftModel
+
+    trained = tmp_path / "truncated"
+    DSparkDraftModel.from_target(build_tiny_model(), num_hidden_layers=1).save_pretrained(trained)
+    path = trained / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(eval_argv(trained)) == 2
+    err = last_line(capsys.readouterr().err)
+    assert "model.safetensors" in err and "truncated or corrupt" in err and "SafetensorError" not in err, err
+
+    flip_data_bytes(exported / "model.safetensors")  # an export: its sha256 record catches flipped data bytes
+    assert main(eval_argv(exported)) == 2
+    assert "model.safetensors is corrupt" in last_line(capsys.readouterr().err)
+
+
+def test_prepare_data_with_a_bad_target_leaves_no_folder_behind(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ['{"turns": ["what is two and two"]}'])
+    output = tmp_path / "data"
+    assert main(["prepare-data", "--target", str(tmp_path / "no_target"), "--prompts", str(prompts), "--output",
+                 str(output), "--no-progress"]) == 2
+    assert "Could not load target" in last_line(capsys.readouterr().err)
+    assert not output.exists()

@@ -35,7 +35,7 @@ from typing import get_type_hints
 
 import torch
 
-from ..errors import CheckpointError, DataError, DSparkConfigError
+from ..errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError
 from .data import CachedFeatureDataset, FeatureCaches, OnlineDataset, check_cache_matches, choose_draft_vocab
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
 from .feature_cache import data_chat_template, resolve_layer_ids
@@ -291,7 +291,10 @@ def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, t
                 draft = DSparkDraftModel.from_pretrained(source)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"Cannot load the drafter at {source}: {error}") from error
-        draft.bind_target(target)
+        try:
+            draft.bind_target(target)
+        except ValueError as error:  # the drafter's own check names what differs
+            raise DraftTargetMismatchError(f"The drafter at {source} cannot be trained for this target: {error}") from error
         if list(draft.config.target_layer_ids) != list(layer_ids):
             raise CheckpointError(
                 f"The drafter at {source} reads target layers {draft.config.target_layer_ids} but the training "
