@@ -160,6 +160,10 @@ def test_deliberate_errors_print_one_line_and_exit_2(work, tiny_target_dir, data
     data[-50] ^= 0xFF
     shard.write_bytes(bytes(data))
     bad_prompts = write_jsonl(work / "bad_prompts.jsonl", ['{"turns": ["fine"]}', '{"turns": ['])
+    from hf_dspark.trainer.data import CachedFeatureDataset
+
+    with pytest.raises(errors.CorruptFileError, match="shard-00000.safetensors is corrupt"):
+        CachedFeatureDataset(corrupt)
     cases = [
         (train_argv(tiny_target_dir, "/nonexistent", work / "r1", "--max_steps", "1"), "no manifest.json"),
         (train_argv(tiny_target_dir, corrupt, work / "r2", "--max_steps", "1"), "shard-00000.safetensors is corrupt"),

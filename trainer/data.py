@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, CorruptFileError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +145,17 @@ def load_cache_manifest(cache_dir: str | os.PathLike, require_complete: bool = T
 
 
 def verify_shard(cache_dir: str | os.PathLike, shard: dict[str, Any]) -> None:
-    """Raise :class:`CheckpointError` if a shard file is missing, truncated or fails its sha256 checksum."""
+    """Raise :class:`CorruptFileError` if a shard file is missing, truncated or fails its sha256 checksum."""
     path = Path(cache_dir) / shard["file"]
     fix = f"delete {path} and rerun the same `hf-dspark build-cache` command to rebuild just that shard."
     if not path.is_file():
-        raise CheckpointError(f"Cache shard {path} listed in the manifest is missing; {fix}")
+        raise CorruptFileError(f"Cache shard {path} listed in the manifest is missing; {fix}")
     size = path.stat().st_size
     if size != shard["bytes"]:
-        raise CheckpointError(f"Cache shard {path} has {size} bytes, the manifest says {shard['bytes']}; {fix}")
+        raise CorruptFileError(f"Cache shard {path} has {size} bytes, the manifest says {shard['bytes']}; {fix}")
     digest = sha256_file(path)
     if digest != shard["sha256"]:
-        raise CheckpointError(
+        raise CorruptFileError(
             f"Cache shard {path} is corrupt: sha256 {digest[:16]}... does not match the manifest's "
             f"{shard['sha256'][:16]}...; {fix}"
         )
@@ -211,7 +211,7 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
                 missing = [name for name in SHARD_TENSORS if name not in handle.keys()]
                 offsets = handle.get_tensor("seq_offsets").tolist() if not missing else []
         except Exception as error:  # safetensors raises its own error types for unreadable headers
-            raise CheckpointError(
+            raise CorruptFileError(
                 f"Cache shard {path} cannot be read ({error}); delete it and rerun `hf-dspark build-cache`."
             ) from error
         if missing or len(offsets) != shard["num_rows"] + 1 or offsets[-1] != shard["num_tokens"]:
