@@ -174,3 +174,43 @@ def test_unsupported_gemma4_variants_are_refused_by_name(field, value):
     DSparkConfig(**base)  # the base is valid
     with pytest.raises(ValueError, match=field):
         DSparkConfig(**base, **{field: value})
+
+
+def test_train_cli_and_export_for_a_gemma4_target(tmp_path):
+    """`hf-dspark train` builds a Gemma 4 drafter for a Gemma 4 target, trains it (loss goes down), and
+    `hf-dspark export` ships it in the Hub and DeepSpec layouts, both drafting losslessly."""
+    from conftest import BOS_ID, PAD_ID, build_tiny_tokenizer
+
+    from hf_dspark import load_drafter
+    from hf_dspark.cli import main
+
+    target = tiny_gemma4_target(vocab_size=128)
+    target.save_pretrained(tmp_path / "target")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "target")
+    prompts_ = torch.randint(6, 128, (16, 6), generator=torch.Generator().manual_seed(0))
+    prompts_[:, 0] = BOS_ID
+    with torch.no_grad():
+        rows = target.generate(prompts_, attention_mask=torch.ones_like(prompts_), do_sample=False, max_new_tokens=30,
+                               min_new_tokens=30, pad_token_id=PAD_ID).tolist()
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "train.jsonl", "w") as handle:
+        for i, ids in enumerate(rows):
+            handle.write(json.dumps({"id": f"r{i}", "prompt": "p", "input_ids": ids, "loss_mask": [0] * 6 + [1] * 30,
+                                     "num_prompt_tokens": 6, "num_answer_tokens": 30, "answer": "a"}) + "\n")
+    (data / "data_config.json").write_text(json.dumps({"format_version": 1, "chat_template": False}))
+    assert main(["train", "--target", str(tmp_path / "target"), "--data", str(data), "--output", str(tmp_path / "out"),
+                 "--max_steps", "20", "--logging_steps", "5", "--target_layer_ids", "0", "2", "--target_topk", "0",
+                 "--block_size", "4", "--markov_rank", "8", "--num_anchors", "16", "--per_device_train_batch_size", "4",
+                 "--learning_rate", "3e-3", "--context_input_norm", "false", "--disable_tqdm", "true",
+                 "--threads", "1", "--report_to", "none"]) == 0
+    run = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert run["final_metrics"]["loss"] < run["first_logged_metrics"]["loss"], run
+    draft = load_drafter(tmp_path / "out", target=target)
+    assert draft.config.backbone_type == "gemma4" and type(draft.layers[0]).__name__ == "DSparkGemma4DecoderLayer"
+    ids = torch.tensor([rows[0][:6]])
+    plain = target.generate(ids, max_new_tokens=16, do_sample=False)
+    for fmt in ("hub", "deepspec"):
+        assert main(["export", "--draft", str(tmp_path / "out"), "--output", str(tmp_path / fmt), "--format", fmt]) == 0
+        shipped = load_drafter(tmp_path / fmt, target=target)
+        assert torch.equal(plain, target.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=shipped)), fmt

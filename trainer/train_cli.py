@@ -318,6 +318,7 @@ def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, t
         markov_head_type=training_args.markov_head_type,
         enable_confidence_head=training_args.enable_confidence_head,
         confidence_head_with_markov=training_args.confidence_head_with_markov,
+        context_input_norm=training_args.context_input_norm,
         draft_vocab_size=training_args.draft_vocab_size,
         draft_token_ids=draft_token_ids,
         target_layer_ids=layer_ids,

@@ -43,6 +43,12 @@ class DSparkTrainingArguments(TrainingArguments):
     confidence_head_with_markov: bool = field(
         default=True, metadata={"help": "Feed the previous token's Markov embedding to the confidence head."}
     )
+    context_input_norm: bool = field(
+        default=True,
+        metadata={"help": "RMS-normalize each target layer's features before fc (helps targets whose residual "
+                  "scale grows with depth, e.g. Gemma 3). hf-dspark only: drafters trained with it export to the "
+                  "Hub layout, not to the DeepSpec / vLLM / SGLang / speculators layouts; use false for those."},
+    )
     draft_vocab_size: int | None = field(
         default=None,
         metadata={"help": "Reduced draft vocabulary size, chosen by token frequency in the training data; "
