@@ -90,9 +90,12 @@ DEFAULT_DSPARK_GENERATION = {
 # transformers' TopPLogitsWarper sorts the whole vocabulary (Gemma: 262,144 entries, ~11 ms per row on one
 # CPU thread) even when a TopKLogitsWarper just left only k finite scores. Assisted decoding runs the
 # processors once per verified position, so at sampling time a round of 8 positions spent more time
-# sorting than in the draft. After top-k only the k survivors can pass top-p, so the fused warper sorts
-# just those. When ties at the k-th score make top-k keep more than k entries it runs the two original
-# warpers instead, so the result is always what the pair returns.
+# sorting than in the draft. After top-k only its survivors can pass top-p, so the fused warper sorts
+# just those. Top-k keeps every score tied with the k-th one; such ties are rare in fp32 logits but common
+# in bf16 ones (8 mantissa bits), so the survivors are taken with their ties (a second top-k of the tied
+# count) instead of falling back to the full sort. Among scores that are exactly equal, top-p cuts the
+# lower-ranked ones first, and the fused warper ranks them by token id (lower id = kept first); torch.sort,
+# which the pair relies on, leaves that order unspecified. That is the only case where the two can differ.
 class FusedTopKTopPWarper(LogitsProcessor):
     """Drop-in replacement for ``[TopKLogitsWarper(k), TopPLogitsWarper(p)]`` applied in that order."""
 
@@ -107,7 +110,7 @@ class FusedTopKTopPWarper(LogitsProcessor):
             raise ValueError("only top-k and top-p warpers with filter_value=-inf can be fused")
         self.top_k_warper = top_k_warper
         self.top_p_warper = top_p_warper
-        self.top_k = int(top_k_warper.top_k)
+        self.top_k = max(int(top_k_warper.top_k), int(top_k_warper.min_tokens_to_keep))
         self.top_p = float(top_p_warper.top_p)
         self.min_tokens_to_keep = int(top_p_warper.min_tokens_to_keep)
         self.filter_value = top_p_warper.filter_value
@@ -116,19 +119,31 @@ class FusedTopKTopPWarper(LogitsProcessor):
         return self.top_p_warper(input_ids, self.top_k_warper(input_ids, scores))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        k = min(self.top_k, scores.shape[-1])
-        if k >= scores.shape[-1] or self.min_tokens_to_keep > k:
+        vocab = scores.shape[-1]
+        k = min(self.top_k, vocab)
+        if k >= vocab or self.min_tokens_to_keep > k:
             return self._reference(input_ids, scores)
         values, indices = torch.topk(scores, k, dim=-1)  # descending
-        kept = (scores >= values[..., -1:]).sum(dim=-1)
-        if bool((kept != k).any()) or not bool(torch.isfinite(values).all()):
-            return self._reference(input_ids, scores)  # ties at the k-th score, or fewer than k finite scores
-        ascending, order = values.flip(-1), indices.flip(-1)
+        kth = values[..., -1:]
+        if not bool(torch.isfinite(kth).all()):
+            return self._reference(input_ids, scores)  # fewer than k finite scores: top-k keeps -inf too
+        kept = scores >= kth  # top-k's own rule: everything tied with the k-th score survives
+        width = int(kept.sum(dim=-1).max())
+        if width >= vocab:
+            return self._reference(input_ids, scores)
+        if width > k:
+            values, indices = torch.topk(scores, width, dim=-1)
+            values = values.masked_fill(values < kth, self.filter_value)  # rows with fewer ties than the widest
+        # ascending by score, exact ties by descending token id, so that lower ids are cut last
+        indices, by_id = indices.sort(dim=-1, descending=True)
+        values = values.gather(-1, by_id)
+        ascending, order = values.sort(dim=-1, stable=True)
+        indices = indices.gather(-1, order)
         cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative <= (1 - self.top_p)
         remove[..., -self.min_tokens_to_keep:] = False
         out = torch.full_like(scores, self.filter_value)
-        return out.scatter_(-1, order, ascending.masked_fill(remove, self.filter_value))
+        return out.scatter_(-1, indices, ascending.masked_fill(remove, self.filter_value))
 
 
 def fuse_top_k_top_p(processors) -> int:

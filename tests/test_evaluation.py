@@ -81,6 +81,9 @@ def test_eval_fields_are_present_and_consistent(greedy_results):
         assert acceptance[0] is not None
         assert all(v is None or 0.0 <= v <= 1.0 for v in acceptance)
         assert entry["speedup"] == pytest.approx(entry["tokens_per_second"] / entry["baseline_tokens_per_second"])
+        # greedy: no fused plain run (no top-k / top-p), so the best plain setup is plain generate itself
+        assert entry["baseline_fused_tokens_per_second"] is None
+        assert entry["speedup_vs_best_plain"] == pytest.approx(entry["speedup"])
         assert entry["outputs_match_baseline"] is True
         assert entry["prompt_lookup_speedup"] == pytest.approx(
             entry["prompt_lookup_tokens_per_second"] / entry["baseline_tokens_per_second"])
@@ -398,3 +401,38 @@ def test_resume_drops_records_of_edited_rows(tmp_path):
     results.records["set"] = [{"index": 0, "id": "aaaa"}, {"index": 1, "id": "old-text"}, {"index": 5, "id": "cccc"}]
     finished = results.finished(evaluation.PromptSet("set", rows, "set.jsonl"))
     assert finished == {(0, "aaaa"), (5, "cccc")}  # row 1 changed: measured again; row 5 is beyond --max-prompts
+
+
+def test_eval_sampling_reports_the_fused_plain_baseline_and_the_best_plain_speedup(workspace):
+    output = workspace["root"] / "fused.json"
+    args = eval_args(workspace, output, "--temperature", "1", "--top-k", "20", "--top-p", "0.9", "--max-prompts", "2",
+                     "--baseline")
+    assert main(args) == 0
+    results = json.loads(output.read_text())
+    for entry in results["datasets"].values():
+        for record in entry["prompts"]:
+            assert record["baseline_fused"]["new_tokens"] > 0 and record["baseline_fused"]["seconds"] > 0
+        plain, fused = entry["baseline_tokens_per_second"], entry["baseline_fused_tokens_per_second"]
+        assert fused == pytest.approx(sum(r["baseline_fused"]["new_tokens"] for r in entry["prompts"])
+                                      / sum(r["baseline_fused"]["seconds"] for r in entry["prompts"]))
+        assert entry["best_plain_tokens_per_second"] == max(plain, fused)
+        assert entry["speedup_vs_best_plain"] == pytest.approx(entry["tokens_per_second"] / max(plain, fused))
+        assert entry["speedup_vs_best_plain"] <= entry["speedup"] + 1e-12
+    assert results["speedup_vs_best_plain"] == pytest.approx(
+        sum(e["speedup_vs_best_plain"] for e in results["datasets"].values()) / len(results["datasets"]))
+
+
+def test_fused_plain_kwargs_sample_the_same_distribution_as_the_pair():
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from hf_dspark.evaluation import fused_plain_kwargs
+
+    assert fused_plain_kwargs({"do_sample": False, "max_new_tokens": 4}) is None
+    assert fused_plain_kwargs({"do_sample": True, "top_k": 0, "top_p": 0.9}) is None  # nothing to fuse
+    kwargs = fused_plain_kwargs({"do_sample": True, "temperature": 0.7, "top_k": 8, "top_p": 0.9, "max_new_tokens": 4})
+    assert kwargs["top_k"] == 0 and kwargs["top_p"] == 1.0 and kwargs["temperature"] == 0.7
+    (fused,) = kwargs["logits_processor"]
+    scores = torch.randn(4, 300)
+    pair = LogitsProcessorList([TopKLogitsWarper(8), TopPLogitsWarper(0.9)])
+    assert torch.equal(fused(None, scores.clone()), pair(None, scores.clone()))

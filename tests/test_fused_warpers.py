@@ -85,3 +85,42 @@ def test_generate_fuses_unless_switched_off():
     assert draft.last_generation_stats["fused_warpers"] == 0
     target.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft)
     assert draft.last_generation_stats["fused_warpers"] == 0
+
+
+def tie_rule_reference(k, p, scores, keep=1):
+    """The pair computed with a full-vocabulary sort whose order among equal scores is fixed: lower token ids
+    are cut last (the fused warper's documented rule; torch.sort leaves that order unspecified)."""
+    top_k_scores = TopKLogitsWarper(k, min_tokens_to_keep=keep)(IDS, scores.clone())
+    flipped = top_k_scores.flip(-1)  # a stable ascending sort of the flipped row puts higher ids first among ties
+    ascending, order = flipped.sort(dim=-1, stable=True)
+    token_ids = scores.shape[-1] - 1 - order
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - p)
+    remove[..., -keep:] = False
+    out = top_k_scores.clone()
+    return out.scatter_(-1, token_ids, ascending.masked_fill(remove, -float("inf")))
+
+
+@pytest.mark.parametrize("k,p,keep", [(64, 0.95, 1), (16, 0.5, 1), (40, 0.9, 3)])
+def test_bf16_rounded_rows_with_ties_take_the_fused_path(monkeypatch, k, p, keep):
+    gen = torch.Generator().manual_seed(k)
+    scores = (torch.randn(6, 20000, generator=gen) * 3).to(torch.bfloat16).float()
+    top_k_kept = (scores >= torch.topk(scores, k, dim=-1).values[..., -1:]).sum(-1)
+    assert (top_k_kept > k).any(), "the rows must have ties at the k-th score for this test to mean anything"
+    fused = FusedTopKTopPWarper(*pair(k, p, keep))
+    monkeypatch.setattr(FusedTopKTopPWarper, "_reference", lambda *a: pytest.fail("fell back to the full sort"))
+    out = fused(IDS, scores.clone())
+    assert torch.equal(out, tie_rule_reference(k, p, scores, keep))
+    # against transformers' pair: the same number of survivors with the same scores (only tied ids may swap)
+    ref = reference(k, p, scores, keep)
+    assert torch.equal(torch.isfinite(out).sum(-1), torch.isfinite(ref).sum(-1))
+    assert torch.equal(out.sort(-1).values, ref.sort(-1).values)
+
+
+def test_tie_at_the_top_p_boundary_cuts_the_higher_token_id_first():
+    # top-k 4 keeps all four; top-p 0.6 must drop one of the two tied 1.0 scores (ids 1 and 3)
+    scores = torch.tensor([[2.0, 1.0, -5.0, 1.0, 0.0, -4.0]])
+    fused = FusedTopKTopPWarper(*pair(4, 0.6))
+    out = fused(IDS, scores.clone())
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False, False, False]
+    assert torch.equal(out, tie_rule_reference(4, 0.6, scores))
