@@ -216,24 +216,33 @@ def test_train_cli_and_export_for_a_gemma4_target(tmp_path):
         assert torch.equal(plain, target.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=shipped)), fmt
 
 
-def test_sampling_with_a_gemma4_drafter_follows_the_target_distribution():
-    """Sampled outputs keep the target's distribution (chi-square against the exact joint of two tokens)."""
+def test_sampling_with_a_gemma4_drafter_follows_the_target_distribution(monkeypatch):
+    """Sampled outputs keep the target's distribution (chi-square against the exact joint of two tokens),
+    and the same test rejects a generator that misreports the draft distribution (negative control)."""
+    import hf_dspark
     from test_generate import chi_square_rejects, exact_joint, sample_counts
 
     target = tiny_gemma4_target(seed=7, vocab_size=6)
     target.generation_config.eos_token_id = None
-    with torch.no_grad():
-        target.lm_head.weight.mul_(20.0)  # a peaked target, so that the test has power
     draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5, markov_head_type="rnn")
     with torch.no_grad():
         for p in draft.parameters():
             if p.is_floating_point():
-                p.mul_(3.0)
+                p.mul_(3.0)  # a draft distribution clearly different from the target's
     draft.generation_config.verification_policy = "full"
     ids = torch.tensor([[1, 3, 2, 4]])
     warp = dict(temperature=1.0, top_k=0, top_p=1.0)
     exact = exact_joint(target, ids, warp)
-    counts = sample_counts(target, draft, ids, warp, runs=900)
-    rejects, stat, crit = chi_square_rejects(counts, exact)
+    rejects, stat, crit = chi_square_rejects(sample_counts(target, draft, ids, warp, runs=600), exact)
     assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
     assert draft.last_generation_stats["submitted_lengths"][0] == 2  # the draft really proposed tokens
+
+    generator = hf_dspark.generation_dspark.DSparkCandidateGenerator
+    original = generator.get_candidates
+
+    def lying(self, *args, **kwargs):
+        candidates, logits = original(self, *args, **kwargs)
+        return candidates, None if logits is None else torch.zeros_like(logits)  # claims q is uniform
+
+    monkeypatch.setattr(generator, "get_candidates", lying)
+    assert chi_square_rejects(sample_counts(target, draft, ids, warp, runs=300), exact)[0]
