@@ -246,3 +246,15 @@ def test_sampling_with_a_gemma4_drafter_follows_the_target_distribution(monkeypa
 
     monkeypatch.setattr(generator, "get_candidates", lying)
     assert chi_square_rejects(sample_counts(target, draft, ids, warp, runs=300), exact)[0]
+
+
+def test_batched_engine_with_a_gemma4_drafter_equals_plain_generate():
+    from hf_dspark import BatchedSpeculativeGenerator
+
+    target = tiny_gemma4_target(attention_k_eq_v=True)
+    draft = tiny_drafter(target, markov_head_type="rnn")
+    gen = torch.Generator().manual_seed(0)
+    batch = [torch.randint(3, 90, (n,), generator=gen).tolist() for n in (5, 9, 7)]
+    expected = [target.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[0, len(p):].tolist()
+                for p in batch]
+    assert BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=3).generate(batch, 16) == expected
