@@ -143,4 +143,32 @@ class DSparkGemma4DecoderLayer(nn.Module):
         return hidden_states * self.layer_scalar
 
 
-__all__ = ["DSparkGemma4RMSNorm", "DSparkGemma4Attention", "DSparkGemma4DecoderLayer"]
+def gemma4_target_fields(text_config) -> dict | None:
+    """DSparkConfig fields of a Gemma 4 drafter for a Gemma 4 text config (``None`` for other targets).
+
+    Gemma 4 configs keep per-layer-type geometry in ``per_layer_config``: the drafter's layers are
+    full-attention layers, so they take the target's full-attention head size and key/value heads
+    and its full-attention RoPE."""
+    if getattr(text_config, "model_type", None) != "gemma4_text":
+        return None
+    layer_types = list(text_config.layer_types)
+    full = layer_types.index("full_attention")
+    sliding = layer_types.index("sliding_attention") if "sliding_attention" in layer_types else full
+    full_layer, sliding_layer = text_config.per_layer_config[full], text_config.per_layer_config[sliding]
+    rope = text_config.rope_parameters
+    rope = dict(rope["full_attention"] if isinstance(rope.get("full_attention"), dict) else rope)
+    k_eq_v = bool(getattr(text_config, "attention_k_eq_v", False))
+    return dict(
+        backbone_type="gemma4",
+        head_dim=sliding_layer.head_dim,
+        global_head_dim=full_layer.head_dim,
+        num_key_value_heads=sliding_layer.num_key_value_heads,
+        num_global_key_value_heads=full_layer.num_key_value_heads if k_eq_v else None,
+        attention_k_eq_v=k_eq_v,
+        final_logit_softcapping=getattr(text_config, "final_logit_softcapping", None),
+        hidden_act=getattr(text_config, "hidden_activation", "gelu_pytorch_tanh"),
+        rope_parameters=rope,
+    )
+
+
+__all__ = ["DSparkGemma4RMSNorm", "DSparkGemma4Attention", "DSparkGemma4DecoderLayer", "gemma4_target_fields"]

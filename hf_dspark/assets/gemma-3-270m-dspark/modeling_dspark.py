@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_dspark import DSparkConfig
 from .generation_dspark import DEFAULT_DSPARK_GENERATION, default_dspark_generation_config, install_generate_hook
-from .modeling_dspark_gemma4 import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm
+from .modeling_dspark_gemma4 import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm, gemma4_target_fields
 
 
 # --------------------------------------------------------------------------------------
@@ -402,7 +402,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         tcfg = target_model.config.get_text_config()
         n_layers = tcfg.num_hidden_layers
         num_heads = getattr(tcfg, "num_attention_heads", 8)
-        gemma4 = _gemma4_target_fields(tcfg)
+        gemma4 = gemma4_target_fields(tcfg)
         if gemma4:  # per-layer geometry: reading tcfg.head_dim would raise
             head_dim, num_kv_heads = gemma4["head_dim"], gemma4["num_key_value_heads"]
         else:
@@ -886,34 +886,6 @@ def _target_rope_parameters(text_config) -> dict:
             if isinstance(rope.get(key), dict) and "rope_theta" in rope[key]:
                 return {"rope_type": "default", "rope_theta": float(rope[key]["rope_theta"])}
     return {"rope_type": "default", "rope_theta": float(getattr(text_config, "rope_theta", 10000.0) or 10000.0)}
-
-
-def _gemma4_target_fields(text_config) -> dict | None:
-    """DSparkConfig fields of a Gemma 4 drafter for a Gemma 4 text config (``None`` for other targets).
-
-    Gemma 4 configs keep per-layer-type geometry in ``per_layer_config``: the drafter's layers are
-    full-attention layers, so they take the target's full-attention head size and key/value heads
-    and its full-attention RoPE."""
-    if getattr(text_config, "model_type", None) != "gemma4_text":
-        return None
-    layer_types = list(text_config.layer_types)
-    full = layer_types.index("full_attention")
-    sliding = layer_types.index("sliding_attention") if "sliding_attention" in layer_types else full
-    full_layer, sliding_layer = text_config.per_layer_config[full], text_config.per_layer_config[sliding]
-    rope = text_config.rope_parameters
-    rope = dict(rope["full_attention"] if isinstance(rope.get("full_attention"), dict) else rope)
-    k_eq_v = bool(getattr(text_config, "attention_k_eq_v", False))
-    return dict(
-        backbone_type="gemma4",
-        head_dim=sliding_layer.head_dim,
-        global_head_dim=full_layer.head_dim,
-        num_key_value_heads=sliding_layer.num_key_value_heads,
-        num_global_key_value_heads=full_layer.num_key_value_heads if k_eq_v else None,
-        attention_k_eq_v=k_eq_v,
-        final_logit_softcapping=getattr(text_config, "final_logit_softcapping", None),
-        hidden_act=getattr(text_config, "hidden_activation", "gelu_pytorch_tanh"),
-        rope_parameters=rope,
-    )
 
 
 def _hub_kwargs(kwargs) -> dict:
