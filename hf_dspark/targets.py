@@ -196,6 +196,11 @@ def resolve_target_source(name_or_path: str) -> str:
                 f"`save_pretrained`, a Hub id, or use the built-in alias {GEMMA_ALIAS!r}."
             )
         return str(path)
+    if name_or_path.count("/") > 1 or name_or_path.startswith((".", "/", "~")):  # a path, and it does not exist
+        raise TargetLoadError(
+            f"--target {name_or_path}: no such folder, and not a Hub id (Hub ids look like org/name); check the "
+            f"path, or use the built-in alias {GEMMA_ALIAS!r}."
+        )
     return name_or_path
 
 

@@ -531,5 +531,6 @@ def test_prepare_data_with_a_bad_target_leaves_no_folder_behind(tmp_path, capsys
     output = tmp_path / "data"
     assert main(["prepare-data", "--target", str(tmp_path / "no_target"), "--prompts", str(prompts), "--output",
                  str(output), "--no-progress"]) == 2
-    assert "Could not load target" in last_line(capsys.readouterr().err)
+    err = last_line(capsys.readouterr().err)
+    assert "no such folder, and not a Hub id" in err and "Repo id" not in err, err
     assert not output.exists()
