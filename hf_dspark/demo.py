@@ -7,12 +7,16 @@ Usage::
     hf-dspark demo --target TARGET --draft DRAFT_DIR # any target and drafter
     hf-dspark demo --tiny                            # same flow on a tiny random target + fresh drafter (seconds)
     hf-dspark demo --policy full                     # verify every drafted token (default: cost policy)
+    hf-dspark demo --modes greedy --dtype float32    # one mode, a fixed dtype (default: both modes, dtype auto)
 
-For each demo prompt, plain ``generate`` and ``generate(assistant_model=draft)`` run on the same
-ids (timed by :func:`hf_dspark.evaluation.measure_generate`, the code path of ``hf-dspark eval``);
-the demo prints the text, the mean accepted length tau, both speeds and the speed-up, and checks
-that the two outputs are token for token identical. Exit code 0 when every output matches, 1 when
-one does not, 2 when the models cannot be loaded.
+Greedy, then sampling (T=1, top-k 64, top-p 0.95). For each demo prompt, plain ``generate`` (for
+sampling also plain ``generate`` with the fused top-k/top-p warper, the fastest exact plain setup) and
+``generate(assistant_model=draft)`` run on the same ids (timed by
+:func:`hf_dspark.evaluation.measure_generate`, the code path of ``hf-dspark eval``); the demo prints
+the text, tau, the speeds and the speed-up over the faster plain run, and checks that greedy outputs
+are token for token identical. ``--dtype auto`` profiles the target's verification pass in fp32 and
+bf16 and keeps the faster dtype (bf16 needs AVX512-BF16 or a GPU to pay). Exit code 0 when every
+greedy output matches, 1 when one does not, 2 when the models cannot be loaded.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
                         help="n-gram rounds: copy up to N tokens after an earlier match of the last tokens instead of "
                              "drafting (0 = off; default: the drafter's saved setting).")
+    parser.add_argument("--modes", nargs="+", choices=["greedy", "sampling"], default=["greedy", "sampling"],
+                        help="Decoding modes to show (default both; sampling: T=1, top-k 64, top-p 0.95).")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="Target and drafter dtype (default auto: the one whose 8-token verification pass is "
+                             "fastest on this machine, measured once and cached).")
     parser.add_argument("--tiny", action="store_true",
                         help="Run on a tiny random target and a fresh (untrained) drafter: checks the flow in seconds.")
 
@@ -107,6 +116,71 @@ def load_models(target_name: str, draft_name: str):
     return target, draft, TokenizerCodec(tokenizer, getattr(draft.config, "prompt_chat_template", None))
 
 
+SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 64, "top_p": 0.95}  # Gemma 3's recommended settings
+
+
+def _pick_dtype(args, target):
+    """The target in the dtype asked for, or (``--dtype auto``) in the one measured fastest for verification."""
+    from .latency import choose_dtype
+
+    if args.dtype != "auto":
+        return target.to(getattr(torch, args.dtype)), None
+    if args.tiny:
+        return target, None
+    print("measuring the target's verification pass in float32 and bfloat16 (cached for later runs)...", flush=True)
+    best, measured = choose_dtype(target, model_name=args.target)
+    figures = ", ".join(f"{name} {t[1] * 1e3:.0f} ms (1 token) / {t[8] * 1e3:.0f} ms (8 tokens)"
+                        for name, t in measured.items())
+    note = f"dtype {best}: fastest 8-token pass on this machine ({figures}); pass --dtype to override"
+    return target.to(getattr(torch, best)), note
+
+
+def _run_mode(target, draft, codec, mode: str, args) -> dict:
+    """One decoding mode over the demo prompts: plain (and plain with the fused warper) vs DSpark."""
+    from .evaluation import fused_plain_kwargs
+
+    kwargs = {"max_new_tokens": args.max_new_tokens, **(SAMPLING if mode == "sampling" else {"do_sample": False})}
+    fused = fused_plain_kwargs(kwargs)
+    first = torch.tensor([codec.encode(DEMO_PROMPTS[0])])
+    short = {**kwargs, "max_new_tokens": 4}
+    measure_generate(target, first, short)  # warm-up, untimed
+    measure_generate(target, first, short, assistant_model=draft)
+    totals = {"plain": [0, 0.0], "fused": [0, 0.0], "dspark": [0, 0.0], "accepted": 0, "rounds": 0, "ngram_rounds": 0}
+    identical_all = True
+    for number, prompt in enumerate(DEMO_PROMPTS, start=1):
+        input_ids = torch.tensor([codec.encode(prompt)])
+        runs = {"plain": measure_generate(target, input_ids, kwargs, seed=number)}
+        if fused is not None:
+            runs["fused"] = measure_generate(target, input_ids, fused, seed=number)
+        runs["dspark"] = spec = measure_generate(target, input_ids, kwargs, seed=number, assistant_model=draft)
+        for key, m in runs.items():
+            totals[key][0] += m.new_tokens
+            totals[key][1] += m.seconds
+        stats = spec.stats or {}
+        totals["accepted"] += sum(stats.get("accepted_lengths", []))
+        totals["rounds"] += stats.get("rounds", 0)
+        totals["ngram_rounds"] += stats.get("ngram_rounds", 0)
+        best_plain = max(m.new_tokens / m.seconds for key, m in runs.items() if key != "dspark")
+        spec_tps = spec.new_tokens / spec.seconds
+        line = (f"tau {stats.get('mean_accepted_length') or float('nan'):.2f} | best plain {best_plain:.1f} tok/s | "
+                f"DSpark {spec_tps:.1f} tok/s | speed-up {spec_tps / best_plain:.2f}x")
+        if mode == "greedy":
+            identical = torch.equal(runs["plain"].output_ids, spec.output_ids)
+            identical_all &= identical
+            line += f" | identical to plain generate: {identical}"
+        print(f"--- {mode}, prompt {number} " + "-" * 50)
+        print(prompt if not args.tiny else repr(prompt))
+        text = codec.decode(spec.output_ids[0, input_ids.shape[1]:])
+        print(f">>> {text if not args.tiny else repr(text)}")
+        print(line + "\n")
+    rate = {key: totals[key][0] / totals[key][1] for key in ("plain", "fused", "dspark") if totals[key][1] > 0}
+    best_plain = max(v for k, v in rate.items() if k != "dspark")
+    tau = totals["accepted"] / totals["rounds"] if totals["rounds"] else float("nan")
+    return {"mode": mode, "tau": tau, "plain": rate["plain"], "fused": rate.get("fused"), "best_plain": best_plain,
+            "dspark": rate["dspark"], "speedup": rate["dspark"] / best_plain, "identical": identical_all,
+            "ngram_rounds": totals["ngram_rounds"], "rounds": totals["rounds"]}
+
+
 def run(args) -> int:
     if args.max_new_tokens < 1:
         print(f"hf-dspark demo: error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
@@ -116,65 +190,49 @@ def run(args) -> int:
     except HfDSparkError as error:
         print(f"hf-dspark demo: error: {error}", file=sys.stderr)
         return 2
-    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    target, dtype_note = _pick_dtype(args, target)
+    draft = draft.to(target.dtype)  # the drafter runs in the target's dtype (fastest on both CPU kinds measured)
     label = "tiny random target + fresh drafter" if args.tiny else f"{args.target} + drafter {args.draft}"
     policy = args.policy or ("full" if args.tiny else "cost")
-    if policy == "cost" and not draft.generation_config.latency_table:
-        print("profiling the target's verification latency on this machine (cached for later runs)...", flush=True)
     if args.ngram_lookup is not None:
         if args.ngram_lookup < 0:
             print(f"hf-dspark demo: error: --ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}",
                   file=sys.stderr)
             return 2
         draft.generation_config.ngram_lookup_tokens = args.ngram_lookup
-    try:
-        _apply_policy(draft, policy, target)
-    except HfDSparkError as error:
-        print(f"hf-dspark demo: error: {error}", file=sys.stderr)
-        return 2
     ngram = int(getattr(draft.generation_config, "ngram_lookup_tokens", 0) or 0)
-    print(f"DSpark demo: {label}, greedy, {args.max_new_tokens} new tokens per prompt, "
-          f"verification policy {policy!r}, n-gram rounds {f'on ({ngram} tokens)' if ngram else 'off'}\n")
+    dtype = str(target.dtype).removeprefix("torch.")
+    if dtype_note:
+        print(dtype_note)
+    results = []
+    for mode in args.modes:
+        # Greedy uses the cost policy (a verified prefix is worth its price); sampling verifies the whole
+        # block, the shipped drafter's sampling setting (its confidences are calibrated on greedy rounds).
+        mode_policy = policy if mode == "greedy" or args.policy else "full"
+        if mode_policy == "cost" and not draft.generation_config.latency_table:
+            print("profiling the target's verification latency on this machine (cached for later runs)...", flush=True)
+        try:
+            _apply_policy(draft, mode_policy, target)
+        except HfDSparkError as error:
+            print(f"hf-dspark demo: error: {error}", file=sys.stderr)
+            return 2
+        print(f"DSpark demo: {label}, {mode}{' (T=1, top-k 64, top-p 0.95)' if mode == 'sampling' else ''}, {dtype}, "
+              f"{args.max_new_tokens} new tokens per prompt, verification policy {mode_policy!r}, "
+              f"n-gram rounds {f'on ({ngram} tokens)' if ngram else 'off'}\n")
+        results.append(_run_mode(target, draft, codec, mode, args))
 
-    first = torch.tensor([codec.encode(DEMO_PROMPTS[0])])
-    measure_generate(target, first, {**kwargs, "max_new_tokens": 4})  # warm-up, untimed
-    measure_generate(target, first, {**kwargs, "max_new_tokens": 4}, assistant_model=draft)
-
-    totals = {"plain": [0, 0.0], "dspark": [0, 0.0], "accepted": 0, "rounds": 0, "ngram_rounds": 0}
-    all_identical = True
-    for number, prompt in enumerate(DEMO_PROMPTS, start=1):
-        input_ids = torch.tensor([codec.encode(prompt)])
-        plain = measure_generate(target, input_ids, kwargs)
-        spec = measure_generate(target, input_ids, kwargs, assistant_model=draft)
-        identical = torch.equal(plain.output_ids, spec.output_ids)
-        all_identical &= identical
-        stats = spec.stats or {}
-        tau = stats.get("mean_accepted_length") or float("nan")
-        plain_tps, spec_tps = plain.new_tokens / plain.seconds, spec.new_tokens / spec.seconds
-        for key, m in (("plain", plain), ("dspark", spec)):
-            totals[key][0] += m.new_tokens
-            totals[key][1] += m.seconds
-        totals["accepted"] += sum(stats.get("accepted_lengths", []))
-        totals["rounds"] += stats.get("rounds", 0)
-        totals["ngram_rounds"] += stats.get("ngram_rounds", 0)
-
-        print(f"--- prompt {number} " + "-" * 60)
-        print(prompt if not args.tiny else repr(prompt))
-        text = codec.decode(spec.output_ids[0, input_ids.shape[1]:])
-        print(f">>> {text if not args.tiny else repr(text)}")
-        print(f"tau {tau:.2f} | plain {plain_tps:.1f} tok/s | DSpark {spec_tps:.1f} tok/s | "
-              f"speed-up {spec_tps / plain_tps:.2f}x | identical to plain generate: {identical}\n")
-
-    plain_tps = totals["plain"][0] / totals["plain"][1]
-    spec_tps = totals["dspark"][0] / totals["dspark"][1]
-    tau = totals["accepted"] / totals["rounds"] if totals["rounds"] else float("nan")
-    print(f"overall: tau {tau:.2f}, plain {plain_tps:.1f} tok/s, DSpark {spec_tps:.1f} tok/s, "
-          f"speed-up {spec_tps / plain_tps:.2f}x")
-    if ngram:
-        print(f"n-gram rounds: {totals['ngram_rounds']} of {totals['rounds']} rounds copied earlier tokens "
-              "instead of drafting")
-    print("all outputs identical to plain generate" if all_identical
-          else "MISMATCH: an output differs from plain generate")
+    print(f"{'mode':<10}{'tau':>6}{'plain tok/s':>13}{'best plain':>12}{'DSpark tok/s':>14}{'speed-up':>10}")
+    for r in results:
+        print(f"{r['mode']:<10}{r['tau']:>6.2f}{r['plain']:>13.1f}{r['best_plain']:>12.1f}{r['dspark']:>14.1f}"
+              f"{r['speedup']:>9.2f}x")
+        if ngram:
+            print(f"  {r['mode']}: {r['ngram_rounds']} of {r['rounds']} rounds copied earlier tokens instead of drafting")
+    print("speed-up: DSpark tok/s over the faster plain generate (sampling: also timed with the fused top-k/top-p "
+          f"warper); {dtype}, batch 1")
+    all_identical = all(r["identical"] for r in results)
+    if any(r["mode"] == "greedy" for r in results):
+        print("all greedy outputs identical to plain generate" if all_identical
+              else "MISMATCH: a greedy output differs from plain generate")
     return 0 if all_identical else 1
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "LatencyProfile",
     "LatencyProfileError",
     "profile_latency",
+    "choose_dtype",
     "default_cache_dir",
     "format_table",
     "add_arguments",
@@ -418,6 +419,44 @@ def format_table(profile: LatencyProfile) -> str:
             cells.append(f"{seconds * 1e3:>10.3f}" if seconds is not None else f"{'-':>10}")
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- dtype choice
+def choose_dtype(
+    model,
+    candidates: Iterable[str] = ("float32", "bfloat16"),
+    verify_tokens: int = 8,
+    context_length: int = 128,
+    cache_dir: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    repeats: int = 5,
+) -> tuple[str, dict[str, dict[int, float]]]:
+    """The dtype in which ``model`` runs speculative decoding fastest on this machine, measured.
+
+    Each candidate dtype is profiled (through :func:`profile_latency`, so the figures are cached per
+    machine, threads and dtype) at 1 token and at ``verify_tokens`` tokens per pass; the winner is the
+    dtype whose ``verify_tokens``-token pass is cheapest, since a DSpark round is one such pass.
+    Whether bf16 is the fast path depends on the CPU: with AVX512-BF16 (or on a GPU) a bf16 pass of
+    8-16 tokens costs about one decode step; on an AVX2-only CPU bf16 matrix products of more than
+    one row are emulated and cost several times the fp32 ones. ``model`` is not modified: other
+    dtypes are profiled on a copy. Returns ``(dtype_name, {dtype_name: {tokens: seconds}})``.
+    """
+    names = list(dict.fromkeys(candidates))
+    if not names or any(n not in _DTYPES for n in names):
+        raise DSparkConfigError(f"candidates must be a non-empty subset of {_DTYPES}, got {names}")
+    own = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if model_name is None:
+        model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    measured: dict[str, dict[int, float]] = {}
+    for name in names:
+        candidate = model if name == own else copy.deepcopy(model).to(getattr(torch, name))
+        profile = profile_latency(candidate, token_counts=sorted({1, verify_tokens}), context_length=context_length,
+                                  repeats=repeats, cache_dir=cache_dir, model_name=model_name)
+        measured[name] = dict(profile.table[1])
+        if candidate is not model:
+            del candidate
+    best = min(names, key=lambda n: measured[n][verify_tokens])
+    return best, measured
 
 
 # --------------------------------------------------------------------------- command line

@@ -372,16 +372,17 @@ def test_resolve_draft():
 def test_demo_tiny(capsys):
     assert main(["demo", "--tiny", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
-    assert "all outputs identical to plain generate" in out
+    assert "all greedy outputs identical to plain generate" in out
     assert out.count("identical to plain generate: True") == 3
     assert "verification policy 'full'" in out
+    assert "speed-up" in out and out.count("--- sampling, prompt") == 3
 
 
 def test_demo_tiny_with_ngram_rounds(capsys):
     assert main(["demo", "--tiny", "--max-new-tokens", "40", "--ngram-lookup", "5"]) == 0
     out = capsys.readouterr().out
-    assert "n-gram rounds on (5 tokens)" in out and "all outputs identical to plain generate" in out
-    copied = int(out.split("n-gram rounds: ")[1].split(" of ")[0])
+    assert "n-gram rounds on (5 tokens)" in out and "all greedy outputs identical to plain generate" in out
+    copied = int(out.split("  greedy: ")[1].split(" of ")[0])
     assert copied > 0  # the byte-level random target repeats itself, so some rounds copy
     assert main(["demo", "--tiny", "--ngram-lookup", "-1"]) == 2
 
