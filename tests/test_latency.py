@@ -234,3 +234,39 @@ def test_cli(tiny_model, tmp_path, monkeypatch, capsys):
     profile = LatencyProfile.from_json(out)
     assert sorted(profile.table) == [1, 2] and sorted(profile.table[2]) == [1, 2, 3]
     assert format_table(profile).splitlines()[0].startswith("# tiny/qwen3-random")
+
+
+def test_choose_dtype_keeps_the_dtype_with_the_cheaper_verification_pass(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import hf_dspark.latency as latency
+    from _models import tiny_qwen3_target
+
+    target = tiny_qwen3_target(seed=0)
+    fake = {"float32": {1: 0.010, 8: 0.030}, "bfloat16": {1: 0.006, 8: 0.050}}  # bf16 decodes faster, verifies slower
+    seen = []
+
+    def profile(model, **kwargs):
+        name = str(next(model.parameters()).dtype).removeprefix("torch.")
+        seen.append((name, model is target, sorted(kwargs["token_counts"])))
+        return SimpleNamespace(table={1: fake[name]})
+
+    monkeypatch.setattr(latency, "profile_latency", profile)
+    best, measured = latency.choose_dtype(target, cache_dir=tmp_path)
+    assert best == "float32" and measured == fake
+    assert seen == [("float32", True, [1, 8]), ("bfloat16", False, [1, 8])]  # other dtypes run on a copy
+    assert next(target.parameters()).dtype == torch.float32
+    fake["bfloat16"][8] = 0.020
+    assert latency.choose_dtype(target, cache_dir=tmp_path)[0] == "bfloat16"
+    with pytest.raises(ValueError, match="candidates"):
+        latency.choose_dtype(target, candidates=("int8",))
+
+
+def test_choose_dtype_measures_both_dtypes_on_a_tiny_model(tmp_path):
+    from hf_dspark.latency import choose_dtype
+    from _models import tiny_qwen3_target
+
+    best, measured = choose_dtype(tiny_qwen3_target(seed=0), cache_dir=tmp_path, repeats=1, context_length=8)
+    assert best in ("float32", "bfloat16") and set(measured) == {"float32", "bfloat16"}
+    assert all(t[n] > 0 for t in measured.values() for n in (1, 8))
+    assert best == min(measured, key=lambda n: measured[n][8])
