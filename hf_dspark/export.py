@@ -545,7 +545,8 @@ def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
                 f"--draft {folder} is a DSpark checkpoint but not a hub export (auto_map or remote-code files "
                 f"{absent} missing); run `hf-dspark export --format hub` on it first"
             )
-    elif config.get("architectures") != [ENGINE_ARCHITECTURE]:
+    elif not (config.get("speculators_model_type") == "dspark"
+              or config.get("architectures") in ([ENGINE_ARCHITECTURE], [GEMMA4_ENGINE_ARCHITECTURE])):
         raise CheckpointError(f"--draft {folder}: config.json does not describe a DSpark drafter export")
     files = []
     for path in sorted(folder.rglob("*")):

@@ -234,6 +234,9 @@ def test_gemma4_drafter_exports_to_deepspec_layout_and_back(tmp_path):
     assert written["attention_k_eq_v"] is True and written["global_head_dim"] == 32
     assert written["rope_parameters"]["full_attention"]["rope_type"] == "proportional"
     assert_same_drafter(load_drafter(out), original)
+    from hf_dspark.export import upload_plan
+
+    assert "model.safetensors" in dict(upload_plan(out))  # pushable like the other exports
     for fmt in ("vllm", "sglang", "speculators"):
         with pytest.raises(DSparkConfigError, match="backbone_type"):
             export_drafter(folder, tmp_path / fmt, format=fmt)
@@ -259,3 +262,6 @@ def test_speculators_config_uses_their_layer_ids_and_block_layout(tmp_path):
     assert config["speculators_config"]["verifier"]["name_or_path"] == TARGET_NAME
     assert config["draft_vocab_size"] == 96 and config["transformer_layer_config"]["model_type"] == "qwen3"
     assert not any(k.startswith(("embed_tokens", "lm_head", "d2t", "t2d")) for k in load_file(out / "model.safetensors"))
+    from hf_dspark.export import upload_plan
+
+    assert "model.safetensors" in dict(upload_plan(out))  # pushable like the other exports
