@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import re
@@ -378,6 +379,32 @@ def fused_plain_kwargs(generation_kwargs: dict[str, Any]) -> dict[str, Any] | No
     return {**generation_kwargs, "top_k": 0, "top_p": 1.0, "logits_processor": LogitsProcessorList([fused])}
 
 
+def greedy_divergence(target, prompt_length: int, baseline_ids: torch.Tensor, other_ids: torch.Tensor) -> dict | None:
+    """Where a greedy output first differs from plain ``generate``, and how close to a tie the target was there.
+
+    The common prefix is re-scored by one target forward; ``logit_margin`` is the gap between the logits
+    of the two tokens chosen there and ``margin_ulps`` that gap in units of the target dtype's rounding
+    step at their magnitude (bf16: 8 mantissa bits). A divergence at ``margin_ulps`` <= 2 sits at a
+    numerical near-tie: the verification pass (several rows, other kernels) and the one-row decode step
+    rounded differently. ``None`` when the outputs are identical.
+    """
+    n = min(baseline_ids.shape[-1], other_ids.shape[-1])
+    differ = (baseline_ids[0, :n] != other_ids[0, :n]).nonzero()
+    if differ.numel() == 0:
+        return None if baseline_ids.shape[-1] == other_ids.shape[-1] else {"position": n - prompt_length,
+                                                                           "length_differs": True}
+    at = int(differ[0])
+    with torch.no_grad():
+        logits = target(baseline_ids[:, :at].to(target.device)).logits[0, -1].float()
+    a, b = int(baseline_ids[0, at]), int(other_ids[0, at])
+    magnitude = max(abs(float(logits[a])), abs(float(logits[b])), 1e-30)
+    mantissa_bits = {torch.bfloat16: 8, torch.float16: 11}.get(target.dtype, 24)
+    ulp = 2.0 ** (math.floor(math.log2(magnitude)) - (mantissa_bits - 1))
+    margin = abs(float(logits[a]) - float(logits[b]))
+    return {"position": at - prompt_length, "baseline_token": a, "token": b, "logit_margin": margin,
+            "rounding_step": ulp, "margin_ulps": margin / ulp}
+
+
 def _timing(m: Measurement) -> dict[str, Any]:
     return {"new_tokens": m.new_tokens, "seconds": m.seconds}
 
@@ -441,6 +468,16 @@ def _drafter_summary(entries: list[dict[str, Any]], baseline_tps: float | None,
         summary["speedup"] = _ratio(tps, baseline_tps)
         summary["speedup_vs_best_plain"] = _ratio(tps, best_plain_tps or baseline_tps)
         summary["outputs_match_baseline"] = _all_or_none([e.get("matches_baseline") for e in entries])
+        matches = [e.get("matches_baseline") for e in entries]
+        if matches and all(m is not None for m in matches):  # greedy: the agreement contract, measured
+            divergences = [e["divergence"] for e in entries if e.get("divergence")]
+            ulps = [d["margin_ulps"] for d in divergences if "margin_ulps" in d]
+            summary["greedy_agreement"] = {
+                "identical_share": sum(matches) / len(matches),
+                "first_divergence_positions": [d["position"] for d in divergences],
+                "max_margin_ulps": max(ulps) if ulps else None,
+                "all_divergences_near_ties": all(u <= 2.0 for u in ulps) and len(ulps) == len(divergences),
+            }
     return summary
 
 
@@ -517,7 +554,7 @@ def summarize_prompt_set(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 _SUMMED = {"num_prompts", "new_tokens", "seconds", "rounds", "accepted_tokens", "ngram_rounds", "ngram_accepted_tokens"}
 # Intervals of different sets do not average into an interval of the macro average.
-_NOT_AVERAGED = {"quality", "policy", "mean_accepted_length_ci90", "dspark_tau_ratio_ci90"}
+_NOT_AVERAGED = {"quality", "policy", "mean_accepted_length_ci90", "dspark_tau_ratio_ci90", "greedy_agreement"}
 
 
 def _mean(values: list) -> float | None:
@@ -897,6 +934,9 @@ def measure_prompt(target, tokenizer, drafters: dict[str, Any], row: dict[str, A
         entry = _drafter_record(outputs[name])
         if baseline is not None:
             entry["matches_baseline"] = torch.equal(outputs[name].output_ids, baseline.output_ids) if greedy else None
+            if greedy and not entry["matches_baseline"]:
+                entry["divergence"] = greedy_divergence(target, input_ids.shape[1], baseline.output_ids,
+                                                        outputs[name].output_ids)
         if name == DSPARK:
             record[DSPARK] = entry
         else:

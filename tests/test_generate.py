@@ -359,3 +359,80 @@ def test_cost_policy_without_latency_table_is_a_clear_error(qwen):
     draft = set_policy(tiny_drafter(qwen), verification_policy="cost", latency_table=None)
     with pytest.raises(ValueError, match="latency_table"):
         qwen.generate(prompts(1)[0], max_new_tokens=5, do_sample=False, assistant_model=draft)
+
+
+# ------------------------------------------------------------------------- bfloat16
+@pytest.fixture(scope="module")
+def small_vocab_bf16():
+    target, draft = small_vocab_pair()
+    return target.to(torch.bfloat16), draft.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("warp", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=4, top_p=0.9)],
+                         ids=["plain", "temp_topk_topp"])
+def test_bf16_sampling_follows_the_target_distribution(small_vocab_bf16, warp):
+    """In bf16 the exact distribution is the one of the target's bf16 logits; 1,500 draws cannot tell the
+    verification pass's logits from the decode step's (they differ in the last bf16 bits), a wrong q can."""
+    target, draft = small_vocab_bf16
+    ids = torch.tensor([[1, 3, 2, 4]])
+    exact = exact_joint(target, ids, warp)
+    counts = sample_counts(target, draft, ids, warp, runs=1500)
+    rejects, stat, crit = chi_square_rejects(counts, exact)
+    assert not rejects, f"bf16 speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
+    assert draft.last_generation_stats["submitted_lengths"][0] == 2
+
+
+def test_bf16_broken_acceptance_rule_is_caught(small_vocab_bf16, monkeypatch):
+    target, draft = small_vocab_bf16
+    warp = dict(temperature=1.0, top_k=0, top_p=1.0)
+    ids = torch.tensor([[1, 3, 2, 4]])
+    original = hf_dspark.generation_dspark.DSparkCandidateGenerator.get_candidates
+
+    def lying(self, *args, **kwargs):
+        cands, logits = original(self, *args, **kwargs)
+        return cands, None if logits is None else torch.zeros_like(logits)
+
+    monkeypatch.setattr(hf_dspark.generation_dspark.DSparkCandidateGenerator, "get_candidates", lying)
+    counts = sample_counts(target, draft, ids, warp, runs=1500)
+    assert chi_square_rejects(counts, exact_joint(target, ids, warp))[0]
+
+
+def test_bf16_greedy_output_differs_from_plain_only_at_numerical_near_ties():
+    """The bf16 contract: verification scores several rows with other kernels than a one-row decode step,
+    so greedy outputs may part where the target's two best logits are within bf16 rounding (<= 2 rounding
+    steps apart); anywhere else they must agree token for token."""
+    from hf_dspark.evaluation import greedy_divergence
+
+    identical, divergences = 0, []
+    for seed in range(4):
+        target = tiny_qwen3_target(seed=seed).to(torch.bfloat16)
+        draft = set_policy(tiny_drafter(target, seed=seed + 10).to(torch.bfloat16), verification_policy="full")
+        for p in range(5):
+            ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(seed * 10 + p))
+            plain = target.generate(ids, max_new_tokens=40, do_sample=False)
+            spec = target.generate(ids, max_new_tokens=40, do_sample=False, assistant_model=draft)
+            report = greedy_divergence(target, ids.shape[1], plain, spec)
+            if report is None:
+                identical += 1
+            else:
+                divergences.append(report)
+    assert identical >= 10, f"only {identical} of 20 bf16 outputs identical to plain generate"
+    for report in divergences:
+        assert report["margin_ulps"] <= 2.0, f"a bf16 divergence away from a near-tie: {report}"
+
+
+def test_greedy_divergence_measures_a_real_disagreement_as_far_from_a_tie():
+    """Negative control for the contract test: a token that is not the target's argmax by a wide margin."""
+    from hf_dspark.evaluation import greedy_divergence
+
+    target = tiny_qwen3_target(seed=0)
+    ids = torch.tensor([[4, 8, 15, 16, 23]])
+    plain = target.generate(ids, max_new_tokens=6, do_sample=False)
+    assert greedy_divergence(target, ids.shape[1], plain, plain.clone()) is None
+    with torch.no_grad():
+        logits = target(plain[:, :7]).logits[0, -1]
+    wrong = plain.clone()
+    wrong[0, 7] = int(logits.argmin())
+    report = greedy_divergence(target, ids.shape[1], plain, wrong)
+    assert report["position"] == 2 and report["token"] == int(logits.argmin())
+    assert report["margin_ulps"] > 2.0 and report["logit_margin"] == pytest.approx(float(logits.max() - logits.min()))
