@@ -21,7 +21,7 @@ import torch
 
 from hf_dspark import errors
 from hf_dspark.cli import main, run_command
-from hf_dspark.errors import CheckpointError, DataError, DSparkConfigError
+from hf_dspark.errors import CheckpointError, DataError
 
 from conftest import BOS_ID
 
