@@ -3,30 +3,56 @@
 transformers' assisted generation runs one sequence at a time. :class:`BatchedSpeculativeGenerator`
 serves many requests with continuous batching. Each round:
 
-1. one batched drafter call drafts a block for every active request (the anchor, i.e. the last
-   committed token, followed by mask tokens; the Markov loop samples the tokens);
-2. the scheduler chooses how many draft tokens each request verifies: ``"full"`` (the whole
-   block), ``"threshold"`` (cut where the calibrated prefix survival falls below a threshold)
-   or ``"algorithm1"`` (:func:`hf_dspark.scheduling.prefix_schedule`, the paper's
-   hardware-aware scheduler fed with the prefix survival of every request and the target's
-   measured steps per second at the number of tokens in the batch; greedy decoding, whose
-   output does not depend on the verified lengths, uses the best allocation along the whole
-   admission path instead, :func:`hf_dspark.scheduling.global_search_schedule`);
-3. ONE target forward scores ``[anchor, x_1 .. x_l]`` of every request, right-padded to the
-   longest row;
-4. :func:`hf_dspark.verification.verify_block` accepts/rejects per request (exact speculative
+1. **plan** (before any of the round's tokens exist): requests with an n-gram match (see below)
+   copy tokens instead of drafting; the scheduler decides which of the others run the drafter;
+2. one batched drafter call drafts a block for those requests (the anchor, i.e. the last
+   committed token, followed by mask tokens; the Markov loop samples the tokens), reading first
+   the target features of every token committed since the request last drafted;
+3. the scheduler chooses how many draft tokens each request verifies;
+4. ONE target forward scores ``[anchor, x_1 .. x_l]`` of every request, right-padded to the
+   longest row (logits only for the real tokens);
+5. :func:`hf_dspark.verification.verify_block` accepts/rejects per request (exact speculative
    sampling, or argmax matching for greedy decoding); the target features of the anchor and the
-   accepted tokens become the drafter's new context next round;
-5. requests that produced EOS or reached ``max_new_tokens`` (possibly in the middle of a
+   accepted tokens wait for the request's next drafter call;
+6. requests that produced EOS or reached ``max_new_tokens`` (possibly in the middle of a
    block: the tokens after that point are dropped) leave; queued requests join (their prompt
    is prefilled in one extra forward) before the next round.
 
+Schedulers
+----------
+* ``"full"``: every request with room drafts and verifies its whole block.
+* ``"threshold"``: cut where the calibrated prefix survival falls below a threshold.
+* ``"algorithm1"``: the paper's hardware-aware prefix scheduler on the current drafts. The
+  objective is the expected committed tokens per second of the whole round, with the time from
+  :class:`hf_dspark.round_cost.RoundCost`: the right-padded target pass (the profiled step-rate
+  curve of the dtype in use) plus the drafter. Before drafting, the best allocation on each
+  request's prediction from the previous round (:meth:`~BatchedSpeculativeGenerator._plan`)
+  decides who drafts: a request it gives no token skips the drafter, and when no allocation beats
+  a plain decoding step nobody drafts (so a round is never planned slower than plain decoding).
+  After drafting, greedy decoding takes the best allocation over every width cap
+  (:func:`hf_dspark.scheduling.best_padded_allocation`: greedy output does not depend on the
+  counts), sampling walks the admission path with Algorithm 1's early stop
+  (:func:`hf_dspark.scheduling.padded_schedule`), which exactness needs.
+* ``"async"``: the paper's production variant. The plan runs on predictions made two rounds
+  earlier (``PREDICTION_LAG``; requests too new for that use the prior ``DRAFT_PRIOR_*``) with
+  a search over the whole path and every cap, allowed because none of its inputs depends on the
+  current drafts. It fixes who drafts, the budget ``K`` (its total) and a width cap (its widest
+  request); the current survival only ranks the candidates, and the top ``K`` are verified
+  (:func:`hf_dspark.scheduling.top_k_prefix`). Lossless for sampling too (Appendix A of the paper;
+  ``tests/test_batched.py`` reproduces the bias of a global search on current scores).
+* ``"plain"``: no drafting and no n-gram rounds: plain continuous-batching decoding through the
+  same engine (the baseline of ``hf-dspark bench-serve``).
+
+A request that skips the drafter (n-gram round, or a round the plan kept it off) keeps the
+target features of the tokens it commits in :class:`hf_dspark.ragged.PendingFeatures`; its next
+drafter call reads all of them, so its drafter context is complete again (the catch-up costs
+the projection and keys/values of those few tokens, inside that call).
+
 With ``ngram_lookup_tokens > 0`` a request whose last tokens occurred earlier in its prompt or
-output submits the tokens that followed them instead of its drafted block (n-gram rounds, as in
-:mod:`hf_dspark.generation_dspark`; a one-hot proposal when sampling). The drafter still drafts
-every row, so its context cache stays in step. The schedulers see, for such a row, the
-acceptance n-gram proposals had so far at each position (a running estimate from past rounds
-only, so the cut stays non-anticipating).
+output submits the tokens that followed them instead of a drafted block (n-gram rounds, as in
+:mod:`hf_dspark.generation_dspark`; a one-hot proposal when sampling). The schedulers see, for
+such a row, the acceptance n-gram proposals had so far at each position (a running estimate from
+past rounds only, so the cut stays non-anticipating).
 
 Ragged KV caches
 ----------------
@@ -47,7 +73,9 @@ Keys are stored after RoPE, so where a slot sits in the cache does not matter, o
 does. When garbage reaches :attr:`BatchedSpeculativeGenerator.compaction_slack` slots and a
 quarter of the cache, the valid slots of every row are gathered to the right (``compact``);
 leaving rows are dropped with ``index_select``; joining rows are left-padded to the running
-length. The drafter's context cache is handled by the same table.
+length. The drafter's context cache is handled by the same table (a drafter call over some of the
+rows works on a copy of their rows and merges the appended slots back, the other rows getting as
+many invalid slots). The caches live in :mod:`hf_dspark.ragged`.
 
 The target cache is a ``DynamicCache()`` built without a config: every layer is a plain
 ``DynamicLayer`` that keeps all slots, including layers the model runs with a sliding window
@@ -64,7 +92,6 @@ the two agree row by row).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import deque
@@ -72,7 +99,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .generation_dspark import (
@@ -83,12 +110,14 @@ from .generation_dspark import (
     threshold_length,
 )
 from .modeling_dspark import DSparkDraftCache
-from .scheduling import global_search_schedule, prefix_schedule
+from .ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
+from .round_cost import RoundCost, measure_head_seconds_per_token, measure_seconds
+from .scheduling import best_padded_allocation, padded_schedule, top_k_prefix
 from .verification import verify_block
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = ("algorithm1", "full", "threshold")
+SCHEDULERS = ("algorithm1", "async", "full", "threshold", "plain")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -97,6 +126,7 @@ __all__ = [
     "SpeculativeRequest",
     "SamplingSettings",
     "RaggedSlots",
+    "ragged_causal_mask",
     "SCHEDULERS",
     "add_arguments",
     "run",
@@ -151,11 +181,13 @@ class SpeculativeRequest:
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted, per round
     committed: list[int] = field(default_factory=list)  # tokens appended to output_ids, per round
     added_at: float = 0.0
-    started_at: float | None = None
+    started_at: float | None = None  # joined the batch (prefilled)
+    first_token_at: float | None = None  # first output token committed
     finished_at: float | None = None
     # engine state: the last committed token (no KV yet) and its position
     anchor: int = 0
     anchor_position: int = 0
+    predictions: list = field(default_factory=list)  # (round, prefix survival) of its latest drafted blocks
 
     @property
     def finished(self) -> bool:
@@ -187,173 +219,6 @@ class SpeculativeRequest:
 
 
 # --------------------------------------------------------------------------------------
-# ragged caches
-# --------------------------------------------------------------------------------------
-class RaggedSlots:
-    """Bookkeeping of a ragged KV cache: ``valid[r, s]`` says whether slot ``s`` of row ``r`` holds
-    a committed token, ``positions[r, s]`` is that token's position. Both are [rows, slots]."""
-
-    def __init__(self, valid: torch.Tensor, positions: torch.Tensor):
-        self.valid = valid
-        self.positions = positions
-
-    @classmethod
-    def empty(cls, rows: int, device) -> "RaggedSlots":
-        return cls(torch.zeros(rows, 0, dtype=torch.bool, device=device), torch.zeros(rows, 0, dtype=torch.long, device=device))
-
-    @property
-    def rows(self) -> int:
-        return self.valid.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.valid.shape[1]
-
-    def append(self, valid: torch.Tensor, positions: torch.Tensor) -> "RaggedSlots":
-        return RaggedSlots(torch.cat([self.valid, valid], 1), torch.cat([self.positions, positions], 1))
-
-    def select(self, rows: torch.Tensor) -> "RaggedSlots":
-        return RaggedSlots(self.valid.index_select(0, rows), self.positions.index_select(0, rows))
-
-    def left_pad(self, length: int) -> "RaggedSlots":
-        pad = length - self.length
-        if pad <= 0:
-            return self
-        return RaggedSlots(
-            torch.cat([self.valid.new_zeros(self.rows, pad), self.valid], 1),
-            torch.cat([self.positions.new_zeros(self.rows, pad), self.positions], 1),
-        )
-
-    def garbage(self) -> int:
-        """Slots that a compaction would free (length minus the fullest row's valid count)."""
-        if self.length == 0 or self.rows == 0:
-            return self.length
-        return self.length - int(self.valid.sum(1).max())
-
-    def compaction_index(self) -> torch.Tensor:
-        """[rows, L] slot indices that move every row's valid slots to the right end, in order;
-        ``L`` is the largest number of valid slots of a row."""
-        keep = int(self.valid.sum(1).max()) if self.rows else 0
-        order = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices  # invalid first, then valid
-        return order[:, self.length - keep :]
-
-
-def _pad_time_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    pad = length - tensor.shape[2]
-    if pad <= 0:
-        return tensor
-    zeros = tensor.new_zeros(tensor.shape[0], tensor.shape[1], pad, tensor.shape[3])
-    return torch.cat([zeros, tensor], 2)
-
-
-class _RaggedKV:
-    """A KV store ([rows, heads, slots, head_dim] tensors per layer) plus its :class:`RaggedSlots`."""
-
-    def __init__(self, rows: int, device):
-        self.slots = RaggedSlots.empty(rows, device)
-
-    def tensors(self) -> list[torch.Tensor] | None:  # keys of every layer, then values
-        raise NotImplementedError
-
-    def set_tensors(self, tensors: list[torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        tensors = self.tensors()
-        if tensors is not None:
-            self.set_tensors([t.index_select(0, rows) for t in tensors])
-        self.slots = self.slots.select(rows)
-
-    def extend(self, other: "_RaggedKV") -> None:
-        """Append ``other``'s rows; the shorter side is left-padded with invalid (zero) slots."""
-        length = max(self.slots.length, other.slots.length)
-        mine, theirs = self.tensors(), other.tensors()
-        if mine is not None or theirs is not None:
-            templates = mine if mine is not None else theirs
-
-            def padded(tensors, rows):
-                if tensors is None:
-                    return [t.new_zeros(rows, t.shape[1], length, t.shape[3]) for t in templates]
-                return [_pad_time_left(t, length) for t in tensors]
-
-            a, b = padded(mine, self.slots.rows), padded(theirs, other.slots.rows)
-            self.set_tensors([torch.cat([x, y], 0) for x, y in zip(a, b)])
-        left, right = self.slots.left_pad(length), other.slots.left_pad(length)
-        self.slots = RaggedSlots(torch.cat([left.valid, right.valid], 0), torch.cat([left.positions, right.positions], 0))
-
-    def compact(self) -> None:
-        index = self.slots.compaction_index()
-        tensors = self.tensors()
-        if tensors is not None:
-            gathered = []
-            for t in tensors:
-                idx = index[:, None, :, None].expand(t.shape[0], t.shape[1], index.shape[1], t.shape[3])
-                gathered.append(t.gather(2, idx))
-            self.set_tensors(gathered)
-        self.slots = RaggedSlots(self.slots.valid.gather(1, index), self.slots.positions.gather(1, index))
-
-
-class _TargetKV(_RaggedKV):
-    """The target's cache: a config-less ``DynamicCache`` (full ``DynamicLayer`` everywhere)."""
-
-    def __init__(self, rows: int, device):
-        super().__init__(rows, device)
-        self.cache = DynamicCache()
-
-    def tensors(self):
-        layers = self.cache.layers
-        if not layers or not all(layer.is_initialized for layer in layers):
-            return None
-        return [layer.keys for layer in layers] + [layer.values for layer in layers]
-
-    def set_tensors(self, tensors):
-        n = len(tensors) // 2
-        if self.tensors() is None:
-            self.cache = DynamicCache(ddp_cache_data=list(zip(tensors[:n], tensors[n:])))
-            return
-        for layer, keys, values in zip(self.cache.layers, tensors[:n], tensors[n:]):
-            layer.keys, layer.values = keys, values
-
-
-class _DraftKV(_RaggedKV):
-    """The drafter's context cache (``DSparkDraftCache``)."""
-
-    def __init__(self, rows: int, device, num_layers: int):
-        super().__init__(rows, device)
-        self.cache = DSparkDraftCache(num_layers)
-
-    def tensors(self):
-        if self.cache.keys[0] is None:
-            return None
-        return list(self.cache.keys) + list(self.cache.values)
-
-    def set_tensors(self, tensors):
-        n = len(tensors) // 2
-        self.cache.keys, self.cache.values = list(tensors[:n]), list(tensors[n:])
-
-
-def ragged_causal_mask(
-    slots: RaggedSlots, query_valid: torch.Tensor, query_positions: torch.Tensor, sliding_window: int | None = None
-) -> torch.Tensor:
-    """Boolean [rows, 1, W, slots + W] mask (True = attend) of a forward appending W slots per row.
-
-    Key slot ``s`` is visible to a query at position ``t`` when it holds a committed token
-    (past slots) or a real new token (new slots), its position is ``<= t`` and, with a sliding
-    window, ``> t - sliding_window`` (transformers' convention). Every query also sees its own
-    slot, which keeps padding queries finite (their outputs are never used)."""
-    key_valid = torch.cat([slots.valid, query_valid], 1)
-    key_pos = torch.cat([slots.positions, query_positions], 1)
-    q = query_positions[:, :, None]
-    allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= q)
-    if sliding_window is not None:
-        allowed &= key_pos[:, None, :] > q - sliding_window
-    width = query_positions.shape[1]
-    own = torch.arange(width, device=allowed.device)
-    allowed[:, own, slots.length + own] = True
-    return allowed[:, None]
-
-
-# --------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------
 class BatchedSpeculativeGenerator:
@@ -362,11 +227,16 @@ class BatchedSpeculativeGenerator:
     Args:
         target: a causal LM (``sdpa`` or ``eager`` attention; full and/or sliding-window layers).
         draft: a ``DSparkDraftModel`` built for ``target`` (on the same device).
-        scheduler: ``"algorithm1"`` (hardware-aware prefix scheduler, needs a confidence head and a
-            latency profile), ``"full"`` (verify the whole block) or ``"threshold"`` (cut at
-            prefix survival < ``confidence_threshold``).
+        scheduler: ``"algorithm1"`` (hardware-aware prefix scheduler on the current drafts),
+            ``"async"`` (the paper's production variant: budget from predictions two rounds old),
+            ``"full"`` (verify the whole block), ``"threshold"`` (cut at prefix survival <
+            ``confidence_threshold``) or ``"plain"`` (no drafting at all: plain continuous-batching
+            decoding, the baseline of ``bench-serve``). See "Schedulers" in the module docstring.
         latency_profile: a :class:`hf_dspark.latency.LatencyProfile` of the target; with
-            ``"algorithm1"`` and ``None`` it is measured (and cached) on first use.
+            ``"algorithm1"``/``"async"`` and ``None`` it is measured (and cached) on first use.
+        round_cost: a :class:`hf_dspark.round_cost.RoundCost` (target profile, drafter and LM-head
+            times); ``None`` builds one on first use from ``latency_profile`` and timings of this
+            drafter and head.
         max_batch_size: most requests decoded at once; the rest wait in a queue.
         confidence_threshold: the ``"threshold"`` scheduler's cut.
         fast_verify_head: while the engine exists, the target's LM head uses the skinny-product layout
@@ -386,6 +256,21 @@ class BatchedSpeculativeGenerator:
     compaction_fraction = 0.25
     _PAD_ID = 0  # fills right-padding in prefill batches: any in-vocabulary id, the mask hides it
 
+    # Planning before the drafter runs (algorithm1 and async) reads each request's prediction made
+    # PREDICTION_LAG rounds earlier (or its latest older one); predictions older than PREDICTION_TTL
+    # rounds, and requests without any, use the prior: the mean survival the drafter predicted over
+    # the engine's past request-rounds (exponential average, weight DRAFT_PRIOR_WEIGHT for the newest),
+    # which starts at DRAFT_PRIOR_ACCEPTANCE ** j. The start is optimistic on purpose: a prior that never
+    # drafts would never learn otherwise; the expiry makes a request the plan stopped drafting try again.
+    # When the plan kept every request off the drafter for PROBE_INTERVAL rounds, every request that could
+    # draft drafts once (one drafter call), so that the predictions and the prior follow text that became
+    # easier to draft; when drafting never pays this costs one drafter call per PROBE_INTERVAL rounds.
+    PREDICTION_LAG = {"algorithm1": 1, "async": 2}
+    PREDICTION_TTL = 8
+    PROBE_INTERVAL = 16
+    DRAFT_PRIOR_ACCEPTANCE = 0.8
+    DRAFT_PRIOR_WEIGHT = 1 / 16
+
     def __init__(
         self,
         target,
@@ -398,13 +283,14 @@ class BatchedSpeculativeGenerator:
         ngram_lookup_tokens: int = 0,
         ngram_max_size: int = 3,
         ngram_min_size: int = 2,
+        round_cost: RoundCost | None = None,
     ):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r} is not one of {SCHEDULERS}")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
         draft.bind_target(target)
-        if scheduler in ("algorithm1", "threshold") and getattr(draft, "confidence_head", None) is None:
+        if scheduler in ("algorithm1", "async", "threshold") and getattr(draft, "confidence_head", None) is None:
             raise ValueError(
                 f"scheduler={scheduler!r} needs a drafter with a confidence head "
                 "(enable_confidence_head=True); use scheduler='full' with this drafter"
@@ -419,13 +305,17 @@ class BatchedSpeculativeGenerator:
         self.target, self.draft = target, draft
         self.scheduler = scheduler
         self.latency_profile = latency_profile
+        self.round_cost = round_cost
         self.max_batch_size = max_batch_size
         self.confidence_threshold = float(confidence_threshold)
         self.block_size = draft.config.block_size
         self.ngram_sizes = (int(ngram_max_size), int(ngram_min_size))
         check_ngram_settings(int(ngram_lookup_tokens), *self.ngram_sizes)
-        self.ngram_lookup_tokens = min(int(ngram_lookup_tokens), self.block_size)
+        self.ngram_lookup_tokens = 0 if scheduler == "plain" else min(int(ngram_lookup_tokens), self.block_size)
         self._ngram_rows: list[bool] = []
+        self._ngram_found: list[torch.Tensor | None] = []
+        self._plan_counts: list[int] = []
+        self._last_draft_round = -1
         self.hidden_state_ids = [i + 1 for i in draft.config.target_layer_ids]
         self._configure_attention(target)
         self._verify_head = activate_verify_head(target, self) if fast_verify_head else None
@@ -439,6 +329,7 @@ class BatchedSpeculativeGenerator:
         self._next_id = 0
         self._reset_state()
         self.stats = self._empty_stats()
+        self._draft_prior = [self.DRAFT_PRIOR_ACCEPTANCE ** (j + 1) for j in range(self.block_size)]
 
     def close(self) -> None:
         """Give the target's LM head back its default layout now (also happens when the engine is collected)."""
@@ -474,9 +365,12 @@ class BatchedSpeculativeGenerator:
         ``seed`` seeds a private generator used for every random draw; ``None`` uses torch's global RNG."""
         if self._active or self._queue:
             raise RuntimeError("set_sampling() changes how every request decodes; call it while no request is in flight")
+        changed = bool(do_sample) != self.sampling.do_sample
         self.sampling = SamplingSettings(bool(do_sample), float(temperature), top_k, top_p)
         self._warpers = self._build_warpers()
         self._generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+        if changed and self.round_cost is not None and self._measured_cost:
+            self.round_cost = None  # the drafter's time depends on greedy vs sampled drafting: measure again
 
     def _build_warpers(self) -> LogitsProcessorList:
         """transformers' warpers for ``self.sampling``, top-k + top-p fused (same result, top-p sorts only k)."""
@@ -484,14 +378,46 @@ class BatchedSpeculativeGenerator:
         fuse_top_k_top_p(warpers)
         return warpers
 
-    def _steps_per_second(self, total_tokens: int, rows: int) -> float:
-        if self.latency_profile is None:
-            from .latency import profile_latency
+    def _cost(self) -> RoundCost:
+        """The round-time model of the schedulers, built (and timed) on first use."""
+        if self.round_cost is None:
+            if self.latency_profile is None:
+                from .latency import profile_latency
 
-            sizes = sorted({b for b in (1, 2, 4, 8, 16) if b <= self.max_batch_size} | {self.max_batch_size})
-            logger.info("profiling the target's latency for the prefix scheduler (batch sizes %s)", sizes)
-            self.latency_profile = profile_latency(self.target, token_counts=range(1, self.block_size + 2), batch_sizes=sizes)
-        return self.latency_profile.steps_per_second(total_tokens, batch_size=rows)
+                sizes = sorted({b for b in (1, 2, 4, 8, 16, 32) if b <= self.max_batch_size} | {self.max_batch_size})
+                logger.info("profiling the target's latency for the prefix scheduler (batch sizes %s)", sizes)
+                self.latency_profile = profile_latency(self.target, token_counts=range(1, self.block_size + 2),
+                                                       batch_sizes=sizes)
+            rows = sorted({1, max(1, self.max_batch_size // 2), self.max_batch_size})
+            self.round_cost = RoundCost(
+                self.latency_profile,
+                draft_seconds={m: self._time_drafter(m) for m in rows},
+                head_seconds_per_token=measure_head_seconds_per_token(self.target),
+            )
+            self._measured_cost = True
+        return self.round_cost
+
+    _measured_cost = False
+
+    @torch.no_grad()
+    def _time_drafter(self, rows: int, context: int = 4) -> float:
+        """Median time of one drafter call for ``rows`` requests (``context`` new features each)."""
+        draft, K = self.draft, self.block_size
+        features = torch.randn(rows, context, draft.config.context_size, device=self.device)
+        anchors = torch.full((rows,), self._PAD_ID, dtype=torch.long, device=self.device)
+        positions = torch.arange(context, device=self.device).expand(rows, -1)
+        block_pos = context + torch.arange(K, device=self.device).expand(rows, -1)
+
+        def call():
+            hidden = draft._backbone(draft.embed(draft.block_input_ids(anchors)), block_pos,
+                                     draft.project_context(features), positions, None, DSparkDraftCache(
+                                         draft.config.num_hidden_layers))
+            _, _, confidence = draft.sample_block(draft.compute_logits(hidden), hidden, anchors,
+                                                  choose=self._chooser([]), num_tokens=K)
+            if confidence is not None:
+                torch.cumprod(draft.calibrated_confidence(confidence).float(), dim=-1).tolist()
+
+        return measure_seconds(call)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
@@ -550,19 +476,21 @@ class BatchedSpeculativeGenerator:
     # ---------------------------------------------------------------- one round
     @torch.no_grad()
     def step(self) -> list[SpeculativeRequest]:
-        """Admit queued requests, then run one draft / schedule / verify round. Returns the requests
-        that finished in this round."""
+        """Admit queued requests, then run one plan / draft / schedule / verify round. Returns the
+        requests that finished in this round."""
         self._admit()
         if not self._active:
             return []
         start = time.perf_counter()
-        tokens, draft_probs, survival, limits = self._draft()
+        # a round commits at most (verified drafts + 1) tokens: never draft past max_new_tokens
+        limits = [max(0, min(self.block_size, r.remaining - 1)) for r in self._active]
+        self._ngram_lookups(limits)
+        draft_rows = self._plan(limits)
+        tokens, draft_probs, survival, limits = self._draft(draft_rows, limits)
         if self.ngram_lookup_tokens > 0:
             tokens, draft_probs, survival, limits = self._ngram_proposals(tokens, draft_probs, survival, limits)
-        else:
-            self._ngram_rows = [False] * len(limits)
         drafted = time.perf_counter()
-        counts = self._schedule(survival, limits)
+        counts = self._schedule(survival, limits, len(draft_rows))
         logits, features, first_new_slot = self._verify_forward(tokens, counts)
         finished = self._accept(tokens, draft_probs, logits, features, counts, first_new_slot)
         self._retire(finished)
@@ -571,6 +499,7 @@ class BatchedSpeculativeGenerator:
         stats["rounds"] += 1
         stats["request_rounds"] += len(counts)
         stats["verified_draft_tokens"] += sum(counts)
+        stats["drafted_request_rounds"] += len(draft_rows)
         stats["draft_seconds"] += drafted - start
         stats["verify_seconds"] += now - drafted
         stats["max_active"] = max(stats["max_active"], len(counts))
@@ -579,18 +508,21 @@ class BatchedSpeculativeGenerator:
     def _reset_state(self) -> None:
         self._target_kv = _TargetKV(0, self.device)
         self._draft_kv = _DraftKV(0, self.device, self.draft.config.num_hidden_layers)
-        width = self.draft.config.context_size
         dtype = next(self.target.parameters()).dtype
-        self._pending = torch.zeros(0, 0, width, dtype=dtype, device=self.device)  # target features not yet drafted on
-        self._pending_len = torch.zeros(0, dtype=torch.long, device=self.device)
+        # target features of committed tokens the drafter has not read yet
+        self._pending = PendingFeatures.empty(0, self.draft.config.context_size, dtype, self.device)
 
     def _empty_stats(self) -> dict:
         """Counters over the engine's life; ``accepted_histogram[k]`` counts request-rounds that
         accepted ``k`` draft tokens; ``ragged_rounds`` counts rounds whose rows accepted different
-        numbers of tokens."""
+        numbers of tokens; ``draft_skipped_request_rounds`` counts request-rounds the plan kept off the
+        drafter (no n-gram match, room to verify, yet drafting did not pay) and ``draft_skipped_rounds``
+        the rounds where that left no row drafting (a plain decoding step)."""
         return dict(rounds=0, request_rounds=0, verified_draft_tokens=0, accepted_draft_tokens=0,
                     committed_tokens=0, prefill_seconds=0.0, draft_seconds=0.0, verify_seconds=0.0,
                     max_active=0, compactions=0, ragged_rounds=0, accepted_histogram=[0] * (self.block_size + 1),
+                    drafted_request_rounds=0, draft_skipped_request_rounds=0, draft_skipped_rounds=0,
+                    probe_request_rounds=0,
                     ngram_request_rounds=0, ngram_verified_tokens=0, ngram_accepted_tokens=0,
                     ngram_position_attempted=[0] * self.block_size, ngram_position_accepted=[0] * self.block_size)
 
@@ -610,131 +542,157 @@ class BatchedSpeculativeGenerator:
             survival.append(running)
         return survival
 
+    def _ngram_lookups(self, limits: list[int]) -> None:
+        """Before drafting: which rows copy the tokens that followed an earlier match of their last tokens."""
+        found = [None] * len(limits)
+        if self.ngram_lookup_tokens > 0:
+            for row, request in enumerate(self._active):
+                if limits[row] > 0:
+                    sequence = torch.tensor(request.prompt_ids + request.output_ids)
+                    found[row] = ngram_continuation(sequence, min(self.ngram_lookup_tokens, limits[row]),
+                                                    *self.ngram_sizes)
+        self._ngram_found = found
+        self._ngram_rows = [f is not None for f in found]
+
     def _ngram_proposals(self, tokens, draft_probs, survival, limits):
-        """Replace the drafted block of every row with an n-gram match by the tokens that followed it."""
-        self._ngram_rows = [False] * len(limits)
-        lookups = []
-        for row, request in enumerate(self._active):
-            found = None
-            if limits[row] > 0:
-                sequence = torch.tensor(request.prompt_ids + request.output_ids)
-                found = ngram_continuation(sequence, min(self.ngram_lookup_tokens, limits[row]), *self.ngram_sizes)
-            lookups.append(found)
-        if all(found is None for found in lookups):
+        """Put the copied tokens of the rows with an n-gram match in place of a drafted block."""
+        if not any(self._ngram_rows):
             return tokens, draft_probs, survival, limits
-        limits = list(limits)
-        survival = None if survival is None else [list(row) for row in survival]
-        for row, found in enumerate(lookups):
+        limits, survival = list(limits), [list(row) for row in survival]
+        width = max(found.shape[0] for found in self._ngram_found if found is not None)
+        if tokens.shape[1] < width:
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], width - tokens.shape[1])], 1)
+        for row, found in enumerate(self._ngram_found):
             if found is None:
                 continue
             n, found = found.shape[0], found.to(tokens.device)
-            self._ngram_rows[row] = True
             limits[row] = n
             tokens[row, :n] = found
             if draft_probs is not None:  # q is one-hot at the copied token
-                draft_probs[row, :n] = 0
-                draft_probs[row, torch.arange(n, device=tokens.device), found] = 1
-            if survival is not None:
-                survival[row] = self._ngram_survival(n)
+                q = torch.zeros(n, self.draft.config.vocab_size, device=tokens.device)
+                q[torch.arange(n, device=tokens.device), found] = 1
+                draft_probs[row] = q
+            survival[row] = self._ngram_survival(n)
         return tokens, draft_probs, survival, limits
 
-    def _target_forward(self, kv: _TargetKV, input_ids, positions, query_valid, all_logits: bool):
-        """One target pass appending ``W`` slots per row; returns (logits, selected features)."""
-        masks = self._attention_masks(kv.slots, query_valid, positions)
-        out = self.target(
-            input_ids=input_ids, attention_mask=masks, position_ids=positions, cache=kv.cache, use_cache=True,
-            output_hidden_states=self.hidden_state_ids, logits_to_keep=0 if all_logits else 1,
-        )
-        kv.slots = kv.slots.append(query_valid, positions)
-        features = torch.cat([out.hidden_states[i] for i in self.hidden_state_ids], dim=-1)
-        return out.logits, features
+    # ---------------------------------------------------------------- planning (before the drafter runs)
+    def _prediction(self, request: SpeculativeRequest, lag: int, limit: int) -> list[float]:
+        """The request's survival prediction made ``lag`` or more rounds ago (its latest such), else the prior."""
+        now = self.stats["rounds"]
+        for made_at, survival in reversed(request.predictions):
+            if made_at <= now - lag:
+                if now - made_at <= self.PREDICTION_TTL:
+                    return survival[:limit]
+                break
+        return self._draft_prior[:limit]
 
-    def _attention_masks(self, slots: RaggedSlots, query_valid, positions):
-        full = ragged_causal_mask(slots, query_valid, positions)
-        sliding = ragged_causal_mask(slots, query_valid, positions, self._sliding_window) if self._sliding_window else full
-        if not self._boolean_mask:
-            dtype = next(self.target.parameters()).dtype
-            lowest = torch.finfo(dtype).min
-            full, sliding = (torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, lowest) for m in (full, sliding))
-        if self._layer_types is not None:
-            return {"full_attention": full, "sliding_attention": sliding}
-        return sliding if self._sliding_window else full
+    def _plan(self, limits: list[int]) -> list[int]:
+        """Rows that run the drafter this round, decided before any of this round's tokens exist.
 
-    def _admit(self) -> None:
-        """Prefill queued requests (all but their last prompt token) and add them to the batch."""
-        room = self.max_batch_size - len(self._active)
-        joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-        if not joining:
-            return
-        start = time.perf_counter()
-        lengths = torch.tensor([len(r.prompt_ids) - 1 for r in joining], device=self.device)
-        width = int(lengths.max())
-        kv = _TargetKV(len(joining), self.device)
-        features = self._pending.new_zeros(len(joining), width, self._pending.shape[2])
-        if width > 0:
-            ids = torch.full((len(joining), width), self._PAD_ID, dtype=torch.long, device=self.device)
-            for row, request in enumerate(joining):
-                ids[row, : len(request.prompt_ids) - 1] = torch.tensor(request.prompt_ids[:-1], device=self.device)
-            positions = torch.arange(width, device=self.device).expand(len(joining), -1)
-            valid = positions < lengths[:, None]
-            _, features = self._target_forward(kv, ids, positions, valid, all_logits=False)
-        self._target_kv.extend(kv)
-        self._draft_kv.extend(_DraftKV(len(joining), self.device, self.draft.config.num_hidden_layers))
-        self._pending = _cat_right_padded(self._pending, features.to(self._pending.dtype))
-        self._pending_len = torch.cat([self._pending_len, lengths])
-        now = time.perf_counter()
-        for request in joining:
-            request.anchor = request.prompt_ids[-1]
-            request.anchor_position = len(request.prompt_ids) - 1
-            request.started_at = now
-        self._active.extend(joining)
-        self.stats["prefill_seconds"] += now - start
+        ``full``/``threshold``: every row with room to verify and no n-gram match. ``algorithm1`` and
+        ``async``: the best allocation of the right-padded round (drafter time included) on each row's
+        stale prediction (``PREDICTION_LAG``; n-gram rows with their running estimate); rows it gives
+        no token do not draft, and when it gives none at all the round is a plain decoding step. The
+        allocation is kept: ``async`` verifies its total along the current ranking."""
+        candidates = [row for row, limit in enumerate(limits) if limit > 0 and not self._ngram_rows[row]]
+        if self.scheduler == "plain":
+            return []
+        if self.scheduler in ("full", "threshold"):
+            return candidates
+        lag = self.PREDICTION_LAG[self.scheduler]
+        predicted = []
+        for row, request in enumerate(self._active):
+            found = self._ngram_found[row]
+            if found is not None:
+                predicted.append(self._ngram_survival(found.shape[0]))
+            else:
+                predicted.append(self._prediction(request, lag, limits[row]) if limits[row] > 0 else [])
+        cost = self._cost().round_seconds(len(limits), 1 + self.block_size)
+        plan = best_padded_allocation(predicted, cost, needs_draft=[found is None for found in self._ngram_found])
+        self._plan_counts = plan
+        draft_rows = [row for row in candidates if plan[row] > 0]
+        if not draft_rows and self.stats["rounds"] - self._last_draft_round >= self.PROBE_INTERVAL:
+            draft_rows = candidates
+            self.stats["probe_request_rounds"] += len(candidates)
+        self.stats["draft_skipped_request_rounds"] += len(candidates) - len(draft_rows)
+        self.stats["draft_skipped_rounds"] += bool(candidates) and not draft_rows
+        return draft_rows
 
-    def _draft(self):
-        """One batched drafter block over ragged contexts, then the Markov loop.
+    # ---------------------------------------------------------------- drafting
+    def _draft(self, draft_rows: list[int], limits: list[int]):
+        """One batched drafter call over ``draft_rows`` (ragged contexts, with any features they missed
+        while not drafting), then the Markov loop.
 
-        Returns draft tokens [rows, n], their sampling distributions [rows, n, V] (None when
-        greedy), the prefix survival of each row (lists, or None without a confidence head) and
-        the most draft tokens each row may verify."""
-        draft, rows, K = self.draft, len(self._active), self.block_size
-        anchors = torch.tensor([r.anchor for r in self._active], device=self.device)
-        anchor_pos = torch.tensor([r.anchor_position for r in self._active], device=self.device)
-        # a round commits at most (verified drafts + 1) tokens: never draft past max_new_tokens
-        limits = [max(0, min(K, r.remaining - 1)) for r in self._active]
+        Returns, for every active row: draft tokens [rows, n] (zeros for rows that did not draft), their
+        sampling distributions (a list with one [n_r, V] tensor per drafted row, None elsewhere; None when
+        greedy), the prefix survival of each row (empty for rows that did not draft) and the most draft
+        tokens each row may verify (0 for rows that did not draft)."""
+        rows = len(self._active)
+        drafted_limits = [0] * rows
+        for row in draft_rows:
+            drafted_limits[row] = limits[row]
+        n = max(drafted_limits, default=0)
+        empty_probs = None if not self.sampling.do_sample else [None] * rows
+        if not draft_rows or n == 0:
+            return torch.zeros(rows, 0, dtype=torch.long, device=self.device), empty_probs, [[] for _ in range(rows)], drafted_limits
+        draft, K = self.draft, self.block_size
+        every_row = len(draft_rows) == rows
+        index = torch.tensor(draft_rows, dtype=torch.long, device=self.device)
+        kv = self._draft_kv if every_row else self._draft_kv.subset(index)
+        pending = self._pending if every_row else self._pending.select(index)
+        requests = [self._active[row] for row in draft_rows]
+        m = len(requests)
+        anchors = torch.tensor([r.anchor for r in requests], device=self.device)
+        anchor_pos = torch.tensor([r.anchor_position for r in requests], device=self.device)
 
         context = context_pos = None
-        slots_after = self._draft_kv.slots
-        width = self._pending.shape[1]
+        slots_after = kv.slots
+        width = int(pending.lengths.max()) if m else 0
         if width > 0:
+            features = pending.features[:, :width]
             offsets = torch.arange(width, device=self.device)
-            context_valid = offsets < self._pending_len[:, None]
-            context_pos = (anchor_pos - self._pending_len)[:, None] + offsets  # the tokens just before the anchor
-            context = draft.project_context(self._pending)
+            context_valid = offsets < pending.lengths[:, None]
+            context_pos = (anchor_pos - pending.lengths)[:, None] + offsets  # the tokens just before the anchor
+            context = draft.project_context(features)
             slots_after = slots_after.append(context_valid, context_pos)
         mask = None
         if slots_after.length > 0:
             # block queries see every committed context row of their own request, and the whole block
-            block = torch.ones(rows, K, K, dtype=torch.bool, device=self.device)
-            mask = torch.cat([slots_after.valid[:, None, :].expand(rows, K, -1), block], -1)[:, None]
+            block = torch.ones(m, K, K, dtype=torch.bool, device=self.device)
+            mask = torch.cat([slots_after.valid[:, None, :].expand(m, K, -1), block], -1)[:, None]
         block_pos = anchor_pos[:, None] + torch.arange(K, device=self.device)
         hidden = draft._backbone(draft.embed(draft.block_input_ids(anchors)), block_pos, context, context_pos, mask,
-                                 self._draft_kv.cache)
-        self._draft_kv.slots = slots_after
-        self._pending = self._pending[:, :0]
-        self._pending_len = torch.zeros_like(self._pending_len)
+                                 kv.cache)
+        kv.slots = slots_after
+        self._last_draft_round = self.stats["rounds"]
+        if not every_row:
+            self._draft_kv.merge_subset(index, kv)
+        self._pending.consume(index)
 
-        n = max(limits)
-        if n == 0:  # only the target's own next token this round (empty q: still sampling, not greedy)
-            empty = None if not self.sampling.do_sample else hidden.new_zeros(rows, 0, draft.config.vocab_size)
-            return anchors.new_zeros(rows, 0), empty, [[] for _ in range(rows)], limits
         probs: list[torch.Tensor] = []
-        tokens, _, confidence = draft.sample_block(draft.compute_logits(hidden), hidden, anchors,
-                                                   choose=self._chooser(probs), num_tokens=n)
-        survival = None
+        sub_tokens, _, confidence = draft.sample_block(draft.compute_logits(hidden), hidden, anchors,
+                                                       choose=self._chooser(probs), num_tokens=n)
+        tokens = sub_tokens if every_row else sub_tokens.new_zeros(rows, n).index_copy_(0, index, sub_tokens)
+        survival = [[] for _ in range(rows)]
         if confidence is not None:
-            survival = torch.cumprod(draft.calibrated_confidence(confidence).float(), dim=-1).tolist()
-        draft_probs = torch.stack(probs, dim=1) if probs else None
-        return tokens, draft_probs, survival, limits
+            predicted = torch.cumprod(draft.calibrated_confidence(confidence).float(), dim=-1).tolist()
+            now = self.stats["rounds"]
+            for row, request, values in zip(draft_rows, requests, predicted):
+                survival[row] = values
+                request.predictions.append((now, values))
+                del request.predictions[:-self.PREDICTION_LAG.get(self.scheduler, 1)]
+                self._update_draft_prior(values)
+        draft_probs = empty_probs
+        if probs:
+            stacked = torch.stack(probs, dim=1)  # [m, n, V]
+            for i, row in enumerate(draft_rows):
+                draft_probs[row] = stacked[i]
+        return tokens, draft_probs, survival, drafted_limits
+
+    def _update_draft_prior(self, survival: list[float]) -> None:
+        weight = self.DRAFT_PRIOR_WEIGHT
+        for j, value in enumerate(survival):
+            self._draft_prior[j] += weight * (value - self._draft_prior[j])
 
     def _chooser(self, probs_out: list):
         """Markov-loop choice: greedy argmax over the draft vocabulary, or a draw from the draft
@@ -757,26 +715,33 @@ class BatchedSpeculativeGenerator:
 
         return choose
 
-    def _schedule(self, survival, limits: list[int]) -> list[int]:
-        """Draft tokens each request verifies this round (never more than its limit)."""
-        if self.scheduler == "full" or survival is None:
+    # ---------------------------------------------------------------- scheduling (after the drafter ran)
+    def _schedule(self, survival, limits: list[int], drafted_rows: int = 0) -> list[int]:
+        """Draft tokens each request verifies this round (never more than its limit).
+
+        ``algorithm1``: the round-time objective with the drafter's time of this round sunk (it is spent
+        whatever is verified); greedy takes the best allocation over every width cap (greedy output does
+        not depend on the counts), sampling walks the admission path with Algorithm 1's early stop, which
+        exactness needs. ``async``: the total the plan gave (from stale predictions, with its widest
+        row as a cap), admitted along the current ranking."""
+        if self.scheduler in ("full", "plain"):
             return list(limits)
         rows = [row[:limit] for row, limit in zip(survival, limits)]
         if self.scheduler == "threshold":
             return [threshold_length(row, self.confidence_threshold) if row else 0 for row in rows]
-        # Algorithm 1: admit (request, position) pairs in descending prefix survival while the expected
-        # committed tokens x target passes per second (at that many tokens in the batch) improves.
-        rate = functools.partial(self._steps_per_second, rows=len(rows))
+        if self.scheduler == "async":
+            plan = self._plan_counts
+            return top_k_prefix(rows, sum(plan), max_count=max(plan, default=0))
+        seconds = self._cost().round_seconds(len(rows), 1 + self.block_size,
+                                             sunk_draft_seconds=self._cost().drafter_seconds(drafted_rows))
         if not self.sampling.do_sample:
-            # Greedy output does not depend on how many drafts are verified, so the schedule may look along
-            # the whole admission path. In a right-padded batch one more token for one row widens every
-            # row's pass, so it only pays once many rows grow: stopping at the first non-improvement
-            # (needed for exact sampling) would stop before that.
-            return global_search_schedule(rows, rate)
-        return prefix_schedule(rows, rate)
+            return best_padded_allocation(rows, seconds)
+        return padded_schedule(rows, seconds, early_stop=True)
 
+    # ---------------------------------------------------------------- verification
     def _verify_forward(self, tokens: torch.Tensor, counts: list[int]):
-        """Score ``[anchor, x_1 .. x_l]`` of every row in one target forward (right-padded)."""
+        """Score ``[anchor, x_1 .. x_l]`` of every row in one target forward (right-padded); logits come
+        back for the real tokens only, packed row after row ([sum(1 + counts), V])."""
         width = 1 + max(counts)
         anchors = torch.tensor([r.anchor for r in self._active], device=self.device)
         ids = anchors[:, None].repeat(1, width)
@@ -786,37 +751,115 @@ class BatchedSpeculativeGenerator:
         positions = torch.tensor([r.anchor_position for r in self._active], device=self.device)[:, None] + offsets
         valid = offsets < (1 + torch.tensor(counts, device=self.device))[:, None]
         first_new_slot = self._target_kv.slots.length
-        logits, features = self._target_forward(self._target_kv, ids, positions, valid, all_logits=True)
+        logits, features = self._target_forward(self._target_kv, ids, positions, valid, logits_for=valid)
         return logits, features, first_new_slot
 
-    def _accept(self, tokens, draft_probs, logits, features, counts, first_new_slot) -> list[SpeculativeRequest]:
-        rows, width = logits.shape[:2]
-        if self.sampling.do_sample:
-            scores = self._warpers(None, logits.float().reshape(rows * width, -1))
-            target_probs = torch.softmax(scores, dim=-1).view(rows, width, -1)
-        else:
-            target_probs = logits  # greedy: only the argmax is used
-        token_lists = tokens.tolist()
-        accepted, finished = [], []
-        for row, request in enumerate(self._active):
-            n_accepted, next_token = verify_block(
-                tokens[row], None if draft_probs is None else draft_probs[row], target_probs[row], counts[row],
-                self._generator,
+    def _target_forward(self, kv: _TargetKV, input_ids, positions, query_valid, logits_for=None):
+        """One target pass appending ``W`` slots per row; returns (logits of the ``logits_for`` slots,
+        packed [N, V], or None; selected features [rows, W, C], or None for the plain scheduler).
+
+        The LM head only sees the hidden states of the ``logits_for`` slots: a forward pre-hook on the
+        target's output embedding gathers them for the duration of the call, so padding slots (and a
+        prefill, which needs no logits) cost no LM-head time, and whatever the model does after its head
+        (e.g. soft-capping) still applies."""
+        masks = self._attention_masks(kv.slots, query_valid, positions)
+        keep = query_valid.new_zeros(query_valid.shape) if logits_for is None else logits_for
+        head = self.target.get_output_embeddings()
+
+        def only_kept(module, args):
+            hidden = args[0]
+            if hidden.shape[:2] != keep.shape:
+                raise RuntimeError(
+                    f"the target's output embedding got hidden states of shape {tuple(hidden.shape)}, expected "
+                    f"[{keep.shape[0]}, {keep.shape[1]}, hidden]; the batched engine supports causal LMs whose head "
+                    "scores every position of the forward"
+                )
+            return (hidden[keep].unsqueeze(0),) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(only_kept)
+        try:
+            out = self.target(
+                input_ids=input_ids, attention_mask=masks, position_ids=positions, cache=kv.cache, use_cache=True,
+                output_hidden_states=None if self.scheduler == "plain" else self.hidden_state_ids, logits_to_keep=0,
             )
+        finally:
+            handle.remove()
+        kv.slots = kv.slots.append(query_valid, positions)
+        features = None
+        if self.scheduler != "plain":
+            features = torch.cat([out.hidden_states[i] for i in self.hidden_state_ids], dim=-1)
+        return (out.logits[0] if logits_for is not None else None), features
+
+    def _attention_masks(self, slots: RaggedSlots, query_valid, positions):
+        full = ragged_causal_mask(slots, query_valid, positions)
+        sliding = ragged_causal_mask(slots, query_valid, positions, self._sliding_window) if self._sliding_window else full
+        if not self._boolean_mask:
+            dtype = next(self.target.parameters()).dtype
+            lowest = torch.finfo(dtype).min
+            full, sliding = (torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, lowest) for m in (full, sliding))
+        if self._layer_types is not None:
+            return {"full_attention": full, "sliding_attention": sliding}
+        return sliding if self._sliding_window else full
+
+    def _admit(self) -> None:
+        """Prefill queued requests (all but their last prompt token) and add them to the batch."""
+        room = self.max_batch_size - len(self._active)
+        joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+        if not joining:
+            return
+        start = time.perf_counter()
+        lengths = torch.tensor([len(r.prompt_ids) - 1 for r in joining], device=self.device)
+        width = int(lengths.max())
+        kv = _TargetKV(len(joining), self.device)
+        joined = PendingFeatures.empty(len(joining), self._pending.features.shape[2], self._pending.features.dtype,
+                                       self.device)
+        if width > 0:
+            ids = torch.full((len(joining), width), self._PAD_ID, dtype=torch.long, device=self.device)
+            for row, request in enumerate(joining):
+                ids[row, : len(request.prompt_ids) - 1] = torch.tensor(request.prompt_ids[:-1], device=self.device)
+            positions = torch.arange(width, device=self.device).expand(len(joining), -1)
+            valid = positions < lengths[:, None]
+            _, features = self._target_forward(kv, ids, positions, valid)
+            if features is not None:
+                joined = PendingFeatures(features.to(joined.features.dtype), lengths)
+        self._target_kv.extend(kv)
+        self._draft_kv.extend(_DraftKV(len(joining), self.device, self.draft.config.num_hidden_layers))
+        self._pending = self._pending.extend(joined)
+        now = time.perf_counter()
+        for request in joining:
+            request.anchor = request.prompt_ids[-1]
+            request.anchor_position = len(request.prompt_ids) - 1
+            request.started_at = now
+        self._active.extend(joining)
+        self.stats["prefill_seconds"] += now - start
+
+    def _accept(self, tokens, draft_probs, logits, features, counts, first_new_slot) -> list[SpeculativeRequest]:
+        rows = len(counts)
+        width = 1 + max(counts)
+        if self.sampling.do_sample:
+            accepted, next_tokens = self._accept_sampled(tokens, draft_probs, logits, counts)
+        else:
+            accepted, next_tokens = self._accept_greedy(tokens, logits, counts, width)
+        token_lists = tokens.tolist()
+        finished = []
+        now = time.perf_counter()
+        for row, request in enumerate(self._active):
+            n_accepted, next_token = accepted[row], next_tokens[row]
             committed = request._commit(token_lists[row][:n_accepted] + [next_token])
+            if request.first_token_at is None and committed:
+                request.first_token_at = now
             request.submitted.append(counts[row])
             request.accepted.append(n_accepted)
             request.committed.append(committed)
             request.anchor = next_token
             request.anchor_position += 1 + n_accepted
-            accepted.append(n_accepted)
             if self._ngram_rows[row]:
                 self._record_ngram(counts[row], n_accepted)
             self.stats["accepted_draft_tokens"] += n_accepted
             self.stats["accepted_histogram"][n_accepted] += 1
             self.stats["committed_tokens"] += committed
             if request.finished:
-                request.finished_at = time.perf_counter()
+                request.finished_at = now
                 finished.append(request)
         if len(set(accepted)) > 1:
             self.stats["ragged_rounds"] += 1  # rows kept different numbers of slots this round
@@ -824,9 +867,41 @@ class BatchedSpeculativeGenerator:
         n_kept = 1 + torch.tensor(accepted, device=self.device)
         keep = torch.arange(width, device=self.device)[None, :] < n_kept[:, None]
         self._target_kv.slots.valid[:, first_new_slot:] &= keep
-        # their target features are the drafter's new context next round
-        self._pending, self._pending_len = features.to(self._pending.dtype), n_kept
+        # their target features are the drafter's context when the row drafts next
+        if features is not None:
+            self._pending.append(features, n_kept)
         return finished
+
+    def _accept_greedy(self, tokens, logits, counts, width):
+        """Argmax matching for every row at once (``verify_block``'s greedy rule, vectorised)."""
+        rows = len(counts)
+        choice = torch.full((rows, width), -1, dtype=torch.long, device=self.device)
+        offsets = torch.arange(width, device=self.device)
+        choice[offsets[None, :] < (1 + torch.tensor(counts, device=self.device))[:, None]] = logits.argmax(-1)
+        if width > 1:
+            submitted = offsets[None, : width - 1] < torch.tensor(counts, device=self.device)[:, None]
+            matches = (tokens[:, : width - 1] == choice[:, : width - 1]) & submitted
+            n_accepted = matches.long().cumprod(1).sum(1)
+        else:
+            n_accepted = torch.zeros(rows, dtype=torch.long, device=self.device)
+        next_tokens = choice.gather(1, n_accepted[:, None]).squeeze(1)
+        return n_accepted.tolist(), next_tokens.tolist()
+
+    def _accept_sampled(self, tokens, draft_probs, logits, counts):
+        """Exact speculative sampling per row (``verify_block``) on the packed target distributions."""
+        scores = self._warpers(None, logits.float())
+        target_probs = torch.softmax(scores, dim=-1)
+        accepted, next_tokens, start = [], [], 0
+        vocab = target_probs.shape[-1]
+        for row, count in enumerate(counts):
+            q = draft_probs[row] if draft_probs is not None and draft_probs[row] is not None else \
+                target_probs.new_zeros(0, vocab)
+            n_accepted, next_token = verify_block(tokens[row], q, target_probs[start : start + count + 1], count,
+                                                  self._generator)
+            accepted.append(n_accepted)
+            next_tokens.append(next_token)
+            start += count + 1
+        return accepted, next_tokens
 
     def _record_ngram(self, submitted: int, n_accepted: int) -> None:
         stats = self.stats
@@ -844,26 +919,13 @@ class BatchedSpeculativeGenerator:
             rows = torch.tensor(keep, dtype=torch.long, device=self.device)
             for kv in (self._target_kv, self._draft_kv):
                 kv.keep_rows(rows)
-            self._pending = self._pending.index_select(0, rows)
-            self._pending_len = self._pending_len.index_select(0, rows)
+            self._pending = self._pending.select(rows)
             self._active = [self._active[row] for row in keep]
         for kv in (self._target_kv, self._draft_kv):
             garbage = kv.slots.garbage()
             if garbage > 0 and garbage >= max(self.compaction_slack, self.compaction_fraction * kv.slots.length):
                 kv.compact()
                 self.stats["compactions"] += 1
-
-
-def _cat_right_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Concatenate [rows, T, C] tensors along rows, right-padding the shorter one in T with zeros."""
-    width = max(a.shape[1], b.shape[1])
-
-    def pad(t):
-        if t.shape[1] == width:
-            return t
-        return torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1], t.shape[2])], 1)
-
-    return torch.cat([pad(a), pad(b)], 0)
 
 
 # --------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ __all__ = [
     "cost_policy_length",
     "single_request_prefix_length",
     "greedy_admission_order",
+    "RoundSeconds",
+    "padded_schedule",
+    "best_padded_allocation",
 ]
 
 StepsPerSecond = Union[Callable[[int], float], Sequence[float]]
@@ -236,15 +239,26 @@ def admission_budget(
     return _walk(rows, rate, early_stop=not global_search)
 
 
-def top_k_prefix(survival: Sequence[Sequence[float]], k: int) -> list[int]:
+def top_k_prefix(survival: Sequence[Sequence[float]], k: int, max_count: int | None = None) -> list[int]:
     """Per-request counts admitting the ``k`` best candidates (prefix-closed, zero survival excluded).
 
-    If fewer than ``k`` candidates have positive survival, all of them are admitted.
+    If fewer than ``k`` candidates have positive survival, all of them are admitted. With
+    ``max_count`` only positions ``j <= max_count`` are candidates (a cap fixed before the
+    current drafts existed keeps the selection non-anticipating: it only removes candidates, and
+    the rank of ``(r, j)`` among the rest still depends on nothing sampled at or after ``x_{r,j}``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k (number of draft tokens to admit) must be an int >= 0, got {k!r}")
-    rows = _validate_survival(survival)
+    rows = _capped(_validate_survival(survival), max_count)
     return _counts_from_order(len(rows), greedy_admission_order(rows), k)
+
+
+def _capped(rows: list[list], max_count: int | None) -> list[list]:
+    if max_count is None:
+        return rows
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0:
+        raise ValueError(f"max_count (most draft tokens per request) must be None or an int >= 0, got {max_count!r}")
+    return [row[:max_count] for row in rows]
 
 
 def async_prefix_schedule(
@@ -272,6 +286,96 @@ def async_prefix_schedule(
     """
     budget = admission_budget(stale_survival, steps_per_second, global_search=global_search)
     return top_k_prefix(current_survival, budget)
+
+
+# --------------------------------------------------------------------------- right-padded batches
+
+RoundSeconds = Callable[[int, int, int], float]
+"""``round_seconds(width, tokens, drafted_rows)``: wall time of one round of a fixed set of ``R``
+requests, where ``width = 1 + max_r l_r`` (a right-padded target pass scores ``R x width``
+slots), ``tokens = R + sum_r l_r`` (the slots that hold real tokens) and ``drafted_rows`` is the
+number of requests that need the drafter for this allocation (see ``needs_draft``)."""
+
+
+def padded_schedule(
+    survival: Sequence[Sequence[float]],
+    round_seconds: RoundSeconds,
+    *,
+    early_stop: bool,
+    needs_draft: Sequence[bool] | None = None,
+    max_count: int | None = None,
+) -> list[int]:
+    """Algorithm 1's admission walk with the cost of a right-padded batch and of the drafter.
+
+    Candidates are admitted in :func:`greedy_admission_order` (positions ``j <= max_count``
+    only). Each step scores ``Theta = (R + sum of admitted a_{r,j}) / round_seconds(width,
+    tokens, drafted_rows)``, where ``drafted_rows`` counts the requests with ``needs_draft[r]``
+    that verify at least one token (a request that verifies nothing need not draft). The start,
+    every request verifying nothing, is a plain decoding step when no request needs drafting.
+    Returns the allocation of the best step: the last improvement before the first
+    non-improvement when ``early_stop`` (the lossless rule for current-draft survival: whether
+    ``(r, j)`` is admitted depends only on the candidates ranked at or before it), or the best of
+    the whole path otherwise (only for survival fixed before the current drafts were sampled, or
+    for greedy decoding, whose output does not depend on the counts).
+    """
+    rows = _capped(_validate_survival(survival), max_count)
+    n_requests = len(rows)
+    flags = [True] * n_requests if needs_draft is None else [bool(x) for x in needs_draft]
+    if len(flags) != n_requests:
+        raise ValueError(f"needs_draft has {len(flags)} entries but survival has {n_requests} requests")
+
+    def throughput(expected, width, tokens, drafted):
+        seconds = round_seconds(width, tokens, drafted)
+        if not _is_finite_real(seconds) or seconds <= 0:
+            raise ValueError(
+                f"round_seconds(width={width}, tokens={tokens}, drafted_rows={drafted}) must be a finite number > 0, "
+                f"got {seconds!r}"
+            )
+        return expected / seconds
+
+    order = greedy_admission_order(rows)
+    counts = [0] * n_requests
+    width, tokens, drafted, expected = 1, n_requests, 0, n_requests
+    best, best_admitted = throughput(expected, width, tokens, drafted), 0
+    for k, (r, j, a) in enumerate(order, start=1):
+        counts[r] = j
+        width, tokens, expected = max(width, j + 1), tokens + 1, expected + a
+        drafted += j == 1 and flags[r]
+        value = throughput(expected, width, tokens, drafted)
+        if value > best:
+            best, best_admitted = value, k
+        elif early_stop:
+            break
+    return _counts_from_order(n_requests, order, best_admitted)
+
+
+def best_padded_allocation(
+    survival: Sequence[Sequence[float]],
+    round_seconds: RoundSeconds,
+    *,
+    needs_draft: Sequence[bool] | None = None,
+) -> list[int]:
+    """The best allocation found by the whole-path walk of :func:`padded_schedule` under every cap.
+
+    In a right-padded batch one request growing by a token widens every row, so the admission
+    path alone misses allocations like "every request verifies 2". For each cap ``c`` (0 .. the
+    longest draft) the path restricted to positions ``j <= c`` is searched to its end, and the
+    best allocation over all caps is returned (the smallest cap among equal maxima). NOT
+    lossless on survival of the current drafts when sampling; use it for greedy decoding or on
+    information fixed before the current drafts were sampled.
+    """
+    rows = _validate_survival(survival)
+    longest = max((len(row) for row in rows), default=0)
+    best_counts, best_value = [0] * len(rows), None
+    for cap in range(longest + 1):
+        counts = padded_schedule(rows, round_seconds, early_stop=False, needs_draft=needs_draft, max_count=cap)
+        width = 1 + max(counts)
+        drafted = sum(1 for r, c in enumerate(counts) if c and (needs_draft is None or needs_draft[r]))
+        expected = len(rows) + sum(sum(row[:c]) for row, c in zip(rows, counts))
+        value = expected / round_seconds(width, len(rows) + sum(counts), drafted)
+        if best_value is None or value > best_value:
+            best_counts, best_value = counts, value
+    return best_counts
 
 
 # --------------------------------------------------------------------------- batch-1 form

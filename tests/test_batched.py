@@ -17,6 +17,9 @@ import hf_dspark.verification as verification
 from hf_dspark import DSparkDraftCache
 from hf_dspark.batched import BatchedSpeculativeGenerator, RaggedSlots
 from hf_dspark.latency import LatencyProfile
+from hf_dspark.ragged import PendingFeatures
+from hf_dspark.round_cost import RoundCost
+from hf_dspark.scheduling import best_padded_allocation
 from hf_dspark.verification import accept_probabilities, residual_distribution, verify_block
 
 
@@ -180,6 +183,13 @@ def synthetic_profile(max_batch=64, per_token=0.06):
                           table=table)
 
 
+def synthetic_cost(max_batch=64, per_token=0.3, draft_seconds=0.002, per_row=0.0):
+    """A made-up round-time model: the curve above (steeper by default) and a drafter costing
+    ``draft_seconds + per_row`` per row; nothing is timed, so schedules are deterministic."""
+    return RoundCost(synthetic_profile(max_batch, per_token),
+                     draft_seconds={1: draft_seconds + per_row, 2: draft_seconds + 2 * per_row})
+
+
 @pytest.fixture(scope="module")
 def qwen():
     return tiny_qwen3_target()
@@ -208,8 +218,8 @@ def test_greedy_batched_equals_per_request_generate(request, target_name):
     new_tokens = 28
     reference = [plain(target, p, new_tokens) for p in prompts]
     verified = {}
-    for scheduler in ("full", "threshold", "algorithm1"):
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=synthetic_profile(),
+    for scheduler in ("full", "threshold", "algorithm1", "async"):
+        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=synthetic_cost(),
                                              max_batch_size=5, confidence_threshold=0.8)
         outputs = engine.generate(prompts, max_new_tokens=new_tokens)
         for prompt, ref, out in zip(prompts, reference, outputs):
@@ -219,7 +229,10 @@ def test_greedy_batched_equals_per_request_generate(request, target_name):
         assert sum(stats["accepted_histogram"][2:]) > 0, f"{scheduler}: expected multi-token acceptances"
         assert stats["compactions"] > 0
         verified[scheduler] = stats["verified_draft_tokens"]
-    assert verified["full"] > verified["threshold"] and verified["full"] > verified["algorithm1"]
+    assert verified["full"] > max(verified["threshold"], verified["algorithm1"], verified["async"])
+    plain_engine = BatchedSpeculativeGenerator(target, draft, scheduler="plain", max_batch_size=5)
+    assert plain_engine.generate(prompts, max_new_tokens=new_tokens) == reference
+    assert plain_engine.stats["verified_draft_tokens"] == plain_engine.stats["drafted_request_rounds"] == 0
     assert len(prompts[3]) + new_tokens > 4 * gemma_window()  # contexts well past Gemma's sliding window
 
 
@@ -236,25 +249,53 @@ def test_eager_attention_masks_are_lossless_too():
     assert outputs == [plain(target, p, 16) for p in prompts]
 
 
-def test_batched_drafting_matches_draft_block_row_by_row(qwen, qwen_drafter, monkeypatch):
-    """The ragged, batched drafter call equals draft_block on each request's own sequence."""
+@pytest.mark.parametrize("skip_some", [False, True])
+def test_batched_drafting_matches_draft_block_row_by_row(qwen, qwen_drafter, monkeypatch, skip_some):
+    """The ragged, batched drafter call equals draft_block on each request's own sequence, also when the
+    rows skipped the drafter in earlier rounds and catch up with the target features they missed."""
     draft = qwen_drafter
     engine = BatchedSpeculativeGenerator(qwen, draft, scheduler="full", max_batch_size=3)
-    captured = []
-    original = draft.sample_block
+    captured, drafting = [], []
+    plan, sample_block = engine._plan, draft.sample_block
+
+    def some_rows(limits):
+        rows = plan(limits)
+        if skip_some:  # each request drafts one round in three, requests at different rounds
+            rows = [row for row in rows if (engine.stats["rounds"] + engine._active[row].request_id) % 3 == 0]
+        drafting[:] = rows
+        return rows
 
     def spy(base_logits, hidden, anchor_ids, choose=None, num_tokens=None):
-        captured.append((hidden.clone(), [r.prompt_ids + r.output_ids for r in engine._active]))
-        return original(base_logits, hidden, anchor_ids, choose, num_tokens)
+        requests = [engine._active[row] for row in drafting]
+        captured.append((hidden.clone(), [r.prompt_ids + r.output_ids for r in requests]))
+        return sample_block(base_logits, hidden, anchor_ids, choose, num_tokens)
 
+    monkeypatch.setattr(engine, "_plan", some_rows)
     monkeypatch.setattr(draft, "sample_block", spy)
-    engine.generate(mixed_prompts(qwen, train_prompts())[:5], max_new_tokens=12)
+    prompts = mixed_prompts(qwen, train_prompts())[:5]
+    assert engine.generate(prompts, max_new_tokens=12) == [plain(qwen, p, 12) for p in prompts]
     assert len(captured) > 3
+    if skip_some:
+        assert any(len(seqs) < min(3, engine.stats["max_active"]) for _, seqs in captured)  # partial drafter calls
     for hidden, sequences in captured:
+        assert hidden.shape[0] == len(sequences)
         for row, seq in enumerate(sequences):
             context = target_features(qwen, torch.tensor([seq[:-1]]), draft.config.target_layer_ids) if len(seq) > 1 else None
             ref = draft.draft_block(torch.tensor([seq[-1]]), context, DSparkDraftCache(draft.config.num_hidden_layers))
             torch.testing.assert_close(hidden[row], ref.hidden_states[0], atol=2e-4, rtol=2e-4)
+
+
+def test_pending_features_append_after_what_a_row_missed():
+    pending = PendingFeatures.empty(2, 1, torch.float32, "cpu")
+    pending.append(torch.tensor([[[1.0], [2.0]], [[5.0], [6.0]]]), torch.tensor([2, 1]))
+    assert pending.lengths.tolist() == [2, 1]
+    pending.consume(torch.tensor([1]))  # row 1 drafted: its features were read
+    pending.append(torch.tensor([[[3.0], [0.0]], [[7.0], [8.0]]]), torch.tensor([1, 2]))
+    assert pending.lengths.tolist() == [3, 2]
+    assert pending.features[0, :3, 0].tolist() == [1.0, 2.0, 3.0]
+    assert pending.features[1, :2, 0].tolist() == [7.0, 8.0]
+    pending.consume(torch.tensor([0, 1]))
+    assert pending.features.shape[1] == 0 and pending.lengths.tolist() == [0, 0]
 
 
 def test_eos_inside_an_accepted_block_stops_exactly(qwen, qwen_drafter):
@@ -282,7 +323,7 @@ def test_requests_join_between_rounds_and_compaction_every_round(gemma, gemma_dr
     prompts = mixed_prompts(gemma, train_prompts())
     lengths = [20, 9, 25, 1, 14, 30, 6, 17]
     engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, scheduler="algorithm1",
-                                         latency_profile=synthetic_profile(), max_batch_size=3)
+                                         round_cost=synthetic_cost(), max_batch_size=3)
     engine.compaction_slack, engine.compaction_fraction = 0, 0.0  # compact whenever any garbage exists
     engine.set_sampling()
     first = [engine.add_request(p, n) for p, n in zip(prompts[:2], lengths[:2])]
@@ -353,12 +394,24 @@ def exact_triple(target, prompt, warp):
     return law
 
 
-def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batch_size=1000, **engine_kwargs):
+def per_token_cost(max_batch=4096, row_seconds=2.5e-4, token_seconds=5e-4, draft_row_seconds=1e-4):
+    """A round costs ``row_seconds`` per row plus ``token_seconds`` per real token whatever the padding
+    (the profile's per-slot time is all LM head), plus ``draft_row_seconds`` per row that drafts: a
+    token pays while its survival is above about 3/4, and a row whose expected gain is small does not
+    draft, so the schedulers cut inside the block and skip the drafter for some rows."""
+    table = {b: {n: b * (row_seconds + token_seconds * n) for n in range(1, 9)} for b in (1, 4, 16, 256, max_batch)}
+    profile = LatencyProfile(model_name="synthetic", dtype="float32", device="cpu", num_threads=1,
+                             context_length=128, table=table)
+    draft = {1: draft_row_seconds, 2: 2 * draft_row_seconds} if draft_row_seconds else {}
+    return RoundCost(profile, draft_seconds=draft, head_seconds_per_token=token_seconds)
+
+
+def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batch_size=1000, round_cost=None,
+                   **engine_kwargs):
     """Decode ``runs`` copies of each prompt as ragged batches of up to ``max_batch_size`` requests
     (finished requests leave, queued ones join); counts of the first three tokens, per prompt."""
     V = target.config.vocab_size
-    profile = synthetic_profile(max_batch=4096, per_token=3e-4)  # cheap tokens: cuts near survival 0.5
-    engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
+    engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=round_cost or per_token_cost(),
                                          max_batch_size=max_batch_size, **engine_kwargs)
     batch = [p for _ in range(runs) for p in prompts]
     outputs = engine.generate(batch, max_new_tokens=3, do_sample=True, seed=seed, **warp)
@@ -373,6 +426,7 @@ def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batc
 SAMPLING_CASES = {
     "plain_full": (dict(temperature=1.0, top_k=None, top_p=None), "full"),
     "warped_algorithm1": (dict(temperature=0.7, top_k=4, top_p=0.9), "algorithm1"),
+    "warped_async": (dict(temperature=0.7, top_k=4, top_p=0.9), "async"),
 }
 
 
@@ -403,6 +457,63 @@ def test_a_broken_residual_is_caught(small_vocab, monkeypatch):
     assert rejects, f"a broken rule went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
 
 
+# ---------------------------------------------------------------------------- Appendix A, in the engine
+APPENDIX_A_COST = RoundCost(LatencyProfile(  # one request: SPS(1) = 1, SPS(2) = 0.5, SPS(3) = 1 / 2.12, then costly
+    model_name="appendix-a", dtype="float32", device="cpu", num_threads=1, context_length=128,
+    table={1: {1: 1.0, 2: 2.0, 3: 2.12, 4: 10.0, 5: 20.0}}))
+
+
+def markov_confidence_as_in_appendix_a(draft, monkeypatch, favoured=(1, 4)):
+    """A Markov confidence head as in the paper's Appendix A: c_1 = 0.8 whatever the block, and c_2 close
+    to 1 when the sampled x_1 is one of ``favoured``, close to 0 otherwise (so a_2 depends on x_1).
+    With the cost above, verifying x_1 alone never pays ((1 + 0.8) / 2 < 1) and verifying x_1, x_2 pays
+    exactly when a_2 > 0.32. ``favoured`` are tokens the tiny target likes more than the draft does."""
+    sample_block = draft.sample_block
+
+    def crafted(base_logits, hidden, anchor_ids, choose=None, num_tokens=None):
+        tokens, logits, confidence = sample_block(base_logits, hidden, anchor_ids, choose, num_tokens)
+        logit = torch.full_like(confidence, -12.0)
+        logit[:, 0] = math.log(0.8 / 0.2)
+        if logit.shape[1] > 1:
+            logit[:, 1] = torch.where(torch.isin(tokens[:, 0], torch.tensor(favoured)), 12.0, -12.0)
+        return tokens, logits, logit
+
+    monkeypatch.setattr(draft, "sample_block", crafted)
+
+
+@pytest.mark.parametrize("scheduler", ["async", "global_search_on_current_scores"])
+def test_appendix_a_selection_bias_in_the_engine(small_vocab, monkeypatch, scheduler):
+    """The paper's Appendix A, end to end: one request at a time, the Appendix's kind of cost curve and a
+    Markov confidence head. A global search on the current scores (no early stop, no stale budget)
+    verifies x_1 exactly when x_1 gives a confident continuation, which biases the first token (the
+    chi-square test rejects). The async scheduler takes its budget from predictions made two rounds
+    earlier (or the prior, which follows past predictions): it verifies x_1 in some rounds and not in
+    others too, and its output follows the target."""
+    target, draft = small_vocab
+    markov_confidence_as_in_appendix_a(draft, monkeypatch)
+    if scheduler == "async":
+        engine = BatchedSpeculativeGenerator(target, draft, scheduler="async", round_cost=APPENDIX_A_COST,
+                                             max_batch_size=1)
+    else:  # every request drafts; the count is the best of the whole path on the current survival
+        engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=1)
+        cost = APPENDIX_A_COST.round_seconds(1, 1 + draft.config.block_size)
+        monkeypatch.setattr(engine, "_schedule", lambda survival, limits, drafted_rows=0: best_padded_allocation(
+            [row[:limit] for row, limit in zip(survival, limits)], cost))
+    prompt = [1, 3, 2, 4]
+    outputs = engine.generate([prompt] * 1500, max_new_tokens=3, do_sample=True, seed=5)
+    first = torch.zeros(target.config.vocab_size, dtype=torch.long)
+    for out in outputs:
+        first[out[0]] += 1
+    rejects, stat, crit = chi_square_rejects(first, exact_triple(target, prompt, hf_warp({})).sum((1, 2)))
+    stats = engine.stats
+    assert 0 < stats["verified_draft_tokens"] < 2 * stats["drafted_request_rounds"]  # sometimes 2, sometimes 0
+    if scheduler == "async":
+        assert stats["draft_skipped_request_rounds"] > 0 and stats["drafted_request_rounds"] > 0
+        assert not rejects, f"async scheduler: chi2={stat:.1f} > {crit:.1f}"
+    else:
+        assert rejects, f"the Appendix A bias went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
+
+
 # ---------------------------------------------------------------------------- n-gram rounds
 def repetitive_prompts(seed=3):
     gen = torch.Generator().manual_seed(seed)
@@ -419,8 +530,8 @@ def test_greedy_batched_with_ngram_rounds_equals_per_request_generate(request, t
     draft = request.getfixturevalue(f"{target_name}_drafter")
     prompts = repetitive_prompts() + mixed_prompts(target, train_prompts())[:4]
     reference = [plain(target, p, 30) for p in prompts]
-    for scheduler in ("full", "threshold", "algorithm1"):
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=synthetic_profile(),
+    for scheduler in ("full", "threshold", "algorithm1", "async"):
+        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=synthetic_cost(),
                                              max_batch_size=4, confidence_threshold=0.5, ngram_lookup_tokens=5)
         assert engine.generate(prompts, max_new_tokens=30) == reference, scheduler
         stats = engine.stats
@@ -443,11 +554,11 @@ def test_greedy_schedule_looks_along_the_whole_path_and_sampling_stops_early(qwe
     table = {4: {1: 0.100, 2: 0.150, 3: 0.300}}
     profile = LatencyProfile(model_name="synthetic", dtype="float32", device="cpu", num_threads=1,
                              context_length=128, table=table)
-    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="algorithm1", latency_profile=profile)
+    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="algorithm1", round_cost=RoundCost(profile))
     survival, limits = [[0.9, 0.5]] * 4, [2] * 4
-    assert engine._schedule(survival, limits) == [1, 1, 1, 1]  # (4 + 3.6) / 0.15 beats 4 / 0.10
+    assert engine._schedule(survival, limits, drafted_rows=4) == [1, 1, 1, 1]  # (4 + 3.6) / 0.15 beats 4 / 0.10
     engine.set_sampling(do_sample=True)
-    assert engine._schedule(survival, limits) == [0, 0, 0, 0]  # (4 + 0.9) / 0.15 does not: stop
+    assert engine._schedule(survival, limits, drafted_rows=4) == [0, 0, 0, 0]  # (4 + 0.9) / 0.15 does not: stop
 
 
 def test_ngram_survival_starts_from_the_prior_and_learns(qwen, qwen_drafter):
@@ -486,7 +597,7 @@ def test_a_wrong_ngram_proposal_law_is_caught(small_vocab, monkeypatch):
         tokens, draft_probs, survival, limits = original(self, tokens, draft_probs, survival, limits)
         for row, copied in enumerate(self._ngram_rows):
             if copied:
-                draft_probs[row] = 1.0 / draft_probs.shape[-1]
+                draft_probs[row] = torch.full_like(draft_probs[row], 1.0 / draft_probs[row].shape[-1])
         return tokens, draft_probs, survival, limits
 
     monkeypatch.setattr(BatchedSpeculativeGenerator, "_ngram_proposals", uniform_q)

@@ -11,6 +11,8 @@ import pytest
 from hf_dspark.scheduling import (
     admission_budget,
     async_prefix_schedule,
+    best_padded_allocation,
+    padded_schedule,
     cost_policy_length,
     expected_throughput,
     global_search_schedule,
@@ -268,6 +270,127 @@ def test_top_k_prefix():
     assert top_k_prefix(rows, 2) == [1, 1]
     assert top_k_prefix(rows, 3) == [1, 2]
     assert top_k_prefix(rows, 99) == [2, 2]
+
+
+# ----------------------------------------------------------------------------- right-padded batches
+
+
+def random_padded_cost(rng: random.Random, n_requests: int, max_tokens: int = 4):
+    """Exact round times: a table by width (jagged when ``rng`` says so), a per-token term and a drafter
+    term per drafted row; the same shapes the engine's RoundCost produces."""
+    by_width = [None]
+    current = F(rng.randint(10, 40))
+    for _ in range(max_tokens + 1):
+        by_width.append(current)
+        current += F(rng.choice([0, 0, 1, 3, 8, 20]))
+    per_token, per_draft, fixed_draft = F(rng.randint(0, 4), 2), F(rng.randint(0, 6)), F(rng.randint(0, 10))
+
+    def seconds(width, tokens, drafted):
+        return by_width[width] + per_token * tokens + (fixed_draft + per_draft * drafted if drafted else 0)
+
+    return seconds
+
+
+def padded_value(rows, counts, seconds, needs_draft=None):
+    drafted = sum(1 for r, c in enumerate(counts) if c and (needs_draft is None or needs_draft[r]))
+    expected = len(rows) + sum(sum(row[:c]) for row, c in zip(rows, counts))
+    return expected / seconds(1 + max(counts), len(rows) + sum(counts), drafted)
+
+
+def test_padded_schedule_reduces_to_algorithm_1_when_only_the_token_count_matters():
+    rng = random.Random(21)
+    for _ in range(300):
+        rows = random_survival(rng, rng.randint(1, 3))
+        sps = random_sps(rng, len(rows) + sum(map(len, rows)), decreasing=rng.random() < 0.5)
+        seconds = lambda width, tokens, drafted: 1 / sps[tokens]  # noqa: E731
+        assert padded_schedule(rows, seconds, early_stop=True) == prefix_schedule(rows, sps)
+        assert padded_schedule(rows, seconds, early_stop=False) == global_search_schedule(rows, sps)
+
+
+def test_best_padded_allocation_is_the_best_over_caps_and_never_worse_than_the_path():
+    rng = random.Random(22)
+    beat_path = 0
+    for _ in range(300):
+        rows = random_survival(rng, rng.randint(1, 3))
+        seconds = random_padded_cost(rng, len(rows))
+        flags = [rng.random() < 0.7 for _ in rows]
+        chosen = best_padded_allocation(rows, seconds, needs_draft=flags)
+        # brute force over allocations where every request takes the same cap or its whole positive draft
+        caps = range(max(map(len, rows), default=0) + 1)
+        capped = [[min(c, sum(1 for a in row if a > 0)) for row in rows] for c in caps]
+        best_capped = max(padded_value(rows, counts, seconds, flags) for counts in capped)
+        value = padded_value(rows, chosen, seconds, flags)
+        assert value >= best_capped
+        assert value >= padded_value(rows, [0] * len(rows), seconds, flags)  # never below a plain step
+        path = padded_schedule(rows, seconds, early_stop=False, needs_draft=flags)
+        assert value >= padded_value(rows, path, seconds, flags)
+        beat_path += value > padded_value(rows, path, seconds, flags)
+    assert beat_path > 0  # the cap search finds allocations the plain path misses
+
+
+def test_padded_schedule_counts_the_drafter_once_per_drafted_request():
+    rows = [[0.9, 0.8], [0.9, 0.8]]
+    seen = []
+
+    def seconds(width, tokens, drafted):
+        seen.append((width, tokens, drafted))
+        return 1.0 + 0.1 * drafted
+
+    padded_schedule(rows, seconds, early_stop=False, needs_draft=[True, False])
+    # path: (0,1) (1,1) (0,2) (1,2); only request 0 needs the drafter
+    assert seen == [(1, 2, 0), (2, 3, 1), (2, 4, 1), (3, 5, 1), (3, 6, 1)]
+    # a drafter that costs more than anything can gain keeps every request off it
+    assert best_padded_allocation(rows, lambda w, t, d: 1.0 + 10.0 * d) == [0, 0]
+    assert best_padded_allocation(rows, lambda w, t, d: 1.0 + 10.0 * d, needs_draft=[False, False]) == [2, 2]
+
+
+def test_padded_early_stop_is_non_anticipating():
+    """As for Algorithm 1: with early stop, whether (r, j) is admitted never depends on a_{r,j+1}, ... ."""
+    rng = random.Random(23)
+    global_violations = 0
+    for _ in range(300):
+        rows = random_survival(rng, rng.randint(1, 3))
+        seconds = random_padded_cost(rng, len(rows))
+        for r, row in enumerate(rows):
+            for j in range(1, len(row)):
+                altered = [list(x) for x in rows]
+                a = row[j - 1]
+                for k in range(j, len(row)):
+                    a *= F(rng.choice([0, 3, 8, 10]), 10)
+                    altered[r][k] = a
+                before = padded_schedule(rows, seconds, early_stop=True)[r] >= j
+                assert before == (padded_schedule(altered, seconds, early_stop=True)[r] >= j)
+                global_violations += (best_padded_allocation(rows, seconds)[r] >= j) != (
+                    best_padded_allocation(altered, seconds)[r] >= j
+                )
+    assert global_violations > 0
+
+
+def test_capped_top_k_is_non_anticipating():
+    """The async admission (top K of the current ranking, positions up to a stale cap) never depends on
+    values that are functions of the token it admits."""
+    rng = random.Random(24)
+    for _ in range(300):
+        rows = random_survival(rng, rng.randint(1, 3))
+        k, cap = rng.randint(0, 8), rng.randint(0, 4)
+        for r, row in enumerate(rows):
+            for j in range(1, len(row)):
+                altered = [list(x) for x in rows]
+                a = row[j - 1]
+                for i in range(j, len(row)):
+                    a *= F(rng.choice([0, 3, 8, 10]), 10)
+                    altered[r][i] = a
+                assert (top_k_prefix(rows, k, max_count=cap)[r] >= j) == (top_k_prefix(altered, k, max_count=cap)[r] >= j)
+    assert top_k_prefix([[0.9, 0.8, 0.7], [0.5]], 3, max_count=1) == [1, 1]
+    with pytest.raises(ValueError, match="max_count"):
+        top_k_prefix([[0.9]], 1, max_count=-1)
+
+
+def test_round_seconds_must_be_positive():
+    with pytest.raises(ValueError, match=r"round_seconds\(width=1, tokens=1, drafted_rows=0\)"):
+        padded_schedule([[0.5]], lambda w, t, d: 0.0, early_stop=True)
+    with pytest.raises(ValueError, match="needs_draft has 1 entries"):
+        padded_schedule([[0.5], [0.5]], lambda w, t, d: 1.0, early_stop=True, needs_draft=[True])
 
 
 # ----------------------------------------------------------------------------- batch-1 form

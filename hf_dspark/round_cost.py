@@ -1,0 +1,118 @@
+"""What one round of the batched engine costs: the target's right-padded pass plus the drafter.
+
+The batched engine (:mod:`hf_dspark.batched`) chooses per round which requests run the drafter
+and how many draft tokens each verifies. Both choices trade expected committed tokens against
+time, so it needs the time of a round for any allocation:
+
+``seconds = verify(R, width, tokens) + draft(drafted_rows)``
+
+* ``verify(R, width, tokens)``: one target pass over ``R`` rows right-padded to ``width`` slots.
+  :class:`~hf_dspark.latency.LatencyProfile` measures ``R`` rows x ``width`` tokens with logits
+  for every slot; the engine computes logits only for the ``tokens`` slots that hold real tokens,
+  so the LM head time of the padding slots (``head_seconds_per_token`` each) is taken off.
+* ``draft(m)``: one batched drafter call for ``m`` rows (0 when no row drafts), measured by the
+  engine on its own drafter with the current sampling settings, linear in ``m`` between and
+  beyond the measured sizes.
+
+Everything here is measured once (profiles are not refreshed while decoding), so the schedules
+are a deterministic function of the inputs the schedulers are allowed to see.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from .latency import LatencyProfile
+
+__all__ = ["RoundCost", "measure_seconds", "measure_head_seconds_per_token"]
+
+_FLOOR = 1e-9
+
+
+def _interpolate(points: list[tuple[int, float]], x: float) -> float:
+    if not points:
+        return 0.0
+    if len(points) == 1:
+        # one measured size: assume the time grows in proportion to the rows
+        return points[0][1] * x / points[0][0]
+    if x <= points[0][0]:
+        (x0, y0), (x1, y1) = points[0], points[1]
+    elif x >= points[-1][0]:
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+    else:
+        i = next(i for i in range(1, len(points)) if points[i][0] >= x)
+        (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass
+class RoundCost:
+    """Time model of one engine round (see the module docstring).
+
+    Args:
+        verify: the target's latency profile (``table[rows][tokens per row]`` seconds).
+        draft_seconds: ``{rows: seconds}`` of one drafter call; empty means drafting is free.
+        head_seconds_per_token: LM-head time per scored slot (taken off for padding slots).
+    """
+
+    verify: LatencyProfile
+    draft_seconds: dict[int, float] = field(default_factory=dict)
+    head_seconds_per_token: float = 0.0
+
+    def verify_seconds(self, rows: int, width: int, tokens: int) -> float:
+        padded = self.verify.verify_seconds(width, batch_size=rows)
+        return max(padded - self.head_seconds_per_token * (rows * width - tokens), _FLOOR)
+
+    def drafter_seconds(self, rows: int) -> float:
+        if rows <= 0:
+            return 0.0
+        return max(_interpolate(sorted(self.draft_seconds.items()), rows), 0.0)
+
+    def round_seconds(self, rows: int, max_width: int, sunk_draft_seconds: float | None = None
+                      ) -> Callable[[int, int, int], float]:
+        """A :data:`hf_dspark.scheduling.RoundSeconds` for ``rows`` requests (widths up to ``max_width``).
+
+        ``sunk_draft_seconds`` fixes the drafter term (the drafter already ran this round: its time
+        is part of the round whatever is verified); otherwise it is ``drafter_seconds(drafted_rows)``.
+        """
+        padded = [0.0] + [self.verify.verify_seconds(w, batch_size=rows) for w in range(1, max_width + 1)]
+        draft = [self.drafter_seconds(m) for m in range(rows + 1)]
+        head = self.head_seconds_per_token
+
+        def seconds(width: int, tokens: int, drafted_rows: int) -> float:
+            verify = max(padded[width] - head * (rows * width - tokens), _FLOOR)
+            return verify + (draft[drafted_rows] if sunk_draft_seconds is None else sunk_draft_seconds)
+
+        return seconds
+
+
+def measure_seconds(call: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+@torch.no_grad()
+def measure_head_seconds_per_token(target, sizes: Iterable[int] = (16, 64), repeats: int = 3) -> float:
+    """Slope of the target's LM-head time against the number of positions it scores (>= 0)."""
+    head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        return 0.0
+    small, large = sorted(sizes)[0], sorted(sizes)[-1]
+    width = head.weight.shape[1]
+    times = {}
+    for n in (small, large):
+        x = torch.randn(1, n, width, dtype=head.weight.dtype, device=head.weight.device)
+        times[n] = measure_seconds(lambda x=x: head(x), repeats=repeats)
+    return max((times[large] - times[small]) / (large - small), 0.0)
