@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..errors import CheckpointError, CorruptFileError, DataError
+from hf_dspark.errors import CheckpointError, CorruptFileError, DataError
 
 logger = logging.getLogger(__name__)
 

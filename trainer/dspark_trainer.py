@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from ..losses import dspark_loss
-from ..modeling_dspark import DSparkDraftModel
+from hf_dspark.losses import dspark_loss
+from hf_dspark.modeling_dspark import DSparkDraftModel
 from .data import DSparkDataCollator
 from .feature_cache import target_features
 from .training_args import DSparkTrainingArguments

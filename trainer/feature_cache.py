@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, DataError
+from hf_dspark.errors import CheckpointError, DataError
 from .data import CACHE_FORMAT_VERSION, MANIFEST_NAME, load_cache_manifest, read_data_rows, sha256_file, verify_shard
 
 DEFAULT_SHARD_TOKENS = 65536
@@ -157,7 +157,7 @@ def _target_geometry(config) -> dict[str, Any]:
 
 
 def resolve_layer_ids(layer_ids, num_layers: int) -> list[int]:
-    from ..modeling_dspark import default_target_layer_ids
+    from hf_dspark.modeling_dspark import default_target_layer_ids
 
     if layer_ids is None:
         return default_target_layer_ids(num_layers)
@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
     from tqdm.auto import tqdm
 
-    from .. import targets
+    from hf_dspark import targets
 
     _validate_args(args)
     if args.threads:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from hf_dspark.errors import DataError
 from .prompts import holdout_split, load_prompts
 from .regenerate import encode_prompt, regenerate_in_process, regenerate_openai, resolve_chat_mode
 
@@ -181,7 +181,7 @@ def _load_target(args):
     import torch
     from transformers import GenerationConfig
 
-    from .. import targets
+    from hf_dspark import targets
 
     if args.server_url:
         tokenizer = targets.load_target_tokenizer(args.target)
@@ -196,7 +196,7 @@ def _load_target(args):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``prepare-data``; returns the process exit code."""
-    from .. import targets
+    from hf_dspark import targets
 
     if args.server_url and not args.server_model:
         raise DataError("--server-url needs --server-model (the model name the server serves).")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from hf_dspark.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..errors import DataError, RegenerationServerError
+from hf_dspark.errors import DataError, RegenerationServerError
 
 __all__ = [
     "RegenerationServerError",

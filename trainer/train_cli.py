@@ -35,7 +35,7 @@ from typing import get_type_hints
 
 import torch
 
-from ..errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError
+from hf_dspark.errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError
 from .data import CachedFeatureDataset, FeatureCaches, OnlineDataset, check_cache_matches, choose_draft_vocab
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
 from .feature_cache import data_chat_template, resolve_layer_ids
@@ -267,7 +267,7 @@ def _check_resume_settings(output: Path, checkpoint: str, settings: dict) -> Non
 
 
 def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, target_name, checkpoint):
-    from ..modeling_dspark import DSparkDraftModel
+    from hf_dspark.modeling_dspark import DSparkDraftModel
 
     output = Path(args.output)
     if checkpoint is not None and training_args.use_lora:
@@ -284,7 +284,7 @@ def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, t
     if source is not None:
         try:
             if checkpoint is None:  # --init-draft: any drafter format (hf-dspark, DeepSpec, speculators)
-                from ..loading import load_drafter
+                from hf_dspark.loading import load_drafter
 
                 draft = load_drafter(source)
             else:
@@ -362,7 +362,7 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
     """Run ``train``; returns the process exit code. ``callbacks`` go to the Trainer (tests use them)."""
     from transformers import set_seed
 
-    from .. import targets
+    from hf_dspark import targets
 
     if args.threads:
         torch.set_num_threads(args.threads)
