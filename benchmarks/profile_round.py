@@ -207,8 +207,11 @@ def main(argv=None) -> int:
 
     type(target)._get_logits_processor = get_processor
 
-    plain_s = dspark_s = hand_s = 0.0
-    plain_tokens = dspark_tokens = hand_tokens = 0
+    from hf_dspark.evaluation import fused_plain_kwargs
+
+    fused_kwargs = fused_plain_kwargs(sample_kwargs)
+    plain_s = dspark_s = hand_s = fused_s = 0.0
+    plain_tokens = dspark_tokens = hand_tokens = fused_tokens = 0
     rounds = accepted = 0
     identical = True
     try:
@@ -219,6 +222,12 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 base = target.generate(ids, max_new_tokens=args.max_new_tokens, **sample_kwargs)
                 t_plain = time.perf_counter() - start
+                t_fused, n_fused = 0.0, 0
+                if fused_kwargs is not None:
+                    torch.manual_seed(rep)
+                    start = time.perf_counter()
+                    fused_out = target.generate(ids, max_new_tokens=args.max_new_tokens, **fused_kwargs)
+                    t_fused, n_fused = time.perf_counter() - start, fused_out.shape[1] - ids.shape[1]
 
                 start = time.perf_counter()
                 with torch.no_grad():
@@ -242,6 +251,8 @@ def main(argv=None) -> int:
                     continue
                 stats = draft.last_generation_stats
                 plain_s += t_plain
+                fused_s += t_fused
+                fused_tokens += n_fused
                 hand_s += t_hand
                 dspark_s += t_dspark - stats["prefill_seconds"]
                 plain_tokens += base.shape[1] - ids.shape[1]
@@ -268,9 +279,13 @@ def main(argv=None) -> int:
         "rounds": rounds, "tau": tau, "round_ms": round_ms, "split_ms_per_round": per_round,
         "outside_target_ms_per_round": outside, "outside_target_share": outside / round_ms,
         "plain_generate_tok_s": plain_tokens / plain_s, "hand_decode_tok_s": hand_tokens / hand_s,
+        "plain_generate_fused_tok_s": fused_tokens / fused_s if fused_s else None,
         "dspark_tok_s": dspark_tokens / dspark_s, "t1_ms_hand_decode": t1_ms,
         "speedup_vs_plain_generate": (dspark_tokens / dspark_s) / (plain_tokens / plain_s),
         "limit_tau_t1_over_round": tau * t1_ms / round_ms,
+        # the bound with the round overhead (warpers, acceptance, bookkeeping) removed
+        "limit_without_overhead": tau * t1_ms / (per_round["target_forward"] + per_round["draft_backbone"]
+                                                 + per_round["markov_loop"] + per_round["draft_choice"]),
         "greedy_identical_to_plain": identical if not args.sample else None,
     }
     print(json.dumps(result, indent=2))
