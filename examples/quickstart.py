@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         from hf_dspark.targets import load_target, resolve_draft
 
         target, tokenizer = load_target(args.target)
-        draft = AutoModel.from_pretrained(resolve_draft(args.draft, args.target), trust_remote_code=True).eval()
+        draft = AutoModel.from_pretrained(resolve_draft(args.draft, args.target)).eval()  # hf_dspark is imported: no remote code
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
 
     start = time.perf_counter()

@@ -1,7 +1,9 @@
 """hf-dspark: DSpark speculative decoding for Hugging Face transformers.
 
 Importing the package registers ``DSparkConfig`` / ``DSparkDraftModel`` with ``AutoConfig`` /
-``AutoModel`` and installs the ``generate(assistant_model=...)`` hook for DSpark drafters.
+``AutoModel`` and installs the ``generate(assistant_model=...)`` hook for DSpark drafters (the one
+documented runtime patch; see :mod:`hf_dspark.generation_dspark`, "Who installs the hook").
+The layers and the data flow are mapped in docs/design.md.
 """
 
 from transformers import AutoConfig, AutoModel
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 
 AutoConfig.register("dspark", DSparkConfig, exist_ok=True)
 AutoModel.register(DSparkConfig, DSparkDraftModel, exist_ok=True)
+install_generate_hook()
 
 __all__ = [
     "DSparkConfig",

@@ -3,7 +3,7 @@
 The confidence head predicts ``c_k``, the probability that draft token ``k`` survives
 verification given that tokens ``1..k-1`` survived; the scheduler uses the prefix survival
 ``a_k = prod_{i<=k} c_i`` as an absolute probability, so it has to be calibrated, not only
-well ranked. STS (DSPARK.md section 4) fits one temperature per block position on held-out
+well ranked. STS (docs/design.md, "Calibration") fits one temperature per block position on held-out
 rounds: for ``k = 1..K`` in order, a 1-D grid search picks the ``T_k`` that minimises the
 expected calibration error (ECE) of ``a_k = prod_{i<=k} sigmoid(l_i / T_i)`` against the
 observed prefix survival, with ``T_1..T_{k-1}`` already fixed. A positive temperature keeps

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .errors import CheckpointError, DSparkConfigError
+
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 BACKBONE_TYPES = ("qwen3", "gemma4")
 # DeepSpec writes the drafter's backbone as the config's model_type / architecture.
@@ -28,10 +30,9 @@ _UNSUPPORTED_GEMMA4_FIELDS = {
 VERIFICATION_POLICIES = ("full", "threshold", "cost")
 
 
-def _config_error(field: str, value, fix: str) -> ValueError:
-    # Kept as a plain ValueError so this file has no dependency on the hf_dspark package
-    # (it must work as stand-alone remote code); hf_dspark re-raises nothing here.
-    return ValueError(f"DSparkConfig.{field}={value!r} is invalid: {fix}")
+def _config_error(field: str, value, fix: str) -> DSparkConfigError:
+    # errors.py ships next to this file as remote code, so stand-alone loading raises the same classes.
+    return DSparkConfigError(f"DSparkConfig.{field}={value!r} is invalid: {fix}")
 
 
 # Integer fields and their smallest valid value (a float or a string here used to fail much later,
@@ -159,7 +160,7 @@ class DSparkConfig(PretrainedConfig):
         **kwargs,
     ):
         if "speculators_model_type" in kwargs:
-            raise ValueError(
+            raise CheckpointError(
                 "This config.json is in vLLM speculators' format (speculators_model_type="
                 f"{kwargs['speculators_model_type']!r}), not a DSpark/DeepSpec config; load the folder with "
                 "hf_dspark.load_drafter(dir) or convert it once with `hf-dspark convert --from speculators DIR --output OUT`"

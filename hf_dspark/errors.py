@@ -1,4 +1,10 @@
-"""Error hierarchy: catch ``HfDSparkError`` for anything this library raises on purpose."""
+"""Error hierarchy: catch ``HfDSparkError`` for anything this library raises on purpose.
+
+Every class also subclasses the builtin it replaces (``ValueError``, ``RuntimeError``), so existing
+``except ValueError`` code keeps working. This file ships as remote code next to drafter
+checkpoints (it imports nothing), so the remote-code modeling and configuration files raise the
+same classes; docs/troubleshooting.md has one section per class.
+"""
 
 
 class HfDSparkError(Exception):

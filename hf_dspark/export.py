@@ -5,7 +5,8 @@ Formats
 * ``hub`` (default): a folder that *is* a Hub model repository: ``config.json`` (``model_type``
   ``dspark``, ``auto_map``, all DSpark fields, STS temperatures), ``model.safetensors``, the
   remote-code files (``configuration_dspark.py``, ``modeling_dspark.py``,
-  ``modeling_dspark_gemma4.py``, ``generation_dspark.py``), ``generation_config.json`` (verification policy, threshold,
+  ``modeling_dspark_gemma4.py``, ``generation_dspark.py``, ``errors.py``: written from the installed
+  package, their one source), ``generation_config.json`` (verification policy, threshold,
   latency table) and a ``README.md`` model card, plus ``dspark_card.json`` (the card's inputs, so
   that re-exporting the folder reproduces it). A user with only ``transformers`` installed runs
   ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` and
@@ -54,7 +55,11 @@ from .model_card import DEFAULT_LICENSE, render_engine_card, render_model_card
 EXPORT_FORMATS = ("hub", "deepspec", "vllm", "sglang", "speculators")
 # formats written in DeepSpec's save_pretrained layout
 DEEPSPEC_LAYOUT_FORMATS = ("deepspec", "vllm", "sglang")
-REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_gemma4.py", "generation_dspark.py")
+# The remote code of a hub export: these package files, written from the package at export time
+# (the package is their one source; tests/test_remote_code.py keeps every shipped copy equal to it).
+REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_gemma4.py", "generation_dspark.py",
+                     "errors.py")
+PACKAGE_DIR = Path(__file__).resolve().parent
 CARD_INPUTS_FILE = "dspark_card.json"
 ENGINE_ARCHITECTURE = "Qwen3DSparkModel"
 GEMMA4_ENGINE_ARCHITECTURE = "Gemma4DSparkModel"
@@ -137,15 +142,23 @@ def _card_inputs(draft_dir: Path, eval_json, recipe, license) -> tuple[list[dict
 
 
 # ----------------------------------------------------------------------------- hub format
+def write_remote_code(folder: str | os.PathLike) -> list[Path]:
+    """Write the remote-code files into ``folder`` from this package (whatever ``save_pretrained``
+    copied, e.g. the code of a drafter loaded with ``trust_remote_code``, is replaced)."""
+    written = []
+    for name in REMOTE_CODE_FILES:
+        source = PACKAGE_DIR / name
+        if not source.is_file():
+            raise HfDSparkError(f"the installed hf_dspark package lacks {source}; reinstall hf-dspark")
+        shutil.copyfile(source, Path(folder) / name)
+        written.append(Path(folder) / name)
+    return written
+
+
 def _export_hub(model, draft_dir: Path, output_dir: Path, eval_json, recipe, license, repo_id) -> None:
     evals, recipe, license = _card_inputs(draft_dir, eval_json, recipe, license)
     model.save_pretrained(output_dir)
-    for name in REMOTE_CODE_FILES:
-        if not (output_dir / name).is_file():
-            raise HfDSparkError(
-                f"save_pretrained did not copy {name} next to the weights; the export would not load with "
-                "trust_remote_code. Is the drafter class imported from hf_dspark?"
-            )
+    write_remote_code(output_dir)
     # Re-write what save_pretrained produced so the bytes depend only on the drafter.
     weights = output_dir / "model.safetensors"
     if weights.is_file():

@@ -18,8 +18,13 @@ wrapped only to run the drafter's own target check first, so that a drafter buil
 target reports that (vocabulary, hidden size, layers) rather than transformers' advice about
 different tokenizers; it then calls the original unchanged.
 The wrapper is installed for the transformers range in ``SUPPORTED_TRANSFORMERS`` only and
-refuses clearly otherwise; ``tests/test_generate_hook.py`` fails if the internal's signature
+refuses clearly otherwise; ``tests/test_generate_hook.py`` fails if either internal's signature
 or the ``CandidateGenerator`` model-outputs protocol changes.
+
+Who installs the hook: importing ``hf_dspark`` (``hf_dspark/__init__.py`` calls
+:func:`install_generate_hook`), or, for a drafter loaded with ``trust_remote_code=True`` where
+hf_dspark is not installed, the remote-code ``modeling_dspark.py`` when it is imported. Nothing
+else rebinds transformers functions.
 
 Verification policies (``draft.generation_config.verification_policy``)
 -----------------------------------------------------------------------
@@ -67,6 +72,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 from transformers.generation.utils import GenerationMixin
+
+from .errors import DSparkConfigError, UnsupportedTransformersError
 
 SUPPORTED_TRANSFORMERS = ("5.24.0", "5.25.0")  # [min, max) tested range
 HOOKED_INTERNAL = "transformers.generation.utils.GenerationMixin._get_candidate_generator"
@@ -288,7 +295,7 @@ def check_dspark_generation_setting(name: str, value: Any) -> None:
             fix = ('use {"tokens": seconds, ...} with tokens >= 1 and finite seconds >= 0, as '
                    "hf_dspark.profile_latency(target) measures it, or None")
     if fix is not None:
-        raise ValueError(f"generation_config.{name}={value!r} is invalid: {fix}")
+        raise DSparkConfigError(f"generation_config.{name}={value!r} is invalid: {fix}")
 
 
 class DSparkGenerationConfig(GenerationConfig):
@@ -354,7 +361,7 @@ def latency_from_table(table: dict, n_tokens: int) -> float:
 
 
 def cost_length(survival: list[float], draft_seconds: float, verify_seconds, min_tokens: int = 1) -> int:
-    """Batch-1 form of the prefix scheduler (DSPARK.md section 5) with early stop.
+    """Batch-1 form of the prefix scheduler (docs/design.md, "Scheduling") with early stop.
 
     L = 0 means only the bonus token is expected. Admit token L+1 while
     ``(1 + sum_{j<=L+1} a_j) / (T_draft + T_verify(L + 2))`` strictly improves; stop at the first
@@ -740,14 +747,15 @@ def _install_target_check() -> None:
 def install_generate_hook() -> bool:
     """Wrap ``GenerationMixin._get_candidate_generator`` once. Returns True when (already) installed.
 
-    Raises ``RuntimeError`` on an unsupported transformers version so that nothing half-works.
+    Raises ``UnsupportedTransformersError`` (a ``RuntimeError``) on an unsupported transformers
+    version so that nothing half-works.
     """
     current = GenerationMixin._get_candidate_generator
     if getattr(current, "_dspark_hook", False):
         _install_target_check()
         return True
     if not transformers_supported():
-        raise RuntimeError(
+        raise UnsupportedTransformersError(
             f"hf-dspark's generate() integration supports transformers>={SUPPORTED_TRANSFORMERS[0]},"
             f"<{SUPPORTED_TRANSFORMERS[1]} (it hooks {HOOKED_INTERNAL}); found {transformers.__version__}. "
             f"Install a supported version: pip install 'transformers>={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}'"

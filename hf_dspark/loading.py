@@ -275,7 +275,7 @@ def load_drafter(
     if target is not None:
         try:
             model.bind_target(target)
-        except ValueError as exc:  # the drafter's own check (remote code raises plain ValueErrors)
+        except ValueError as exc:  # the drafter's own check (DraftTargetMismatchError); add which --draft
             raise DraftTargetMismatchError(f"{where}: {exc}") from exc
     return model.eval()
 

@@ -1,4 +1,4 @@
-"""DSpark training loss (DSPARK.md section 3).
+"""DSpark training loss (docs/design.md, "Training"; recipes in docs/training.md).
 
 Per block position ``k`` (0-based) with weight ``w_k = exp(-k / decay)``, averaged over the
 supervised positions with weights ``w_k * eval_mask``:

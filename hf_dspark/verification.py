@@ -1,6 +1,6 @@
 """The accept/reject rule of speculative decoding, in one place and without any model.
 
-Notation for one request and one round (DSPARK.md section 1): the draft proposed
+Notation for one request and one round (docs/design.md, "Verification"): the draft proposed
 ``x_1 .. x_n`` after the committed anchor ``x_0``; ``q_j`` is the exact (processed) distribution
 ``x_j`` was sampled from; ``p_j`` is the target's (processed) distribution for the token at the
 same place, given ``x_0 .. x_{j-1}``; ``p_{n+1}`` is the target's distribution after ``x_n``.

@@ -26,3 +26,45 @@ def test_trainer_modules_import_the_package_by_absolute_name():
     relative = [f"{path.name}:{n}" for path in sorted((ROOT / "trainer").glob("*.py"))
                 for n, line in enumerate(path.read_text().splitlines(), 1) if re.match(r"\s*from \.\.", line)]
     assert not relative, f"use `from hf_dspark.x import ...` in trainer/: {relative}"
+
+
+def test_every_error_comes_from_one_hierarchy_and_keeps_its_builtin():
+    import inspect
+
+    import hf_dspark
+    from hf_dspark import errors
+
+    classes = [obj for obj in vars(errors).values() if inspect.isclass(obj) and issubclass(obj, Exception)]
+    assert {cls.__name__ for cls in classes} == set(errors.__all__)
+    for cls in classes:
+        assert getattr(hf_dspark, cls.__name__) is cls, cls  # exported from the package too
+        if cls is not errors.HfDSparkError:
+            assert issubclass(cls, errors.HfDSparkError), cls
+            assert issubclass(cls, (ValueError, RuntimeError)), cls
+    # no error class defined anywhere else in the package
+    package = ROOT / "hf_dspark"
+    elsewhere = [f"{path.relative_to(ROOT)}:{line.strip()}" for path in [*package.rglob("*.py"), *(ROOT / "trainer").glob("*.py")]
+                 if path.name != "errors.py" for line in path.read_text().splitlines()
+                 if re.match(r"class \w+\(.*(Error|Exception)\b", line)]
+    assert not elsewhere, elsewhere
+
+
+def test_check_target_and_checkpoint_loading_raise_the_specific_classes(tmp_path):
+    import torch
+    from _models import tiny_drafter, tiny_qwen3_target
+    from safetensors.torch import load_file, save_file
+
+    from hf_dspark import DSparkDraftModel
+    from hf_dspark.errors import CheckpointError, DraftTargetMismatchError
+
+    draft = tiny_drafter(tiny_qwen3_target())
+    with pytest.raises(DraftTargetMismatchError, match="vocabulary: drafter expects") as caught:
+        draft.check_target(tiny_qwen3_target(vocab_size=128))
+    assert isinstance(caught.value, ValueError)
+    draft.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("fc.")}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        DSparkDraftModel.from_pretrained(tmp_path)
+    assert torch.is_tensor(tensors["fc.weight"])

@@ -21,7 +21,7 @@ class DSparkTrainingArguments(TrainingArguments):
     r"""Arguments of [`DSparkTrainer`] (and ``hf-dspark train``).
 
     The DSpark fields describe the drafter built for a fresh run (architecture), the loss
-    recipe (DSPARK.md section 3) and the data mode; every ``TrainingArguments`` field works as
+    recipe (docs/training.md) and the data mode; every ``TrainingArguments`` field works as
     usual. Defaults differ from ``TrainingArguments`` where the DSpark recipe says so (learning
     rate 6e-4, 4% warmup, cosine schedule) or where a drafter needs it (columns are not pruned).
     """

@@ -1,0 +1,67 @@
+"""The one runtime patch: the generate() hook (hf_dspark.generation_dspark, "The hook").
+
+Fails loudly when the private transformers internals it wraps change signature, when the
+``CandidateGenerator`` model-outputs protocol it relies on changes, or when the hook is installed
+anywhere but importing ``hf_dspark`` (or the remote-code modeling file, outside the package).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.utils import GenerationMixin
+
+import hf_dspark
+from hf_dspark import generation_dspark
+from hf_dspark.errors import UnsupportedTransformersError
+from hf_dspark.export import PACKAGE_DIR
+
+
+def test_importing_hf_dspark_installs_both_wrappers_over_the_expected_internals():
+    for name, expected in (("_get_candidate_generator", generation_dspark.HOOKED_INTERNAL_PARAMETERS),
+                           ("_validate_generation_mode", generation_dspark.CHECKED_INTERNAL_PARAMETERS)):
+        installed = getattr(GenerationMixin, name)
+        assert getattr(installed, "_dspark_hook", False), name
+        generation_dspark._check_internal_signature(installed._dspark_original, name, expected)
+    assert hf_dspark.install_generate_hook() is True  # idempotent
+    assert not hasattr(GenerationMixin._get_candidate_generator._dspark_original, "_dspark_hook")
+
+
+def test_a_changed_internal_signature_is_refused():
+    def changed(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs):
+        return None
+
+    with pytest.raises(RuntimeError, match="_get_candidate_generator but its signature changed"):
+        generation_dspark._check_internal_signature(changed)
+
+
+def test_an_unsupported_transformers_is_refused_before_patching(monkeypatch):
+    original = GenerationMixin._get_candidate_generator._dspark_original
+    monkeypatch.setattr(GenerationMixin, "_get_candidate_generator", original)
+    monkeypatch.setattr(generation_dspark, "transformers_supported", lambda: False)
+    with pytest.raises(UnsupportedTransformersError, match="supports transformers>="):
+        generation_dspark.install_generate_hook()
+    assert GenerationMixin._get_candidate_generator is original
+
+
+def test_the_candidate_generator_model_outputs_protocol_is_unchanged():
+    # transformers' assisted loop hands the target's outputs to generators that ask for them,
+    # and forwards their model_kwargs_overrides (output_hidden_states) to the target.
+    assert "requires_model_outputs" in vars(CandidateGenerator)
+    source = inspect.getsource(GenerationMixin._assisted_decoding)
+    for needle in ("model_outputs=outputs", "is_first_iteration=", "n_last_matches=",
+                   "candidate_generator.model_kwargs_overrides"):
+        assert needle in source, f"transformers' _assisted_decoding no longer passes {needle}"
+    parameters = inspect.signature(generation_dspark.DSparkCandidateGenerator.get_candidates).parameters
+    assert {"model_kwargs", "model_outputs", "is_first_iteration", "n_last_matches"} <= set(parameters)
+
+
+def test_the_hook_is_installed_in_two_documented_places_only():
+    callers = {path.name for path in PACKAGE_DIR.rglob("*.py")
+               if "install_generate_hook()" in path.read_text() and path.name != "generation_dspark.py"}
+    assert callers == {"__init__.py", "modeling_dspark.py"}, callers
+    modeling = (PACKAGE_DIR / "modeling_dspark.py").read_text()
+    # inside the package, importing hf_dspark installs it; the file does so only as remote code
+    assert 'if not __name__.startswith("hf_dspark."):\n' in modeling
