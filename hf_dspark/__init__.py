@@ -8,6 +8,7 @@ The layers and the data flow are mapped in docs/design.md.
 
 from transformers import AutoConfig, AutoModel
 
+from . import errors
 from .configuration_dspark import DSparkConfig
 from .errors import (
     CheckpointError,
@@ -48,16 +49,6 @@ __all__ = [
     "fuse_top_k_top_p",
     "profile_latency",
     "LatencyProfile",
-    "HfDSparkError",
-    "DSparkConfigError",
-    "DraftTargetMismatchError",
-    "CheckpointError",
-    "CorruptFileError",
-    "DataError",
-    "TargetLoadError",
-    "DraftNotFoundError",
-    "LatencyProfileError",
-    "RegenerationServerError",
-    "UnsupportedTransformersError",
+    *errors.__all__,
     "__version__",
 ]
