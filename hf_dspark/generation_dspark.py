@@ -533,6 +533,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._is_prefill = True
         self._submitted = 0
         self._last_confidence: torch.Tensor | None = None  # raw confidence logits of the submitted tokens
+        self._draft_space_logits = False  # set per block by _chooser
         self._round_start = time.perf_counter()
 
     # -- helpers -----------------------------------------------------------------------
@@ -550,8 +551,8 @@ class DSparkCandidateGenerator(CandidateGenerator):
         d2t = self.draft.draft_to_target
         if d2t is None:
             return draft_logits.float()
-        full = draft_logits.new_full((draft_logits.shape[0], self.vocab_size), float("-inf"), dtype=torch.float32)
-        full[:, d2t] = draft_logits.float()
+        full = draft_logits.new_full((*draft_logits.shape[:-1], self.vocab_size), float("-inf"), dtype=torch.float32)
+        full[..., d2t] = draft_logits.float()
         return full
 
     def _chooser(self, input_ids: torch.LongTensor, drafted: list):
@@ -568,6 +569,8 @@ class DSparkCandidateGenerator(CandidateGenerator):
             and self.draft.draft_to_target is not None
             and all(type(p) in VOCAB_LOCAL_WARPERS for p in processors)
         )
+        # draft-space scores go to the full vocabulary once per block, for the submitted tokens only
+        self._draft_space_logits = draft_space
 
         def choose(logits_k: torch.Tensor, k: int):
             if plain_greedy:  # argmax over the draft vocabulary; no full-vocabulary logits needed
@@ -580,7 +583,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
                     scores = processor(input_ids, scores)  # these warpers never read the ids
                 draft_ids = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(-1)
                 drafted.append(self.draft.draft_ids_to_target(draft_ids)[:, None])
-                return draft_ids, self._full_vocab(scores)
+                return draft_ids, scores
             scores = self._full_vocab(logits_k)
             if len(processors) > 0:
                 prefix = torch.cat([input_ids] + drafted, dim=1) if drafted else input_ids
@@ -662,7 +665,12 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._last_confidence = None if confidence is None else confidence[0, :length]
         self._round_start = time.perf_counter()
         candidates = torch.cat([input_ids, tokens[:, :length].to(input_ids.device)], dim=1)
-        candidate_logits = logits[:, :length].to(input_ids.device) if self.do_sample else None
+        candidate_logits = None
+        if self.do_sample:
+            candidate_logits = logits[:, :length]
+            if self._draft_space_logits:
+                candidate_logits = self._full_vocab(candidate_logits)
+            candidate_logits = candidate_logits.to(input_ids.device)
         return candidates, candidate_logits
 
     def _ngram_candidates(self, input_ids: torch.LongTensor, lookup: torch.Tensor, context: torch.Tensor):
