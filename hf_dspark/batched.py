@@ -34,7 +34,7 @@ Schedulers
   counts), sampling walks the admission path with Algorithm 1's early stop
   (:func:`hf_dspark.scheduling.padded_schedule`), which exactness needs.
 * ``"async"``: the paper's production variant. The plan runs on predictions made two rounds
-  earlier (``PREDICTION_LAG``; requests too new for that use the prior ``DRAFT_PRIOR_*``) with
+  earlier (requests too new for that use a stated prior, :class:`hf_dspark.round_plan.RoundPlanner`) with
   a search over the whole path and every cap, allowed because none of its inputs depends on the
   current drafts. It fixes who drafts, the budget ``K`` (its total) and a width cap (its widest
   request); the current survival only ranks the candidates, and the top ``K`` are verified
@@ -95,24 +95,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from transformers import LogitsProcessorList
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .generation_dspark import (
-    activate_verify_head,
-    check_ngram_settings,
-    fuse_top_k_top_p,
-    ngram_continuation,
-    threshold_length,
-)
+from .batch_requests import SamplingSettings, SpeculativeRequest
+from .generation_dspark import activate_verify_head, check_ngram_settings, fuse_top_k_top_p, ngram_continuation
 from .modeling_dspark import DSparkDraftCache
 from .ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
 from .round_cost import RoundCost, measure_head_seconds_per_token, measure_seconds
-from .scheduling import best_padded_allocation, padded_schedule, top_k_prefix
+from .round_plan import RoundPlanner
 from .verification import verify_block
 
 logger = logging.getLogger(__name__)
@@ -131,91 +124,6 @@ __all__ = [
     "add_arguments",
     "run",
 ]
-
-
-# --------------------------------------------------------------------------------------
-# requests and settings
-# --------------------------------------------------------------------------------------
-@dataclass
-class SamplingSettings:
-    """How tokens are chosen; the same warpers process the draft and the target distributions."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} must be > 0 when do_sample=True (use do_sample=False for greedy)")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0):
-            raise ValueError(f"top_k={self.top_k!r} must be None or an int >= 0 (0 or None disables it)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} must be None or in (0, 1] (1 or None disables it)")
-
-    def warpers(self) -> LogitsProcessorList:
-        """transformers' own warpers, in the order ``generate`` applies them."""
-        warpers = LogitsProcessorList()
-        if not self.do_sample:
-            return warpers
-        if self.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(self.temperature))
-        if self.top_k:
-            warpers.append(TopKLogitsWarper(int(self.top_k)))
-        if self.top_p is not None and self.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(float(self.top_p)))
-        return warpers
-
-
-@dataclass
-class SpeculativeRequest:
-    """One request: its prompt, what it generated so far, and per-round verification statistics."""
-
-    request_id: int
-    prompt_ids: list[int]
-    max_new_tokens: int
-    eos_token_ids: frozenset[int]
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "eos" or "length"
-    submitted: list[int] = field(default_factory=list)  # draft tokens verified, per round
-    accepted: list[int] = field(default_factory=list)  # draft tokens accepted, per round
-    committed: list[int] = field(default_factory=list)  # tokens appended to output_ids, per round
-    added_at: float = 0.0
-    started_at: float | None = None  # joined the batch (prefilled)
-    first_token_at: float | None = None  # first output token committed
-    finished_at: float | None = None
-    # engine state: the last committed token (no KV yet) and its position
-    anchor: int = 0
-    anchor_position: int = 0
-    predictions: list = field(default_factory=list)  # (round, prefix survival) of its latest drafted blocks
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def remaining(self) -> int:
-        return self.max_new_tokens - len(self.output_ids)
-
-    def tokens_per_second(self) -> float:
-        """Generated tokens over the time from joining the batch to finishing."""
-        if self.started_at is None or self.finished_at is None or self.finished_at <= self.started_at:
-            return 0.0
-        return len(self.output_ids) / (self.finished_at - self.started_at)
-
-    def _commit(self, tokens: Iterable[int]) -> int:
-        """Append tokens until EOS (kept) or max_new_tokens; returns how many were appended."""
-        count = 0
-        for token in tokens:
-            if self.finished:
-                break
-            self.output_ids.append(int(token))
-            count += 1
-            if int(token) in self.eos_token_ids:
-                self.finish_reason = "eos"
-            elif len(self.output_ids) >= self.max_new_tokens:
-                self.finish_reason = "length"
-        return count
 
 
 # --------------------------------------------------------------------------------------
@@ -255,21 +163,6 @@ class BatchedSpeculativeGenerator:
     compaction_slack = 16
     compaction_fraction = 0.25
     _PAD_ID = 0  # fills right-padding in prefill batches: any in-vocabulary id, the mask hides it
-
-    # Planning before the drafter runs (algorithm1 and async) reads each request's prediction made
-    # PREDICTION_LAG rounds earlier (or its latest older one); predictions older than PREDICTION_TTL
-    # rounds, and requests without any, use the prior: the mean survival the drafter predicted over
-    # the engine's past request-rounds (exponential average, weight DRAFT_PRIOR_WEIGHT for the newest),
-    # which starts at DRAFT_PRIOR_ACCEPTANCE ** j. The start is optimistic on purpose: a prior that never
-    # drafts would never learn otherwise; the expiry makes a request the plan stopped drafting try again.
-    # When the plan kept every request off the drafter for PROBE_INTERVAL rounds, every request that could
-    # draft drafts once (one drafter call), so that the predictions and the prior follow text that became
-    # easier to draft; when drafting never pays this costs one drafter call per PROBE_INTERVAL rounds.
-    PREDICTION_LAG = {"algorithm1": 1, "async": 2}
-    PREDICTION_TTL = 8
-    PROBE_INTERVAL = 16
-    DRAFT_PRIOR_ACCEPTANCE = 0.8
-    DRAFT_PRIOR_WEIGHT = 1 / 16
 
     def __init__(
         self,
@@ -314,8 +207,7 @@ class BatchedSpeculativeGenerator:
         self.ngram_lookup_tokens = 0 if scheduler == "plain" else min(int(ngram_lookup_tokens), self.block_size)
         self._ngram_rows: list[bool] = []
         self._ngram_found: list[torch.Tensor | None] = []
-        self._plan_counts: list[int] = []
-        self._last_draft_round = -1
+        self.planner = RoundPlanner(scheduler, self.block_size, self._cost, self.confidence_threshold)
         self.hidden_state_ids = [i + 1 for i in draft.config.target_layer_ids]
         self._configure_attention(target)
         self._verify_head = activate_verify_head(target, self) if fast_verify_head else None
@@ -329,7 +221,6 @@ class BatchedSpeculativeGenerator:
         self._next_id = 0
         self._reset_state()
         self.stats = self._empty_stats()
-        self._draft_prior = [self.DRAFT_PRIOR_ACCEPTANCE ** (j + 1) for j in range(self.block_size)]
 
     def close(self) -> None:
         """Give the target's LM head back its default layout now (also happens when the engine is collected)."""
@@ -576,47 +467,10 @@ class BatchedSpeculativeGenerator:
         return tokens, draft_probs, survival, limits
 
     # ---------------------------------------------------------------- planning (before the drafter runs)
-    def _prediction(self, request: SpeculativeRequest, lag: int, limit: int) -> list[float]:
-        """The request's survival prediction made ``lag`` or more rounds ago (its latest such), else the prior."""
-        now = self.stats["rounds"]
-        for made_at, survival in reversed(request.predictions):
-            if made_at <= now - lag:
-                if now - made_at <= self.PREDICTION_TTL:
-                    return survival[:limit]
-                break
-        return self._draft_prior[:limit]
-
     def _plan(self, limits: list[int]) -> list[int]:
-        """Rows that run the drafter this round, decided before any of this round's tokens exist.
-
-        ``full``/``threshold``: every row with room to verify and no n-gram match. ``algorithm1`` and
-        ``async``: the best allocation of the right-padded round (drafter time included) on each row's
-        stale prediction (``PREDICTION_LAG``; n-gram rows with their running estimate); rows it gives
-        no token do not draft, and when it gives none at all the round is a plain decoding step. The
-        allocation is kept: ``async`` verifies its total along the current ranking."""
-        candidates = [row for row, limit in enumerate(limits) if limit > 0 and not self._ngram_rows[row]]
-        if self.scheduler == "plain":
-            return []
-        if self.scheduler in ("full", "threshold"):
-            return candidates
-        lag = self.PREDICTION_LAG[self.scheduler]
-        predicted = []
-        for row, request in enumerate(self._active):
-            found = self._ngram_found[row]
-            if found is not None:
-                predicted.append(self._ngram_survival(found.shape[0]))
-            else:
-                predicted.append(self._prediction(request, lag, limits[row]) if limits[row] > 0 else [])
-        cost = self._cost().round_seconds(len(limits), 1 + self.block_size)
-        plan = best_padded_allocation(predicted, cost, needs_draft=[found is None for found in self._ngram_found])
-        self._plan_counts = plan
-        draft_rows = [row for row in candidates if plan[row] > 0]
-        if not draft_rows and self.stats["rounds"] - self._last_draft_round >= self.PROBE_INTERVAL:
-            draft_rows = candidates
-            self.stats["probe_request_rounds"] += len(candidates)
-        self.stats["draft_skipped_request_rounds"] += len(candidates) - len(draft_rows)
-        self.stats["draft_skipped_rounds"] += bool(candidates) and not draft_rows
-        return draft_rows
+        """Rows that run the drafter this round (:meth:`hf_dspark.round_plan.RoundPlanner.plan`)."""
+        ngram_survival = [None if found is None else self._ngram_survival(found.shape[0]) for found in self._ngram_found]
+        return self.planner.plan(self._active, limits, ngram_survival, self.stats["rounds"], self.stats)
 
     # ---------------------------------------------------------------- drafting
     def _draft(self, draft_rows: list[int], limits: list[int]):
@@ -664,7 +518,6 @@ class BatchedSpeculativeGenerator:
         hidden = draft._backbone(draft.embed(draft.block_input_ids(anchors)), block_pos, context, context_pos, mask,
                                  kv.cache)
         kv.slots = slots_after
-        self._last_draft_round = self.stats["rounds"]
         if not every_row:
             self._draft_kv.merge_subset(index, kv)
         self._pending.consume(index)
@@ -676,23 +529,15 @@ class BatchedSpeculativeGenerator:
         survival = [[] for _ in range(rows)]
         if confidence is not None:
             predicted = torch.cumprod(draft.calibrated_confidence(confidence).float(), dim=-1).tolist()
-            now = self.stats["rounds"]
             for row, request, values in zip(draft_rows, requests, predicted):
                 survival[row] = values
-                request.predictions.append((now, values))
-                del request.predictions[:-self.PREDICTION_LAG.get(self.scheduler, 1)]
-                self._update_draft_prior(values)
+                self.planner.record(request, self.stats["rounds"], values)
         draft_probs = empty_probs
         if probs:
             stacked = torch.stack(probs, dim=1)  # [m, n, V]
             for i, row in enumerate(draft_rows):
                 draft_probs[row] = stacked[i]
         return tokens, draft_probs, survival, drafted_limits
-
-    def _update_draft_prior(self, survival: list[float]) -> None:
-        weight = self.DRAFT_PRIOR_WEIGHT
-        for j, value in enumerate(survival):
-            self._draft_prior[j] += weight * (value - self._draft_prior[j])
 
     def _chooser(self, probs_out: list):
         """Markov-loop choice: greedy argmax over the draft vocabulary, or a draw from the draft
@@ -717,26 +562,8 @@ class BatchedSpeculativeGenerator:
 
     # ---------------------------------------------------------------- scheduling (after the drafter ran)
     def _schedule(self, survival, limits: list[int], drafted_rows: int = 0) -> list[int]:
-        """Draft tokens each request verifies this round (never more than its limit).
-
-        ``algorithm1``: the round-time objective with the drafter's time of this round sunk (it is spent
-        whatever is verified); greedy takes the best allocation over every width cap (greedy output does
-        not depend on the counts), sampling walks the admission path with Algorithm 1's early stop, which
-        exactness needs. ``async``: the total the plan gave (from stale predictions, with its widest
-        row as a cap), admitted along the current ranking."""
-        if self.scheduler in ("full", "plain"):
-            return list(limits)
-        rows = [row[:limit] for row, limit in zip(survival, limits)]
-        if self.scheduler == "threshold":
-            return [threshold_length(row, self.confidence_threshold) if row else 0 for row in rows]
-        if self.scheduler == "async":
-            plan = self._plan_counts
-            return top_k_prefix(rows, sum(plan), max_count=max(plan, default=0))
-        seconds = self._cost().round_seconds(len(rows), 1 + self.block_size,
-                                             sunk_draft_seconds=self._cost().drafter_seconds(drafted_rows))
-        if not self.sampling.do_sample:
-            return best_padded_allocation(rows, seconds)
-        return padded_schedule(rows, seconds, early_stop=True)
+        """Draft tokens each request verifies (:meth:`hf_dspark.round_plan.RoundPlanner.schedule`)."""
+        return self.planner.schedule(survival, limits, drafted_rows, self.sampling.do_sample)
 
     # ---------------------------------------------------------------- verification
     def _verify_forward(self, tokens: torch.Tensor, counts: list[int]):

@@ -1,20 +1,27 @@
 """`hf-dspark bench-batch`: the batched speculative engine vs plain batched ``generate``, side by side.
 
-For every concurrency ``C`` the same prompts are decoded, in one process, three ways:
+For every concurrency ``C`` the same prompts are decoded, in one process, by each method of
+``--methods`` (default: all four):
 
 * ``plain``: transformers' batched ``generate`` (left-padded batches of ``C`` prompts);
 * ``full``: :class:`~hf_dspark.batched.BatchedSpeculativeGenerator` with ``C`` requests in flight,
   every request verifying its whole draft block;
 * ``scheduler``: the same engine with the hardware-aware prefix scheduler (Algorithm 1) fed
-  with the target's measured latency curve (``profile_latency``, cached on disk).
+  with the round's time model (:class:`~hf_dspark.round_cost.RoundCost`: the target's measured
+  latency curve, ``profile_latency``, cached on disk, plus the drafter's measured time);
+* ``async``: the engine with the asynchronous scheduler (budget from predictions two rounds old);
+* ``plain_engine`` (only when asked for): the engine without drafting, i.e. plain
+  continuous-batching decoding, the baseline of ``hf-dspark bench-serve``.
 
-Both speculative runs use n-gram rounds when ``--ngram-lookup N`` is given (default: the
-drafter's saved ``ngram_lookup_tokens``).
+The speculative runs use n-gram rounds when ``--ngram-lookup N`` is given (default: the
+drafter's saved ``ngram_lookup_tokens``). With ``--repeats R`` every method runs ``R`` times per
+concurrency, in a rotated order, and the median is reported (with the spread).
 
 It prints total tokens/s, mean per-request tokens/s, mean draft tokens verified per request
-per round, mean accepted length and the ratios to ``plain``; ``--output`` writes them as JSON
-and ``--plot`` draws the verified draft tokens per request against concurrency (the
-scheduler verifies fewer tokens as the batch grows and the target becomes compute-bound).
+per round, mean accepted length, request-rounds that skipped the drafter and the ratios to
+``plain``; ``--output`` writes them as JSON (after every concurrency, so a long run leaves its
+finished part behind; ``--resume`` skips the concurrencies already in that file) and ``--plot``
+draws the verified draft tokens per request and the throughput against concurrency.
 
 Example::
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +43,12 @@ import torch
 from .batched import BatchedSpeculativeGenerator
 from .errors import DSparkConfigError
 
-METHODS = ("plain", "full", "scheduler")
+METHODS = ("plain", "full", "scheduler", "async")
+EXTRA_METHODS = ("plain_engine",)
+ENGINE_SCHEDULERS = {"full": "full", "scheduler": "algorithm1", "async": "async", "plain_engine": "plain"}
+SPECULATIVE_STATS = ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "request_rounds",
+                     "ngram_request_rounds", "drafted_request_rounds", "draft_skipped_request_rounds",
+                     "draft_skipped_rounds", "probe_request_rounds", "draft_seconds", "verify_seconds")
 
 # Used when no --prompts file is given: short, varied requests.
 BUILTIN_PROMPTS = [
@@ -94,10 +107,13 @@ def _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, 
 
 
 def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, eos, scheduler, profile,
-                 ngram_lookup_tokens: int = 0) -> dict:
+                 ngram_lookup_tokens: int = 0, round_cost=None) -> dict:
     engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
-                                         max_batch_size=concurrency, ngram_lookup_tokens=ngram_lookup_tokens)
+                                         max_batch_size=concurrency, ngram_lookup_tokens=ngram_lookup_tokens,
+                                         round_cost=round_cost)
     engine.set_sampling(**sampling)
+    if scheduler in ("algorithm1", "async"):
+        engine._cost()  # measured (drafter and LM-head times) before the clock starts
     start = time.perf_counter()
     ids = [engine.add_request(p, max_new_tokens, eos) for p in prompts]
     while engine.has_unfinished():
@@ -107,82 +123,133 @@ def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, 
     engine.close()  # the plain baseline that follows runs transformers' LM head unchanged
     stats = engine.stats
     request_rounds = max(1, stats["request_rounds"])
-    return dict(
+    out = dict(
         outputs=[r.output_ids for r in requests],
         seconds=seconds,
         per_request=[r.tokens_per_second() for r in requests],
         mean_verified_draft_tokens=stats["verified_draft_tokens"] / request_rounds,
         mean_accepted_length=(stats["accepted_draft_tokens"] + stats["request_rounds"]) / request_rounds,
-        rounds=stats["rounds"],
-        ngram_request_rounds=stats["ngram_request_rounds"],
-        request_rounds=stats["request_rounds"],
-        draft_seconds=stats["draft_seconds"],
-        verify_seconds=stats["verify_seconds"],
+        round_cost=engine.round_cost,
     )
+    out.update({key: stats[key] for key in SPECULATIVE_STATS if key in stats})
+    return out
+
+
+def _run_method(method, target, draft, prompts, concurrency, max_new_tokens, sampling, seed, eos, pad_token_id,
+                latency_profile, ngram_lookup_tokens, round_cost):
+    if method == "plain":
+        torch.manual_seed(seed)
+        return _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_token_id)
+    return _speculative(target, draft, prompts, concurrency, max_new_tokens, dict(sampling, seed=seed), eos,
+                        ENGINE_SCHEDULERS[method], latency_profile, 0 if method == "plain_engine" else ngram_lookup_tokens,
+                        round_cost)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time, plus the spread of tokens/s over all runs."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    tokens = sum(len(o) for o in chosen["outputs"])
+    chosen["tokens_per_second_runs"] = [tokens / r["seconds"] for r in runs if r["seconds"] > 0]
+    return chosen
 
 
 def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency: Sequence[int], max_new_tokens: int,
                     latency_profile, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int = 0, eos_token_id=None, pad_token_id: int = 0,
-                    progress: bool = True, ngram_lookup_tokens: int = 0) -> dict:
-    """Run the three methods for every concurrency; returns the JSON-ready results."""
+                    progress: bool = True, ngram_lookup_tokens: int = 0, methods: Sequence[str] = METHODS,
+                    repeats: int = 1, done: Sequence[dict] = (), on_concurrency=None) -> dict:
+    """Run ``methods`` for every concurrency; returns the JSON-ready results.
+
+    ``done`` are result rows of an earlier, interrupted run with the same settings: their
+    concurrencies are skipped and the rows kept. ``on_concurrency(results)`` is called after every
+    concurrency (to write partial results)."""
     prompts = [list(map(int, p)) for p in prompts]
     eos = eos_token_id if eos_token_id is not None else getattr(target.generation_config, "eos_token_id", None)
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    methods = [m for m in METHODS + EXTRA_METHODS if m in methods]
+    results = dict(
+        settings=dict(concurrency=list(concurrency), num_prompts=len(prompts), max_new_tokens=max_new_tokens,
+                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      block_size=draft.config.block_size, device=str(next(target.parameters()).device),
+                      ngram_lookup_tokens=ngram_lookup_tokens, methods=methods, repeats=repeats,
+                      threads=torch.get_num_threads(), draft_dtype=str(next(draft.parameters()).dtype).removeprefix("torch."),
+                      latency_profile=getattr(latency_profile, "key", None)),
+        results=list(done),
+    )
+    finished = {r["concurrency"] for r in done}
     # warm-up (first-call allocations, kernel selection), not timed
     _plain_batched(target, prompts[:1], 1, 4, sampling, eos, pad_token_id)
     _speculative(target, draft, prompts[:1], 1, 4, dict(sampling, seed=seed), eos, "full", latency_profile)
 
-    rows = []
     for c in concurrency:
-        runs = {}
-        torch.manual_seed(seed)
-        runs["plain"] = _plain_batched(target, prompts, c, max_new_tokens, sampling, eos, pad_token_id)
-        for method, scheduler in (("full", "full"), ("scheduler", "algorithm1")):
-            runs[method] = _speculative(target, draft, prompts, c, max_new_tokens, dict(sampling, seed=seed), eos,
-                                        scheduler, latency_profile, ngram_lookup_tokens)
-        for method in METHODS:
-            r = runs[method]
+        if c in finished:
+            continue
+        runs = {m: [] for m in methods}
+        round_cost = None
+        for repeat in range(repeats):
+            shift = repeat % len(methods)
+            for method in methods[shift:] + methods[:shift]:  # rotate the order between repeats
+                r = _run_method(method, target, draft, prompts, c, max_new_tokens, sampling, seed, eos, pad_token_id,
+                                latency_profile, ngram_lookup_tokens, round_cost)
+                round_cost = r.get("round_cost") or round_cost  # measured once per concurrency, then shared
+                runs[method].append(r)
+        chosen = {m: _median_run(runs[m]) for m in methods}
+        rows = []
+        for method in methods:
+            r = chosen[method]
             tokens = sum(len(o) for o in r["outputs"])
             row = dict(
                 concurrency=c, method=method, requests=len(prompts), total_tokens=tokens, seconds=r["seconds"],
                 tokens_per_second=tokens / r["seconds"] if r["seconds"] > 0 else 0.0,
+                tokens_per_second_runs=r["tokens_per_second_runs"],
                 per_request_tokens_per_second=sum(r["per_request"]) / max(1, len(r["per_request"])),
             )
-            for key in ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "request_rounds",
-                        "ngram_request_rounds", "draft_seconds", "verify_seconds"):
-                if key in r:
-                    row[key] = r[key]
-            if method != "plain":
-                base = next(x for x in rows if x["concurrency"] == c and x["method"] == "plain")
-                row["throughput_ratio_vs_plain"] = row["tokens_per_second"] / base["tokens_per_second"] if base["tokens_per_second"] else None
+            row.update({key: r[key] for key in SPECULATIVE_STATS if key in r})
+            base = chosen.get("plain")
+            if method != "plain" and base is not None:
+                base_tps = sum(len(o) for o in base["outputs"]) / base["seconds"] if base["seconds"] > 0 else 0.0
+                base_per_request = sum(base["per_request"]) / max(1, len(base["per_request"]))
+                row["throughput_ratio_vs_plain"] = row["tokens_per_second"] / base_tps if base_tps else None
                 row["per_request_ratio_vs_plain"] = (
-                    row["per_request_tokens_per_second"] / base["per_request_tokens_per_second"]
-                    if base["per_request_tokens_per_second"] else None
+                    row["per_request_tokens_per_second"] / base_per_request if base_per_request else None
                 )
                 if not do_sample:  # greedy: how many requests agree token for token with plain batched generate
-                    same = sum(a == b for a, b in zip(r["outputs"], runs["plain"]["outputs"]))
+                    same = sum(a == b for a, b in zip(r["outputs"], base["outputs"]))
                     row["greedy_agreement_with_plain"] = same / len(prompts)
+            if method == "async" and "scheduler" in chosen:
+                sched = chosen["scheduler"]
+                sched_tps = sum(len(o) for o in sched["outputs"]) / sched["seconds"] if sched["seconds"] > 0 else 0.0
+                row["throughput_ratio_vs_scheduler"] = row["tokens_per_second"] / sched_tps if sched_tps else None
             rows.append(row)
             if progress:
                 print(_format_row(row), flush=True)
-    return dict(
-        settings=dict(concurrency=list(concurrency), num_prompts=len(prompts), max_new_tokens=max_new_tokens,
-                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                      block_size=draft.config.block_size, device=str(next(target.parameters()).device),
-                      ngram_lookup_tokens=ngram_lookup_tokens,
-                      latency_profile=getattr(latency_profile, "key", None)),
-        results=rows,
-    )
+        results["results"].extend(rows)
+        if on_concurrency is not None:
+            on_concurrency(results)
+    return results
 
 
 def _format_row(row: dict) -> str:
-    text = (f"C={row['concurrency']:>3}  {row['method']:<9}  {row['tokens_per_second']:9.1f} tok/s  "
+    text = (f"C={row['concurrency']:>3}  {row['method']:<12}  {row['tokens_per_second']:9.1f} tok/s  "
             f"per-request {row['per_request_tokens_per_second']:8.1f} tok/s")
+    if len(row.get("tokens_per_second_runs", ())) > 1:
+        runs = row["tokens_per_second_runs"]
+        text += f" (runs {min(runs):.1f}-{max(runs):.1f})"
     if "mean_verified_draft_tokens" in row:
-        text += (f"  verified/req {row['mean_verified_draft_tokens']:.2f}  tau {row['mean_accepted_length']:.2f}"
-                 f"  x{row['throughput_ratio_vs_plain'] or 0:.2f} total, x{row['per_request_ratio_vs_plain'] or 0:.2f} per-request")
+        text += f"  verified/req {row['mean_verified_draft_tokens']:.2f}  tau {row['mean_accepted_length']:.2f}"
+        text += f"  skipped drafter {row.get('draft_skipped_request_rounds', 0)}/{row.get('request_rounds', 0)} req-rounds"
+    if row.get("throughput_ratio_vs_plain") is not None:
+        text += (f"  x{row['throughput_ratio_vs_plain']:.2f} total, x{row['per_request_ratio_vs_plain'] or 0:.2f} "
+                 "per-request")
+    if row.get("throughput_ratio_vs_scheduler") is not None:
+        text += f"  x{row['throughput_ratio_vs_scheduler']:.2f} vs scheduler"
     return text
+
+
+COLORS = {"plain": "tab:gray", "plain_engine": "black", "full": "tab:blue", "scheduler": "tab:orange",
+          "async": "tab:green"}
+STYLES = {"plain": "^:", "plain_engine": "v:", "full": "o--", "scheduler": "s-", "async": "D-"}
 
 
 def plot_results(results: dict, path: str | Path) -> Path:
@@ -193,17 +260,18 @@ def plot_results(results: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = results["results"]
-    colors = {"plain": "tab:gray", "full": "tab:blue", "scheduler": "tab:orange"}
-    styles = {"plain": "^:", "full": "o--", "scheduler": "s-"}
+    present = [m for m in METHODS + EXTRA_METHODS if any(r["method"] == m for r in rows)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in ("full", "scheduler"):
-        points = [(r["concurrency"], r["mean_verified_draft_tokens"]) for r in rows if r["method"] == method]
-        left.plot(*zip(*points), styles[method], color=colors[method], label=f"{method} verification")
+    for method in present:
+        points = [(r["concurrency"], r["mean_verified_draft_tokens"]) for r in rows
+                  if r["method"] == method and "mean_verified_draft_tokens" in r]
+        if points and method != "plain_engine":
+            left.plot(*zip(*points), STYLES[method], color=COLORS[method], label=method)
     left.set_ylabel("draft tokens verified per request per round")
     left.set_ylim(bottom=0)
-    for method in METHODS:
+    for method in present:
         points = [(r["concurrency"], r["tokens_per_second"]) for r in rows if r["method"] == method]
-        right.plot(*zip(*points), styles[method], color=colors[method], label=method)
+        right.plot(*zip(*points), STYLES[method], color=COLORS[method], label=method)
     right.set_ylabel("total tokens / s")
     concurrency = sorted({r["concurrency"] for r in rows})
     for axis in (left, right):
@@ -245,7 +313,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-profile", default=None, help="a latency profile JSON (default: measure, cached)")
     parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder (default ~/.cache/hf_dspark/latency)")
     parser.add_argument("--profile-repeats", type=int, default=5, help="timed passes per latency point (default 5)")
-    parser.add_argument("--output", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS),
+                        help="methods to run (default: plain full scheduler async; plain_engine = the engine without "
+                             "drafting)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method and concurrency, median reported (default 1)")
+    parser.add_argument("--draft-dtype", choices=("auto", "saved", "float32", "bfloat16", "float16"), default="auto",
+                        help="drafter dtype: auto = the target's --dtype (default), saved = as stored")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--output", default=None, help="write the results as JSON to this file (after every concurrency)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the concurrencies already in --output (same settings) and run only the others")
     parser.add_argument("--plot", default=None, help="draw verified draft tokens per request vs concurrency to this PNG")
 
 
@@ -288,34 +365,94 @@ def run(args: argparse.Namespace) -> int:
         raise DSparkConfigError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.ngram_lookup is not None and args.ngram_lookup < 0:
         raise DSparkConfigError(f"--ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}")
+    if args.repeats < 1:
+        raise DSparkConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.resume and not args.output:
+        raise DSparkConfigError("--resume needs --output (the file whose finished concurrencies are kept)")
+    setup = load_setup(args, batch_sizes=profile_batch_sizes(max(args.concurrency), args.concurrency))
+    concurrency = sorted(set(args.concurrency))
+    prompts = _prompt_ids(args, setup.tokenizer, setup.draft.config.prompt_chat_template)
+    settings = dict(target=args.target, draft=args.draft, dtype=args.dtype)
+    done = _resumable_rows(args.output, settings, args) if args.resume else []
+    out = Path(args.output) if args.output else None
+
+    def write(results):
+        if out is not None:
+            results["settings"].update(settings)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+    results = benchmark_batch(
+        setup.target, setup.draft, prompts, concurrency, args.max_new_tokens, setup.profile, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, pad_token_id=setup.pad_id,
+        ngram_lookup_tokens=setup.ngram, methods=args.methods, repeats=args.repeats, done=done, on_concurrency=write,
+    )
+    write(results)
+    if out is not None:
+        print(f"wrote {out}")
+    if args.plot:
+        print(f"wrote {plot_results(results, args.plot)}")
+    return 0
+
+
+@dataclass
+class BenchSetup:
+    """What bench-batch and bench-serve load: target, tokenizer, drafter, latency profile, n-gram setting."""
+
+    target: object
+    tokenizer: object
+    draft: object
+    profile: object
+    pad_id: int
+    ngram: int
+
+
+def load_setup(args: argparse.Namespace, batch_sizes: Sequence[int]) -> BenchSetup:
+    """Threads, target (``--dtype``), drafter (``--draft-dtype``), latency profile up to ``batch_sizes``."""
     from .latency import LatencyProfile, format_table, profile_latency
     from .targets import load_target
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DSparkConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     target, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
     draft = _load_draft(args.draft, target, args.target, target.device)
-    prompts = _prompt_ids(args, tokenizer, draft.config.prompt_chat_template)
-    concurrency = sorted(set(args.concurrency))
+    if args.draft_dtype != "saved":
+        # CPUs without bf16 instructions run a bf16 drafter several times slower than an fp32 one
+        draft = draft.to(getattr(torch, args.dtype if args.draft_dtype == "auto" else args.draft_dtype))
     if args.latency_profile:
         profile = LatencyProfile.from_json(args.latency_profile)
     else:
-        profile = profile_latency(target, token_counts=range(1, draft.config.block_size + 2), batch_sizes=concurrency,
+        profile = profile_latency(target, token_counts=range(1, draft.config.block_size + 2), batch_sizes=batch_sizes,
                                   repeats=args.profile_repeats, cache_dir=args.latency_cache_dir, model_name=args.target)
     print(format_table(profile))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ngram = args.ngram_lookup
     if ngram is None:
         ngram = int(getattr(draft.generation_config, "ngram_lookup_tokens", 0) or 0)
-    results = benchmark_batch(
-        target, draft, prompts, concurrency, args.max_new_tokens, profile, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, pad_token_id=pad_id,
-        ngram_lookup_tokens=ngram,
-    )
-    results["settings"].update(target=args.target, draft=args.draft, dtype=args.dtype)
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out}")
-    if args.plot:
-        print(f"wrote {plot_results(results, args.plot)}")
-    return 0
+    return BenchSetup(target, tokenizer, draft, profile, pad_id, ngram)
+
+
+def profile_batch_sizes(largest: int, also: Sequence[int] = ()) -> list[int]:
+    """Rows to profile: powers of two up to ``largest``, plus ``largest`` and ``also``. With continuous
+    batching the number of active requests varies, so the curve is needed below the concurrency too."""
+    sizes = {b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= largest} | {largest} | set(also)
+    return sorted(sizes)
+
+
+def _resumable_rows(path, settings: dict, args) -> list[dict]:
+    """Rows of an earlier run in ``path`` measured with the same settings (all methods per concurrency)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    same = dict(settings, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, seed=args.seed,
+                repeats=args.repeats)
+    mismatched = {k: (earlier["settings"].get(k), v) for k, v in same.items() if earlier["settings"].get(k) != v}
+    if mismatched:
+        raise DSparkConfigError(f"--resume: {path} was measured with other settings ({mismatched}); use another --output")
+    wanted = set(args.methods)
+    complete = [c for c in {r["concurrency"] for r in earlier["results"]}
+                if wanted <= {r["method"] for r in earlier["results"] if r["concurrency"] == c}]
+    return [r for r in earlier["results"] if r["concurrency"] in complete and r["method"] in wanted]

@@ -623,13 +623,17 @@ def test_bench_batch_cli_writes_results(tiny_target_dir, tmp_path):
     assert code == 0
     results = json.loads(out.read_text())
     rows = results["results"]
-    assert {(r["concurrency"], r["method"]) for r in rows} == {(c, m) for c in (1, 2) for m in ("plain", "full", "scheduler")}
+    methods = ("plain", "full", "scheduler", "async")
+    assert {(r["concurrency"], r["method"]) for r in rows} == {(c, m) for c in (1, 2) for m in methods}
     for row in rows:
         assert row["total_tokens"] > 0 and row["tokens_per_second"] > 0 and row["per_request_tokens_per_second"] > 0
         if row["method"] != "plain":
             for key in ("mean_verified_draft_tokens", "mean_accepted_length", "throughput_ratio_vs_plain",
-                        "per_request_ratio_vs_plain", "greedy_agreement_with_plain"):
+                        "per_request_ratio_vs_plain", "greedy_agreement_with_plain", "draft_skipped_request_rounds",
+                        "draft_skipped_rounds"):
                 assert key in row
+            assert row["greedy_agreement_with_plain"] == 1.0
+    assert all("throughput_ratio_vs_scheduler" in r for r in rows if r["method"] == "async")
     assert results["settings"]["num_prompts"] == 3 and results["settings"]["ngram_lookup_tokens"] == 0
     assert png.stat().st_size > 0
     assert all(r["ngram_request_rounds"] == 0 for r in rows if r["method"] != "plain")
@@ -642,3 +646,19 @@ def test_bench_batch_cli_writes_results(tiny_target_dir, tmp_path):
     results = json.loads(out.read_text())
     assert results["settings"]["ngram_lookup_tokens"] == 4
     assert sum(r["ngram_request_rounds"] for r in results["results"] if r["method"] != "plain") > 0
+
+    # --methods, --repeats and --resume: concurrency 2 is kept from the file, only 1 is measured
+    common = ["bench-batch", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "draft"), "--num-prompts", "3",
+              "--max-new-tokens", "6", "--device", "cpu", "--latency-cache-dir", str(tmp_path / "latency"),
+              "--profile-repeats", "1", "--methods", "plain", "async", "plain_engine", "--repeats", "2",
+              "--output", str(out)]
+    assert main(common + ["--concurrency", "2"]) == 0
+    kept = json.loads(out.read_text())["results"]
+    assert main(common + ["--concurrency", "1", "2", "--resume"]) == 0
+    results = json.loads(out.read_text())
+    rows = results["results"]
+    assert {(r["concurrency"], r["method"]) for r in rows} == {(c, m) for c in (1, 2) for m in ("plain", "async", "plain_engine")}
+    assert [r for r in rows if r["concurrency"] == 2] == kept
+    assert all(len(r["tokens_per_second_runs"]) == 2 for r in rows)
+    assert all(r["greedy_agreement_with_plain"] == 1.0 for r in rows if r["method"] != "plain")
+    assert main(common[:-2] + ["--concurrency", "1", "--resume"]) == 2  # --resume needs --output
