@@ -4,7 +4,7 @@ Formats
 -------
 * ``hub`` (default): a folder that *is* a Hub model repository: ``config.json`` (``model_type``
   ``dspark``, ``auto_map``, all DSpark fields, STS temperatures), ``model.safetensors``, the
-  remote-code files (``configuration_dspark.py``, ``modeling_dspark.py``,
+  remote-code files (``configuration_dspark.py``, ``modeling_dspark.py``, ``modeling_dspark_layers.py``,
   ``modeling_dspark_gemma4.py``, ``generation_dspark.py``, ``errors.py``: written from the installed
   package, their one source), ``generation_config.json`` (verification policy, threshold,
   latency table) and a ``README.md`` model card, plus ``dspark_card.json`` (the card's inputs, so
@@ -57,8 +57,8 @@ EXPORT_FORMATS = ("hub", "deepspec", "vllm", "sglang", "speculators")
 DEEPSPEC_LAYOUT_FORMATS = ("deepspec", "vllm", "sglang")
 # The remote code of a hub export: these package files, written from the package at export time
 # (the package is their one source; tests/test_remote_code.py keeps every shipped copy equal to it).
-REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_gemma4.py", "generation_dspark.py",
-                     "errors.py")
+REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_layers.py", "modeling_dspark_gemma4.py",
+                     "generation_dspark.py", "errors.py")
 PACKAGE_DIR = Path(__file__).resolve().parent
 CARD_INPUTS_FILE = "dspark_card.json"
 ENGINE_ARCHITECTURE = "Qwen3DSparkModel"

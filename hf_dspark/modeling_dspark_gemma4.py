@@ -1,7 +1,7 @@
 """Gemma 4 decoder layers for DSpark drafters (DeepSpec's ``Gemma4DSparkModel`` backbone).
 
-This file ships as remote code next to drafter checkpoints: it imports only torch and
-transformers. ``modeling_dspark.py`` builds these layers when ``config.backbone_type`` is
+This file ships as remote code next to drafter checkpoints: it imports only torch,
+transformers and its sibling files. ``modeling_dspark.py`` builds these layers when ``config.backbone_type`` is
 ``"gemma4"``; they keep the interface of its Qwen3-style layers (``self_attn.key_values`` for
 the injected context, ``self_attn.layer_idx``, and ``layer(hidden, cos, sin, context_keys,
 context_values, attention_mask)``), so the drafter's training forward, cache and decoding loop
@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .modeling_dspark_layers import apply_rope
+
 
 class DSparkGemma4RMSNorm(nn.Module):
     """``x * (mean(x^2) + eps)^-0.5 [* weight]`` in float32, cast back to the input dtype."""
@@ -44,16 +46,6 @@ class DSparkGemma4RMSNorm(nn.Module):
         if self.with_scale:
             x = x * self.weight.float()
         return x.type_as(hidden_states)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
 class DSparkGemma4MLP(nn.Module):
@@ -95,7 +87,7 @@ class DSparkGemma4Attention(nn.Module):
         b, s, _ = x.shape
         raw_k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         raw_v = raw_k if self.k_eq_v else self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        k = _apply_rope(self.k_norm(raw_k).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_norm(raw_k).transpose(1, 2), cos, sin)
         return k, self.v_norm(raw_v).transpose(1, 2)
 
     def forward(
@@ -107,10 +99,10 @@ class DSparkGemma4Attention(nn.Module):
         context_values: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Same contract as ``DSparkAttention.forward`` in ``modeling_dspark.py``."""
+        """Same contract as ``DSparkAttention.forward`` in ``modeling_dspark_layers.py``."""
         b, q_len, _ = hidden_states.shape
         q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
-        q = _apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin)
         k, v = self.key_values(hidden_states, cos, sin)
         if context_keys is not None:
             k = torch.cat([context_keys, k], dim=2)

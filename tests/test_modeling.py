@@ -153,7 +153,9 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert config["model_type"] == "dspark"
     assert config["auto_map"]["AutoModel"] == "modeling_dspark.DSparkDraftModel"
     assert config["auto_map"]["AutoConfig"] == "configuration_dspark.DSparkConfig"
-    for name in ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_gemma4.py", "generation_dspark.py"):
+    from hf_dspark.export import REMOTE_CODE_FILES
+
+    for name in REMOTE_CODE_FILES:  # save_pretrained copies the modeling file's relative imports too
         assert (tmp_path / name).exists(), name
     loaded = DSparkDraftModel.from_pretrained(tmp_path).bind_target(target).eval()
     assert loaded.generation_config.verification_policy == "threshold"

@@ -1,0 +1,259 @@
+"""Layers of DSpark drafters (Qwen3-style backbone) and the Markov and confidence heads.
+
+This file ships as remote code next to drafter checkpoints: it imports only torch,
+transformers and its sibling files. ``modeling_dspark.py`` assembles these modules into
+:class:`DSparkDraftModel`; the Gemma 4 backbone's layers are in ``modeling_dspark_gemma4.py``.
+Each module takes only ``config`` (and ``layer_idx``); shapes are ``[batch, seq, hidden]`` unless
+a docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .configuration_dspark import DSparkConfig
+
+
+# --------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------
+class DSparkRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class DSparkRotaryEmbedding(nn.Module):
+    """RoPE returning cos/sin for given positions, in the rotate-half layout over the whole head.
+
+    ``rope_type``: ``default``; ``linear`` (positions divided by ``factor``); ``proportional``
+    (Gemma 4 full attention: only the first ``partial_rotary_factor * head_dim / 2`` frequency
+    pairs rotate, with exponents over the WHOLE head dimension; the other pairs are the identity,
+    so with head dim 64 and factor 0.25 dims 0-7 pair with 32-39 and the rest pass through).
+    """
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        params = config.rope_parameters or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in ("default", "linear", "proportional"):
+            raise ValueError(
+                f"DSparkConfig.rope_parameters['rope_type']={rope_type!r} is not supported by the drafter "
+                "backbone; use 'default', 'linear' or 'proportional'"
+            )
+        theta = params.get("rope_theta")
+        if theta is None:
+            raise ValueError(
+                f"DSparkConfig.rope_parameters={params!r} has no rope_theta; give the RoPE base, e.g. "
+                "{'rope_type': 'default', 'rope_theta': 10000.0}"
+            )
+        self.position_scale = 1.0 / float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        self.dim = config.attention_head_dim
+        self.rotated_pairs = self.dim // 2
+        self.frequency_scale = 1.0
+        if rope_type == "proportional":
+            self.rotated_pairs = int(float(params.get("partial_rotary_factor", 1.0)) * self.dim // 2)
+            self.frequency_scale = 1.0 / float(params.get("factor", 1.0))
+        # Computed on the fly (not a buffer): transformers materialises modules on the meta device
+        # when loading, and a tiny arange is cheaper than re-initialising buffers correctly.
+        self.base = float(theta)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, 2 * self.rotated_pairs, 2, dtype=torch.float32, device=position_ids.device)
+        inv_freq = self.frequency_scale / (self.base ** (exponents / self.dim))
+        if self.rotated_pairs < self.dim // 2:
+            inv_freq = torch.cat([inv_freq, inv_freq.new_zeros(self.dim // 2 - self.rotated_pairs)])
+        freqs = (position_ids.float() * self.position_scale)[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class DSparkMLP(nn.Module):
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DSparkAttention(nn.Module):
+    """GQA attention whose keys/values are [injected context ; block tokens]; queries are block tokens only."""
+
+    def __init__(self, config: DSparkConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def key_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (k-norm + RoPE) and values of ``x`` [batch, seq, hidden] -> 2 x [batch, kv_heads, seq, head_dim]."""
+        b, s, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        context_keys: torch.Tensor | None,
+        context_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """hidden_states: [batch, q_len, hidden]; context keys/values: [batch, kv_heads, ctx_len, head_dim];
+        attention_mask: boolean [batch or 1, 1, q_len, ctx_len + q_len] (True = attend) or None (attend all)."""
+        b, q_len, _ = hidden_states.shape
+        q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k, v = self.key_values(hidden_states, cos, sin)
+        if context_keys is not None:
+            k = torch.cat([context_keys, k], dim=2)
+            v = torch.cat([context_values, v], dim=2)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
+        out = out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class DSparkDecoderLayer(nn.Module):
+    def __init__(self, config: DSparkConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DSparkAttention(config, layer_idx)
+        self.mlp = DSparkMLP(config)
+        self.input_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, cos, sin, context_keys, context_values, attention_mask):
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, context_keys, context_values, attention_mask
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# --------------------------------------------------------------------------------------
+# heads
+# --------------------------------------------------------------------------------------
+class DSparkMarkovHead(nn.Module):
+    """Low-rank transition bias from the previous token: ``B(x_prev, .) = W1[x_prev] @ W2^T``.
+
+    ``vanilla``: the W1 row is used as is. ``gated``: it is scaled by
+    ``sigmoid(gate_proj([h_k ; W1[x_prev]]))``. ``rnn``: a gated recurrent state
+    over ``z = [s_{k-1} ; W1[x_prev] ; h_k]``: one joint linear (with bias) split, in this order,
+    into ``gate``, ``candidate`` and ``output``;
+    ``s_k = sigmoid(gate) * s_{k-1} + (1 - sigmoid(gate)) * tanh(candidate)`` (the sigmoid keeps
+    the OLD state, DeepSpec's convention) and the bias is ``W2 tanh(output)``, computed from ``z``
+    (the old state). The state is zero at the start of every block.
+    """
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        rank, hidden = config.markov_rank, config.hidden_size
+        self.head_type = config.markov_head_type
+        self.rank = rank
+        self.markov_w1 = nn.Embedding(config.effective_draft_vocab_size, rank)
+        self.markov_w2 = nn.Linear(rank, config.effective_draft_vocab_size, bias=False)
+        if self.head_type == "gated":
+            self.gate_proj = nn.Linear(hidden + rank, rank)
+        elif self.head_type == "rnn":
+            self.joint_proj = nn.Linear(2 * rank + hidden, 3 * rank)
+
+    def embed_previous(self, prev_draft_ids: torch.Tensor) -> torch.Tensor:
+        """W1 rows of previous tokens given as DRAFT ids; ``-1`` (outside the draft vocabulary) gives zeros."""
+        known = prev_draft_ids >= 0
+        rows = self.markov_w1(prev_draft_ids.clamp(min=0))
+        return rows * known.unsqueeze(-1).to(rows.dtype)
+
+    def step(
+        self, hidden: torch.Tensor, prev_embedding: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One position: hidden [..., H], prev_embedding [..., r] -> (bias [..., Vd], new state)."""
+        if self.head_type == "vanilla":
+            return self.markov_w2(prev_embedding), None
+        if self.head_type == "gated":
+            gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, prev_embedding], dim=-1)))
+            return self.markov_w2(gate * prev_embedding), None
+        if state is None:
+            state = prev_embedding.new_zeros(prev_embedding.shape)
+        gate, candidate, output = self.joint_proj(torch.cat([state, prev_embedding, hidden], dim=-1)).split(
+            self.rank, dim=-1
+        )
+        gate = torch.sigmoid(gate)
+        new_state = gate * state + (1 - gate) * torch.tanh(candidate)
+        return self.markov_w2(torch.tanh(output)), new_state
+
+    def teacher_forced_bias(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
+        """Biases for all positions at once given the true previous tokens: [..., block, H] -> [..., block, Vd]."""
+        if self.head_type != "rnn":
+            return self.step(hidden, prev_embedding, None)[0]
+        state, biases = None, []
+        for k in range(hidden.shape[-2]):
+            bias, state = self.step(hidden[..., k, :], prev_embedding[..., k, :], state)
+            biases.append(bias)
+        return torch.stack(biases, dim=-2)
+
+
+class DSparkConfidenceHead(nn.Module):
+    """c_k = sigmoid(proj([h_k ; W1[x_{k-1}]])): survival of draft token k given that 1..k-1 survived."""
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        self.with_markov = config.confidence_head_with_markov and config.markov_rank > 0
+        extra = config.markov_rank if self.with_markov else 0
+        self.proj = nn.Linear(config.hidden_size + extra, 1)
+
+    def forward(self, hidden: torch.Tensor, prev_embedding: torch.Tensor | None) -> torch.Tensor:
+        features = torch.cat([hidden, prev_embedding], dim=-1) if self.with_markov else hidden
+        return self.proj(features).squeeze(-1)
+
+
+__all__ = [
+    "apply_rope",
+    "rotate_half",
+    "DSparkRMSNorm",
+    "DSparkRotaryEmbedding",
+    "DSparkMLP",
+    "DSparkAttention",
+    "DSparkDecoderLayer",
+    "DSparkMarkovHead",
+    "DSparkConfidenceHead",
+]
