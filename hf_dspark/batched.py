@@ -121,8 +121,6 @@ __all__ = [
     "RaggedSlots",
     "ragged_causal_mask",
     "SCHEDULERS",
-    "add_arguments",
-    "run",
 ]
 
 
@@ -753,18 +751,3 @@ class BatchedSpeculativeGenerator:
             if garbage > 0 and garbage >= max(self.compaction_slack, self.compaction_fraction * kv.slots.length):
                 kv.compact()
                 self.stats["compactions"] += 1
-
-
-# --------------------------------------------------------------------------------------
-# command line (`hf-dspark bench-batch`): implemented in bench_batch.py
-# --------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    from .bench_batch import add_arguments as _add
-
-    _add(parser)
-
-
-def run(args) -> int:
-    from .bench_batch import run as _run
-
-    return _run(args)

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("hf_dspark.latency", "Measure the target's forward latency vs tokens per pass."),
     "eval": ("hf_dspark.evaluation", "Measure acceptance length and speed-up on prompt files."),
     "merge-eval": ("hf_dspark.evaluation", "Pool `hf-dspark eval` files measured on disjoint prompts (shards)."),
-    "bench-batch": ("hf_dspark.batched", "Benchmark the batched speculative engine vs plain batched generate."),
+    "bench-batch": ("hf_dspark.bench_batch", "Benchmark the batched speculative engine vs plain batched generate."),
     "bench-serve": ("hf_dspark.bench_serve", "Benchmark the batched engine under Poisson arrivals (TPOT vs throughput)."),
     "export": ("hf_dspark.export", "Export a drafter as a Hub repo, or for DeepSpec / vLLM / SGLang / speculators."),
     "convert": ("hf_dspark.convert", "Convert a DeepSpec or speculators DSpark checkpoint to the Hub layout."),

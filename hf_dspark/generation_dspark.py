@@ -345,14 +345,20 @@ def latency_points(table: dict) -> list[tuple[int, float]]:
     return points
 
 
-def interpolate_latency(points: list[tuple[int, float]], n_tokens: int) -> float:
-    """T_verify(n): linear interpolation between points, linear extrapolation past the ends."""
+def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear through sorted ``points``; linear extrapolation from the two end points
+    (one point: constant). The one copy: ``latency`` and ``round_cost`` import it from here."""
     if len(points) == 1:
         return points[0][1]
-    # the segment holding n, or the first / last segment when n lies outside the table
-    i = min(max(bisect.bisect_left([x for x, _ in points], n_tokens), 1), len(points) - 1)
+    # the segment holding x, or the first / last segment when x lies outside the points
+    i = min(max(bisect.bisect_left([p for p, _ in points], x), 1), len(points) - 1)
     (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return max(0.0, y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0))
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def interpolate_latency(points: list[tuple[int, float]], n_tokens: int) -> float:
+    """T_verify(n): linear interpolation between points, linear extrapolation past the ends (>= 0)."""
+    return max(0.0, interpolate(points, n_tokens))
 
 
 def latency_from_table(table: dict, n_tokens: int) -> float:
@@ -807,6 +813,7 @@ __all__ = [
     "check_ngram_settings",
     "ngram_continuation",
     "threshold_length",
+    "interpolate",
     "latency_from_table",
     "prefix_survival",
     "HOOKED_INTERNAL",

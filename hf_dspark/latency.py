@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from hf_dspark.errors import DSparkConfigError, LatencyProfileError
-from hf_dspark.generation_dspark import activate_verify_head
+from hf_dspark.generation_dspark import activate_verify_head, interpolate
 
 __all__ = [
     "LatencyProfile",
@@ -55,20 +55,6 @@ def default_cache_dir() -> Path:
     """``$HF_DSPARK_CACHE/latency`` if set, else ``~/.cache/hf_dspark/latency``."""
     root = os.environ.get("HF_DSPARK_CACHE")
     return Path(root) / "latency" if root else Path.home() / ".cache" / "hf_dspark" / "latency"
-
-
-def _interpolate(points: list[tuple[int, float]], x: float) -> float:
-    """Piecewise-linear through sorted ``points``; linear extrapolation from the two end points."""
-    if len(points) == 1:
-        return points[0][1]
-    if x <= points[0][0]:
-        (x0, y0), (x1, y1) = points[0], points[1]
-    elif x >= points[-1][0]:
-        (x0, y0), (x1, y1) = points[-2], points[-1]
-    else:
-        i = next(i for i in range(1, len(points)) if points[i][0] >= x)
-        (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 @dataclass
@@ -133,10 +119,10 @@ class LatencyProfile:
         if not batch_size >= 1:
             raise LatencyProfileError(f"batch_size must be >= 1, got {batch_size!r}")
         if batch_size in self.table and self.table[batch_size]:
-            seconds = _interpolate(self._row(batch_size), n_tokens)
+            seconds = interpolate(self._row(batch_size), n_tokens)
         else:
-            per_batch = [(b, _interpolate(self._row(b), n_tokens)) for b in sorted(self.table) if self.table[b]]
-            seconds = _interpolate(per_batch, batch_size)
+            per_batch = [(b, interpolate(self._row(b), n_tokens)) for b in sorted(self.table) if self.table[b]]
+            seconds = interpolate(per_batch, batch_size)
         return max(seconds, _MIN_SECONDS)
 
     def steps_per_second(self, total_tokens: int, batch_size: int | None = None) -> float:

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .generation_dspark import interpolate
 from .latency import LatencyProfile
 
 __all__ = ["RoundCost", "measure_seconds", "measure_head_seconds_per_token"]
@@ -40,14 +41,7 @@ def _interpolate(points: list[tuple[int, float]], x: float) -> float:
     if len(points) == 1:
         # one measured size: assume the time grows in proportion to the rows
         return points[0][1] * x / points[0][0]
-    if x <= points[0][0]:
-        (x0, y0), (x1, y1) = points[0], points[1]
-    elif x >= points[-1][0]:
-        (x0, y0), (x1, y1) = points[-2], points[-1]
-    else:
-        i = next(i for i in range(1, len(points)) if points[i][0] >= x)
-        (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return interpolate(points, x)
 
 
 @dataclass

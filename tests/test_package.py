@@ -68,3 +68,37 @@ def test_check_target_and_checkpoint_loading_raise_the_specific_classes(tmp_path
     with pytest.raises(CheckpointError, match="does not match its config"):
         DSparkDraftModel.from_pretrained(tmp_path)
     assert torch.is_tensor(tensors["fc.weight"])
+
+
+def test_one_piecewise_linear_interpolation_serves_generate_latency_and_the_engine():
+    from hf_dspark import latency, round_cost
+    from hf_dspark.generation_dspark import interpolate, interpolate_latency
+
+    assert latency.interpolate is interpolate and round_cost.interpolate is interpolate
+    points = [(1, 1.0), (2, 3.0), (4, 4.0)]
+    assert [interpolate(points, x) for x in (0, 1, 1.5, 3, 4, 6)] == [-1.0, 1.0, 2.0, 3.5, 4.0, 5.0]
+    assert interpolate_latency(points, 0) == 0.0  # a latency never goes below zero
+    assert interpolate([(3, 2.5)], 10) == 2.5
+
+
+def test_the_engine_does_not_import_its_benchmarks():
+    import ast
+
+    for name in ("batched.py", "ragged.py", "round_cost.py", "scheduling.py", "verification.py"):
+        tree = ast.parse((ROOT / "hf_dspark" / name).read_text())
+        modules = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {m for m in modules if "bench" in m}, (name, modules)
+
+
+def test_every_command_module_has_add_arguments_and_run():
+    import importlib
+
+    from hf_dspark.cli import COMMANDS
+
+    for command, (module, _) in COMMANDS.items():  # as cli.run_command looks them up
+        loaded = importlib.import_module(module)
+        stem = command.replace("-", "_")
+        add = getattr(loaded, f"add_{stem}_arguments", None) or getattr(loaded, "add_arguments", None)
+        run = getattr(loaded, f"run_{stem}", None) or getattr(loaded, "run", None)
+        assert callable(add) and callable(run), command
