@@ -101,7 +101,13 @@ import torch
 from transformers import LogitsProcessorList
 
 from .batch_requests import SamplingSettings, SpeculativeRequest
-from .generation_dspark import activate_verify_head, check_ngram_settings, fuse_top_k_top_p, ngram_continuation
+from .generation_dspark import (
+    VOCAB_LOCAL_WARPERS,
+    activate_verify_head,
+    check_ngram_settings,
+    fuse_top_k_top_p,
+    ngram_continuation,
+)
 from .modeling_dspark import DSparkDraftCache
 from .ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
 from .round_cost import RoundCost, measure_head_seconds_per_token, measure_seconds
@@ -538,16 +544,25 @@ class BatchedSpeculativeGenerator:
         return tokens, draft_probs, survival, drafted_limits
 
     def _chooser(self, probs_out: list):
-        """Markov-loop choice: greedy argmax over the draft vocabulary, or a draw from the draft
-        logits spread over the full vocabulary and processed by the target's warpers (the exact
-        distribution is kept for verification)."""
+        """Markov-loop choice: greedy argmax over the draft vocabulary, or a draw from the draft logits
+        processed by the target's warpers, whose exact distribution over the full vocabulary is kept for
+        verification. With a reduced draft vocabulary and only vocabulary-local warpers (temperature,
+        top-k, top-p, min-p) the warpers and the softmax run on the draft vocabulary and the result is
+        scattered over the full one: the same distribution as warping the full vocabulary with -inf
+        outside the draft vocabulary, without warping 262k scores per position (Gemma 3)."""
         if not self.sampling.do_sample:
             return None
         draft, vocab = self.draft, self.draft.config.vocab_size
         d2t, t2d = draft.draft_to_target, draft.target_to_draft_table()
+        draft_space = d2t is not None and all(type(w) in VOCAB_LOCAL_WARPERS for w in self._warpers)
 
         def choose(logits_k: torch.Tensor, k: int):
             scores = logits_k.float()
+            if draft_space:
+                p_draft = torch.softmax(self._warpers(None, scores), dim=-1)
+                draft_ids = torch.multinomial(p_draft, 1, generator=self._generator).squeeze(-1)
+                probs_out.append(p_draft.new_zeros(p_draft.shape[0], vocab).index_copy_(1, d2t, p_draft))
+                return draft_ids, scores
             if d2t is not None:
                 scores = scores.new_full((scores.shape[0], vocab), float("-inf")).index_copy_(1, d2t, scores)
             scores = self._warpers(None, scores)

@@ -75,7 +75,13 @@ class RoundPlanner:
                 if now - made_at <= self.PREDICTION_TTL:
                     return survival[:limit]
                 break
-        return self.prior[:limit]
+        # positions are averaged over different blocks (short blocks near max_new_tokens update only
+        # their first positions), so the averages need not be monotone: survival must be
+        prior, running = [], 1.0
+        for value in self.prior[:limit]:
+            running = min(running, value)
+            prior.append(running)
+        return prior
 
     # ---------------------------------------------------------------- decisions
     def plan(self, requests: Sequence, limits: list[int], ngram_survival: list[list[float] | None], now: int,

@@ -15,10 +15,12 @@ from test_generate import chi_square_rejects, exact_joint
 
 import hf_dspark.verification as verification
 from hf_dspark import DSparkDraftCache
+from hf_dspark.batch_requests import SpeculativeRequest
 from hf_dspark.batched import BatchedSpeculativeGenerator, RaggedSlots
 from hf_dspark.latency import LatencyProfile
 from hf_dspark.ragged import PendingFeatures
 from hf_dspark.round_cost import RoundCost
+from hf_dspark.round_plan import RoundPlanner
 from hf_dspark.scheduling import best_padded_allocation
 from hf_dspark.verification import accept_probabilities, residual_distribution, verify_block
 
@@ -375,6 +377,18 @@ def small_vocab():
     return target, draft
 
 
+@pytest.fixture(scope="module")
+def small_vocab_reduced_draft(small_vocab):
+    """The same target with a drafter that drafts from 4 of the 6 tokens (a reduced draft vocabulary)."""
+    target, _ = small_vocab
+    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5, draft_vocab_size=4)
+    draft.set_draft_vocab([4, 0, 2, 1])
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.mul_(2.0)
+    return target, draft
+
+
 def exact_triple(target, prompt, warp):
     """Exact P(x1, x2, x3) of plain sampling, each step processed by transformers' own warpers."""
 
@@ -394,7 +408,7 @@ def exact_triple(target, prompt, warp):
     return law
 
 
-def per_token_cost(max_batch=4096, row_seconds=2.5e-4, token_seconds=5e-4, draft_row_seconds=1e-4):
+def per_token_cost(max_batch=4096, row_seconds=2.5e-4, token_seconds=5e-4, draft_row_seconds=5e-5):
     """A round costs ``row_seconds`` per row plus ``token_seconds`` per real token whatever the padding
     (the profile's per-slot time is all LM head), plus ``draft_row_seconds`` per row that drafts: a
     token pays while its survival is above about 3/4, and a row whose expected gain is small does not
@@ -445,6 +459,20 @@ def test_sampling_follows_the_target_distribution(small_vocab, case):
         assert not rejects, f"{case}, prompt {prompt}: chi2={stat:.1f} > {crit:.1f}"
     assert stats["verified_draft_tokens"] > 0 and stats["ragged_rounds"] > 0
     assert sum(stats["accepted_histogram"][1:]) > 0 and stats["accepted_histogram"][0] > 0
+
+
+@pytest.mark.parametrize("scheduler", ["full", "async"])
+def test_sampling_with_a_reduced_draft_vocabulary_follows_the_target(small_vocab_reduced_draft, scheduler):
+    """Warping and sampling in the draft vocabulary (then spread over the full one) is exact: tokens the
+    drafter cannot propose still come out with the target's probability (residual and bonus draws)."""
+    target, draft = small_vocab_reduced_draft
+    warp = dict(temperature=0.8, top_k=3, top_p=0.95)
+    prompts = [[1, 3, 2, 4], [2, 5, 1, 1, 3, 0, 4]]
+    counts, stats = sample_triples(target, draft, prompts, runs=2000, warp=warp, scheduler=scheduler, seed=13)
+    for prompt, count in zip(prompts, counts):
+        rejects, stat, crit = chi_square_rejects(count, exact_triple(target, prompt, hf_warp(warp)))
+        assert not rejects, f"{scheduler}, prompt {prompt}: chi2={stat:.1f} > {crit:.1f}"
+    assert stats["accepted_draft_tokens"] > 0
 
 
 def test_a_broken_residual_is_caught(small_vocab, monkeypatch):
@@ -570,6 +598,23 @@ def test_ngram_survival_starts_from_the_prior_and_learns(qwen, qwen_drafter):
     assert survival[0] == pytest.approx((40 + 3.6) / 44)
     assert survival[1] == pytest.approx(survival[0] * 3.6 / 44)
     assert engine.stats["ngram_position_attempted"][:3] == [40, 40, 0]
+
+
+def test_planner_reads_predictions_two_rounds_old_and_falls_back_on_a_monotone_prior():
+    planner = RoundPlanner("async", block_size=3, cost=lambda: None, confidence_threshold=0.3)
+    request = SpeculativeRequest(0, [1, 2], 10, frozenset())
+    assert planner.prediction(request, now=0, limit=3) == pytest.approx([0.8, 0.64, 0.512])  # the stated prior
+    planner.record(request, 5, [0.9, 0.5, 0.1])
+    planner.record(request, 6, [0.7, 0.6, 0.2])
+    assert planner.prediction(request, now=7, limit=3) == [0.9, 0.5, 0.1]  # made at 5, two rounds old
+    assert planner.prediction(request, now=8, limit=2) == [0.7, 0.6]  # made at 6
+    assert planner.prediction(request, now=6 + planner.PREDICTION_TTL + 1, limit=3) == planner.prediction(
+        SpeculativeRequest(1, [1], 5, frozenset()), now=20, limit=3)  # expired: the prior, like a new request
+    for _ in range(200):  # one-token blocks pull position 1 down, position 2 only hears long blocks
+        planner.record(request, 7, [0.1])
+    prior = planner.prediction(SpeculativeRequest(2, [1], 5, frozenset()), now=300, limit=3)
+    assert prior == sorted(prior, reverse=True) and prior[0] == pytest.approx(0.1, abs=1e-3)
+    assert len(request.predictions) == planner.PREDICTION_LAG["async"]
 
 
 NGRAM = dict(ngram_lookup_tokens=3, ngram_max_size=2, ngram_min_size=1)  # 1-gram matches in a 6-token vocabulary
