@@ -397,6 +397,11 @@ class BatchedSpeculativeGenerator:
         stats["drafted_request_rounds"] += len(draft_rows)
         stats["draft_seconds"] += drafted - start
         stats["verify_seconds"] += now - drafted
+        if self.round_cost is not None:  # what the schedulers' time model expected this round to take
+            cost, rows = self.round_cost, len(counts)
+            stats["model_seconds"] += (cost.verify_seconds(rows, 1 + max(counts), rows + sum(counts))
+                                       + cost.drafter_seconds(len(draft_rows)))
+            stats["modelled_round_seconds"] += now - start
         stats["max_active"] = max(stats["max_active"], len(counts))
         return finished
 
@@ -412,12 +417,14 @@ class BatchedSpeculativeGenerator:
         accepted ``k`` draft tokens; ``ragged_rounds`` counts rounds whose rows accepted different
         numbers of tokens; ``draft_skipped_request_rounds`` counts request-rounds the plan kept off the
         drafter (no n-gram match, room to verify, yet drafting did not pay) and ``draft_skipped_rounds``
-        the rounds where that left no row drafting (a plain decoding step)."""
+        the rounds where that left no row drafting (a plain decoding step); ``model_seconds`` is what the
+        schedulers' time model predicted for the rounds it was known in (their measured time:
+        ``modelled_round_seconds``)."""
         return dict(rounds=0, request_rounds=0, verified_draft_tokens=0, accepted_draft_tokens=0,
                     committed_tokens=0, prefill_seconds=0.0, draft_seconds=0.0, verify_seconds=0.0,
                     max_active=0, compactions=0, ragged_rounds=0, accepted_histogram=[0] * (self.block_size + 1),
                     drafted_request_rounds=0, draft_skipped_request_rounds=0, draft_skipped_rounds=0,
-                    probe_request_rounds=0,
+                    probe_request_rounds=0, model_seconds=0.0, modelled_round_seconds=0.0,
                     ngram_request_rounds=0, ngram_verified_tokens=0, ngram_accepted_tokens=0,
                     ngram_position_attempted=[0] * self.block_size, ngram_position_accepted=[0] * self.block_size)
 

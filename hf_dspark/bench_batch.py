@@ -48,7 +48,8 @@ EXTRA_METHODS = ("plain_engine",)
 ENGINE_SCHEDULERS = {"full": "full", "scheduler": "algorithm1", "async": "async", "plain_engine": "plain"}
 SPECULATIVE_STATS = ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "request_rounds",
                      "ngram_request_rounds", "drafted_request_rounds", "draft_skipped_request_rounds",
-                     "draft_skipped_rounds", "probe_request_rounds", "draft_seconds", "verify_seconds")
+                     "draft_skipped_rounds", "probe_request_rounds", "draft_seconds", "verify_seconds",
+                     "model_seconds", "modelled_round_seconds")
 
 # Used when no --prompts file is given: short, varied requests.
 BUILTIN_PROMPTS = [
@@ -239,6 +240,8 @@ def _format_row(row: dict) -> str:
     if "mean_verified_draft_tokens" in row:
         text += f"  verified/req {row['mean_verified_draft_tokens']:.2f}  tau {row['mean_accepted_length']:.2f}"
         text += f"  skipped drafter {row.get('draft_skipped_request_rounds', 0)}/{row.get('request_rounds', 0)} req-rounds"
+        if row.get("model_seconds"):
+            text += f"  time model x{row['modelled_round_seconds'] / row['model_seconds']:.2f}"
     if row.get("throughput_ratio_vs_plain") is not None:
         text += (f"  x{row['throughput_ratio_vs_plain']:.2f} total, x{row['per_request_ratio_vs_plain'] or 0:.2f} "
                  "per-request")

@@ -155,6 +155,7 @@ def summarize(run: dict) -> dict:
         draft_skipped_request_rounds=stats["draft_skipped_request_rounds"],
         draft_skipped_rounds=stats["draft_skipped_rounds"], probe_request_rounds=stats["probe_request_rounds"],
         ngram_request_rounds=stats["ngram_request_rounds"],
+        model_seconds=stats["model_seconds"], modelled_round_seconds=stats["modelled_round_seconds"],
     )
 
 

@@ -319,34 +319,10 @@ def padded_schedule(
     for greedy decoding, whose output does not depend on the counts).
     """
     rows = _capped(_validate_survival(survival), max_count)
-    n_requests = len(rows)
-    flags = [True] * n_requests if needs_draft is None else [bool(x) for x in needs_draft]
-    if len(flags) != n_requests:
-        raise ValueError(f"needs_draft has {len(flags)} entries but survival has {n_requests} requests")
-
-    def throughput(expected, width, tokens, drafted):
-        seconds = round_seconds(width, tokens, drafted)
-        if not _is_finite_real(seconds) or seconds <= 0:
-            raise ValueError(
-                f"round_seconds(width={width}, tokens={tokens}, drafted_rows={drafted}) must be a finite number > 0, "
-                f"got {seconds!r}"
-            )
-        return expected / seconds
-
+    flags = _draft_flags(needs_draft, len(rows))
     order = greedy_admission_order(rows)
-    counts = [0] * n_requests
-    width, tokens, drafted, expected = 1, n_requests, 0, n_requests
-    best, best_admitted = throughput(expected, width, tokens, drafted), 0
-    for k, (r, j, a) in enumerate(order, start=1):
-        counts[r] = j
-        width, tokens, expected = max(width, j + 1), tokens + 1, expected + a
-        drafted += j == 1 and flags[r]
-        value = throughput(expected, width, tokens, drafted)
-        if value > best:
-            best, best_admitted = value, k
-        elif early_stop:
-            break
-    return _counts_from_order(n_requests, order, best_admitted)
+    admitted, _ = _padded_walk(len(rows), order, _checked_seconds(round_seconds), early_stop, flags)
+    return _counts_from_order(len(rows), order, admitted)
 
 
 def best_padded_allocation(
@@ -365,17 +341,51 @@ def best_padded_allocation(
     information fixed before the current drafts were sampled.
     """
     rows = _validate_survival(survival)
-    longest = max((len(row) for row in rows), default=0)
+    flags = _draft_flags(needs_draft, len(rows))
+    seconds = _checked_seconds(round_seconds)
+    order = greedy_admission_order(rows)  # the path under cap c is this order without positions j > c
     best_counts, best_value = [0] * len(rows), None
-    for cap in range(longest + 1):
-        counts = padded_schedule(rows, round_seconds, early_stop=False, needs_draft=needs_draft, max_count=cap)
-        width = 1 + max(counts)
-        drafted = sum(1 for r, c in enumerate(counts) if c and (needs_draft is None or needs_draft[r]))
-        expected = len(rows) + sum(sum(row[:c]) for row, c in zip(rows, counts))
-        value = expected / round_seconds(width, len(rows) + sum(counts), drafted)
+    for cap in range(max((len(row) for row in rows), default=0) + 1):
+        restricted = [candidate for candidate in order if candidate[1] <= cap]
+        admitted, value = _padded_walk(len(rows), restricted, seconds, False, flags)
         if best_value is None or value > best_value:
-            best_counts, best_value = counts, value
+            best_counts, best_value = _counts_from_order(len(rows), restricted, admitted), value
     return best_counts
+
+
+def _draft_flags(needs_draft, n_requests: int) -> list[bool]:
+    flags = [True] * n_requests if needs_draft is None else [bool(x) for x in needs_draft]
+    if len(flags) != n_requests:
+        raise ValueError(f"needs_draft has {len(flags)} entries but survival has {n_requests} requests")
+    return flags
+
+
+def _checked_seconds(round_seconds: RoundSeconds) -> RoundSeconds:
+    def seconds(width: int, tokens: int, drafted: int):
+        value = round_seconds(width, tokens, drafted)
+        if not _is_finite_real(value) or value <= 0:
+            raise ValueError(
+                f"round_seconds(width={width}, tokens={tokens}, drafted_rows={drafted}) must be a finite number > 0, "
+                f"got {value!r}"
+            )
+        return value
+
+    return seconds
+
+
+def _padded_walk(n_requests: int, order, seconds, early_stop: bool, flags: list[bool]) -> tuple[int, float]:
+    """(candidates admitted, best throughput) along ``order`` for a right-padded round."""
+    width, tokens, drafted, expected = 1, n_requests, 0, n_requests
+    best, best_admitted = expected / seconds(width, tokens, drafted), 0
+    for k, (r, j, a) in enumerate(order, start=1):
+        width, tokens, expected = max(width, j + 1), tokens + 1, expected + a
+        drafted += j == 1 and flags[r]
+        value = expected / seconds(width, tokens, drafted)
+        if value > best:
+            best, best_admitted = value, k
+        elif early_stop:
+            break
+    return best_admitted, best
 
 
 # --------------------------------------------------------------------------- batch-1 form
