@@ -495,7 +495,7 @@ class BatchedSpeculativeGenerator:
         rows = len(self._active)
         drafted_limits = [0] * rows
         for row in draft_rows:
-            drafted_limits[row] = limits[row]
+            drafted_limits[row] = self.planner.draft_length(limits[row])
         n = max(drafted_limits, default=0)
         empty_probs = None if not self.sampling.do_sample else [None] * rows
         if not draft_rows or n == 0:
@@ -534,6 +534,7 @@ class BatchedSpeculativeGenerator:
         self._pending.consume(index)
 
         probs: list[torch.Tensor] = []
+        hidden = hidden[:, :n]  # the block is drafted whole; the LM head and Markov loop run only where needed
         sub_tokens, _, confidence = draft.sample_block(draft.compute_logits(hidden), hidden, anchors,
                                                        choose=self._chooser(probs), num_tokens=n)
         tokens = sub_tokens if every_row else sub_tokens.new_zeros(rows, n).index_copy_(0, index, sub_tokens)

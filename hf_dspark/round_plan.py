@@ -114,6 +114,13 @@ class RoundPlanner:
         stats["draft_skipped_rounds"] += bool(candidates) and not draft_rows
         return draft_rows
 
+    def draft_length(self, limit: int) -> int:
+        """Draft tokens to produce for a drafting row: ``async`` never verifies past the plan's widest
+        request, so the drafter's LM head and Markov loop stop there; the others may verify up to ``limit``."""
+        if self.scheduler == "async" and self.plan_counts:
+            return min(limit, max(self.plan_counts))
+        return limit
+
     def schedule(self, survival, limits: list[int], drafted_rows: int, do_sample: bool) -> list[int]:
         """Draft tokens each request verifies this round (never more than its limit).
 

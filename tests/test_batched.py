@@ -284,7 +284,8 @@ def test_batched_drafting_matches_draft_block_row_by_row(qwen, qwen_drafter, mon
         for row, seq in enumerate(sequences):
             context = target_features(qwen, torch.tensor([seq[:-1]]), draft.config.target_layer_ids) if len(seq) > 1 else None
             ref = draft.draft_block(torch.tensor([seq[-1]]), context, DSparkDraftCache(draft.config.num_hidden_layers))
-            torch.testing.assert_close(hidden[row], ref.hidden_states[0], atol=2e-4, rtol=2e-4)
+            # the block is drafted whole, the heads run on the positions that may be verified
+            torch.testing.assert_close(hidden[row], ref.hidden_states[0][: hidden.shape[1]], atol=2e-4, rtol=2e-4)
 
 
 def test_pending_features_append_after_what_a_row_missed():
