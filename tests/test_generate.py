@@ -297,18 +297,23 @@ def test_sampling_with_reduced_draft_vocab_warps_in_draft_space_and_stays_exact(
         assert 4 in widths and 6 in widths
 
 
+def claim_uniform_proposals(monkeypatch):
+    """Break the generator: return logits that are not the ones it sampled from (claims q is uniform)."""
+    original = hf_dspark.generation_dspark.DSparkCandidateGenerator.get_candidates
+
+    def lying(self, *args, **kwargs):
+        cands, logits = original(self, *args, **kwargs)
+        return cands, None if logits is None else torch.zeros_like(logits)
+
+    monkeypatch.setattr(hf_dspark.generation_dspark.DSparkCandidateGenerator, "get_candidates", lying)
+
+
 def test_a_broken_acceptance_rule_is_caught(small_vocab, monkeypatch):
     """Negative control: returning logits that are not the ones sampled from must fail the test above."""
     target, draft = small_vocab
     warp = dict(temperature=1.0, top_k=0, top_p=1.0)
     ids = torch.tensor([[1, 3, 2, 4]])
-    original = hf_dspark.generation_dspark.DSparkCandidateGenerator.get_candidates
-
-    def lying(self, *args, **kwargs):
-        cands, logits = original(self, *args, **kwargs)
-        return cands, None if logits is None else torch.zeros_like(logits)  # claims q is uniform
-
-    monkeypatch.setattr(hf_dspark.generation_dspark.DSparkCandidateGenerator, "get_candidates", lying)
+    claim_uniform_proposals(monkeypatch)
     exact = exact_joint(target, ids, warp)
     counts = sample_counts(target, draft, ids, warp, runs=1500)
     assert chi_square_rejects(counts, exact)[0]
@@ -386,13 +391,7 @@ def test_bf16_broken_acceptance_rule_is_caught(small_vocab_bf16, monkeypatch):
     target, draft = small_vocab_bf16
     warp = dict(temperature=1.0, top_k=0, top_p=1.0)
     ids = torch.tensor([[1, 3, 2, 4]])
-    original = hf_dspark.generation_dspark.DSparkCandidateGenerator.get_candidates
-
-    def lying(self, *args, **kwargs):
-        cands, logits = original(self, *args, **kwargs)
-        return cands, None if logits is None else torch.zeros_like(logits)
-
-    monkeypatch.setattr(hf_dspark.generation_dspark.DSparkCandidateGenerator, "get_candidates", lying)
+    claim_uniform_proposals(monkeypatch)
     counts = sample_counts(target, draft, ids, warp, runs=1500)
     assert chi_square_rejects(counts, exact_joint(target, ids, warp))[0]
 
