@@ -114,11 +114,18 @@ class RoundPlanner:
         stats["draft_skipped_rounds"] += bool(candidates) and not draft_rows
         return draft_rows
 
+    # algorithm1 drafts DRAFT_BEYOND_PLAN positions past the plan's widest request: its search on the
+    # current survival may go further than the stale plan, but rarely far, and every drafted position
+    # costs the drafter's LM head (32k x 640 per row and position) and a Markov step.
+    DRAFT_BEYOND_PLAN = 1
+
     def draft_length(self, limit: int) -> int:
-        """Draft tokens to produce for a drafting row: ``async`` never verifies past the plan's widest
-        request, so the drafter's LM head and Markov loop stop there; the others may verify up to ``limit``."""
-        if self.scheduler == "async" and self.plan_counts:
-            return min(limit, max(self.plan_counts))
+        """Draft tokens to produce for a drafting row. ``async`` never verifies past the plan's widest
+        request, so the drafter's LM head and Markov loop stop there; ``algorithm1`` stops
+        ``DRAFT_BEYOND_PLAN`` later; the others may verify up to ``limit``."""
+        if self.scheduler in ("async", "algorithm1") and max(self.plan_counts, default=0) > 0:  # else: a probe
+            extra = self.DRAFT_BEYOND_PLAN if self.scheduler == "algorithm1" else 0
+            return min(limit, max(self.plan_counts) + extra)
         return limit
 
     def schedule(self, survival, limits: list[int], drafted_rows: int, do_sample: bool) -> list[int]:
