@@ -605,10 +605,15 @@ def test_planner_reads_predictions_two_rounds_old_and_falls_back_on_a_monotone_p
     planner = RoundPlanner("async", block_size=3, cost=lambda: None, confidence_threshold=0.3)
     request = SpeculativeRequest(0, [1, 2], 10, frozenset())
     assert planner.prediction(request, now=0, limit=3) == pytest.approx([0.8, 0.64, 0.512])  # the stated prior
+    planner.STALE_WEIGHT = 1.0  # the request's own prediction alone
     planner.record(request, 5, [0.9, 0.5, 0.1])
     planner.record(request, 6, [0.7, 0.6, 0.2])
     assert planner.prediction(request, now=7, limit=3) == [0.9, 0.5, 0.1]  # made at 5, two rounds old
     assert planner.prediction(request, now=8, limit=2) == [0.7, 0.6]  # made at 6
+    planner.STALE_WEIGHT = 0.25  # shrunk toward the prior (which now follows the two records)
+    prior = planner.prior[:2]
+    assert planner.prediction(request, now=8, limit=2) == pytest.approx(
+        [0.25 * 0.7 + 0.75 * prior[0], min(0.25 * 0.7 + 0.75 * prior[0], 0.25 * 0.6 + 0.75 * prior[1])])
     assert planner.prediction(request, now=6 + planner.PREDICTION_TTL + 1, limit=3) == planner.prediction(
         SpeculativeRequest(1, [1], 5, frozenset()), now=20, limit=3)  # expired: the prior, like a new request
     for _ in range(200):  # one-token blocks pull position 1 down, position 2 only hears long blocks
