@@ -181,9 +181,11 @@ def reference_outputs(target, workload: Workload, eos=None) -> list[list[int]]:
 def benchmark_serve(target, draft, workload: Workload, modes: Sequence[str], max_concurrency: int, latency_profile,
                     rates: Sequence[float] | None = None, load: Sequence[float] | None = None,
                     ngram_lookup_tokens: int = 0, sampling: dict | None = None, seed: int = 0, check_greedy: bool = True,
-                    results: dict | None = None, on_result=None, progress: bool = True) -> dict:
+                    results: dict | None = None, on_result=None, progress: bool = True,
+                    deadline: float | None = None) -> dict:
     """Every mode at every rate; ``results`` (an earlier partial run) is continued, ``on_result(results)``
-    is called after every (rate, mode). Returns the JSON-ready results."""
+    is called after every (rate, mode). No new run starts after ``deadline`` (a ``time.monotonic()``
+    value): ``results["complete"]`` says whether every run is in. Returns the JSON-ready results."""
     sampling = dict(do_sample=False) if sampling is None else dict(sampling)
     eos = getattr(target.generation_config, "eos_token_id", None)
     results = results or dict(settings={}, references=None, capacity=None, results=[])
@@ -222,6 +224,11 @@ def benchmark_serve(target, draft, workload: Workload, modes: Sequence[str], max
     def done(mode: str, rate: float) -> bool:
         return any(r["mode"] == mode and r["rate"] == rate for r in results["results"])
 
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
+    results["complete"] = False
+
     if rates is None:
         # plain's capacity: every request at once
         if results.get("capacity") is None:
@@ -237,7 +244,10 @@ def benchmark_serve(target, draft, workload: Workload, modes: Sequence[str], max
     for rate in rates:
         for mode in modes:
             if not done(mode, rate):
+                if out_of_time():
+                    return results
                 record(run(mode, rate))
+    results["complete"] = True
     return results
 
 
@@ -319,6 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-repeats", type=int, default=5, help="timed passes per latency point (default 5)")
     parser.add_argument("--output", default=None, help="write the results as JSON to this file (after every run)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output (same settings)")
+    parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                        help="start no new (rate, mode) run after this many minutes; --resume continues")
     parser.add_argument("--plot", default=None, help="draw TPOT against throughput to this PNG")
 
 
@@ -372,10 +384,16 @@ def run(args: argparse.Namespace) -> int:
             out.write_text(json.dumps(_finite(results), indent=2) + "\n", encoding="utf-8")
 
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    deadline = None if args.stop_after is None else time.monotonic() + 60 * args.stop_after
     results = benchmark_serve(setup.target, setup.draft, workload, args.modes, args.max_concurrency, setup.profile,
                               rates=args.rates, load=None if args.rates else args.load, ngram_lookup_tokens=setup.ngram,
-                              sampling=sampling, seed=args.seed, results=results, on_result=write)
+                              sampling=sampling, seed=args.seed, results=results, on_result=write, deadline=deadline)
     results["settings"].update(settings)
+    if not results["complete"]:
+        write(results)
+        print(f"stopped after {args.stop_after} minutes with {len(results['results'])} runs done; "
+              f"continue with the same command plus --resume")
+        return 0
     results["summary"] = summary(results)
     write(results)
     for line in results["summary"]["lines"]:

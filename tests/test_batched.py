@@ -3,6 +3,7 @@ ragged batches (Qwen3 and sliding-window Gemma3), exact sampling, joining/leavin
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -236,6 +237,19 @@ def test_greedy_batched_equals_per_request_generate(request, target_name):
     assert plain_engine.generate(prompts, max_new_tokens=new_tokens) == reference
     assert plain_engine.stats["verified_draft_tokens"] == plain_engine.stats["drafted_request_rounds"] == 0
     assert len(prompts[3]) + new_tokens > 4 * gemma_window()  # contexts well past Gemma's sliding window
+
+
+@pytest.mark.parametrize("target_name", ["qwen", "gemma"])
+def test_greedy_batched_in_bf16_equals_per_request_generate(request, target_name):
+    target = copy.deepcopy(request.getfixturevalue(target_name)).to(torch.bfloat16)
+    draft = copy.deepcopy(request.getfixturevalue(f"{target_name}_drafter")).to(torch.bfloat16)
+    prompts = mixed_prompts(target, train_prompts())
+    reference = [plain(target, p, 20) for p in prompts]
+    for scheduler in ("algorithm1", "async"):
+        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=synthetic_cost(),
+                                             max_batch_size=5)
+        assert engine.generate(prompts, max_new_tokens=20) == reference, scheduler
+        assert engine.stats["verified_draft_tokens"] > 0
 
 
 def gemma_window():
@@ -473,6 +487,16 @@ def test_sampling_with_a_reduced_draft_vocabulary_follows_the_target(small_vocab
     for prompt, count in zip(prompts, counts):
         rejects, stat, crit = chi_square_rejects(count, exact_triple(target, prompt, hf_warp(warp)))
         assert not rejects, f"{scheduler}, prompt {prompt}: chi2={stat:.1f} > {crit:.1f}"
+    assert stats["accepted_draft_tokens"] > 0
+
+
+def test_sampling_in_bf16_follows_the_target_distribution(small_vocab):
+    target, draft = (copy.deepcopy(m).to(torch.bfloat16) for m in small_vocab)
+    warp = dict(temperature=0.7, top_k=4, top_p=0.9)
+    prompts = [[1, 3, 2, 4]]
+    counts, stats = sample_triples(target, draft, prompts, runs=2000, warp=warp, scheduler="async", seed=17)
+    rejects, stat, crit = chi_square_rejects(counts[0], exact_triple(target, prompts[0], hf_warp(warp)))
+    assert not rejects, f"bf16 async: chi2={stat:.1f} > {crit:.1f}"
     assert stats["accepted_draft_tokens"] > 0
 
 

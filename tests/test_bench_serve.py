@@ -89,4 +89,13 @@ def test_bench_serve_cli_writes_results_and_plot(tiny_target_dir, tmp_path):
     # an interrupted run continues: nothing left to do, the rows stay
     assert main(args + ["--resume"]) == 0
     assert json.loads(out.read_text())["results"] == rows
+    # --stop-after 0: the capacity run, then stop; --resume finishes the rest
+    partial = tmp_path / "partial.json"
+    chunked = args[:-1] + [str(partial)]
+    assert main(chunked + ["--stop-after", "0"]) == 0
+    first = json.loads(partial.read_text())
+    assert first["complete"] is False and len(first["results"]) == 1
+    assert main(chunked + ["--resume"]) == 0
+    finished = json.loads(partial.read_text())
+    assert finished["complete"] is True and len(finished["results"]) == 12
     assert main(args[:-2] + ["--resume"]) == 2  # --resume needs --output
