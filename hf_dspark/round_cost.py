@@ -20,7 +20,6 @@ are a deterministic function of the inputs the schedulers are allowed to see.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -85,8 +84,11 @@ class RoundCost:
         return seconds
 
 
-def measure_seconds(call: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones."""
+def measure_seconds(call: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Fastest wall time of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones.
+
+    The fastest, not the median: on a shared machine other jobs only ever add time, and the target's
+    latency profile these times are combined with is an uncontended estimate too."""
     for _ in range(warmup):
         call()
     samples = []
@@ -94,12 +96,17 @@ def measure_seconds(call: Callable[[], object], repeats: int = 3, warmup: int = 
         start = time.perf_counter()
         call()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 @torch.no_grad()
-def measure_head_seconds_per_token(target, sizes: Iterable[int] = (16, 64), repeats: int = 3) -> float:
-    """Slope of the target's LM-head time against the number of positions it scores (>= 0)."""
+def measure_head_seconds_per_token(target, sizes: Iterable[int] = (16, 64), repeats: int = 5,
+                                   profile: LatencyProfile | None = None) -> float:
+    """Slope of the target's LM-head time against the number of positions it scores (>= 0).
+
+    With ``profile``, capped at the profile's own cost of one more token per row at its largest batch
+    size: the head cannot cost more than the whole forward spends on a token, and a slope timed while
+    other jobs ran would otherwise make padding look cheap and every verified token dear."""
     head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
         return 0.0
@@ -109,4 +116,11 @@ def measure_head_seconds_per_token(target, sizes: Iterable[int] = (16, 64), repe
     for n in (small, large):
         x = torch.randn(1, n, width, dtype=head.weight.dtype, device=head.weight.device)
         times[n] = measure_seconds(lambda x=x: head(x), repeats=repeats)
-    return max((times[large] - times[small]) / (large - small), 0.0)
+    slope = max((times[large] - times[small]) / (large - small), 0.0)
+    if profile is not None and profile.table:
+        rows = max(profile.table)
+        counts = sorted(profile.table[rows])
+        if len(counts) > 1:
+            per_token = (profile.table[rows][counts[-1]] - profile.table[rows][counts[0]]) / (rows * (counts[-1] - counts[0]))
+            slope = min(slope, max(per_token, 0.0))
+    return slope
