@@ -218,6 +218,17 @@ class _VerifyHead:
             return skinny_linear(x, module.weight, module.bias)
         return type(module).forward(module, x)
 
+    def __deepcopy__(self, memo):
+        # ``copy.deepcopy(model)`` copies the head's ``__dict__``, which holds our bound ``forward``. Without
+        # this the copy's head would keep calling the *original* module (a weakref copies as itself), so a
+        # copy cast to another dtype or device would run the original's weights. The copy gets its own
+        # inactive state bound to the copied module: it behaves as a plain ``nn.Linear``.
+        module = self.module_ref()
+        copied = memo.get(id(module)) if module is not None else None
+        state = _VerifyHead(copied if copied is not None else module)
+        memo[id(self)] = state
+        return state
+
     def release(self) -> None:
         self.owners -= 1
         module = self.module_ref()

@@ -106,3 +106,22 @@ def test_batched_engine_close_releases_the_head_and_profile_records_it(tmp_path)
     assert "forward" not in head.__dict__
     reloaded = LatencyProfile.from_json(tmp_path / with_head.file_name)
     assert reloaded.verify_head and reloaded.key == with_head.key
+
+
+def test_a_deep_copy_of_an_active_head_runs_its_own_weights():
+    """Copying a target while a generation holds its head (then casting the copy) must not call the original."""
+    import copy
+
+    target = tiny_qwen3_target()
+    owner = type("Owner", (), {})()
+    assert activate_verify_head(target, owner) is not None
+    clone = copy.deepcopy(target).to(torch.bfloat16)
+    head = clone.get_output_embeddings()
+    x = torch.randn(1, 3, head.in_features, dtype=torch.bfloat16)
+    out = head(x)  # before the fix: "expected m1 and m2 to have the same dtype" (the fp32 original ran)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, head.weight))
+    assert "_dspark_verify_head" in target.get_output_embeddings().__dict__  # the original is still active
+    del owner
+    gc.collect()
+    assert "forward" not in target.get_output_embeddings().__dict__
