@@ -396,15 +396,33 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
               f"({trainable} of {total} parameters trainable) on {len(dataset)} sequences "
               f"({'online' if training_args.online else 'cache'}), layers {layer_ids}"
               + (f", resuming from {checkpoint}" if checkpoint else "") + ".", flush=True)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_drafter(output)
-    if training_args.should_save:
-        summary = _summary(trainer, result, args, training_args, checkpoint, time.time() - start)
-        (output / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        final = summary["final_metrics"] or {}
-        print(f"Saved the drafter to {output} after {summary['steps']} steps ({summary['tokens_per_second']} tokens/s); "
-              f"final loss {final.get('loss')}, expected tau {final.get('expected_tau')}.", flush=True)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_drafter(output)
+        if training_args.should_save:
+            summary = _summary(trainer, result, args, training_args, checkpoint, time.time() - start)
+            (output / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+            final = summary["final_metrics"] or {}
+            print(f"Saved the drafter to {output} after {summary['steps']} steps ({summary['tokens_per_second']} "
+                  f"tokens/s); final loss {final.get('loss')}, expected tau {final.get('expected_tau')}.", flush=True)
+    except BaseException:
+        _close_process_group(trainer, wait=False)  # a barrier here could wait for ranks that will never come
+        raise
+    _close_process_group(trainer, wait=True)
     return 0
+
+
+def _close_process_group(trainer: DSparkTrainer, wait: bool) -> None:
+    """Tear down a DDP process group before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable, and a
+    rank then aborts ("terminate called without an active exception") after training already succeeded.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait:
+        trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 __all__ = ["add_arguments", "build_training_args", "run"]
