@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModel, LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-import hf_dspark.generation_dspark as generation
+import hf_dspark.models.dspark.generation_dspark as generation
 from hf_dspark.targets import load_target
 
 MODES = ("plain", "plain_fused", "full_vocab_warpers", "draft_vocab_warpers", "fused_warpers")

@@ -5,7 +5,7 @@
 
 For n = 1..max-tokens, one target forward scoring n new tokens on a 128-token cached context is
 timed with transformers' LM head and with the layout a DSpark generation activates
-(``hf_dspark.generation_dspark.activate_verify_head``), alternating the two on every repeat so
+(``hf_dspark.models.dspark.generation_dspark.activate_verify_head``), alternating the two on every repeat so
 that machine noise hits both alike; the median of each is printed with the ratio. The largest
 logit difference between the two layouts is printed too. With ``--draft``, greedy
 ``generate(assistant_model=draft)`` on a few prompts is timed with ``fast_verify_head`` on and
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from hf_dspark.generation_dspark import activate_verify_head
+from hf_dspark.models.dspark.generation_dspark import activate_verify_head
 from hf_dspark.targets import load_target
 
 PROMPTS = [

@@ -2,20 +2,22 @@
 
 Importing the package registers ``DSparkConfig`` / ``DSparkDraftModel`` with ``AutoConfig`` /
 ``AutoModel`` and installs the ``generate(assistant_model=...)`` hook for DSpark drafters (the one
-documented runtime patch; see :mod:`hf_dspark.generation_dspark`, "Who installs the hook").
+documented runtime patch; see :mod:`hf_dspark.models.dspark.generation_dspark`, "Who installs the hook").
 The layers and the data flow are mapped in docs/design.md.
 """
 
 from transformers import AutoConfig, AutoModel
 
-from . import errors
-from .configuration_dspark import DSparkConfig
-from .errors import (
+from hf_dspark import errors
+from hf_dspark.checkpoints.loading import load_drafter
+from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.decoding.latency import LatencyProfile, profile_latency
+from hf_dspark.errors import (
     CheckpointError,
     CorruptFileError,
     DataError,
-    DraftTargetMismatchError,
     DraftNotFoundError,
+    DraftTargetMismatchError,
     DSparkConfigError,
     HfDSparkError,
     LatencyProfileError,
@@ -23,11 +25,17 @@ from .errors import (
     TargetLoadError,
     UnsupportedTransformersError,
 )
-from .batched import BatchedSpeculativeGenerator
-from .generation_dspark import DSparkCandidateGenerator, FusedTopKTopPWarper, fuse_top_k_top_p, install_generate_hook
-from .latency import LatencyProfile, profile_latency
-from .loading import load_drafter
-from .modeling_dspark import DSparkDraftCache, DSparkDraftModel, DSparkTrainingOutput, sample_anchor_positions
+from hf_dspark.models.dspark import (
+    DSparkCandidateGenerator,
+    DSparkConfig,
+    DSparkDraftCache,
+    DSparkDraftModel,
+    DSparkTrainingOutput,
+    FusedTopKTopPWarper,
+    fuse_top_k_top_p,
+    install_generate_hook,
+    sample_anchor_positions,
+)
 
 __version__ = "0.1.0"
 

@@ -24,17 +24,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("hf_dspark.trainer.prepare_data", "Load prompts and regenerate answers with the target."),
     "build-cache": ("hf_dspark.trainer.feature_cache", "Run the target once per sequence and cache its features."),
     "train": ("hf_dspark.trainer.train_cli", "Train a DSpark drafter (cached or online features, optional LoRA)."),
-    "calibrate": ("hf_dspark.calibration", "Fit Sequential Temperature Scaling of the confidence head."),
-    "profile": ("hf_dspark.latency", "Measure the target's forward latency vs tokens per pass."),
-    "eval": ("hf_dspark.evaluation", "Measure acceptance length and speed-up on prompt files."),
-    "merge-eval": ("hf_dspark.evaluation", "Pool `hf-dspark eval` files measured on disjoint prompts (shards)."),
-    "bench-batch": ("hf_dspark.bench_batch", "Benchmark the batched speculative engine vs plain batched generate."),
-    "bench-serve": ("hf_dspark.bench_serve", "Benchmark the batched engine under Poisson arrivals (TPOT vs throughput)."),
-    "export": ("hf_dspark.export", "Export a drafter as a Hub repo, or for DeepSpec / vLLM / SGLang / speculators."),
-    "convert": ("hf_dspark.convert", "Convert a DeepSpec or speculators DSpark checkpoint to the Hub layout."),
-    "push": ("hf_dspark.export", "Upload an exported drafter folder to the Hub."),
-    "verify": ("hf_dspark.verify", "Check a drafter folder's weights against the sha256 its export recorded."),
-    "demo": ("hf_dspark.demo", "Run the Gemma 3 270M demo with the shipped drafter."),
+    "calibrate": ("hf_dspark.commands.calibrate", "Fit Sequential Temperature Scaling of the confidence head."),
+    "profile": ("hf_dspark.commands.profile", "Measure the target's forward latency vs tokens per pass."),
+    "eval": ("hf_dspark.commands.eval", "Measure acceptance length and speed-up on prompt files."),
+    "merge-eval": ("hf_dspark.commands.eval", "Pool `hf-dspark eval` files measured on disjoint prompts (shards)."),
+    "bench-batch": ("hf_dspark.commands.bench_batch", "Benchmark the batched speculative engine vs plain batched generate."),
+    "bench-serve": ("hf_dspark.commands.bench_serve", "Benchmark the batched engine under Poisson arrivals (TPOT vs throughput)."),
+    "export": ("hf_dspark.commands.export", "Export a drafter as a Hub repo, or for DeepSpec / vLLM / SGLang / speculators."),
+    "convert": ("hf_dspark.commands.convert", "Convert a DeepSpec or speculators DSpark checkpoint to the Hub layout."),
+    "push": ("hf_dspark.commands.export", "Upload an exported drafter folder to the Hub."),
+    "verify": ("hf_dspark.commands.verify", "Check a drafter folder's weights against the sha256 its export recorded."),
+    "demo": ("hf_dspark.commands.demo", "Run the Gemma 3 270M demo with the shipped drafter."),
 }
 
 # What an interrupted command keeps, for the one line printed on Ctrl-C (commands not listed keep nothing).
@@ -59,7 +59,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors a user causes and can fix: reported in one line, without a traceback."""
     from safetensors import SafetensorError
 
-    from .errors import HfDSparkError
+    from hf_dspark.errors import HfDSparkError
 
     # OSError: missing, unreadable or unwritable files and unreachable Hub repositories;
     # JSONDecodeError / UnicodeDecodeError / SafetensorError: a corrupt file read directly.
@@ -68,7 +68,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def error_message(error: BaseException) -> str:
     """``error`` as one line; errors that are not ours are prefixed with their type."""
-    from .errors import HfDSparkError
+    from hf_dspark.errors import HfDSparkError
 
     message = " ".join(str(error).split()) or type(error).__name__
     return message if isinstance(error, HfDSparkError) else f"{type(error).__name__}: {message}"

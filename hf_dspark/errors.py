@@ -1,66 +1,9 @@
-"""Error hierarchy: catch ``HfDSparkError`` for anything this library raises on purpose.
+"""The error hierarchy, at its public path: ``from hf_dspark.errors import HfDSparkError``.
 
-Every class also subclasses the builtin it replaces (``ValueError``, ``RuntimeError``), so existing
-``except ValueError`` code keeps working. This file ships as remote code next to drafter
-checkpoints (it imports nothing), so the remote-code modeling and configuration files raise the
-same classes; docs/troubleshooting.md has one section per class.
+The classes are defined in :mod:`hf_dspark.models.dspark.errors`, because that file also ships as
+remote code beside drafter checkpoints (the remote-code configuration and modeling files raise
+the same classes). This module only gives them their documented import path.
 """
 
-
-class HfDSparkError(Exception):
-    """Base class of every error hf-dspark raises deliberately."""
-
-
-class DSparkConfigError(HfDSparkError, ValueError):
-    """A configuration value is invalid; the message names the field, the value and the fix."""
-
-
-class DraftTargetMismatchError(HfDSparkError, ValueError):
-    """A drafter was built for a different target than the one it is used with."""
-
-
-class CheckpointError(HfDSparkError, ValueError):
-    """A checkpoint's tensors do not match its config, or a cache shard is corrupt/mismatched."""
-
-
-class CorruptFileError(CheckpointError):
-    """A file's bytes do not match the sha256 recorded for it (cache shard, drafter weights), or it cannot be parsed."""
-
-
-class DataError(HfDSparkError, ValueError):
-    """Input data (prompts, regenerated answers, caches) is missing or unusable."""
-
-
-class TargetLoadError(HfDSparkError, RuntimeError):
-    """A target model could not be loaded; the message says why and what to do."""
-
-
-class DraftNotFoundError(HfDSparkError, ValueError):
-    """No drafter could be resolved for ``--draft``; the message says how to get one."""
-
-
-class LatencyProfileError(HfDSparkError, ValueError):
-    """A latency profile file is malformed, or a profile cannot answer a query."""
-
-
-class RegenerationServerError(HfDSparkError, RuntimeError):
-    """The OpenAI-compatible server failed or kept failing after all retries."""
-
-
-class UnsupportedTransformersError(HfDSparkError, RuntimeError):
-    """The installed transformers version does not have the internals hf-dspark hooks."""
-
-
-__all__ = [
-    "HfDSparkError",
-    "DSparkConfigError",
-    "DraftTargetMismatchError",
-    "CheckpointError",
-    "CorruptFileError",
-    "DataError",
-    "TargetLoadError",
-    "DraftNotFoundError",
-    "LatencyProfileError",
-    "RegenerationServerError",
-    "UnsupportedTransformersError",
-]
+from hf_dspark.models.dspark.errors import *  # noqa: F401,F403
+from hf_dspark.models.dspark.errors import __all__  # noqa: F401

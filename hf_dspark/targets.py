@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import DraftNotFoundError, TargetLoadError
+from hf_dspark.errors import DraftNotFoundError, TargetLoadError
 
 logger = logging.getLogger(__name__)
 

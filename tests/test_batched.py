@@ -14,16 +14,16 @@ import torch
 from _models import briefly_trained_drafter, target_features, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
 from test_generate import chi_square_rejects, exact_joint
 
-import hf_dspark.verification as verification
+import hf_dspark.decoding.verification as verification
 from hf_dspark import DSparkDraftCache
-from hf_dspark.batch_requests import SpeculativeRequest
-from hf_dspark.batched import BatchedSpeculativeGenerator, RaggedSlots
-from hf_dspark.latency import LatencyProfile
-from hf_dspark.ragged import PendingFeatures
-from hf_dspark.round_cost import RoundCost
-from hf_dspark.round_plan import RoundPlanner
-from hf_dspark.scheduling import best_padded_allocation
-from hf_dspark.verification import accept_probabilities, residual_distribution, verify_block
+from hf_dspark.decoding.batch_requests import SpeculativeRequest
+from hf_dspark.decoding.batched import BatchedSpeculativeGenerator, RaggedSlots
+from hf_dspark.decoding.latency import LatencyProfile
+from hf_dspark.decoding.ragged import PendingFeatures
+from hf_dspark.decoding.round_cost import RoundCost
+from hf_dspark.decoding.round_plan import RoundPlanner
+from hf_dspark.decoding.scheduling import best_padded_allocation
+from hf_dspark.decoding.verification import accept_probabilities, residual_distribution, verify_block
 
 
 # ============================================================================ the rule, no model
@@ -241,6 +241,12 @@ def test_greedy_batched_equals_per_request_generate(request, target_name):
 
 @pytest.mark.parametrize("target_name", ["qwen", "gemma"])
 def test_greedy_batched_in_bf16_equals_per_request_generate(request, target_name):
+    """The bf16 contract (README, docs/benchmarks.md): outputs equal one-request plain ``generate`` except
+    where the target's two best logits are within 2 bf16 rounding steps of each other. There a batched
+    pass (other shapes, other kernels and accumulation orders) may round the other way; on AVX-512 CPUs
+    the engine without any drafting (scheduler="plain") does too. Anything else is a bug."""
+    from hf_dspark.evaluation import greedy_divergence
+
     target = copy.deepcopy(request.getfixturevalue(target_name)).to(torch.bfloat16)
     draft = copy.deepcopy(request.getfixturevalue(f"{target_name}_drafter")).to(torch.bfloat16)
     prompts = mixed_prompts(target, train_prompts())
@@ -248,7 +254,12 @@ def test_greedy_batched_in_bf16_equals_per_request_generate(request, target_name
     for scheduler in ("algorithm1", "async"):
         engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=synthetic_cost(),
                                              max_batch_size=5)
-        assert engine.generate(prompts, max_new_tokens=20) == reference, scheduler
+        outputs = engine.generate(prompts, max_new_tokens=20)
+        assert sum(o == r for o, r in zip(outputs, reference)) >= len(prompts) - 2, scheduler
+        for prompt, output, expected in zip(prompts, outputs, reference):
+            report = greedy_divergence(target, len(prompt), torch.tensor([prompt + expected]),
+                                       torch.tensor([prompt + output]))
+            assert report is None or report.get("margin_ulps", math.inf) <= 2, (scheduler, report)
         assert engine.stats["verified_draft_tokens"] > 0
 
 

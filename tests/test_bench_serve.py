@@ -9,8 +9,8 @@ import pytest
 from _models import briefly_trained_drafter, tiny_drafter, tiny_qwen3_target
 from test_batched import plain, synthetic_cost, train_prompts
 
-from hf_dspark.batched import BatchedSpeculativeGenerator
-from hf_dspark.bench_serve import Workload, reference_outputs, serve, summarize
+from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.commands.bench_serve import Workload, reference_outputs, serve, summarize
 
 
 def test_workload_arrivals_are_poisson_gaps_scaled_by_the_rate():

@@ -13,7 +13,7 @@ import torch
 from _models import briefly_trained_drafter, tiny_drafter, tiny_qwen3_target
 
 from hf_dspark import DSparkDraftModel
-from hf_dspark.calibration import (
+from hf_dspark.decoding.calibration import (
     CalibrationData,
     auroc,
     brier_score,

@@ -12,6 +12,7 @@ from conftest import BOS_ID
 
 import hf_dspark  # noqa: F401  (installs the generate hook)
 from hf_dspark import DataError, evaluation
+from hf_dspark.commands import eval as eval_command
 from hf_dspark.cli import main
 from hf_dspark.targets import GEMMA_ALIAS, DraftNotFoundError, load_target, resolve_draft
 
@@ -147,8 +148,8 @@ def test_eval_resumes_and_refuses_other_settings(greedy_results, monkeypatch, ca
     def fail(*a, **k):
         raise AssertionError("a finished prompt was measured again")
 
-    monkeypatch.setattr(evaluation, "measure_prompt", fail)
-    monkeypatch.setattr(evaluation, "_warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(eval_command, "measure_prompt", fail)
+    monkeypatch.setattr(eval_command, "_warm_up", lambda *a, **k: None)
     assert main(args) == 0
     assert json.loads(output.read_text())["datasets"] == results["datasets"]
     assert main(args + ["--seed", "7"]) == 2

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_dspark.errors import CheckpointError, DSparkConfigError
-from hf_dspark.export import export_drafter, upload_plan
-from hf_dspark.model_card import render_example_card
+from hf_dspark.checkpoints.export import export_drafter, upload_plan
+from hf_dspark.checkpoints.model_card import render_example_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_NAME = "tiny-org/tiny-qwen3"
@@ -134,7 +134,7 @@ def test_card_names_the_hub_target_and_prompts_as_the_drafter_was_trained():
     from huggingface_hub import ModelCard
 
     from hf_dspark import DSparkConfig
-    from hf_dspark.model_card import render_model_card
+    from hf_dspark.checkpoints.model_card import render_model_card
     from hf_dspark.targets import ALIAS_HUB_IDS, GEMMA_ALIAS
 
     config = DSparkConfig(vocab_size=96, hidden_size=32, num_attention_heads=4, target_layer_ids=[0, 1],
@@ -195,7 +195,7 @@ def test_cli_export_turns_on_ngram_rounds(exported):
 
 
 def test_card_explains_runs_with_ngram_rounds(exported):
-    from hf_dspark.model_card import render_model_card
+    from hf_dspark.checkpoints.model_card import render_model_card
 
     _, target, _ = exported
     config = tiny_drafter(target, target_model_name=TARGET_NAME).config
@@ -207,7 +207,7 @@ def test_card_explains_runs_with_ngram_rounds(exported):
 
 
 def test_card_shows_compare_drafters(exported):
-    from hf_dspark.model_card import render_model_card
+    from hf_dspark.checkpoints.model_card import render_model_card
 
     _, target, _ = exported
     config = tiny_drafter(target, target_model_name=TARGET_NAME).config
@@ -425,7 +425,7 @@ def test_push_dry_run_lists_files_without_network(exported, monkeypatch, capsys)
 def test_push_uploads_through_hfapi(exported, monkeypatch):
     import huggingface_hub
 
-    from hf_dspark.export import push_drafter
+    from hf_dspark.checkpoints.export import push_drafter
 
     calls = []
 
@@ -457,7 +457,7 @@ def test_push_refuses_non_export_folder(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="not a hub export"):
         upload_plan(folder)
     with pytest.raises(ValueError, match="org_or_user/name"):
-        from hf_dspark.export import push_drafter
+        from hf_dspark.checkpoints.export import push_drafter
 
         push_drafter(folder, "no-slash", dry_run=True)
 
@@ -466,5 +466,5 @@ def test_push_refuses_non_export_folder(tmp_path, monkeypatch):
 def test_example_card_in_repository_is_current():
     example = REPO_ROOT / "model_cards" / "dspark_drafter.md"
     assert example.read_text() == render_example_card(), (
-        "model_cards/dspark_drafter.md is stale: python -m hf_dspark.model_card > model_cards/dspark_drafter.md"
+        "model_cards/dspark_drafter.md is stale: python -m hf_dspark.checkpoints.model_card > model_cards/dspark_drafter.md"
     )

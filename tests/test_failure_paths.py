@@ -380,7 +380,7 @@ def flip_data_bytes(path: Path) -> None:
 def exported(tmp_path):
     from _models import tiny_drafter, tiny_qwen3_target
 
-    from hf_dspark.export import export_drafter
+    from hf_dspark.checkpoints.export import export_drafter
 
     draft = tiny_drafter(tiny_qwen3_target())
     draft.config.target_model_name = "org/tiny-target"
@@ -392,7 +392,7 @@ def test_exports_record_weight_checksums_and_loading_checks_them(exported, capsy
     from transformers import AutoModel
 
     from hf_dspark import DSparkDraftModel
-    from hf_dspark.modeling_dspark import file_sha256
+    from hf_dspark.models.dspark.modeling_dspark import file_sha256
 
     card = json.loads((exported / "dspark_card.json").read_text())
     assert card["weights_sha256"] == {"model.safetensors": file_sha256(exported / "model.safetensors")}
@@ -427,7 +427,7 @@ def test_verify_without_records_still_checks_the_tensors(tmp_path, capsys):
 
 
 def test_the_shipped_drafter_records_its_weight_checksum(capsys):
-    from hf_dspark.modeling_dspark import file_sha256
+    from hf_dspark.models.dspark.modeling_dspark import file_sha256
     from hf_dspark.targets import shipped_draft_dir
 
     folder = shipped_draft_dir("gemma-3-270m")
@@ -454,7 +454,7 @@ def test_a_drafter_for_another_vocabulary_gets_our_message_before_transformers_a
 def test_the_target_check_hook_is_installed_and_refuses_a_changed_internal():
     from transformers.generation.utils import GenerationMixin
 
-    from hf_dspark import generation_dspark
+    from hf_dspark.models.dspark import generation_dspark
 
     installed = GenerationMixin._validate_generation_mode
     assert getattr(installed, "_dspark_hook", False)

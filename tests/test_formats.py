@@ -20,10 +20,10 @@ from test_deepspec_fixtures import FIXTURES
 
 from hf_dspark import DSparkDraftModel, load_drafter
 from hf_dspark.cli import main
-from hf_dspark.convert import convert_checkpoint
+from hf_dspark.checkpoints.convert import convert_checkpoint
 from hf_dspark.errors import CheckpointError, DSparkConfigError
-from hf_dspark.export import export_drafter
-from hf_dspark.loading import detect_checkpoint_format
+from hf_dspark.checkpoints.export import export_drafter
+from hf_dspark.checkpoints.loading import detect_checkpoint_format
 
 TARGET_NAME = "tiny-org/tiny-target"
 # DSparkConfig fields that define the drafter and its use; a round trip must restore every one.
@@ -145,7 +145,7 @@ def test_cli_convert_and_every_draft_option_accept_deepspec_folders(tmp_path, ca
     # eval's loader: a DeepSpec folder is a DSpark drafter, bound to a matching target
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from hf_dspark.evaluation import _load_drafter
+    from hf_dspark.commands.eval import _load_drafter
 
     target_config = json.loads((fixture.parent / "target_config.json").read_text())
     target = Qwen3ForCausalLM(Qwen3Config(**target_config)).eval()
@@ -234,7 +234,7 @@ def test_gemma4_drafter_exports_to_deepspec_layout_and_back(tmp_path):
     assert written["attention_k_eq_v"] is True and written["global_head_dim"] == 32
     assert written["rope_parameters"]["full_attention"]["rope_type"] == "proportional"
     assert_same_drafter(load_drafter(out), original)
-    from hf_dspark.export import upload_plan
+    from hf_dspark.checkpoints.export import upload_plan
 
     assert "model.safetensors" in dict(upload_plan(out))  # pushable like the other exports
     for fmt in ("vllm", "sglang", "speculators"):
@@ -262,6 +262,6 @@ def test_speculators_config_uses_their_layer_ids_and_block_layout(tmp_path):
     assert config["speculators_config"]["verifier"]["name_or_path"] == TARGET_NAME
     assert config["draft_vocab_size"] == 96 and config["transformer_layer_config"]["model_type"] == "qwen3"
     assert not any(k.startswith(("embed_tokens", "lm_head", "d2t", "t2d")) for k in load_file(out / "model.safetensors"))
-    from hf_dspark.export import upload_plan
+    from hf_dspark.checkpoints.export import upload_plan
 
     assert "model.safetensors" in dict(upload_plan(out))  # pushable like the other exports

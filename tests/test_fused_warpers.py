@@ -8,7 +8,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hf_dspark.generation_dspark import FusedTopKTopPWarper, fuse_top_k_top_p
+from hf_dspark.models.dspark.warpers_dspark import FusedTopKTopPWarper, fuse_top_k_top_p
 
 from _models import tiny_drafter, tiny_qwen3_target
 

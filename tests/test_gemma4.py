@@ -131,7 +131,7 @@ def test_deepspec_gemma4_checkpoint_drafts_losslessly_for_a_gemma4_target(fixtur
 
 
 def test_hub_export_of_a_gemma4_drafter_generates_with_transformers_alone(tmp_path):
-    from hf_dspark.export import export_drafter
+    from hf_dspark.checkpoints.export import export_drafter
 
     target = tiny_gemma4_target(attention_k_eq_v=True)
     target.save_pretrained(tmp_path / "target")
@@ -237,7 +237,7 @@ def test_sampling_with_a_gemma4_drafter_follows_the_target_distribution(monkeypa
     assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
     assert draft.last_generation_stats["submitted_lengths"][0] == 2  # the draft really proposed tokens
 
-    generator = hf_dspark.generation_dspark.DSparkCandidateGenerator
+    generator = hf_dspark.models.dspark.generation_dspark.DSparkCandidateGenerator
     original = generator.get_candidates
 
     def lying(self, *args, **kwargs):

@@ -257,7 +257,7 @@ def test_sampling_follows_the_target_distribution(small_vocab, warp):
     rejects, stat, crit = chi_square_rejects(counts, exact)
     assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
     assert draft.last_generation_stats["submitted_lengths"][0] == 2  # the draft really proposed tokens
-    # top-k then top-p ran as one fused warper on both sides (hf_dspark.generation_dspark.FusedTopKTopPWarper)
+    # top-k then top-p ran as one fused warper on both sides (hf_dspark.models.dspark.generation_dspark.FusedTopKTopPWarper)
     assert draft.last_generation_stats["fused_warpers"] == (1 if warp["top_k"] else 0)
 
 
@@ -299,13 +299,13 @@ def test_sampling_with_reduced_draft_vocab_warps_in_draft_space_and_stays_exact(
 
 def claim_uniform_proposals(monkeypatch):
     """Break the generator: return logits that are not the ones it sampled from (claims q is uniform)."""
-    original = hf_dspark.generation_dspark.DSparkCandidateGenerator.get_candidates
+    original = hf_dspark.models.dspark.generation_dspark.DSparkCandidateGenerator.get_candidates
 
     def lying(self, *args, **kwargs):
         cands, logits = original(self, *args, **kwargs)
         return cands, None if logits is None else torch.zeros_like(logits)
 
-    monkeypatch.setattr(hf_dspark.generation_dspark.DSparkCandidateGenerator, "get_candidates", lying)
+    monkeypatch.setattr(hf_dspark.models.dspark.generation_dspark.DSparkCandidateGenerator, "get_candidates", lying)
 
 
 def test_a_broken_acceptance_rule_is_caught(small_vocab, monkeypatch):

@@ -1,4 +1,4 @@
-"""The one runtime patch: the generate() hook (hf_dspark.generation_dspark, "The hook").
+"""The one runtime patch: the generate() hook (hf_dspark.models.dspark.generation_dspark, "The hook").
 
 Fails loudly when the private transformers internals it wraps change signature, when the
 ``CandidateGenerator`` model-outputs protocol it relies on changes, or when the hook is installed
@@ -14,9 +14,9 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
 import hf_dspark
-from hf_dspark import generation_dspark
+from hf_dspark.models.dspark import generation_dspark
 from hf_dspark.errors import UnsupportedTransformersError
-from hf_dspark.export import PACKAGE_DIR
+from hf_dspark.checkpoints.export import REMOTE_CODE_DIR
 
 
 def test_importing_hf_dspark_installs_both_wrappers_over_the_expected_internals():
@@ -59,9 +59,10 @@ def test_the_candidate_generator_model_outputs_protocol_is_unchanged():
 
 
 def test_the_hook_is_installed_in_two_documented_places_only():
-    callers = {path.name for path in PACKAGE_DIR.rglob("*.py")
+    package = REMOTE_CODE_DIR.parents[1]  # hf_dspark/
+    callers = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
                if "install_generate_hook()" in path.read_text() and path.name != "generation_dspark.py"}
-    assert callers == {"__init__.py", "modeling_dspark.py"}, callers
-    modeling = (PACKAGE_DIR / "modeling_dspark.py").read_text()
+    assert callers == {"__init__.py", "models/dspark/modeling_dspark.py"}, callers
+    modeling = (REMOTE_CODE_DIR / "modeling_dspark.py").read_text()
     # inside the package, importing hf_dspark installs it; the file does so only as remote code
     assert 'if not __name__.startswith("hf_dspark."):\n' in modeling

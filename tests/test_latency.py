@@ -12,14 +12,8 @@ import pytest
 import torch
 import transformers
 
-from hf_dspark.latency import (
-    LatencyProfile,
-    LatencyProfileError,
-    add_arguments,
-    format_table,
-    profile_latency,
-    run,
-)
+from hf_dspark.commands.profile import add_arguments, run
+from hf_dspark.decoding.latency import LatencyProfile, LatencyProfileError, format_table, profile_latency
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +185,7 @@ def test_steps_per_second_mapping():
 
 
 def test_profile_feeds_the_scheduler():
-    from hf_dspark.scheduling import cost_policy_length, prefix_schedule
+    from hf_dspark.decoding.scheduling import cost_policy_length, prefix_schedule
 
     profile = make_profile({1: {n: 1.0 + 0.05 * n for n in range(1, 9)}})
     survival = [0.95, 0.9, 0.6, 0.2, 0.05]
@@ -239,7 +233,7 @@ def test_cli(tiny_model, tmp_path, monkeypatch, capsys):
 def test_choose_dtype_keeps_the_dtype_with_the_cheaper_verification_pass(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    import hf_dspark.latency as latency
+    import hf_dspark.decoding.latency as latency
     from _models import tiny_qwen3_target
 
     target = tiny_qwen3_target(seed=0)
@@ -263,10 +257,37 @@ def test_choose_dtype_keeps_the_dtype_with_the_cheaper_verification_pass(monkeyp
 
 
 def test_choose_dtype_measures_both_dtypes_on_a_tiny_model(tmp_path):
-    from hf_dspark.latency import choose_dtype
+    from hf_dspark.decoding.latency import choose_dtype
     from _models import tiny_qwen3_target
 
     best, measured = choose_dtype(tiny_qwen3_target(seed=0), cache_dir=tmp_path, repeats=1, context_length=8)
     assert best in ("float32", "bfloat16") and set(measured) == {"float32", "bfloat16"}
     assert all(t[n] > 0 for t in measured.values() for n in (1, 8))
     assert best == min(measured, key=lambda n: measured[n][8])
+
+
+def test_queries_read_a_non_decreasing_fit_of_noisy_medians():
+    from hf_dspark.models.dspark.generation_dspark import cost_length, latency_points, nondecreasing_fit
+
+    rising = [(1, 0.10), (2, 0.11), (4, 0.13)]
+    assert nondecreasing_fit(rising) == rising  # already rising: unchanged
+    # medians measured on a busy 2-core CPU (bf16 Gemma 3 270M, ms): dips at 2 tokens and 7 tokens
+    noisy = {1: 0.0999, 2: 0.0774, 3: 0.1071, 4: 0.1014, 5: 0.1005, 6: 0.1265, 7: 0.1046, 8: 0.1165}
+    fitted = nondecreasing_fit(sorted(noisy.items()))
+    values = [y for _, y in fitted]
+    assert values == sorted(values)
+    assert math.isclose(sum(values), sum(noisy.values()))  # pooling keeps the mean level
+    profile = LatencyProfile("m", "bfloat16", "cpu", 1, 128, table={1: noisy})
+    times = [profile.verify_seconds(n) for n in range(1, 9)]
+    assert times == sorted(times)
+    # the early-stopping cost rule reads the same fit: a bump at 6 tokens no longer ends the search at 5
+    survival = [0.95] * 7
+    assert cost_length(survival, 0.02, lambda n: latency_from_points(latency_points(noisy), n)) == 7
+    raw = sorted(noisy.items())
+    assert cost_length(survival, 0.02, lambda n: latency_from_points(raw, n)) < 7  # the raw curve stops early
+
+
+def latency_from_points(points, n):
+    from hf_dspark.models.dspark.generation_dspark import interpolate_latency
+
+    return interpolate_latency(points, n)

@@ -153,7 +153,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert config["model_type"] == "dspark"
     assert config["auto_map"]["AutoModel"] == "modeling_dspark.DSparkDraftModel"
     assert config["auto_map"]["AutoConfig"] == "configuration_dspark.DSparkConfig"
-    from hf_dspark.export import REMOTE_CODE_FILES
+    from hf_dspark.checkpoints.export import REMOTE_CODE_FILES
 
     for name in REMOTE_CODE_FILES:  # save_pretrained copies the modeling file's relative imports too
         assert (tmp_path / name).exists(), name

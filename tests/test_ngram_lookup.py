@@ -15,7 +15,7 @@ from test_generate import (
 )
 
 import hf_dspark  # noqa: F401  (installs the hook)
-from hf_dspark.generation_dspark import DSparkCandidateGenerator, ngram_continuation
+from hf_dspark.models.dspark.generation_dspark import DSparkCandidateGenerator, ngram_continuation
 
 
 def t(*ids):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,8 +73,8 @@ def test_check_target_and_checkpoint_loading_raise_the_specific_classes(tmp_path
 
 
 def test_one_piecewise_linear_interpolation_serves_generate_latency_and_the_engine():
-    from hf_dspark import latency, round_cost
-    from hf_dspark.generation_dspark import interpolate, interpolate_latency
+    from hf_dspark.decoding import latency, round_cost
+    from hf_dspark.models.dspark.generation_dspark import interpolate, interpolate_latency
 
     assert latency.interpolate is interpolate and round_cost.interpolate is interpolate
     points = [(1, 1.0), (2, 3.0), (4, 4.0)]
@@ -84,7 +86,7 @@ def test_one_piecewise_linear_interpolation_serves_generate_latency_and_the_engi
 def test_the_engine_does_not_import_its_benchmarks():
     import ast
 
-    from hf_dspark import batched, ragged, round_cost, scheduling, verification
+    from hf_dspark.decoding import batched, ragged, round_cost, scheduling, verification
 
     for module in (batched, ragged, round_cost, scheduling, verification):
         tree = ast.parse(Path(module.__file__).read_text())
@@ -104,3 +106,32 @@ def test_every_command_module_has_add_arguments_and_run():
         add = getattr(loaded, f"add_{stem}_arguments", None) or getattr(loaded, "add_arguments", None)
         run = getattr(loaded, f"run_{stem}", None) or getattr(loaded, "run", None)
         assert callable(add) and callable(run), command
+
+
+def test_no_module_passes_800_lines():
+    roots = [ROOT / "hf_dspark", ROOT / "trainer"]
+    long = {str(p.relative_to(ROOT)): n for root in roots for p in root.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 800}
+    assert not long, f"split these modules (docs/design.md maps where code goes): {long}"
+
+
+def test_library_packages_do_not_import_the_commands():
+    """Commands (flags, loops, printing) sit on top: models, decoding, checkpoints and evaluation never
+    import them, and the remote-code folder imports nothing of hf_dspark outside itself."""
+    import ast
+
+    for package in ("models", "decoding", "checkpoints", "evaluation"):
+        for path in (ROOT / "hf_dspark" / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            modules = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            modules |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+            assert not {m for m in modules if m.startswith("hf_dspark.commands")}, path
+            if package == "models":
+                assert not {m for m in modules if m.startswith("hf_dspark")}, (path, modules)
+
+
+def test_every_command_lives_in_the_commands_package_or_the_trainer():
+    from hf_dspark.cli import COMMANDS
+
+    for command, (module, _) in COMMANDS.items():
+        assert module.startswith(("hf_dspark.commands.", "hf_dspark.trainer.")), (command, module)

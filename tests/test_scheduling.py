@@ -8,7 +8,7 @@ from fractions import Fraction as F
 
 import pytest
 
-from hf_dspark.scheduling import (
+from hf_dspark.decoding.scheduling import (
     admission_budget,
     async_prefix_schedule,
     best_padded_allocation,

@@ -38,7 +38,7 @@ from _models import target_features, tiny_drafter, tiny_qwen3_target
 from safetensors.torch import load_file, save_file
 from test_deepspec_fixtures import ROOT
 
-from hf_dspark.export import export_drafter
+from hf_dspark.checkpoints.export import export_drafter
 
 pytestmark = pytest.mark.slow
 

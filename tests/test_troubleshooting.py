@@ -16,7 +16,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
 def all_error_classes() -> set[type]:
     """Every ``HfDSparkError`` subclass defined anywhere in the package (every module imported first)."""
     for package in (hf_dspark, importlib.import_module("hf_dspark.trainer")):
-        for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
             importlib.import_module(module.name)
     found, todo = set(), [errors.HfDSparkError]
     while todo:
@@ -41,7 +41,9 @@ def doc_sections() -> dict[str, str]:
 
 def test_every_error_class_lives_in_errors_and_is_exported():
     for cls in all_error_classes():
-        assert cls.__module__ == "hf_dspark.errors", f"{cls.__qualname__} is defined in {cls.__module__}"
+        # one file defines them all (it also ships as remote code); hf_dspark.errors is their public path
+        assert cls.__module__ == "hf_dspark.models.dspark.errors", f"{cls.__qualname__} is defined in {cls.__module__}"
+        assert getattr(errors, cls.__name__) is cls
         assert cls.__name__ in errors.__all__ and cls.__name__ in hf_dspark.__all__, cls.__name__
         assert getattr(hf_dspark, cls.__name__) is cls
         if cls is not errors.HfDSparkError:  # each one also subclasses the builtin it stands for

@@ -9,7 +9,7 @@ import torch
 from _models import tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
 
 import hf_dspark  # noqa: F401  (installs the hook)
-from hf_dspark.generation_dspark import FAST_HEAD_MAX_ROWS, activate_verify_head, skinny_linear
+from hf_dspark.models.dspark.generation_dspark import FAST_HEAD_MAX_ROWS, activate_verify_head, skinny_linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 13])
@@ -88,8 +88,8 @@ def test_nested_owners_release_in_any_order():
 
 
 def test_batched_engine_close_releases_the_head_and_profile_records_it(tmp_path):
-    from hf_dspark.batched import BatchedSpeculativeGenerator
-    from hf_dspark.latency import LatencyProfile, profile_latency
+    from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+    from hf_dspark.decoding.latency import LatencyProfile, profile_latency
 
     target = tiny_qwen3_target()
     head = target.get_output_embeddings()

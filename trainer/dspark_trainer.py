@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer
 
 from hf_dspark.losses import dspark_loss
-from hf_dspark.modeling_dspark import DSparkDraftModel
+from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel
 from .data import DSparkDataCollator
 from .feature_cache import target_features
 from .training_args import DSparkTrainingArguments

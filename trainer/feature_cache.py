@@ -157,7 +157,7 @@ def _target_geometry(config) -> dict[str, Any]:
 
 
 def resolve_layer_ids(layer_ids, num_layers: int) -> list[int]:
-    from hf_dspark.modeling_dspark import default_target_layer_ids
+    from hf_dspark.models.dspark.modeling_dspark import default_target_layer_ids
 
     if layer_ids is None:
         return default_target_layer_ids(num_layers)

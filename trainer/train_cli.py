@@ -267,7 +267,7 @@ def _check_resume_settings(output: Path, checkpoint: str, settings: dict) -> Non
 
 
 def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, target_name, checkpoint):
-    from hf_dspark.modeling_dspark import DSparkDraftModel
+    from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel
 
     output = Path(args.output)
     if checkpoint is not None and training_args.use_lora:
@@ -284,7 +284,7 @@ def _build_drafter(args, training_args, target, tokenizer, dataset, layer_ids, t
     if source is not None:
         try:
             if checkpoint is None:  # --init-draft: any drafter format (hf-dspark, DeepSpec, speculators)
-                from hf_dspark.loading import load_drafter
+                from hf_dspark.checkpoints.loading import load_drafter
 
                 draft = load_drafter(source)
             else:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from hf_dspark.configuration_dspark import MARKOV_HEAD_TYPES
+from hf_dspark.models.dspark.configuration_dspark import MARKOV_HEAD_TYPES
 from hf_dspark.errors import DSparkConfigError
 
 LORA_MODULE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

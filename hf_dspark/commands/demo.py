@@ -26,8 +26,8 @@ import sys
 
 import torch
 
-from .errors import HfDSparkError
-from .evaluation import _apply_policy, measure_generate
+from hf_dspark.errors import HfDSparkError
+from hf_dspark.evaluation.measure import apply_policy, measure_generate
 
 DEMO_PROMPTS = [
     "Question: A school bus holds 36 students. The school has 5 buses and 170 students are going on a trip. "
@@ -74,7 +74,7 @@ def tiny_models():
     """A random 4-layer Qwen3 target over 256 byte ids and a fresh drafter built for it (no download)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from .modeling_dspark import DSparkDraftModel
+    from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel
 
     torch.manual_seed(0)
     target = Qwen3ForCausalLM(
@@ -91,13 +91,13 @@ class TokenizerCodec:
     """Text <-> ids through the target's tokenizer, rendering prompts as ``hf-dspark eval`` does."""
 
     def __init__(self, tokenizer, trained_with: bool | None = None):
-        from .trainer.regenerate import resolve_chat_mode
+        from hf_dspark.trainer.regenerate import resolve_chat_mode
 
         self.tokenizer = tokenizer
         self.chat = resolve_chat_mode(tokenizer, "auto", trained_with)
 
     def encode(self, text: str) -> list[int]:
-        from .trainer.regenerate import encode_prompt
+        from hf_dspark.trainer.regenerate import encode_prompt
 
         return encode_prompt(self.tokenizer, text, self.chat)
 
@@ -107,8 +107,8 @@ class TokenizerCodec:
 
 def load_models(target_name: str, draft_name: str):
     """The target, its drafter and a codec for the demo prompts."""
-    from .loading import load_drafter
-    from .targets import load_target, resolve_draft
+    from hf_dspark.checkpoints.loading import load_drafter
+    from hf_dspark.targets import load_target, resolve_draft
 
     draft_source = resolve_draft(draft_name, target_name)  # fails fast, before the target loads
     target, tokenizer = load_target(target_name)
@@ -121,7 +121,7 @@ SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 64, "top_p": 0.95}  
 
 def _pick_dtype(args, target):
     """The target in the dtype asked for, or (``--dtype auto``) in the one measured fastest for verification."""
-    from .latency import choose_dtype
+    from hf_dspark.decoding.latency import choose_dtype
 
     if args.dtype != "auto":
         return target.to(getattr(torch, args.dtype)), None
@@ -137,7 +137,7 @@ def _pick_dtype(args, target):
 
 def _run_mode(target, draft, codec, mode: str, args) -> dict:
     """One decoding mode over the demo prompts: plain (and plain with the fused warper) vs DSpark."""
-    from .evaluation import fused_plain_kwargs
+    from hf_dspark.evaluation import fused_plain_kwargs
 
     kwargs = {"max_new_tokens": args.max_new_tokens, **(SAMPLING if mode == "sampling" else {"do_sample": False})}
     fused = fused_plain_kwargs(kwargs)
@@ -212,7 +212,7 @@ def run(args) -> int:
         if mode_policy == "cost" and not draft.generation_config.latency_table:
             print("profiling the target's verification latency on this machine (cached for later runs)...", flush=True)
         try:
-            _apply_policy(draft, mode_policy, target)
+            apply_policy(draft, mode_policy, target)
         except HfDSparkError as error:
             print(f"hf-dspark demo: error: {error}", file=sys.stderr)
             return 2

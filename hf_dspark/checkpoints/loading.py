@@ -9,7 +9,7 @@
   fields at the top level), as in DeepSeek's released drafters and in our ``--format
   deepspec|vllm|sglang`` exports (including vLLM's reduced-vocabulary tensors);
 * ``speculators``: vLLM speculators' DSpark format (``speculators_model_type: "dspark"``),
-  converted with :mod:`hf_dspark.speculators_format`.
+  converted with :mod:`hf_dspark.checkpoints.speculators_format`.
 
 Every ``--draft`` of the command line goes through it, so ``eval``, ``calibrate``,
 ``bench-batch``, ``demo``, ``export``, ``convert`` and ``train --init-draft`` accept the same
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, CorruptFileError, DraftTargetMismatchError
+from hf_dspark.errors import CheckpointError, CorruptFileError, DraftTargetMismatchError
 
 CHECKPOINT_FORMATS = ("hf-dspark", "deepspec", "speculators")
 DEEPSPEC_ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
@@ -186,9 +186,9 @@ def _needs_layout_conversion(config: dict, stored: set[str]) -> bool:
 
 def drafter_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], where: str = "the checkpoint"):
     """Build a :class:`DSparkDraftModel` from a DSparkConfig dict and a complete state dict (strict)."""
-    from .configuration_dspark import DSparkConfig
-    from .generation_dspark import default_dspark_generation_config
-    from .modeling_dspark import DSparkDraftModel
+    from hf_dspark.models.dspark.configuration_dspark import DSparkConfig
+    from hf_dspark.models.dspark.generation_dspark import default_dspark_generation_config
+    from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel
 
     try:
         config = DSparkConfig(**{k: v for k, v in config_dict.items() if k not in ("model_type",)})
@@ -236,19 +236,19 @@ def load_drafter(
     files that cannot be read or whose sha256 differs from the one ``hf-dspark export`` recorded),
     and :class:`DraftTargetMismatchError` for a drafter built for another ``target``.
     """
-    from .modeling_dspark import DSparkDraftModel, _load_dspark_generation_config
+    from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel, _load_dspark_generation_config
 
     folder = resolve_checkpoint(source)
     where = f"--draft {source}"
     config_dict = read_config_dict(folder)
     fmt = detect_checkpoint_format(config_dict, where)
-    from .verify import verify_checksums
+    from hf_dspark.checkpoints.verify import verify_checksums
 
     verify_checksums(folder)  # the sha256 hf-dspark export recorded for each weight file, if any
     stored = stored_tensor_names(folder)
     if fmt == "speculators" or (fmt == "deepspec" and _needs_layout_conversion(config_dict, stored)):
         if fmt == "speculators":
-            from .speculators_format import dspark_from_speculators
+            from hf_dspark.checkpoints.speculators_format import dspark_from_speculators
 
             config_dict, tensors = dspark_from_speculators(config_dict, read_tensors(folder), where)
         else:
@@ -256,7 +256,7 @@ def load_drafter(
         model = drafter_from_tensors(config_dict, tensors, where)
         model.generation_config = _load_dspark_generation_config(folder, {})
     else:
-        from .configuration_dspark import DSparkConfig
+        from hf_dspark.models.dspark.configuration_dspark import DSparkConfig
 
         try:
             # The config is built here: a DeepSpec model_type ("qwen3") would otherwise make transformers

@@ -64,16 +64,10 @@ import torch
 import transformers
 from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
-from transformers.generation.logits_process import (
-    LogitsProcessor,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 from transformers.generation.utils import GenerationMixin
 
 from .errors import DSparkConfigError, UnsupportedTransformersError
+from .warpers_dspark import VOCAB_LOCAL_WARPERS, FusedTopKTopPWarper, fuse_top_k_top_p
 
 SUPPORTED_TRANSFORMERS = ("5.24.0", "5.25.0")  # [min, max) tested range
 HOOKED_INTERNAL = "transformers.generation.utils.GenerationMixin._get_candidate_generator"
@@ -92,86 +86,6 @@ DEFAULT_DSPARK_GENERATION = {
     "ngram_max_size": 3,  # longest suffix n-gram searched for
     "ngram_min_size": 2,  # shortest suffix n-gram accepted as a match
 }
-
-# ----------------------------------------------------------------------------- top-k + top-p in one pass
-# transformers' TopPLogitsWarper sorts the whole vocabulary (Gemma: 262,144 entries, ~11 ms per row on one
-# CPU thread) even when a TopKLogitsWarper just left only k finite scores. Assisted decoding runs the
-# processors once per verified position, so at sampling time a round of 8 positions spent more time
-# sorting than in the draft. After top-k only its survivors can pass top-p, so the fused warper sorts
-# just those. Top-k keeps every score tied with the k-th one; such ties are rare in fp32 logits but common
-# in bf16 ones (8 mantissa bits), so the survivors are taken with their ties (a second top-k of the tied
-# count) instead of falling back to the full sort. Among scores that are exactly equal, top-p cuts the
-# lower-ranked ones first, and the fused warper ranks them by token id (lower id = kept first); torch.sort,
-# which the pair relies on, leaves that order unspecified. That is the only case where the two can differ.
-class FusedTopKTopPWarper(LogitsProcessor):
-    """Drop-in replacement for ``[TopKLogitsWarper(k), TopPLogitsWarper(p)]`` applied in that order."""
-
-    @staticmethod
-    def can_fuse(first, second) -> bool:
-        # a finite filter value gives the entries top-k removed some probability inside top-p
-        return (type(first) is TopKLogitsWarper and type(second) is TopPLogitsWarper
-                and first.filter_value == second.filter_value == -float("inf"))
-
-    def __init__(self, top_k_warper: TopKLogitsWarper, top_p_warper: TopPLogitsWarper):
-        if not self.can_fuse(top_k_warper, top_p_warper):
-            raise ValueError("only top-k and top-p warpers with filter_value=-inf can be fused")
-        self.top_k_warper = top_k_warper
-        self.top_p_warper = top_p_warper
-        self.top_k = max(int(top_k_warper.top_k), int(top_k_warper.min_tokens_to_keep))
-        self.top_p = float(top_p_warper.top_p)
-        self.min_tokens_to_keep = int(top_p_warper.min_tokens_to_keep)
-        self.filter_value = top_p_warper.filter_value
-
-    def _reference(self, input_ids, scores):
-        return self.top_p_warper(input_ids, self.top_k_warper(input_ids, scores))
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        vocab = scores.shape[-1]
-        k = min(self.top_k, vocab)
-        if k >= vocab or self.min_tokens_to_keep > k:
-            return self._reference(input_ids, scores)
-        values, indices = torch.topk(scores, k, dim=-1)  # descending
-        kth = values[..., -1:]
-        if not bool(torch.isfinite(kth).all()):
-            return self._reference(input_ids, scores)  # fewer than k finite scores: top-k keeps -inf too
-        kept = scores >= kth  # top-k's own rule: everything tied with the k-th score survives
-        width = int(kept.sum(dim=-1).max())
-        if width >= vocab:
-            return self._reference(input_ids, scores)
-        if width > k:
-            values, indices = torch.topk(scores, width, dim=-1)
-            values = values.masked_fill(values < kth, self.filter_value)  # rows with fewer ties than the widest
-        # ascending by score, exact ties by descending token id, so that lower ids are cut last
-        indices, by_id = indices.sort(dim=-1, descending=True)
-        values = values.gather(-1, by_id)
-        ascending, order = values.sort(dim=-1, stable=True)
-        indices = indices.gather(-1, order)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - self.top_p)
-        remove[..., -self.min_tokens_to_keep:] = False
-        out = torch.full_like(scores, self.filter_value)
-        return out.scatter_(-1, indices, ascending.masked_fill(remove, self.filter_value))
-
-
-def fuse_top_k_top_p(processors) -> int:
-    """Replaces, in place, each TopKLogitsWarper directly followed by a TopPLogitsWarper in ``processors``
-    (a ``LogitsProcessorList``) with one :class:`FusedTopKTopPWarper`. Returns how many pairs it fused."""
-    if processors is None:
-        return 0
-    fused, i = 0, 0
-    while i + 1 < len(processors):
-        if FusedTopKTopPWarper.can_fuse(processors[i], processors[i + 1]):
-            processors[i:i + 2] = [FusedTopKTopPWarper(processors[i], processors[i + 1])]
-            fused += 1
-        i += 1
-    return fused
-
-
-# Warpers whose result on a token depends only on the scores, not on token ids or the prefix. For them,
-# warping the draft-vocabulary logits equals warping the full-vocabulary logits (-inf outside the draft
-# vocabulary) restricted to the draft vocabulary, at 1/8 of the cost for Gemma's 262k vocabulary.
-VOCAB_LOCAL_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper,
-                       FusedTopKTopPWarper)
 
 # ----------------------------------------------------------------------------- verification LM head
 # On CPU the target's LM head dominates a small model's forward (Gemma 3 270M: 262,144 x 640). For one
@@ -349,11 +263,29 @@ def threshold_length(survival: list[float], threshold: float, min_tokens: int = 
 
 
 def latency_points(table: dict) -> list[tuple[int, float]]:
-    """Sorted (tokens, seconds) points of a latency table (JSON keys may be strings)."""
+    """Sorted (tokens, seconds) points of a latency table (JSON keys may be strings), made non-decreasing."""
     points = sorted((int(k), float(v)) for k, v in table.items())
     if not points:
         raise ValueError("latency_table is empty; profile the target with hf_dspark.profile_latency(target)")
-    return points
+    return nondecreasing_fit(points)
+
+
+def nondecreasing_fit(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The least-squares non-decreasing fit of sorted ``(x, y)`` points (pool adjacent violators).
+
+    A pass scoring more tokens never costs less, but medians of timed passes on a busy CPU can dip
+    (one measured here: 100 ms for 5 tokens, 126 ms for 6, 104 ms for 7). Left as measured, such a
+    bump ends the early-stopping scheduler's search at the bump. Points that already rise stay as they are.
+    """
+    blocks: list[list[float]] = []  # [sum of y, count], means non-decreasing from left to right
+    for _, y in points:
+        blocks.append([y, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted = [total / count for total, count in blocks for _ in range(count)]
+    return [(x, y) for (x, _), y in zip(points, fitted)]
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:
@@ -377,22 +309,30 @@ def latency_from_table(table: dict, n_tokens: int) -> float:
     return interpolate_latency(latency_points(table), n_tokens)
 
 
-def cost_length(survival: list[float], draft_seconds: float, verify_seconds, min_tokens: int = 1) -> int:
-    """Batch-1 form of the prefix scheduler (docs/design.md, "Scheduling") with early stop.
+def prefix_length(survival, round_seconds, min_tokens: int = 0) -> int:
+    """Batch-1 Algorithm 1 with early stop (docs/design.md, "Scheduling"): draft tokens to verify.
 
-    L = 0 means only the bonus token is expected. Admit token L+1 while
-    ``(1 + sum_{j<=L+1} a_j) / (T_draft + T_verify(L + 2))`` strictly improves; stop at the first
-    non-improvement. At least ``min_tokens`` are submitted (the draft cost is already paid).
+    ``round_seconds(L)`` is the time of a round verifying ``L`` draft tokens. Starting from the
+    ``min_tokens`` that must be submitted, ``L`` grows while ``(1 + a_1 + ... + a_L) / round_seconds(L)``
+    strictly improves, and stops at the first non-improvement or zero-survival token. The forced
+    tokens are fixed before any token is sampled, so the rule stays non-anticipating.
+    :func:`hf_dspark.decoding.scheduling.single_request_prefix_length` is this rule with input checks.
     """
-    expected = 1.0
-    best = expected / (draft_seconds + verify_seconds(1))
-    length = 0
-    for j, a in enumerate(survival, start=1):
-        candidate = (expected + a) / (draft_seconds + verify_seconds(1 + j))
-        if candidate <= best:
+    length = min_tokens
+    best = (1 + sum(survival[:length])) / round_seconds(length)
+    while length < len(survival) and survival[length] > 0:
+        candidate = (1 + sum(survival[: length + 1])) / round_seconds(length + 1)
+        if not candidate > best:
             break
-        expected, best, length = expected + a, candidate, j
-    return max(min(min_tokens, len(survival)), length)
+        best, length = candidate, length + 1
+    return length
+
+
+def cost_length(survival: list[float], draft_seconds: float, verify_seconds, min_tokens: int = 1) -> int:
+    """The ``cost`` policy: :func:`prefix_length` with a round costing one drafter block plus one target
+    pass over the anchor and the ``L`` draft tokens (``verify_seconds(1 + L)``)."""
+    return prefix_length(survival, lambda length: draft_seconds + verify_seconds(1 + length),
+                         min(min_tokens, len(survival)))
 
 
 def check_ngram_settings(lookup_tokens: int, max_size: int, min_size: int) -> None:
@@ -494,7 +434,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
             raise ValueError(
                 f"DSpark assisted generate() runs one sequence at a time (got batch size {input_ids.shape[0]}); "
                 "transformers' assisted decoding is batch-size-1 only. For several requests use the batched "
-                "engine: hf_dspark.batched.BatchedSpeculativeGenerator (or `hf-dspark bench-batch`)."
+                "engine: hf_dspark.decoding.batched.BatchedSpeculativeGenerator (or `hf-dspark bench-batch`)."
             )
         self.draft = assistant_model
         self.draft.bind_target(target_model)
@@ -713,7 +653,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.stats.record_round(self._submitted, int(num_matches), ngram=self._ngram_round)
         if self._ngram_round:
             return
-        # Opt-in per-round record for calibration (hf_dspark.calibration): set draft.record_rounds = [].
+        # Opt-in per-round record for calibration (hf_dspark.decoding.calibration): set draft.record_rounds = [].
         rounds = getattr(self.draft, "record_rounds", None)
         if isinstance(rounds, list):
             conf = self._last_confidence
@@ -820,11 +760,13 @@ __all__ = [
     "install_generate_hook",
     "is_dspark_drafter",
     "cost_length",
+    "prefix_length",
     "check_dspark_generation_setting",
     "check_ngram_settings",
     "ngram_continuation",
     "threshold_length",
     "interpolate",
+    "nondecreasing_fit",
     "latency_from_table",
     "prefix_survival",
     "HOOKED_INTERNAL",

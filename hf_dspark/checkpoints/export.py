@@ -18,7 +18,7 @@ Formats
 * ``vllm`` / ``sglang``: the DeepSpec Qwen3 layout as those engines' native DSpark loaders read
   it (engine-specific tensors and restrictions).
 * ``speculators``: vLLM speculators' DSpark format (``speculators_model_type: "dspark"``), see
-  :mod:`hf_dspark.speculators_format`.
+  :mod:`hf_dspark.checkpoints.speculators_format`.
   The field mapping, its sources and what is assumed are in ``docs/serving.md``.
 
 Every export first loads the drafter with ``DSparkDraftModel.from_pretrained`` and refuses
@@ -37,20 +37,18 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-from .configuration_dspark import DSparkConfig
-from .errors import CheckpointError, DSparkConfigError, HfDSparkError
-from .loading import resolve_checkpoint
-from .model_card import DEFAULT_LICENSE, render_engine_card, render_model_card
+from hf_dspark.models.dspark.configuration_dspark import DSparkConfig
+from hf_dspark.errors import CheckpointError, DSparkConfigError, HfDSparkError
+from hf_dspark.checkpoints.loading import resolve_checkpoint
+from hf_dspark.checkpoints.model_card import DEFAULT_LICENSE, render_engine_card, render_model_card
 
 EXPORT_FORMATS = ("hub", "deepspec", "vllm", "sglang", "speculators")
 # formats written in DeepSpec's save_pretrained layout
@@ -58,8 +56,8 @@ DEEPSPEC_LAYOUT_FORMATS = ("deepspec", "vllm", "sglang")
 # The remote code of a hub export: these package files, written from the package at export time
 # (the package is their one source; tests/test_remote_code.py keeps every shipped copy equal to it).
 REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_layers.py", "modeling_dspark_gemma4.py",
-                     "generation_dspark.py", "errors.py")
-PACKAGE_DIR = Path(__file__).resolve().parent
+                     "generation_dspark.py", "warpers_dspark.py", "errors.py")
+REMOTE_CODE_DIR = Path(__file__).resolve().parents[1] / "models" / "dspark"  # the one source of the remote code
 CARD_INPUTS_FILE = "dspark_card.json"
 ENGINE_ARCHITECTURE = "Qwen3DSparkModel"
 GEMMA4_ENGINE_ARCHITECTURE = "Gemma4DSparkModel"
@@ -106,14 +104,14 @@ def _prepare_output(output_dir: Path, draft_dir: Path, overwrite: bool) -> None:
 
 # ----------------------------------------------------------------------------- loading
 def load_checked_drafter(draft_dir: str | os.PathLike, target_model_name: str | None = None):
-    """Load a drafter folder (any format :func:`hf_dspark.loading.load_drafter` reads), refusing
+    """Load a drafter folder (any format :func:`hf_dspark.checkpoints.loading.load_drafter` reads), refusing
     checkpoints that cannot be shipped.
 
     Raises :class:`CheckpointError` when ``config.json`` is missing or invalid, when
     ``target_model_name`` is unset (and not given), or when the stored tensors and the config
     disagree (missing, mis-shaped or unexpected tensors).
     """
-    from .loading import load_drafter
+    from hf_dspark.checkpoints.loading import load_drafter
 
     path = Path(draft_dir)
     model = load_drafter(path)
@@ -130,7 +128,7 @@ def load_checked_drafter(draft_dir: str | os.PathLike, target_model_name: str | 
 
 def _card_inputs(draft_dir: Path, eval_json, recipe, license) -> tuple[list[dict], str | None, str]:
     """Card inputs: explicit arguments win, else those recorded by a previous export of ``draft_dir``."""
-    from .model_card import load_eval_results
+    from hf_dspark.checkpoints.model_card import load_eval_results
 
     recorded = {}
     if (draft_dir / CARD_INPUTS_FILE).is_file():
@@ -147,7 +145,7 @@ def write_remote_code(folder: str | os.PathLike) -> list[Path]:
     copied, e.g. the code of a drafter loaded with ``trust_remote_code``, is replaced)."""
     written = []
     for name in REMOTE_CODE_FILES:
-        source = PACKAGE_DIR / name
+        source = REMOTE_CODE_DIR / name
         if not source.is_file():
             raise HfDSparkError(f"the installed hf_dspark package lacks {source}; reinstall hf-dspark")
         shutil.copyfile(source, Path(folder) / name)
@@ -168,7 +166,7 @@ def _export_hub(model, draft_dir: Path, output_dir: Path, eval_json, recipe, lic
     generation = json.loads((output_dir / "generation_config.json").read_text())
     card = render_model_card(model.config, generation, evals, recipe=recipe, license=license, repo_id=repo_id)
     (output_dir / "README.md").write_text(card)
-    from .verify import weight_checksums
+    from hf_dspark.checkpoints.verify import weight_checksums
 
     # The sha256 of each weight file, checked by from_pretrained, `hf-dspark verify` and `hf-dspark push`.
     _write_json(output_dir / CARD_INPUTS_FILE, {"eval_results": evals, "license": license, "recipe": recipe,
@@ -183,7 +181,7 @@ def _engine_error(field: str, value, engine: str, fix: str) -> DSparkConfigError
 def check_engine_support(config: DSparkConfig, engine: str, expand_draft_vocab: bool = False) -> None:
     """Refuse drafters the engine's DSpark loader (as documented in docs/serving.md) cannot represent."""
     if engine == "speculators":
-        from .speculators_format import check_speculators_support
+        from hf_dspark.checkpoints.speculators_format import check_speculators_support
 
         check_speculators_support(config)
         return
@@ -446,7 +444,7 @@ def _export_engine(model, output_dir: Path, engine: str, target, expand_draft_vo
     if engine in ("vllm", "speculators") and needs_head and target is not None:
         head = read_target_output_embedding(target, config)
     if engine == "speculators":
-        from .speculators_format import speculators_config, speculators_state_dict
+        from hf_dspark.checkpoints.speculators_format import speculators_config, speculators_state_dict
 
         tensors = speculators_state_dict(model, head)
         data = speculators_config(config, _target_architectures(target))
@@ -490,7 +488,7 @@ def export_drafter(
     ngram_lookup_tokens: int | None = None,
     target_model_name: str | None = None,
 ) -> Path:
-    """Export the drafter saved in ``draft_dir`` (any format :func:`hf_dspark.loading.load_drafter`
+    """Export the drafter saved in ``draft_dir`` (any format :func:`hf_dspark.checkpoints.loading.load_drafter`
     reads: ours, DeepSpec, speculators) to ``output_dir`` and return ``output_dir``.
 
     Args:
@@ -507,7 +505,7 @@ def export_drafter(
         expand_draft_vocab: allow an SGLang export of a reduced-vocabulary drafter (see docs/serving.md).
         overwrite: replace an existing export in ``output_dir``.
         ngram_lookup_tokens: hub format: store this ``ngram_lookup_tokens`` in the exported
-            ``generation_config.json`` (n-gram rounds, see :mod:`hf_dspark.generation_dspark`;
+            ``generation_config.json`` (n-gram rounds, see :mod:`hf_dspark.models.dspark.generation_dspark`;
             0 turns them off); ``None`` keeps the drafter's setting.
         target_model_name: the target's Hub id, for checkpoints that do not record it (DeepSpec's).
     """
@@ -568,7 +566,7 @@ def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
             files.append((relative, path.stat().st_size))
     if not any(name.endswith(".safetensors") for name, _ in files):
         raise CheckpointError(f"--draft {folder} holds no *.safetensors weights")
-    from .verify import verify_checksums
+    from hf_dspark.checkpoints.verify import verify_checksums
 
     verify_checksums(folder)  # weights whose bytes changed since the export are not uploaded
     return files
@@ -607,86 +605,6 @@ def _human_size(num_bytes: int) -> str:
     return f"{size:.1f} GB"
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--draft", required=True, metavar="DIR_OR_ID",
-                        help="Trained drafter folder (draft.save_pretrained) or the Hub id of an exported drafter.")
-    parser.add_argument("--output", required=True, metavar="OUT", help="Folder to write (must be new or empty).")
-    parser.add_argument("--format", default="hub", choices=EXPORT_FORMATS,
-                        help="hub: transformers / Hub repository (default); deepspec: DeepSpec's layout; vllm / sglang: "
-                             "engine-native layout; speculators: vLLM speculators' DSpark format.")
-    parser.add_argument("--eval-json", nargs="+", default=None, metavar="FILE",
-                        help="`hf-dspark eval` results to put on the model card (hub).")
-    parser.add_argument("--recipe", default=None, metavar="COMMAND", help="Training command shown on the card (hub).")
-    parser.add_argument("--license", default=None,
-                        help=f"Hub license id for the card (default {DEFAULT_LICENSE}; use your target's license).")
-    parser.add_argument("--repo-id", default=None, metavar="ORG/NAME", help="Hub id used in the card's usage snippet.")
-    parser.add_argument("--target", default=None, metavar="DIR_OR_ID",
-                        help="Target weights: read for a vLLM / speculators export of a reduced-vocabulary drafter, "
-                             "and stored as embed_tokens / lm_head by a deepspec export.")
-    parser.add_argument("--target-name", default=None, metavar="HUB_ID",
-                        help="The target's Hub id, for drafters that do not record it (DeepSpec checkpoints).")
-    parser.add_argument("--expand-draft-vocab", action="store_true",
-                        help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/serving.md).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing export in --output.")
-    parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
-                        help="hub: turn on n-gram rounds in the exported generation_config.json (copy up to N tokens "
-                             "after an earlier match of the last tokens instead of drafting; 0 = off; "
-                             "default: keep the drafter's setting).")
-
-
-def _cli_error(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
-
-
-def run_export(args: argparse.Namespace) -> int:
-    try:
-        out = export_drafter(
-            args.draft, args.output, format=args.format, eval_json=args.eval_json, recipe=args.recipe,
-            license=args.license, repo_id=args.repo_id, target=args.target,
-            expand_draft_vocab=args.expand_draft_vocab, overwrite=args.overwrite,
-            ngram_lookup_tokens=args.ngram_lookup, target_model_name=args.target_name,
-        )
-    except (HfDSparkError, FileExistsError, ValueError) as exc:
-        return _cli_error(exc)
-    print(f"exported {args.draft} ({args.format}) -> {out}")
-    for path in sorted(out.iterdir()):
-        print(f"  {path.name:32s} {_human_size(path.stat().st_size):>10s}")
-    return 0
-
-
-def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--draft", required=True, metavar="OUT", help="Folder written by `hf-dspark export`.")
-    parser.add_argument("--repo", required=True, metavar="ORG/NAME", help="Hub model repository (created if needed).")
-    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--dry-run", action="store_true", help="List what would be uploaded; no network access.")
-    parser.add_argument("--commit-message", default=None, help="Commit message of the upload.")
-
-
-def run_push(args: argparse.Namespace) -> int:
-    try:
-        result = push_drafter(args.draft, args.repo, private=args.private, dry_run=args.dry_run,
-                              commit_message=args.commit_message)
-    except (HfDSparkError, ValueError) as exc:
-        return _cli_error(exc)
-    card = Path(args.draft) / CARD_INPUTS_FILE
-    if json.loads((Path(args.draft) / "config.json").read_text()).get("model_type") == "dspark" and not (
-        card.is_file() and "weights_sha256" in json.loads(card.read_text())
-    ):
-        print(f"Warning: {args.draft} records no sha256 of its weights, so nobody can check them after the upload; "
-              "export it again with `hf-dspark export` to record them.", file=sys.stderr)
-    if args.dry_run:
-        visibility = "private" if args.private else "public"
-        print(f"dry run: would upload {len(result)} files to https://huggingface.co/{args.repo} ({visibility}):")
-        for name, size in result:
-            print(f"  {name:32s} {_human_size(size):>10s}")
-        print(f"  total {_human_size(sum(size for _, size in result))}")
-    else:
-        print(f"uploaded {args.draft} -> {result}")
-    return 0
-
-
 __all__ = [
     "EXPORT_FORMATS",
     "export_drafter",
@@ -696,9 +614,4 @@ __all__ = [
     "check_engine_support",
     "read_target_output_embedding",
     "upload_plan",
-    "push_drafter",
-    "add_export_arguments",
-    "run_export",
-    "add_push_arguments",
-    "run_push",
-]
+    "push_drafter"]

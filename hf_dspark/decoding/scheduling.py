@@ -37,6 +37,8 @@ import math
 from numbers import Real
 from typing import Callable, Sequence, Union
 
+from hf_dspark.models.dspark.generation_dspark import prefix_length
+
 __all__ = [
     "StepsPerSecond",
     "prefix_schedule",
@@ -410,20 +412,13 @@ def single_request_prefix_length(
     if min_tokens > len(row):
         raise ValueError(f"min_tokens={min_tokens} exceeds the draft length {len(row)}")
 
-    def rate(length: int):
+    def checked_seconds(length: int) -> float:
         seconds = round_seconds(length)
         if not _is_finite_real(seconds) or seconds <= 0:
             raise ValueError(f"round time for {length} draft tokens must be a finite number > 0, got {seconds!r}")
-        return (1 + sum(row[:length])) / seconds
+        return seconds
 
-    length = min_tokens
-    best = rate(length)
-    while length < len(row) and row[length] > 0:
-        candidate = rate(length + 1)
-        if not candidate > best:
-            break
-        best, length = candidate, length + 1
-    return length
+    return prefix_length(row, checked_seconds, min_tokens)
 
 
 def cost_policy_length(
@@ -436,7 +431,7 @@ def cost_policy_length(
     """The "cost" policy of HF ``generate``: number of draft tokens to verify for one request.
 
     ``verify_seconds(n)`` is the time of one target pass scoring ``n`` tokens (the anchor plus
-    ``n - 1`` draft tokens, e.g. :meth:`hf_dspark.latency.LatencyProfile.verify_seconds`);
+    ``n - 1`` draft tokens, e.g. :meth:`hf_dspark.decoding.latency.LatencyProfile.verify_seconds`);
     ``draft_seconds`` is the (length-independent) time of one drafter block. Maximises
     ``(1 + sum_{j<=L} a_j) / (draft_seconds + verify_seconds(1 + L))`` with the early-stop rule
     of :func:`single_request_prefix_length`. With ``draft_seconds=0`` this is exactly

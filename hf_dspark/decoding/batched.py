@@ -11,7 +11,7 @@ serves many requests with continuous batching. Each round:
 3. the scheduler chooses how many draft tokens each request verifies;
 4. ONE target forward scores ``[anchor, x_1 .. x_l]`` of every request, right-padded to the
    longest row (logits only for the real tokens);
-5. :func:`hf_dspark.verification.verify_block` accepts/rejects per request (exact speculative
+5. :func:`hf_dspark.decoding.verification.verify_block` accepts/rejects per request (exact speculative
    sampling, or argmax matching for greedy decoding); the target features of the anchor and the
    accepted tokens wait for the request's next drafter call;
 6. requests that produced EOS or reached ``max_new_tokens`` (possibly in the middle of a
@@ -24,33 +24,33 @@ Schedulers
 * ``"threshold"``: cut where the calibrated prefix survival falls below a threshold.
 * ``"algorithm1"``: the paper's hardware-aware prefix scheduler on the current drafts. The
   objective is the expected committed tokens per second of the whole round, with the time from
-  :class:`hf_dspark.round_cost.RoundCost`: the right-padded target pass (the profiled step-rate
+  :class:`hf_dspark.decoding.round_cost.RoundCost`: the right-padded target pass (the profiled step-rate
   curve of the dtype in use) plus the drafter. Before drafting, the best allocation on each
   request's prediction from the previous round (:meth:`~BatchedSpeculativeGenerator._plan`)
   decides who drafts: a request it gives no token skips the drafter, and when no allocation beats
   a plain decoding step nobody drafts (so a round is never planned slower than plain decoding).
   After drafting, greedy decoding takes the best allocation over every width cap
-  (:func:`hf_dspark.scheduling.best_padded_allocation`: greedy output does not depend on the
+  (:func:`hf_dspark.decoding.scheduling.best_padded_allocation`: greedy output does not depend on the
   counts), sampling walks the admission path with Algorithm 1's early stop
-  (:func:`hf_dspark.scheduling.padded_schedule`), which exactness needs.
+  (:func:`hf_dspark.decoding.scheduling.padded_schedule`), which exactness needs.
 * ``"async"``: the paper's production variant. The plan runs on predictions made two rounds
-  earlier (requests too new for that use a stated prior, :class:`hf_dspark.round_plan.RoundPlanner`) with
+  earlier (requests too new for that use a stated prior, :class:`hf_dspark.decoding.round_plan.RoundPlanner`) with
   a search over the whole path and every cap, allowed because none of its inputs depends on the
   current drafts. It fixes who drafts, the budget ``K`` (its total) and a width cap (its widest
   request); the current survival only ranks the candidates, and the top ``K`` are verified
-  (:func:`hf_dspark.scheduling.top_k_prefix`). Lossless for sampling too (Appendix A of the paper;
+  (:func:`hf_dspark.decoding.scheduling.top_k_prefix`). Lossless for sampling too (Appendix A of the paper;
   ``tests/test_batched.py`` reproduces the bias of a global search on current scores).
 * ``"plain"``: no drafting and no n-gram rounds: plain continuous-batching decoding through the
   same engine (the baseline of ``hf-dspark bench-serve``).
 
 A request that skips the drafter (n-gram round, or a round the plan kept it off) keeps the
-target features of the tokens it commits in :class:`hf_dspark.ragged.PendingFeatures`; its next
+target features of the tokens it commits in :class:`hf_dspark.decoding.ragged.PendingFeatures`; its next
 drafter call reads all of them, so its drafter context is complete again (the catch-up costs
 the projection and keys/values of those few tokens, inside that call).
 
 With ``ngram_lookup_tokens > 0`` a request whose last tokens occurred earlier in its prompt or
 output submits the tokens that followed them instead of a drafted block (n-gram rounds, as in
-:mod:`hf_dspark.generation_dspark`; a one-hot proposal when sampling). The schedulers see, for
+:mod:`hf_dspark.models.dspark.generation_dspark`; a one-hot proposal when sampling). The schedulers see, for
 such a row, the acceptance n-gram proposals had so far at each position (a running estimate from
 past rounds only, so the cut stays non-anticipating).
 
@@ -75,7 +75,7 @@ quarter of the cache, the valid slots of every row are gathered to the right (``
 leaving rows are dropped with ``index_select``; joining rows are left-padded to the running
 length. The drafter's context cache is handled by the same table (a drafter call over some of the
 rows works on a copy of their rows and merges the appended slots back, the other rows getting as
-many invalid slots). The caches live in :mod:`hf_dspark.ragged`.
+many invalid slots). The caches live in :mod:`hf_dspark.decoding.ragged`.
 
 The target cache is a ``DynamicCache()`` built without a config: every layer is a plain
 ``DynamicLayer`` that keeps all slots, including layers the model runs with a sliding window
@@ -100,19 +100,19 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessorList
 
-from .batch_requests import SamplingSettings, SpeculativeRequest
-from .generation_dspark import (
+from hf_dspark.decoding.batch_requests import SamplingSettings, SpeculativeRequest
+from hf_dspark.models.dspark.generation_dspark import (
     VOCAB_LOCAL_WARPERS,
     activate_verify_head,
     check_ngram_settings,
     fuse_top_k_top_p,
     ngram_continuation,
 )
-from .modeling_dspark import DSparkDraftCache
-from .ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
-from .round_cost import RoundCost, measure_head_seconds_per_token, measure_seconds
-from .round_plan import RoundPlanner
-from .verification import verify_block
+from hf_dspark.models.dspark.modeling_dspark import DSparkDraftCache
+from hf_dspark.decoding.ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
+from hf_dspark.decoding.round_cost import RoundCost, measure_head_seconds_per_token, measure_seconds
+from hf_dspark.decoding.round_plan import RoundPlanner
+from hf_dspark.decoding.verification import verify_block
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +144,9 @@ class BatchedSpeculativeGenerator:
             ``"full"`` (verify the whole block), ``"threshold"`` (cut at prefix survival <
             ``confidence_threshold``) or ``"plain"`` (no drafting at all: plain continuous-batching
             decoding, the baseline of ``bench-serve``). See "Schedulers" in the module docstring.
-        latency_profile: a :class:`hf_dspark.latency.LatencyProfile` of the target; with
+        latency_profile: a :class:`hf_dspark.decoding.latency.LatencyProfile` of the target; with
             ``"algorithm1"``/``"async"`` and ``None`` it is measured (and cached) on first use.
-        round_cost: a :class:`hf_dspark.round_cost.RoundCost` (target profile, drafter and LM-head
+        round_cost: a :class:`hf_dspark.decoding.round_cost.RoundCost` (target profile, drafter and LM-head
             times); ``None`` builds one on first use from ``latency_profile`` and timings of this
             drafter and head.
         max_batch_size: most requests decoded at once; the rest wait in a queue.
@@ -277,7 +277,7 @@ class BatchedSpeculativeGenerator:
         """The round-time model of the schedulers, built (and timed) on first use."""
         if self.round_cost is None:
             if self.latency_profile is None:
-                from .latency import profile_latency
+                from hf_dspark.decoding.latency import profile_latency
 
                 sizes = sorted({b for b in (1, 2, 4, 8, 16, 32) if b <= self.max_batch_size} | {self.max_batch_size})
                 logger.info("profiling the target's latency for the prefix scheduler (batch sizes %s)", sizes)
@@ -479,7 +479,7 @@ class BatchedSpeculativeGenerator:
 
     # ---------------------------------------------------------------- planning (before the drafter runs)
     def _plan(self, limits: list[int]) -> list[int]:
-        """Rows that run the drafter this round (:meth:`hf_dspark.round_plan.RoundPlanner.plan`)."""
+        """Rows that run the drafter this round (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.plan`)."""
         ngram_survival = [None if found is None else self._ngram_survival(found.shape[0]) for found in self._ngram_found]
         return self.planner.plan(self._active, limits, ngram_survival, self.stats["rounds"], self.stats)
 
@@ -583,7 +583,7 @@ class BatchedSpeculativeGenerator:
 
     # ---------------------------------------------------------------- scheduling (after the drafter ran)
     def _schedule(self, survival, limits: list[int], drafted_rows: int = 0) -> list[int]:
-        """Draft tokens each request verifies (:meth:`hf_dspark.round_plan.RoundPlanner.schedule`)."""
+        """Draft tokens each request verifies (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.schedule`)."""
         return self.planner.schedule(survival, limits, drafted_rows, self.sampling.do_sample)
 
     # ---------------------------------------------------------------- verification

@@ -4,10 +4,10 @@ For every concurrency ``C`` the same prompts are decoded, in one process, by eac
 ``--methods`` (default: all four):
 
 * ``plain``: transformers' batched ``generate`` (left-padded batches of ``C`` prompts);
-* ``full``: :class:`~hf_dspark.batched.BatchedSpeculativeGenerator` with ``C`` requests in flight,
+* ``full``: :class:`~hf_dspark.decoding.batched.BatchedSpeculativeGenerator` with ``C`` requests in flight,
   every request verifying its whole draft block;
 * ``scheduler``: the same engine with the hardware-aware prefix scheduler (Algorithm 1) fed
-  with the round's time model (:class:`~hf_dspark.round_cost.RoundCost`: the target's measured
+  with the round's time model (:class:`~hf_dspark.decoding.round_cost.RoundCost`: the target's measured
   latency curve, ``profile_latency``, cached on disk, plus the drafter's measured time);
 * ``async``: the engine with the asynchronous scheduler (budget from predictions two rounds old);
 * ``plain_engine`` (only when asked for): the engine without drafting, i.e. plain
@@ -40,8 +40,8 @@ from typing import Sequence
 
 import torch
 
-from .batched import BatchedSpeculativeGenerator
-from .errors import DSparkConfigError
+from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.errors import DSparkConfigError
 
 METHODS = ("plain", "full", "scheduler", "async")
 EXTRA_METHODS = ("plain_engine",)
@@ -292,7 +292,6 @@ def plot_results(results: dict, path: str | Path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="target model: Hub id, local folder or 'gemma-3-270m'")
     parser.add_argument("--draft", required=True, help="drafter folder (save_pretrained output)")
@@ -330,10 +329,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_draft(name: str, target, target_name: str, device):
-    from .loading import load_drafter
+    from hf_dspark.checkpoints.loading import load_drafter
 
     if not Path(name).expanduser().exists():
-        from . import targets
+        from hf_dspark import targets
 
         resolve = getattr(targets, "resolve_draft", None)
         if resolve is None:
@@ -346,12 +345,12 @@ def _load_draft(name: str, target, target_name: str, device):
 
 
 def _prompt_ids(args, tokenizer, trained_with: bool | None = None) -> list[list[int]]:
-    from .trainer.regenerate import encode_prompt, resolve_chat_mode
+    from hf_dspark.trainer.regenerate import encode_prompt, resolve_chat_mode
 
     count = args.num_prompts or 2 * max(args.concurrency)
     chat = resolve_chat_mode(tokenizer, args.chat_template, trained_with)
     if args.prompts:
-        from .trainer.prompts import load_prompts
+        from hf_dspark.trainer.prompts import load_prompts
 
         rows = load_prompts(args.prompts, num_prompts=count, seed=args.seed)
         texts = [row["turns"][0] for row in rows]
@@ -412,8 +411,8 @@ class BenchSetup:
 
 def load_setup(args: argparse.Namespace, batch_sizes: Sequence[int]) -> BenchSetup:
     """Threads, target (``--dtype``), drafter (``--draft-dtype``), latency profile up to ``batch_sizes``."""
-    from .latency import LatencyProfile, format_table, profile_latency
-    from .targets import load_target
+    from hf_dspark.decoding.latency import LatencyProfile, format_table, profile_latency
+    from hf_dspark.targets import load_target
 
     if args.threads is not None:
         if args.threads < 1:

@@ -15,13 +15,12 @@ Besides the checksums, every tensor must parse and hold finite values.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
-from .errors import CheckpointError, CorruptFileError
-from .modeling_dspark import CARD_FILE, CHECKSUMS_KEY, check_weight_checksums, file_sha256
+from hf_dspark.errors import CheckpointError, CorruptFileError
+from hf_dspark.models.dspark.modeling_dspark import check_weight_checksums, file_sha256
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -79,25 +78,4 @@ def check_tensors(folder: str | os.PathLike) -> int:
     return count
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", metavar="DIR", help="Drafter folder (an `hf-dspark export` or any save_pretrained).")
-
-
-def run(args: argparse.Namespace) -> int:
-    folder = Path(args.folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; pass a drafter folder (an `hf-dspark export` output).")
-    checked = verify_checksums(folder)
-    tensors = check_tensors(folder)
-    for name, digest in checked.items():
-        print(f"  {name:32s} sha256 {digest}  ok")
-    if checked:
-        print(f"{folder}: {len(checked)} weight file(s) match the sha256 recorded in {CARD_FILE}; "
-              f"{tensors} tensors parse and are finite.")
-    else:
-        print(f"Warning: {folder} records no sha256 of its weights ({CARD_FILE} '{CHECKSUMS_KEY}'; `hf-dspark "
-              f"export` writes it), so flipped bytes cannot be detected; {tensors} tensors parse and are finite.")
-    return 0
-
-
-__all__ = ["weight_files", "weight_checksums", "verify_checksums", "check_tensors", "add_arguments", "run"]
+__all__ = ["weight_files", "weight_checksums", "verify_checksums", "check_tensors"]

@@ -20,7 +20,7 @@ decoding's capacity (``--load``): plain is first run with every request arriving
 its throughput divided by the mean output length is the rate it can sustain.
 
 Modes: ``plain`` (the engine without drafting: plain continuous-batching decoding), ``full``,
-``algorithm1`` and ``async`` (see :mod:`hf_dspark.batched`). Every mode decodes the same
+``algorithm1`` and ``async`` (see :mod:`hf_dspark.decoding.batched`). Every mode decodes the same
 requests at the same arrival times in one process. Idle stretches (nothing in flight, nothing
 queued) are skipped on the clock instead of slept through, which changes no measured time.
 
@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +51,9 @@ from typing import Sequence
 
 import torch
 
-from .batched import BatchedSpeculativeGenerator
-from .bench_batch import _prompt_ids, load_setup, profile_batch_sizes
-from .errors import DSparkConfigError
+from hf_dspark.commands.bench_batch import _prompt_ids, load_setup, profile_batch_sizes
+from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.errors import DSparkConfigError
 
 MODES = {"plain": "plain", "full": "full", "algorithm1": "algorithm1", "async": "async"}
 
@@ -296,7 +295,6 @@ def plot_results(results: dict, path: str | Path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="target model: Hub id, local folder or 'gemma-3-270m'")
     parser.add_argument("--draft", required=True, help="drafter folder (save_pretrained output)")

@@ -1,6 +1,6 @@
 """Ragged KV caches of the batched engine: per-row slot bookkeeping, row selection, merging, compaction.
 
-See :mod:`hf_dspark.batched` ("Ragged KV caches") for why slots are never cropped: every forward
+See :mod:`hf_dspark.decoding.batched` ("Ragged KV caches") for why slots are never cropped: every forward
 appends the same number of slots to every row, :class:`RaggedSlots` records which slots hold a
 committed token and at which position, and :func:`ragged_causal_mask` turns that table into the
 4-D attention mask of the next forward.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .modeling_dspark import DSparkDraftCache
+from hf_dspark.models.dspark.modeling_dspark import DSparkDraftCache
 
 __all__ = ["RaggedSlots", "ragged_causal_mask"]
 

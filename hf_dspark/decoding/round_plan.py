@@ -1,8 +1,8 @@
 """The batched engine's two decisions per round: who runs the drafter, and how much each request verifies.
 
-:class:`RoundPlanner` holds what the schedulers of :mod:`hf_dspark.batched` remember between
+:class:`RoundPlanner` holds what the schedulers of :mod:`hf_dspark.decoding.batched` remember between
 rounds (each request's latest survival predictions, the prior, the last plan) and makes both
-decisions from a :class:`~hf_dspark.round_cost.RoundCost`:
+decisions from a :class:`~hf_dspark.decoding.round_cost.RoundCost`:
 
 * :meth:`RoundPlanner.plan`, before the drafter runs, from information fixed before any of the
   round's tokens exist (predictions of earlier rounds, n-gram estimates, the cost model);
@@ -12,16 +12,16 @@ Why the ``async`` scheduler stays lossless with a search that has no early stop:
 its width cap and the set of drafting requests come from :meth:`plan`, whose inputs are all fixed
 before the current drafts were sampled; the current survival only ranks the candidates, and the
 rank of ``(r, j)`` depends on nothing sampled at or after ``x_{r,j}`` (see
-:func:`hf_dspark.scheduling.top_k_prefix`).
+:func:`hf_dspark.decoding.scheduling.top_k_prefix`).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .generation_dspark import threshold_length
-from .round_cost import RoundCost
-from .scheduling import best_padded_allocation, padded_schedule, top_k_prefix
+from hf_dspark.models.dspark.generation_dspark import threshold_length
+from hf_dspark.decoding.round_cost import RoundCost
+from hf_dspark.decoding.scheduling import best_padded_allocation, padded_schedule, top_k_prefix
 
 __all__ = ["RoundPlanner"]
 
@@ -103,7 +103,7 @@ class RoundPlanner:
         ``ngram_survival[r]`` is the running estimate of a row that copies an n-gram this round (it
         never drafts), ``None`` otherwise. ``full``/``threshold``: every other row with room to verify.
         ``algorithm1``/``async``: the best allocation of the right-padded round, drafter time included
-        (:func:`~hf_dspark.scheduling.best_padded_allocation`), on each row's stale prediction; rows it
+        (:func:`~hf_dspark.decoding.scheduling.best_padded_allocation`), on each row's stale prediction; rows it
         gives no token do not draft, and when it gives none at all the round is a plain decoding step.
         The allocation is kept: ``async`` verifies its total along the current ranking."""
         candidates = [row for row, limit in enumerate(limits) if limit > 0 and ngram_survival[row] is None]

@@ -1,4 +1,4 @@
-"""Requests and decoding settings of the batched engine (:mod:`hf_dspark.batched`)."""
+"""Requests and decoding settings of the batched engine (:mod:`hf_dspark.decoding.batched`)."""
 
 from __future__ import annotations
 

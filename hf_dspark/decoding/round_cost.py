@@ -1,13 +1,13 @@
 """What one round of the batched engine costs: the target's right-padded pass plus the drafter.
 
-The batched engine (:mod:`hf_dspark.batched`) chooses per round which requests run the drafter
+The batched engine (:mod:`hf_dspark.decoding.batched`) chooses per round which requests run the drafter
 and how many draft tokens each verifies. Both choices trade expected committed tokens against
 time, so it needs the time of a round for any allocation:
 
 ``seconds = verify(R, width, tokens) + draft(drafted_rows)``
 
 * ``verify(R, width, tokens)``: one target pass over ``R`` rows right-padded to ``width`` slots.
-  :class:`~hf_dspark.latency.LatencyProfile` measures ``R`` rows x ``width`` tokens with logits
+  :class:`~hf_dspark.decoding.latency.LatencyProfile` measures ``R`` rows x ``width`` tokens with logits
   for every slot; the engine computes logits only for the ``tokens`` slots that hold real tokens,
   so the LM head time of the padding slots (``head_seconds_per_token`` each) is taken off.
 * ``draft(m)``: one batched drafter call for ``m`` rows (0 when no row drafts), measured by the
@@ -26,8 +26,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .generation_dspark import interpolate
-from .latency import LatencyProfile
+from hf_dspark.models.dspark.generation_dspark import interpolate
+from hf_dspark.decoding.latency import LatencyProfile
 
 __all__ = ["RoundCost", "measure_seconds", "measure_head_seconds_per_token"]
 
@@ -68,7 +68,7 @@ class RoundCost:
 
     def round_seconds(self, rows: int, max_width: int, sunk_draft_seconds: float | None = None
                       ) -> Callable[[int, int, int], float]:
-        """A :data:`hf_dspark.scheduling.RoundSeconds` for ``rows`` requests (widths up to ``max_width``).
+        """A :data:`hf_dspark.decoding.scheduling.RoundSeconds` for ``rows`` requests (widths up to ``max_width``).
 
         ``sunk_draft_seconds`` fixes the drafter term (the drafter already ran this round: its time
         is part of the round whatever is verified); otherwise it is ``drafter_seconds(drafted_rows)``.

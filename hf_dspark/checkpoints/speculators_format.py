@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CheckpointError, DSparkConfigError
+from hf_dspark.errors import CheckpointError, DSparkConfigError
 
 SPECULATORS_VERSION = "0.9.0"
 # hf-dspark settings stored under "hf_dspark" in a speculators config.json.
@@ -216,7 +216,7 @@ def dspark_from_speculators(config: dict, tensors: dict[str, torch.Tensor], wher
         draft_to_target = d2t.long() + torch.arange(d2t.numel())
         if t2d is not None and not torch.equal(t2d.bool().nonzero().flatten(), draft_to_target.sort().values):
             raise CheckpointError(f"{where}: t2d and d2t disagree on the draft vocabulary")
-        from .loading import _draft_rows_of_w1
+        from hf_dspark.checkpoints.loading import _draft_rows_of_w1
 
         w1_key = "markov_head.markov_w1.weight"
         if w1_key in tensors:

@@ -4,7 +4,7 @@ The card text lives in one place, ``hf_dspark/assets/model_card_template.md`` (s
 data); :func:`render_model_card` fills it from the drafter's config, its decoding settings, the
 training recipe and any number of evaluation JSONs written by ``hf-dspark eval``.
 ``model_cards/dspark_drafter.md`` at the repository root is a rendered example, regenerated with
-``python -m hf_dspark.model_card > model_cards/dspark_drafter.md`` (a test keeps it in sync).
+``python -m hf_dspark.checkpoints.model_card > model_cards/dspark_drafter.md`` (a test keeps it in sync).
 
 Evaluation JSON shape (every key optional, unknown keys ignored)::
 
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-TEMPLATE_PATH = Path(__file__).parent / "assets" / "model_card_template.md"
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "assets" / "model_card_template.md"
 CARD_TAGS = ("speculative-decoding", "dspark", "draft-model", "hf-dspark")
 DEFAULT_LICENSE = "apache-2.0"
 
@@ -272,7 +272,7 @@ def render_model_card(
     repo_id: str | None = None,
 ) -> str:
     """Return the README.md text (YAML metadata + body) of an exported drafter."""
-    from .targets import ALIAS_HUB_IDS
+    from hf_dspark.targets import ALIAS_HUB_IDS
 
     target = config.target_model_name
     if not target:
@@ -380,7 +380,7 @@ EXAMPLE_EVAL = {
 
 def render_example_card() -> str:
     """The card of a fictitious Qwen3-4B drafter with illustrative numbers (``model_cards/dspark_drafter.md``)."""
-    from .configuration_dspark import DSparkConfig
+    from hf_dspark.models.dspark.configuration_dspark import DSparkConfig
 
     config = DSparkConfig(
         vocab_size=151936,

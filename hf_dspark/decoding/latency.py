@@ -6,7 +6,7 @@ batch size (rows, each scoring ``n`` tokens) in ``batch_sizes``. Results are cac
 ``~/.cache/hf_dspark/latency`` (or ``cache_dir``), keyed by model name, dtype, device, torch CPU
 threads and context length, and reused unless ``force=True``.
 
-The resulting :class:`LatencyProfile` feeds the schedulers of :mod:`hf_dspark.scheduling`:
+The resulting :class:`LatencyProfile` feeds the schedulers of :mod:`hf_dspark.decoding.scheduling`:
 ``verify_seconds`` for the batch-1 cost policy, ``steps_per_second`` for Algorithm 1.
 
 Command line: ``hf-dspark profile --target T [--max-tokens 16] [--batch-sizes 1 4 8 16]
@@ -15,7 +15,6 @@ Command line: ``hf-dspark profile --target T [--max-tokens 16] [--batch-sizes 1 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -32,7 +31,7 @@ from typing import Iterable
 import torch
 
 from hf_dspark.errors import DSparkConfigError, LatencyProfileError
-from hf_dspark.generation_dspark import activate_verify_head, interpolate
+from hf_dspark.models.dspark.generation_dspark import activate_verify_head, interpolate, nondecreasing_fit
 
 __all__ = [
     "LatencyProfile",
@@ -40,15 +39,15 @@ __all__ = [
     "profile_latency",
     "choose_dtype",
     "default_cache_dir",
-    "format_table",
-    "add_arguments",
-    "run",
-]
+    "format_table"]
 
 _FORMAT = "hf_dspark.latency_profile"
 _VERSION = 1
 # Floor for extrapolated times so that steps_per_second stays finite.
 _MIN_SECONDS = 1e-9
+
+
+_DTYPES = ("float32", "bfloat16", "float16")  # target dtypes that can be profiled
 
 
 def default_cache_dir() -> Path:
@@ -102,13 +101,16 @@ class LatencyProfile:
     # ------------------------------------------------------------------ queries
 
     def _row(self, batch_size: int) -> list[tuple[int, float]]:
-        return sorted(self.table[batch_size].items())
+        # queries read the non-decreasing fit of the measured medians (see nondecreasing_fit); the table
+        # itself, as saved, keeps what was measured
+        return nondecreasing_fit(sorted(self.table[batch_size].items()))
 
     def verify_seconds(self, n_tokens: float, batch_size: int = 1) -> float:
         """Seconds of one pass where each of ``batch_size`` rows scores ``n_tokens`` tokens.
 
-        Linear interpolation between measured token counts, linear extrapolation from the two
-        nearest measured points outside the range. A batch size that was not profiled is
+        Linear interpolation between measured token counts of the row's non-decreasing fit (a pass
+        over more tokens never costs less; timing noise can say otherwise), linear extrapolation
+        from the two nearest points outside the range. A batch size that was not profiled is
         interpolated (or extrapolated) the same way across the profiled batch sizes. Results are
         floored at 1 ns so that rates stay finite.
         """
@@ -444,79 +446,3 @@ def choose_dtype(
     best = min(names, key=lambda n: measured[n][verify_tokens])
     return best, measured
 
-
-# --------------------------------------------------------------------------- command line
-
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``hf-dspark profile``."""
-    parser.add_argument("--target", required=True, help="target model id or local path")
-    parser.add_argument("--max-tokens", type=int, default=16, help="profile 1..N tokens per row (default 16)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="rows per pass (default 1)")
-    parser.add_argument("--context-length", type=int, default=128, help="tokens already in the KV cache (default 128)")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="target dtype (default float32)")
-    parser.add_argument("--device", default="cpu", help="device to load the target on (default cpu)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per point (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per point, median kept (default 5)")
-    parser.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/hf_dspark/latency)")
-    parser.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
-    parser.add_argument("--no-verify-head", dest="verify_head", action="store_false",
-                        help="time transformers' LM head as is instead of the skinny verification layout that "
-                        "DSpark generation uses on CPU fp32 (see benchmarks/bench_verify_head.py)")
-    parser.add_argument("--output", default=None, help="also write the profile JSON to this file")
-    parser.add_argument(
-        "--draft",
-        default=None,
-        help="drafter folder: store the batch-1 table as its generation_config latency_table "
-        "(enables the 'cost' verification policy)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``hf-dspark profile``: load the target, profile it, print the table."""
-    if args.max_tokens < 1:
-        raise DSparkConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    from hf_dspark.targets import load_target  # lazy: heavy, and owned by another module
-
-    model, _tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
-    profile = profile_latency(
-        model,
-        token_counts=range(1, args.max_tokens + 1),
-        batch_sizes=args.batch_sizes,
-        context_length=args.context_length,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        cache_dir=args.cache_dir,
-        force=args.force,
-        model_name=args.target,
-        verify_head=args.verify_head,
-    )
-    print(format_table(profile))
-    if args.output:
-        print(f"wrote {profile.to_json(args.output)}")
-    if args.draft:
-        path = attach_latency_table(args.draft, profile)
-        print(f"stored the batch-1 latency table in {path}")
-    return 0
-
-
-def attach_latency_table(draft_dir: str | os.PathLike, profile: LatencyProfile, batch_size: int = 1) -> Path:
-    """Write ``profile``'s ``batch_size`` row into the drafter's ``generation_config.json`` as
-    ``latency_table`` (seconds per target pass by tokens), which the ``cost`` policy reads."""
-    from transformers import GenerationConfig
-
-    folder = Path(draft_dir)
-    if not (folder / "config.json").exists():
-        raise LatencyProfileError(f"--draft {folder} is not a drafter folder (no config.json)")
-    if batch_size not in profile.table:
-        raise LatencyProfileError(f"the profile has no batch size {batch_size}; profile with --batch-sizes {batch_size}")
-    try:
-        config = GenerationConfig.from_pretrained(folder)
-    except OSError:
-        config = GenerationConfig()
-    config.latency_table = {int(n): float(t) for n, t in sorted(profile.table[batch_size].items())}
-    config.latency_profile_key = profile.key
-    config.save_pretrained(folder)
-    return folder / "generation_config.json"

@@ -1,0 +1,16 @@
+"""Decoding beyond one ``generate`` call: verification, confidence calibration, scheduling and the batched engine.
+
+- :mod:`~hf_dspark.decoding.verification`: the lossless accept/reject rule for a drafted block;
+- :mod:`~hf_dspark.decoding.calibration`: Sequential Temperature Scaling of the confidence head;
+- :mod:`~hf_dspark.decoding.latency`: the target's measured step-cost curve (latency profiles);
+- :mod:`~hf_dspark.decoding.scheduling`: the paper's Algorithm 1 and its asynchronous variant;
+- :mod:`~hf_dspark.decoding.round_cost`, :mod:`~hf_dspark.decoding.round_plan`: what one batched round
+  costs, and the per-round plan (who drafts, how many tokens each request verifies);
+- :mod:`~hf_dspark.decoding.batched`, :mod:`~hf_dspark.decoding.ragged`,
+  :mod:`~hf_dspark.decoding.batch_requests`: the continuous-batching engine and its ragged KV caches.
+"""
+
+from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.decoding.latency import LatencyProfile, profile_latency
+
+__all__ = ["BatchedSpeculativeGenerator", "LatencyProfile", "profile_latency"]
