@@ -748,3 +748,22 @@ def test_bench_batch_cli_writes_results(tiny_target_dir, tmp_path):
     assert all(len(r["tokens_per_second_runs"]) == 2 for r in rows)
     assert all(r["greedy_agreement_with_plain"] == 1.0 for r in rows if r["method"] != "plain")
     assert main(common[:-2] + ["--concurrency", "1", "--resume"]) == 2  # --resume needs --output
+
+
+def test_an_adaptive_round_cost_learns_what_rounds_really_take():
+    fixed = synthetic_cost()
+    adaptive = RoundCost(fixed.verify, draft_seconds=dict(fixed.draft_seconds), adapt=True)
+    verify, draft = adaptive.verify_seconds(4, 3, 10), adaptive.drafter_seconds(2)
+    for _ in range(60):  # rounds that take twice the modelled forward and three times the modelled drafter call
+        for cost in (fixed, adaptive):
+            cost.observe(4, 3, 10, 2, 3 * draft, 2 * verify)
+    assert fixed.verify_seconds(4, 3, 10) == verify and fixed.drafter_seconds(2) == draft  # adapt=False: unchanged
+    assert adaptive.verify_seconds(4, 3, 10) == pytest.approx(2 * verify, rel=0.01)
+    assert adaptive.drafter_seconds(2) == pytest.approx(3 * draft, rel=0.01)
+    seconds = adaptive.round_seconds(4, 3)
+    assert seconds(3, 10, 2) == pytest.approx(2 * verify + 3 * draft, rel=0.01)
+    adaptive.observe(4, 3, 10, 0, 1.0, 2 * verify)  # no row drafted: nothing learnt about the drafter
+    assert adaptive.drafter_seconds(2) == pytest.approx(3 * draft, rel=0.01)
+    for _ in range(200):
+        adaptive.observe(4, 3, 10, 2, 1e3, 1e3)
+    assert adaptive.verify_scale == 4.0 and adaptive.draft_scale == 4.0  # bounded

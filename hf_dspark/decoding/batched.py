@@ -288,6 +288,7 @@ class BatchedSpeculativeGenerator:
                 self.latency_profile,
                 draft_seconds={m: self._time_drafter(m) for m in rows},
                 head_seconds_per_token=measure_head_seconds_per_token(self.target, profile=self.latency_profile),
+                adapt=True,  # measured on this machine: keep it honest with the rounds as they run
             )
             self._measured_cost = True
         return self.round_cost
@@ -402,6 +403,7 @@ class BatchedSpeculativeGenerator:
             stats["model_seconds"] += (cost.verify_seconds(rows, 1 + max(counts), rows + sum(counts))
                                        + cost.drafter_seconds(len(draft_rows)))
             stats["modelled_round_seconds"] += now - start
+            cost.observe(rows, 1 + max(counts), rows + sum(counts), len(draft_rows), drafted - start, now - drafted)
         stats["max_active"] = max(stats["max_active"], len(counts))
         return finished
 

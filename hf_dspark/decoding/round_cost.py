@@ -56,15 +56,43 @@ class RoundCost:
     verify: LatencyProfile
     draft_seconds: dict[int, float] = field(default_factory=dict)
     head_seconds_per_token: float = 0.0
+    adapt: bool = False
+    verify_scale: float = 1.0
+    draft_scale: float = 1.0
 
     def verify_seconds(self, rows: int, width: int, tokens: int) -> float:
+        return self.verify_scale * self._verify_seconds(rows, width, tokens)
+
+    def _verify_seconds(self, rows: int, width: int, tokens: int) -> float:
         padded = self.verify.verify_seconds(width, batch_size=rows)
         return max(padded - self.head_seconds_per_token * (rows * width - tokens), _FLOOR)
 
     def drafter_seconds(self, rows: int) -> float:
+        return self.draft_scale * self._drafter_seconds(rows)
+
+    def _drafter_seconds(self, rows: int) -> float:
         if rows <= 0:
             return 0.0
         return max(_interpolate(sorted(self.draft_seconds.items()), rows), 0.0)
+
+    def observe(self, rows: int, width: int, tokens: int, drafted_rows: int, draft_elapsed: float,
+                verify_elapsed: float) -> None:
+        """Learn from one finished round (only with ``adapt``): how its two parts compare with the model.
+
+        The profile and the drafter timings price the target forward and the drafter call alone; a real
+        round also plans, verifies row by row and updates the ragged caches. Each part's measured time
+        over its modelled time feeds an exponential average (weight ``ADAPT_WEIGHT``, kept in
+        ``[1/4, 4]``) that scales the model from then on. Only finished rounds are used, so a round's
+        plan never depends on its own tokens.
+        """
+        if not self.adapt:
+            return
+        modelled = self._verify_seconds(rows, width, tokens)
+        if verify_elapsed > 0 and modelled > 0:
+            self.verify_scale = _blend(self.verify_scale, verify_elapsed / modelled)
+        modelled = self._drafter_seconds(drafted_rows)
+        if drafted_rows > 0 and draft_elapsed > 0 and modelled > 0:
+            self.draft_scale = _blend(self.draft_scale, draft_elapsed / modelled)
 
     def round_seconds(self, rows: int, max_width: int, sunk_draft_seconds: float | None = None
                       ) -> Callable[[int, int, int], float]:
@@ -75,13 +103,22 @@ class RoundCost:
         """
         padded = [0.0] + [self.verify.verify_seconds(w, batch_size=rows) for w in range(1, max_width + 1)]
         draft = [self.drafter_seconds(m) for m in range(rows + 1)]
-        head = self.head_seconds_per_token
+        head, scale = self.head_seconds_per_token, self.verify_scale
 
         def seconds(width: int, tokens: int, drafted_rows: int) -> float:
-            verify = max(padded[width] - head * (rows * width - tokens), _FLOOR)
+            verify = scale * max(padded[width] - head * (rows * width - tokens), _FLOOR)
             return verify + (draft[drafted_rows] if sunk_draft_seconds is None else sunk_draft_seconds)
 
         return seconds
+
+
+ADAPT_WEIGHT = 0.1  # weight of the newest round in the adaptive scales
+ADAPT_RANGE = (0.25, 4.0)
+
+
+def _blend(scale: float, ratio: float) -> float:
+    low, high = ADAPT_RANGE
+    return min(max((1 - ADAPT_WEIGHT) * scale + ADAPT_WEIGHT * ratio, low), high)
 
 
 def measure_seconds(call: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
