@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -438,3 +439,22 @@ def test_fused_plain_kwargs_sample_the_same_distribution_as_the_pair():
     scores = torch.randn(4, 300)
     pair = LogitsProcessorList([TopKLogitsWarper(8), TopPLogitsWarper(0.9)])
     assert torch.equal(fused(None, scores.clone()), pair(None, scores.clone()))
+
+
+def test_demo_holds_greedy_outputs_to_their_dtype_contract():
+    from _models import tiny_qwen3_target
+
+    from hf_dspark.commands.demo import greedy_meets_contract
+
+    target = tiny_qwen3_target()
+    prompt = torch.tensor([[5, 9, 11, 3]])
+    plain = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert greedy_meets_contract(target, 4, plain, plain.clone()) == (True, "")
+    with torch.no_grad():  # the runner-up token at the first new position: far from a tie in a random model
+        logits = target(prompt).logits[0, -1]
+    other = plain.clone()
+    other[0, 4] = int(torch.topk(logits, 2).indices[1])
+    assert greedy_meets_contract(target, 4, plain, other) == (False, "")  # fp32: any difference fails
+    half = copy.deepcopy(target).to(torch.bfloat16)
+    ok, note = greedy_meets_contract(half, 4, plain, other)  # bf16: the logits are 25 rounding steps apart there
+    assert not ok and "NOT a near-tie" in note and "bfloat16 contract" in note, note
