@@ -31,6 +31,7 @@ from hf_dspark.errors import DraftNotFoundError, TargetLoadError
 
 logger = logging.getLogger(__name__)
 
+TARGET_DTYPES = ("float32", "bfloat16", "float16")  # what every --dtype / --target-dtype accepts
 GEMMA_ALIAS = "gemma-3-270m"
 """Name of the built-in default target (Gemma 3 270M, from the bundled GGUF file)."""
 

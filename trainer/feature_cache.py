@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from hf_dspark.errors import CheckpointError, DataError
+from hf_dspark.targets import TARGET_DTYPES
 from .data import CACHE_FORMAT_VERSION, MANIFEST_NAME, load_cache_manifest, read_data_rows, sha256_file, verify_shard
 
 DEFAULT_SHARD_TOKENS = 65536
@@ -321,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Cache data that prepare-data has not finished (status running/partial).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Rebuild --output from scratch instead of resuming it (deletes its manifest and shards).")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=TARGET_DTYPES,
                         help="Target dtype for the forward passes (stored hidden states are bfloat16 either way).")
     parser.add_argument("--device", default="cpu", help="Device of the target.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_dspark.errors import DataError
+from hf_dspark.targets import TARGET_DTYPES
 from .prompts import holdout_split, load_prompts
 from .regenerate import encode_prompt, regenerate_in_process, regenerate_openai, resolve_chat_mode
 
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="Parallel requests to the server.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the shuffle, the split and sampling.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=TARGET_DTYPES,
                         help="Target dtype for in-process generation.")
     parser.add_argument("--device", default="cpu", help="Device for in-process generation.")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")

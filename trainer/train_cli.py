@@ -36,6 +36,7 @@ from typing import get_type_hints
 import torch
 
 from hf_dspark.errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError
+from hf_dspark.targets import TARGET_DTYPES
 from .data import CachedFeatureDataset, FeatureCaches, OnlineDataset, check_cache_matches, choose_draft_vocab
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
 from .feature_cache import data_chat_template, resolve_layer_ids
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Start from this drafter (domain adaptation) instead of a fresh one.")
     main.add_argument("--resume", default="auto", metavar="auto|no|CHECKPOINT_DIR",
                       help="auto: continue from the latest checkpoint in --output if any (default); no: start over.")
-    main.add_argument("--target-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    main.add_argument("--target-dtype", default="float32", choices=TARGET_DTYPES,
                       help="dtype of the frozen target (online mode and borrowed embeddings / LM head).")
     main.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
 

@@ -42,6 +42,7 @@ import torch
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.errors import DSparkConfigError
+from hf_dspark.targets import TARGET_DTYPES
 
 METHODS = ("plain", "full", "scheduler", "async")
 EXTRA_METHODS = ("plain_engine",)
@@ -310,7 +311,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
                         help="n-gram rounds in both speculative runs: copy up to N tokens after an earlier match of "
                              "the last tokens instead of the drafted block (0 = off; default: the drafter's setting)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="target dtype")
+    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default cuda if available)")
     parser.add_argument("--latency-profile", default=None, help="a latency profile JSON (default: measure, cached)")
     parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder (default ~/.cache/hf_dspark/latency)")

@@ -54,6 +54,7 @@ import torch
 from hf_dspark.commands.bench_batch import _prompt_ids, load_setup, profile_batch_sizes
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.errors import DSparkConfigError
+from hf_dspark.targets import TARGET_DTYPES
 
 MODES = {"plain": "plain", "full": "full", "algorithm1": "algorithm1", "async": "async"}
 
@@ -317,7 +318,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of sampling (default 0)")
     parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
                         help="n-gram rounds in the speculative modes (0 = off; default: the drafter's setting)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="target dtype")
+    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype")
     parser.add_argument("--draft-dtype", choices=("auto", "saved", "float32", "bfloat16", "float16"), default="auto",
                         help="drafter dtype: auto = the target's --dtype (default), saved = as stored")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")

@@ -24,8 +24,7 @@ from hf_dspark.decoding.calibration import (
     plot_reliability,
 )
 from hf_dspark.errors import DataError, DSparkConfigError
-
-_DTYPES = ("float32", "bfloat16", "float16")
+from hf_dspark.targets import TARGET_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", default=None,
                         help="JSONL of recorded rounds, one line per prompt, appended as it goes; "
                              "prompts already in it are not generated again")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="target dtype (default float32)")
+    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="device (default cpu)")
 
 

@@ -75,6 +75,7 @@ from hf_dspark.evaluation.prompt_sets import (
     read_prompt_file,
 )
 from hf_dspark.evaluation.summary import DSPARK, EvalResults, _write_json_atomic, merge_results
+from hf_dspark.targets import TARGET_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Results JSON (rewritten after every prompt; resumed if present).")
     parser.add_argument("--overwrite", action="store_true", help="Start --output afresh instead of resuming it.")
     parser.add_argument("--plots", default=None, metavar="DIR", help="Write PNG plots to this folder.")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ...")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from hf_dspark.decoding.latency import _DTYPES, LatencyProfile, format_table, profile_latency
+from hf_dspark.decoding.latency import LatencyProfile, format_table, profile_latency
 from hf_dspark.errors import DSparkConfigError, LatencyProfileError
+from hf_dspark.targets import TARGET_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="profile 1..N tokens per row (default 16)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="rows per pass (default 1)")
     parser.add_argument("--context-length", type=int, default=128, help="tokens already in the KV cache (default 128)")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="target dtype (default float32)")
+    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="device to load the target on (default cpu)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per point (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per point, median kept (default 5)")

@@ -32,6 +32,7 @@ import torch
 
 from hf_dspark.errors import DSparkConfigError, LatencyProfileError
 from hf_dspark.models.dspark.generation_dspark import activate_verify_head, interpolate, nondecreasing_fit
+from hf_dspark.targets import TARGET_DTYPES
 
 __all__ = [
     "LatencyProfile",
@@ -47,7 +48,6 @@ _VERSION = 1
 _MIN_SECONDS = 1e-9
 
 
-_DTYPES = ("float32", "bfloat16", "float16")  # target dtypes that can be profiled
 
 
 def default_cache_dir() -> Path:
@@ -430,8 +430,8 @@ def choose_dtype(
     dtypes are profiled on a copy. Returns ``(dtype_name, {dtype_name: {tokens: seconds}})``.
     """
     names = list(dict.fromkeys(candidates))
-    if not names or any(n not in _DTYPES for n in names):
-        raise DSparkConfigError(f"candidates must be a non-empty subset of {_DTYPES}, got {names}")
+    if not names or any(n not in TARGET_DTYPES for n in names):
+        raise DSparkConfigError(f"candidates must be a non-empty subset of {TARGET_DTYPES}, got {names}")
     own = str(next(model.parameters()).dtype).removeprefix("torch.")
     if model_name is None:
         model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__

@@ -14,8 +14,10 @@ time, so it needs the time of a round for any allocation:
   engine on its own drafter with the current sampling settings, linear in ``m`` between and
   beyond the measured sizes.
 
-Everything here is measured once (profiles are not refreshed while decoding), so the schedules
-are a deterministic function of the inputs the schedulers are allowed to see.
+The profile and the drafter timings are measured once. A model the engine measured for itself
+(``adapt=True``) then rescales both terms from the rounds that have finished (:meth:`RoundCost.observe`);
+a model passed in as is (the tests' synthetic ones) stays fixed, so its schedules are a deterministic
+function of the inputs the schedulers are allowed to see.
 """
 
 from __future__ import annotations

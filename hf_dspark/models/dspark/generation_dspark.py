@@ -319,12 +319,13 @@ def prefix_length(survival, round_seconds, min_tokens: int = 0) -> int:
     :func:`hf_dspark.decoding.scheduling.single_request_prefix_length` is this rule with input checks.
     """
     length = min_tokens
-    best = (1 + sum(survival[:length])) / round_seconds(length)
+    expected = 1 + sum(survival[:length])
+    best = expected / round_seconds(length)
     while length < len(survival) and survival[length] > 0:
-        candidate = (1 + sum(survival[: length + 1])) / round_seconds(length + 1)
+        candidate = (expected + survival[length]) / round_seconds(length + 1)
         if not candidate > best:
             break
-        best, length = candidate, length + 1
+        best, expected, length = candidate, expected + survival[length], length + 1
     return length
 
 
