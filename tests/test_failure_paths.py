@@ -536,3 +536,23 @@ def test_prepare_data_with_a_bad_target_leaves_no_folder_behind(tmp_path, capsys
     err = last_line(capsys.readouterr().err)
     assert "no such folder, and not a Hub id" in err and "Repo id" not in err, err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("command", ["bench-batch", "bench-serve"])
+def test_bench_commands_check_prompt_files_before_loading_the_target(tmp_path, command, capsys, monkeypatch):
+    # the target does not exist either: the prompt check must come first (before minutes of loading and profiling)
+    import hf_dspark.commands.bench_batch as bench_batch
+
+    def no_setup(*args, **kwargs):
+        raise AssertionError("the target was loaded before the prompt files were checked")
+
+    monkeypatch.setattr(bench_batch, "load_setup", no_setup)
+    if command == "bench-serve":
+        import hf_dspark.commands.bench_serve as bench_serve
+
+        monkeypatch.setattr(bench_serve, "load_setup", no_setup)
+    missing = tmp_path / "gsm8k.jsonl"
+    assert main([command, "--target", str(tmp_path / "no_target"), "--draft", str(tmp_path / "no_draft"),
+                 "--prompts", str(missing)]) == 2
+    err = last_line(capsys.readouterr().err)
+    assert f"Prompt file {missing} does not exist" in err, err

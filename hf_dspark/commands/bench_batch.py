@@ -345,6 +345,14 @@ def _load_draft(name: str, target, target_name: str, device):
     return load_drafter(str(Path(name).expanduser()), device=device)
 
 
+def check_prompt_sources(sources) -> None:
+    """Fail on missing prompt files now, before the target is loaded and profiled (minutes)."""
+    if sources:
+        from hf_dspark.trainer.prompts import expand_sources
+
+        expand_sources(list(sources))
+
+
 def _prompt_ids(args, tokenizer, trained_with: bool | None = None) -> list[list[int]]:
     from hf_dspark.trainer.regenerate import encode_prompt, resolve_chat_mode
 
@@ -372,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
         raise DSparkConfigError(f"--repeats must be >= 1, got {args.repeats}")
     if args.resume and not args.output:
         raise DSparkConfigError("--resume needs --output (the file whose finished concurrencies are kept)")
+    check_prompt_sources(args.prompts)
     setup = load_setup(args, batch_sizes=profile_batch_sizes(max(args.concurrency), args.concurrency))
     concurrency = sorted(set(args.concurrency))
     prompts = _prompt_ids(args, setup.tokenizer, setup.draft.config.prompt_chat_template)

@@ -51,7 +51,7 @@ from typing import Sequence
 
 import torch
 
-from hf_dspark.commands.bench_batch import _prompt_ids, load_setup, profile_batch_sizes
+from hf_dspark.commands.bench_batch import _prompt_ids, check_prompt_sources, load_setup, profile_batch_sizes
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.targets import TARGET_DTYPES
@@ -350,6 +350,7 @@ def _check_args(args) -> None:
         raise DSparkConfigError("--resume needs --output (the file of the run to continue)")
     if args.ngram_lookup is not None and args.ngram_lookup < 0:
         raise DSparkConfigError(f"--ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}")
+    check_prompt_sources(args.prompts)
 
 
 def run(args: argparse.Namespace) -> int:
