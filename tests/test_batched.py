@@ -767,3 +767,44 @@ def test_an_adaptive_round_cost_learns_what_rounds_really_take():
     for _ in range(200):
         adaptive.observe(4, 3, 10, 2, 1e3, 1e3)
     assert adaptive.verify_scale == 4.0 and adaptive.draft_scale == 4.0  # bounded
+
+
+def test_the_adaptive_round_cost_learns_each_width_on_its_own():
+    # plain steps (width 1) run as modelled, wide rounds take twice the model: one shared scale would
+    # price the plain step 1.5x too high and the wide round 25% too low
+    base = synthetic_cost()
+    adaptive = RoundCost(base.verify, draft_seconds=dict(base.draft_seconds), adapt=True)
+    plain, wide = adaptive.verify_seconds(4, 1, 4), adaptive.verify_seconds(4, 6, 24)
+    for _ in range(80):
+        adaptive.observe(4, 1, 4, 0, 0.0, plain)
+        adaptive.observe(4, 6, 24, 2, 0.0, 2 * wide)
+    assert adaptive.verify_seconds(4, 1, 4) == pytest.approx(plain, rel=0.02)
+    assert adaptive.verify_seconds(4, 6, 24) == pytest.approx(2 * wide, rel=0.02)
+    seconds = adaptive.round_seconds(4, 6)
+    assert seconds(1, 4, 0) == pytest.approx(plain, rel=0.02) and seconds(6, 24, 0) == pytest.approx(2 * wide, rel=0.02)
+    unseen = adaptive.verify_seconds(4, 3, 12) / base.verify_seconds(4, 3, 12)
+    assert 1.0 < unseen < 2.0 and unseen == pytest.approx(adaptive.verify_scale)  # unseen widths: the all-widths scale
+
+
+def test_prefill_groups_keep_padding_small_and_small_groups_together():
+    from hf_dspark.decoding.batch_requests import prefill_groups
+
+    lengths = [160, 50, 47, 100, 55, 167, 97, 60]
+    groups = prefill_groups(lengths, padding_slack=0.25, min_tokens=0)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        padded, tokens = max(lengths[i] for i in group) * len(group), sum(lengths[i] for i in group)
+        assert padded <= 1.25 * tokens, group
+    assert len(groups) > 1 and {1, 2} <= set(groups[0])  # the shortest go first, together
+    assert prefill_groups(lengths, min_tokens=10_000) == [sorted(range(8), key=lambda i: lengths[i])]  # one forward
+    assert prefill_groups([]) == []
+
+
+def test_grouped_prefill_is_lossless(gemma, gemma_drafter):
+    prompts = mixed_prompts(gemma, train_prompts())
+    reference = [plain(gemma, p, 12) for p in prompts]
+    engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, scheduler="async", round_cost=synthetic_cost(),
+                                         max_batch_size=len(prompts))
+    engine.PREFILL_MIN_TOKENS, engine.PREFILL_PADDING_SLACK = 0, 0.0  # one group per distinct length
+    assert engine.generate(prompts, max_new_tokens=12) == reference
+    assert engine.stats["prefill_forwards"] == len({len(p) for p in prompts if len(p) > 1}) > 2  # 1-token prompts: none

@@ -8,7 +8,7 @@ from typing import Iterable
 from transformers import LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-__all__ = ["SamplingSettings", "SpeculativeRequest"]
+__all__ = ["SamplingSettings", "SpeculativeRequest", "prefill_groups"]
 
 
 @dataclass
@@ -91,3 +91,25 @@ class SpeculativeRequest:
             elif len(self.output_ids) >= self.max_new_tokens:
                 self.finish_reason = "length"
         return count
+
+
+def prefill_groups(lengths: list[int], padding_slack: float = 0.25, min_tokens: int = 256) -> list[list[int]]:
+    """Split requests joining together (their prefill ``lengths``) into groups prefilled by one forward each.
+
+    A long prompt in the same forward pads every shorter one to its length (measured: 32 gsm8k prompts
+    of 47-167 tokens padded to 5,344 slots for 2,674 tokens). Shortest first, a group grows while its
+    padded size stays within ``padding_slack`` of its tokens, or while it holds fewer than
+    ``min_tokens`` tokens (each forward has a fixed cost). Returns indices into ``lengths``."""
+    groups: list[list[int]] = []
+    tokens = 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        length = lengths[index]
+        if groups:
+            padded = length * (len(groups[-1]) + 1)  # sorted: this one is the group's longest
+            if tokens + length < min_tokens or padded <= (1 + padding_slack) * (tokens + length):
+                groups[-1].append(index)
+                tokens += length
+                continue
+        groups.append([index])
+        tokens = length
+    return groups

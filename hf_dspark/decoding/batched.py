@@ -100,7 +100,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessorList
 
-from hf_dspark.decoding.batch_requests import SamplingSettings, SpeculativeRequest
+from hf_dspark.decoding.batch_requests import SamplingSettings, SpeculativeRequest, prefill_groups
 from hf_dspark.models.dspark.generation_dspark import (
     VOCAB_LOCAL_WARPERS,
     activate_verify_head,
@@ -423,7 +423,7 @@ class BatchedSpeculativeGenerator:
         schedulers' time model predicted for the rounds it was known in (their measured time:
         ``modelled_round_seconds``)."""
         return dict(rounds=0, request_rounds=0, verified_draft_tokens=0, accepted_draft_tokens=0,
-                    committed_tokens=0, prefill_seconds=0.0, draft_seconds=0.0, verify_seconds=0.0,
+                    committed_tokens=0, prefill_seconds=0.0, prefill_forwards=0, draft_seconds=0.0, verify_seconds=0.0,
                     max_active=0, compactions=0, ragged_rounds=0, accepted_histogram=[0] * (self.block_size + 1),
                     drafted_request_rounds=0, draft_skipped_request_rounds=0, draft_skipped_rounds=0,
                     probe_request_rounds=0, model_seconds=0.0, modelled_round_seconds=0.0,
@@ -651,12 +651,18 @@ class BatchedSpeculativeGenerator:
             return {"full_attention": full, "sliding_attention": sliding}
         return sliding if self._sliding_window else full
 
+    PREFILL_PADDING_SLACK = 0.25  # see batch_requests.prefill_groups
+    PREFILL_MIN_TOKENS = 256
+
     def _admit(self) -> None:
         """Prefill queued requests (all but their last prompt token) and add them to the batch."""
         room = self.max_batch_size - len(self._active)
         joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-        if not joining:
-            return
+        lengths = [len(r.prompt_ids) - 1 for r in joining]
+        for group in prefill_groups(lengths, self.PREFILL_PADDING_SLACK, self.PREFILL_MIN_TOKENS):
+            self._prefill([joining[i] for i in group])
+
+    def _prefill(self, joining: list[SpeculativeRequest]) -> None:
         start = time.perf_counter()
         lengths = torch.tensor([len(r.prompt_ids) - 1 for r in joining], device=self.device)
         width = int(lengths.max())
@@ -682,6 +688,7 @@ class BatchedSpeculativeGenerator:
             request.started_at = now
         self._active.extend(joining)
         self.stats["prefill_seconds"] += now - start
+        self.stats["prefill_forwards"] += width > 0
 
     def _accept(self, tokens, draft_probs, logits, features, counts, first_new_slot) -> list[SpeculativeRequest]:
         rows = len(counts)
