@@ -808,3 +808,12 @@ def test_grouped_prefill_is_lossless(gemma, gemma_drafter):
     engine.PREFILL_MIN_TOKENS, engine.PREFILL_PADDING_SLACK = 0, 0.0  # one group per distinct length
     assert engine.generate(prompts, max_new_tokens=12) == reference
     assert engine.stats["prefill_forwards"] == len({len(p) for p in prompts if len(p) > 1}) > 2  # 1-token prompts: none
+
+
+def test_the_adaptive_round_cost_learns_from_a_widths_first_rounds():
+    base = synthetic_cost()
+    adaptive = RoundCost(base.verify, draft_seconds=dict(base.draft_seconds), adapt=True)
+    wide = adaptive.verify_seconds(4, 6, 24)
+    for _ in range(4):  # a width seen four times in a run, each round twice the model
+        adaptive.observe(4, 6, 24, 0, 0.0, 2 * wide)
+    assert adaptive.verify_seconds(4, 6, 24) == pytest.approx(1.8 * wide)  # the mean of 1 (the model) and four 2s

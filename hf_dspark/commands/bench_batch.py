@@ -50,7 +50,7 @@ ENGINE_SCHEDULERS = {"full": "full", "scheduler": "algorithm1", "async": "async"
 SPECULATIVE_STATS = ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "request_rounds",
                      "ngram_request_rounds", "drafted_request_rounds", "draft_skipped_request_rounds",
                      "draft_skipped_rounds", "probe_request_rounds", "draft_seconds", "verify_seconds",
-                     "model_seconds", "modelled_round_seconds")
+                     "model_seconds", "modelled_round_seconds", "prefill_seconds", "prefill_forwards")
 
 # Used when no --prompts file is given: short, varied requests.
 BUILTIN_PROMPTS = [

@@ -62,6 +62,7 @@ class RoundCost:
     verify_scale: float = 1.0
     draft_scale: float = 1.0
     width_scales: dict[int, float] = field(default_factory=dict)
+    observed: dict = field(default_factory=dict)  # rounds seen per scale ("verify", "draft", widths)
 
     def verify_scale_at(self, width: int) -> float:
         """The learnt scale of rounds ``width`` slots wide (the all-widths scale until one was seen)."""
@@ -88,8 +89,10 @@ class RoundCost:
 
         The profile and the drafter timings price the target forward and the drafter call alone; a real
         round also plans, verifies row by row and updates the ragged caches. Each part's measured time
-        over its modelled time feeds an exponential average (weight ``ADAPT_WEIGHT``, kept in
-        ``[1/4, 4]``) that scales the model from then on. Verification has one such scale per round
+        over its modelled time feeds a running average that scales the model from then on: the plain
+        mean over a scale's first rounds, then an exponential average (weight ``ADAPT_WEIGHT``), kept
+        in ``[1/4, 4]``. A round width may come up only a few times in a run, so its scale must learn
+        from its first rounds, not move a tenth of the way at each. Verification has one such scale per round
         width besides the all-widths one: the profile's error is not the same for a one-slot plain
         step as for an eight-slot verification (Gemma 3 270M, fp32, 32 rows: x0.99 over the engine's
         plain steps, x1.11 over algorithm1's mix of plain and wide rounds), and one shared scale
@@ -101,11 +104,19 @@ class RoundCost:
         modelled = self._verify_seconds(rows, width, tokens)
         if verify_elapsed > 0 and modelled > 0:
             ratio = verify_elapsed / modelled
-            self.width_scales[width] = _blend(self.verify_scale_at(width), ratio)
-            self.verify_scale = _blend(self.verify_scale, ratio)
+            self.width_scales[width] = self._blend(width, self.verify_scale_at(width), ratio)
+            self.verify_scale = self._blend("verify", self.verify_scale, ratio)
         modelled = self._drafter_seconds(drafted_rows)
         if drafted_rows > 0 and draft_elapsed > 0 and modelled > 0:
-            self.draft_scale = _blend(self.draft_scale, draft_elapsed / modelled)
+            self.draft_scale = self._blend("draft", self.draft_scale, draft_elapsed / modelled)
+
+    def _blend(self, key, scale: float, ratio: float) -> float:
+        """``scale`` after one more observed ``ratio``: the running mean while fewer than 1 / ADAPT_WEIGHT
+        rounds were seen (starting from the model's own 1.0 as one observation), then the EMA."""
+        seen = self.observed[key] = self.observed.get(key, 0) + 1
+        weight = max(ADAPT_WEIGHT, 1 / (seen + 1))
+        low, high = ADAPT_RANGE
+        return min(max((1 - weight) * scale + weight * ratio, low), high)
 
     def round_seconds(self, rows: int, max_width: int, sunk_draft_seconds: float | None = None
                       ) -> Callable[[int, int, int], float]:
@@ -128,11 +139,6 @@ class RoundCost:
 
 ADAPT_WEIGHT = 0.1  # weight of the newest round in the adaptive scales
 ADAPT_RANGE = (0.25, 4.0)
-
-
-def _blend(scale: float, ratio: float) -> float:
-    low, high = ADAPT_RANGE
-    return min(max((1 - ADAPT_WEIGHT) * scale + ADAPT_WEIGHT * ratio, low), high)
 
 
 def measure_seconds(call: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
