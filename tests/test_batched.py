@@ -817,3 +817,24 @@ def test_the_adaptive_round_cost_learns_from_a_widths_first_rounds():
     for _ in range(4):  # a width seen four times in a run, each round twice the model
         adaptive.observe(4, 6, 24, 0, 0.0, 2 * wide)
     assert adaptive.verify_seconds(4, 6, 24) == pytest.approx(1.8 * wide)  # the mean of 1 (the model) and four 2s
+
+
+def test_bench_batch_samples_plain_generate_with_the_fused_warper(tiny_target_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from hf_dspark.cli import main
+    from hf_dspark.models.dspark.warpers_dspark import FusedTopKTopPWarper
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
+    tiny_drafter(target, target_layer_ids=[0, 1]).save_pretrained(tmp_path / "draft")
+    calls = []
+    original = FusedTopKTopPWarper.__call__
+    monkeypatch.setattr(FusedTopKTopPWarper, "__call__", lambda self, ids, scores: calls.append(ids is not None) or
+                        original(self, ids, scores))
+    out = tmp_path / "bench.json"
+    assert main(["bench-batch", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "draft"), "--concurrency", "2",
+                 "--num-prompts", "2", "--max-new-tokens", "5", "--device", "cpu", "--methods", "plain",
+                 "--latency-cache-dir", str(tmp_path / "latency"), "--profile-repeats", "1", "--do-sample",
+                 "--top-k", "8", "--top-p", "0.9", "--output", str(out)]) == 0
+    assert True in calls  # transformers' generate (which passes input ids; the engine passes None) used it
+    assert json.loads(out.read_text())["settings"]["do_sample"] is True
