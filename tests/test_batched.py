@@ -838,3 +838,21 @@ def test_bench_batch_samples_plain_generate_with_the_fused_warper(tiny_target_di
                  "--top-k", "8", "--top-p", "0.9", "--output", str(out)]) == 0
     assert True in calls  # transformers' generate (which passes input ids; the engine passes None) used it
     assert json.loads(out.read_text())["settings"]["do_sample"] is True
+
+
+def test_rounds_that_realize_less_than_expected_raise_the_hurdle_for_drafting():
+    base = synthetic_cost()
+    cost = RoundCost(base.verify, draft_seconds=dict(base.draft_seconds), adapt=True)
+    plain_step = cost.round_seconds(4, 6)(1, 4, 0)
+    predictions = [[0.9, 0.8, 0.6]] * 4
+    assert best_padded_allocation(predictions, cost.round_seconds(4, 6)) != [0, 0, 0, 0]  # the model says: draft
+    for _ in range(12):  # drafted rounds realize half the rate the plan expected
+        cost.observe_gain(expected_tokens=12.0, model_seconds=1.0, committed_tokens=6, elapsed=1.0)
+    assert cost.hurdle == pytest.approx(1.92, abs=0.02)  # the running mean of 1 and twelve 2s
+    seconds = cost.round_seconds(4, 6)
+    assert seconds(1, 4, 0) == pytest.approx(plain_step)  # a plain step is not a bet: its price stays
+    assert seconds(3, 12, 4) == pytest.approx(cost.hurdle * base.round_seconds(4, 6)(3, 12, 4))
+    assert best_padded_allocation(predictions, seconds) == [0, 0, 0, 0]  # now a plain step wins
+    fixed = synthetic_cost()
+    fixed.observe_gain(12.0, 1.0, 1, 1.0)
+    assert fixed.hurdle == 1.0  # adapt=False: the tests' fixed models never move
