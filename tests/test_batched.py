@@ -856,3 +856,21 @@ def test_rounds_that_realize_less_than_expected_raise_the_hurdle_for_drafting():
     fixed = synthetic_cost()
     fixed.observe_gain(12.0, 1.0, 1, 1.0)
     assert fixed.hurdle == 1.0  # adapt=False: the tests' fixed models never move
+
+
+def test_pending_features_grow_in_place_and_keep_every_row_in_order():
+    generator = torch.Generator().manual_seed(0)
+    pending = PendingFeatures.empty(3, 2, torch.float32, "cpu")
+    expected = [[], [], []]
+    for step in range(40):
+        counts = torch.randint(0, 4, (3,), generator=generator)
+        new = torch.randn(3, 4, 2, generator=generator)
+        pending.append(new, counts)
+        for row in range(3):
+            expected[row] += new[row, : int(counts[row])].tolist()
+        if step % 7 == 6:  # row 1 drafts now and then
+            pending.consume(torch.tensor([1]))
+            expected[1] = []
+    assert pending.lengths.tolist() == [len(rows) for rows in expected]
+    for row in range(3):
+        assert pending.features[row, : len(expected[row])].tolist() == expected[row]

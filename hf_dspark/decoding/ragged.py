@@ -268,16 +268,23 @@ class PendingFeatures:
             self.features = self.features[:, :0]
 
     def append(self, features: torch.Tensor, counts: torch.Tensor) -> None:
-        """Append ``features[r, :counts[r]]`` to row ``r`` ([rows, W, C] and [rows])."""
+        """Append ``features[r, :counts[r]]`` to row ``r`` ([rows, W, C] and [rows]).
+
+        Rows that skip the drafter append every round, so the buffer grows geometrically and new
+        features are written in place (one scatter): re-allocating and copying everything pending
+        each round cost the engine 7% of its round time at 32 requests that seldom draft (Gemma 3
+        270M, fp32, prompt features of ~100 tokens x 1,920 values pending per row)."""
         features = features.to(self.features.dtype)
         lengths = self.lengths + counts
         if not bool(self.lengths.any()):  # nothing carried over (every row drafted): no copy
             self.features, self.lengths = features, lengths
             return
-        width = int(lengths.max())
-        out = self.features.new_zeros(self.rows, width, self.features.shape[2])
-        keep = min(self.features.shape[1], width)
-        out[:, :keep] = self.features[:, :keep]
-        for row, (start, count) in enumerate(zip(self.lengths.tolist(), counts.tolist())):
-            out[row, start : start + count] = features[row, :count]
-        self.features, self.lengths = out, lengths
+        needed = int(lengths.max())
+        if needed > self.features.shape[1]:
+            grown = self.features.new_zeros(self.rows, max(needed, 2 * self.features.shape[1]), self.features.shape[2])
+            grown[:, : self.features.shape[1]] = self.features
+            self.features = grown
+        offsets = torch.arange(features.shape[1], device=counts.device)
+        rows, columns = (offsets[None, :] < counts[:, None]).nonzero(as_tuple=True)
+        self.features[rows, self.lengths[rows] + columns] = features[rows, columns]
+        self.lengths = lengths
