@@ -29,6 +29,8 @@ Schedulers
   request's prediction from the previous round (:meth:`~BatchedSpeculativeGenerator._plan`)
   decides who drafts: a request it gives no token skips the drafter, and when no allocation beats
   a plain decoding step nobody drafts (so a round is never planned slower than plain decoding).
+  The engine's own time model learns from finished rounds, including how far drafting rounds fell
+  short of what the plan expected, and asks drafting to beat a plain step by that much.
   After drafting, greedy decoding takes the best allocation over every width cap
   (:func:`hf_dspark.decoding.scheduling.best_padded_allocation`: greedy output does not depend on the
   counts), sampling walks the admission path with Algorithm 1's early stop

@@ -15,7 +15,10 @@ time, so it needs the time of a round for any allocation:
   beyond the measured sizes.
 
 The profile and the drafter timings are measured once. A model the engine measured for itself
-(``adapt=True``) then rescales both terms from the rounds that have finished (:meth:`RoundCost.observe`);
+(``adapt=True``) then learns from the rounds that have finished: it rescales the drafter term and
+the verification term of each round width (:meth:`RoundCost.observe`), and prices rounds that draft
+or verify drafts with a hurdle, the factor by which such rounds delivered fewer tokens per second
+than the plan expected (:meth:`RoundCost.observe_gain`);
 a model passed in as is (the tests' synthetic ones) stays fixed, so its schedules are a deterministic
 function of the inputs the schedulers are allowed to see.
 """
