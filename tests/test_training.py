@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -533,7 +534,16 @@ def test_two_process_training_with_accelerate(work, target_dir, cache_dir):
                "--output", str(output), "--max_steps", "4", "--per_device_train_batch_size", "2",
                "--logging_steps", "2", "--save_steps", "2", "--num_anchors", "8", "--disable_tqdm", "true",
                "--threads", "1"]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    # its own process group: on a timeout the ranks (the launcher's children) are killed too, not orphaned
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = summary(output)
     assert run["num_processes"] == 2 and run["steps"] == 4
