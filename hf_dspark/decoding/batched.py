@@ -389,7 +389,6 @@ class BatchedSpeculativeGenerator:
             tokens, draft_probs, survival, limits = self._ngram_proposals(tokens, draft_probs, survival, limits)
         drafted = time.perf_counter()
         counts = self._schedule(survival, limits, len(draft_rows))
-        expected = len(counts) + sum(sum(row[:count]) for row, count in zip(survival, counts))
         committed_before = self.stats["committed_tokens"]
         logits, features, first_new_slot = self._verify_forward(tokens, counts)
         finished = self._accept(tokens, draft_probs, logits, features, counts, first_new_slot)
@@ -407,7 +406,8 @@ class BatchedSpeculativeGenerator:
             modelled = cost.verify_seconds(rows, 1 + max(counts), rows + sum(counts)) + cost.drafter_seconds(len(draft_rows))
             stats["model_seconds"] += modelled
             stats["modelled_round_seconds"] += now - start
-            if sum(counts) > 0:
+            if sum(counts) > 0:  # the plan's expected tokens, on the survival it scheduled with
+                expected = rows + sum(sum(row[:count]) for row, count in zip(survival, counts))
                 cost.observe_gain(expected, modelled, stats["committed_tokens"] - committed_before, now - start)
             cost.observe(rows, 1 + max(counts), rows + sum(counts), len(draft_rows), drafted - start, now - drafted)
         stats["max_active"] = max(stats["max_active"], len(counts))

@@ -96,11 +96,12 @@ class RoundCost:
         over its modelled time feeds a running average that scales the model from then on: the plain
         mean over a scale's first rounds, then an exponential average (weight ``ADAPT_WEIGHT``), kept
         in ``[1/4, 4]``. A round width may come up only a few times in a run, so its scale must learn
-        from its first rounds, not move a tenth of the way at each. Verification has one such scale per round
-        width besides the all-widths one: the profile's error is not the same for a one-slot plain
-        step as for an eight-slot verification (Gemma 3 270M, fp32, 32 rows: x0.99 over the engine's
-        plain steps, x1.11 over algorithm1's mix of plain and wide rounds), and one shared scale
-        prices plain steps too high and wide rounds too low: drafting when it does not pay. A width not seen yet uses the all-widths scale.
+        from its first rounds, not move a tenth of the way at each. Verification has one such scale
+        per round width besides the all-widths one: the profile's error is not the same for a
+        one-slot plain step as for an eight-slot verification (Gemma 3 270M, fp32, 32 rows: x0.99
+        over the engine's plain steps, x1.11 over algorithm1's mix of plain and wide rounds), and one
+        shared scale prices plain steps too high and wide rounds too low: drafting when it does not
+        pay. A width not seen yet uses the all-widths scale.
         Only finished rounds are used, so a round's plan never depends on its own tokens.
         """
         if not self.adapt:
