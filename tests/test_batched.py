@@ -19,8 +19,9 @@ from hf_dspark import DSparkDraftCache
 from hf_dspark.decoding.batch_requests import SpeculativeRequest
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator, RaggedSlots
 from hf_dspark.decoding.latency import LatencyProfile
+from hf_dspark.decoding.packing import position_wise_modules, real_slots_only
 from hf_dspark.decoding.ragged import PendingFeatures
-from hf_dspark.decoding.round_cost import RoundCost
+from hf_dspark.decoding.round_cost import RoundCost, token_seconds
 from hf_dspark.decoding.round_plan import RoundPlanner
 from hf_dspark.decoding.scheduling import best_padded_allocation
 from hf_dspark.decoding.verification import accept_probabilities, residual_distribution, verify_block
@@ -443,7 +444,7 @@ def per_token_cost(max_batch=4096, row_seconds=2.5e-4, token_seconds=5e-4, draft
     profile = LatencyProfile(model_name="synthetic", dtype="float32", device="cpu", num_threads=1,
                              context_length=128, table=table)
     draft = {1: draft_row_seconds, 2: 2 * draft_row_seconds} if draft_row_seconds else {}
-    return RoundCost(profile, draft_seconds=draft, head_seconds_per_token=token_seconds)
+    return RoundCost(profile, draft_seconds=draft, padding_discount=token_seconds)
 
 
 def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batch_size=1000, round_cost=None,
@@ -874,3 +875,45 @@ def test_pending_features_grow_in_place_and_keep_every_row_in_order():
     assert pending.lengths.tolist() == [len(rows) for rows in expected]
     for row in range(3):
         assert pending.features[row, : len(expected[row])].tolist() == expected[row]
+
+
+@pytest.mark.parametrize("target_name", ["qwen", "gemma"])
+def test_padding_slots_skip_the_per_slot_layers_and_real_slots_keep_their_logits(request, target_name):
+    target = request.getfixturevalue(target_name)
+    modules = position_wise_modules(target)
+    assert len(modules) == 5 * target.config.num_hidden_layers  # each layer's MLP and q/k/v/o projections
+    ids = torch.randint(3, 90, (3, 6), generator=torch.Generator().manual_seed(0))
+    real = torch.arange(6)[None, :] < torch.tensor([6, 2, 4])[:, None]  # right-padded rows
+    with torch.no_grad():
+        reference = target(input_ids=ids).logits[real]
+        seen = []
+        with real_slots_only(target.get_output_embeddings(), real, real, modules):
+            spy = modules[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[:2]))
+            try:  # registered after the packing hook: sees what the MLP gets
+                packed = target(input_ids=ids, logits_to_keep=0).logits[0]
+            finally:
+                spy.remove()
+    assert seen == [torch.Size([1, int(real.sum())])]  # the MLP saw the 12 real slots, not 18
+    torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # hooks are gone afterwards
+        torch.testing.assert_close(target(input_ids=ids).logits[real], reference, rtol=0, atol=0)
+
+
+def test_the_engine_skips_padding_by_default_and_both_ways_are_lossless(gemma, gemma_drafter):
+    prompts = mixed_prompts(gemma, train_prompts())
+    reference = [plain(gemma, p, 12) for p in prompts]
+    for skip in (True, False):
+        engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, scheduler="full", max_batch_size=len(prompts),
+                                             skip_padding=skip, ngram_lookup_tokens=3)
+        assert bool(engine._position_wise) == skip
+        assert engine.generate(prompts, max_new_tokens=12) == reference
+        assert engine.stats["ragged_rounds"] > 0  # rows of different widths: padding was there to skip
+
+
+def test_padding_discount_is_capped_by_the_profiles_token_cost():
+    assert token_seconds(None) == float("inf")
+    profile = synthetic_profile(max_batch=64, per_token=0.06)
+    expected = (profile.table[64][8] - profile.table[64][1]) / (64 * 7)
+    assert token_seconds(profile) == pytest.approx(expected)
+    cost = RoundCost(profile, padding_discount=expected)
+    assert cost.verify_seconds(4, 3, 6) == pytest.approx(profile.verify_seconds(3, batch_size=4) - 6 * expected)

@@ -118,7 +118,7 @@ def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, 
                                          round_cost=round_cost)
     engine.set_sampling(**sampling)
     if scheduler in ("algorithm1", "async"):
-        engine._cost()  # measured (drafter and LM-head times) before the clock starts
+        engine._cost()  # measured (drafter time, padding discount) before the clock starts
     start = time.perf_counter()
     ids = [engine.add_request(p, max_new_tokens, eos) for p in prompts]
     while engine.has_unfinished():

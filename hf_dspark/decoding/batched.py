@@ -111,8 +111,9 @@ from hf_dspark.models.dspark.generation_dspark import (
     ngram_continuation,
 )
 from hf_dspark.models.dspark.modeling_dspark import DSparkDraftCache
+from hf_dspark.decoding.packing import position_wise_modules, real_slots_only
 from hf_dspark.decoding.ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
-from hf_dspark.decoding.round_cost import RoundCost, measure_head_seconds_per_token, measure_seconds
+from hf_dspark.decoding.round_cost import RoundCost, measure_seconds, token_seconds
 from hf_dspark.decoding.round_plan import RoundPlanner
 from hf_dspark.decoding.verification import verify_block
 
@@ -156,6 +157,8 @@ class BatchedSpeculativeGenerator:
         fast_verify_head: while the engine exists, the target's LM head uses the skinny-product layout
             for 2-8 rows on CPU fp32 (``generation_dspark.activate_verify_head``: the same dot products,
             summed in another order).
+        skip_padding: the target's per-slot layers (MLPs, attention projections) run on the real slots
+            of a right-padded round only (:mod:`hf_dspark.decoding.packing`); the LM head always does.
         ngram_lookup_tokens: n-gram rounds (see above): a request whose last ``ngram_max_size`` ..
             ``ngram_min_size`` tokens occurred before submits up to this many of the tokens that
             followed (at most ``block_size``); 0 (default) turns them off.
@@ -179,6 +182,7 @@ class BatchedSpeculativeGenerator:
         max_batch_size: int = 16,
         confidence_threshold: float = 0.3,
         fast_verify_head: bool = True,
+        skip_padding: bool = True,
         ngram_lookup_tokens: int = 0,
         ngram_max_size: int = 3,
         ngram_min_size: int = 2,
@@ -216,6 +220,7 @@ class BatchedSpeculativeGenerator:
         self.planner = RoundPlanner(scheduler, self.block_size, self._cost, self.confidence_threshold)
         self.hidden_state_ids = [i + 1 for i in draft.config.target_layer_ids]
         self._configure_attention(target)
+        self._position_wise = position_wise_modules(target) if skip_padding else []
         self._verify_head = activate_verify_head(target, self) if fast_verify_head else None
         self.fast_verify_head = self._verify_head is not None
         self.sampling = SamplingSettings()
@@ -289,13 +294,28 @@ class BatchedSpeculativeGenerator:
             self.round_cost = RoundCost(
                 self.latency_profile,
                 draft_seconds={m: self._time_drafter(m) for m in rows},
-                head_seconds_per_token=measure_head_seconds_per_token(self.target, profile=self.latency_profile),
+                padding_discount=self._time_padding(),
                 adapt=True,  # measured on this machine: keep it honest with the rounds as they run
             )
             self._measured_cost = True
         return self.round_cost
 
     _measured_cost = False
+
+    @torch.no_grad()
+    def _time_padding(self, rows: int = 4, width: int = 8) -> float:
+        """How much less a padding slot of a round costs than a real one (seconds, >= 0): the same
+        forward timed with every slot real and with one real slot per row (fastest of 5 each), capped
+        at the profile's cost of one more real token per row."""
+        ids = torch.full((rows, width), self._PAD_ID, dtype=torch.long, device=self.device)
+        positions = torch.arange(width, device=self.device).expand(rows, -1)
+
+        def forward(valid):
+            return lambda: self._target_forward(_TargetKV(rows, self.device), ids, positions, valid, logits_for=valid)
+
+        every, first = positions >= 0, positions == 0
+        saved = (measure_seconds(forward(every)) - measure_seconds(forward(first))) / (rows * (width - 1))
+        return max(min(saved, token_seconds(self.latency_profile)), 0.0)
 
     @torch.no_grad()
     def _time_drafter(self, rows: int, context: int = 4) -> float:
@@ -614,32 +634,16 @@ class BatchedSpeculativeGenerator:
         """One target pass appending ``W`` slots per row; returns (logits of the ``logits_for`` slots,
         packed [N, V], or None; selected features [rows, W, C], or None for the plain scheduler).
 
-        The LM head only sees the hidden states of the ``logits_for`` slots: a forward pre-hook on the
-        target's output embedding gathers them for the duration of the call, so padding slots (and a
-        prefill, which needs no logits) cost no LM-head time, and whatever the model does after its head
-        (e.g. soft-capping) still applies."""
+        The LM head only sees the hidden states of the ``logits_for`` slots (a prefill needs none) and
+        the target's per-slot layers only its ``query_valid`` slots
+        (:func:`hf_dspark.decoding.packing.real_slots_only`): padding costs attention only."""
         masks = self._attention_masks(kv.slots, query_valid, positions)
         keep = query_valid.new_zeros(query_valid.shape) if logits_for is None else logits_for
-        head = self.target.get_output_embeddings()
-
-        def only_kept(module, args):
-            hidden = args[0]
-            if hidden.shape[:2] != keep.shape:
-                raise RuntimeError(
-                    f"the target's output embedding got hidden states of shape {tuple(hidden.shape)}, expected "
-                    f"[{keep.shape[0]}, {keep.shape[1]}, hidden]; the batched engine supports causal LMs whose head "
-                    "scores every position of the forward"
-                )
-            return (hidden[keep].unsqueeze(0),) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(only_kept)
-        try:
+        with real_slots_only(self.target.get_output_embeddings(), keep, query_valid, self._position_wise):
             out = self.target(
                 input_ids=input_ids, attention_mask=masks, position_ids=positions, cache=kv.cache, use_cache=True,
                 output_hidden_states=None if self.scheduler == "plain" else self.hidden_state_ids, logits_to_keep=0,
             )
-        finally:
-            handle.remove()
         kv.slots = kv.slots.append(query_valid, positions)
         features = None
         if self.scheduler != "plain":
@@ -697,7 +701,6 @@ class BatchedSpeculativeGenerator:
         self.stats["prefill_forwards"] += width > 0
 
     def _accept(self, tokens, draft_probs, logits, features, counts, first_new_slot) -> list[SpeculativeRequest]:
-        rows = len(counts)
         width = 1 + max(counts)
         if self.sampling.do_sample:
             accepted, next_tokens = self._accept_sampled(tokens, draft_probs, logits, counts)

@@ -7,9 +7,10 @@ time, so it needs the time of a round for any allocation:
 ``seconds = verify(R, width, tokens) + draft(drafted_rows)``
 
 * ``verify(R, width, tokens)``: one target pass over ``R`` rows right-padded to ``width`` slots.
-  :class:`~hf_dspark.decoding.latency.LatencyProfile` measures ``R`` rows x ``width`` tokens with logits
-  for every slot; the engine computes logits only for the ``tokens`` slots that hold real tokens,
-  so the LM head time of the padding slots (``head_seconds_per_token`` each) is taken off.
+  :class:`~hf_dspark.decoding.latency.LatencyProfile` measures ``R`` rows x ``width`` real tokens; the
+  engine runs the LM head and the other per-slot layers on the ``tokens`` real slots only
+  (:mod:`hf_dspark.decoding.packing`), so each padding slot costs ``padding_discount`` seconds less
+  than a real one (measured by the engine on its target).
 * ``draft(m)``: one batched drafter call for ``m`` rows (0 when no row drafts), measured by the
   engine on its own drafter with the current sampling settings, linear in ``m`` between and
   beyond the measured sizes.
@@ -27,14 +28,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
-
-import torch
+from typing import Callable
 
 from hf_dspark.models.dspark.generation_dspark import interpolate
 from hf_dspark.decoding.latency import LatencyProfile
 
-__all__ = ["RoundCost", "measure_seconds", "measure_head_seconds_per_token"]
+__all__ = ["RoundCost", "measure_seconds", "token_seconds"]
 
 _FLOOR = 1e-9
 
@@ -55,12 +54,13 @@ class RoundCost:
     Args:
         verify: the target's latency profile (``table[rows][tokens per row]`` seconds).
         draft_seconds: ``{rows: seconds}`` of one drafter call; empty means drafting is free.
-        head_seconds_per_token: LM-head time per scored slot (taken off for padding slots).
+        padding_discount: how much less a padding slot costs than a real one, in seconds (taken off
+            for each padding slot of a round).
     """
 
     verify: LatencyProfile
     draft_seconds: dict[int, float] = field(default_factory=dict)
-    head_seconds_per_token: float = 0.0
+    padding_discount: float = 0.0
     adapt: bool = False
     verify_scale: float = 1.0
     draft_scale: float = 1.0
@@ -77,7 +77,7 @@ class RoundCost:
 
     def _verify_seconds(self, rows: int, width: int, tokens: int) -> float:
         padded = self.verify.verify_seconds(width, batch_size=rows)
-        return max(padded - self.head_seconds_per_token * (rows * width - tokens), _FLOOR)
+        return max(padded - self.padding_discount * (rows * width - tokens), _FLOOR)
 
     def drafter_seconds(self, rows: int) -> float:
         return self.draft_scale * self._drafter_seconds(rows)
@@ -150,11 +150,11 @@ class RoundCost:
         """
         padded = [0.0] + [self.verify.verify_seconds(w, batch_size=rows) for w in range(1, max_width + 1)]
         draft = [self.drafter_seconds(m) for m in range(rows + 1)]
-        head, hurdle = self.head_seconds_per_token, self.hurdle
+        discount, hurdle = self.padding_discount, self.hurdle
         scales = [self.verify_scale_at(w) for w in range(max_width + 1)]
 
         def seconds(width: int, tokens: int, drafted_rows: int) -> float:
-            verify = scales[width] * max(padded[width] - head * (rows * width - tokens), _FLOOR)
+            verify = scales[width] * max(padded[width] - discount * (rows * width - tokens), _FLOOR)
             if sunk_draft_seconds is not None:  # the drafter ran: only verifying drafts is a bet
                 return (verify * hurdle if width > 1 else verify) + sunk_draft_seconds
             total = verify + draft[drafted_rows]
@@ -183,28 +183,13 @@ def measure_seconds(call: Callable[[], object], repeats: int = 5, warmup: int = 
     return min(samples)
 
 
-@torch.no_grad()
-def measure_head_seconds_per_token(target, sizes: Iterable[int] = (16, 64), repeats: int = 5,
-                                   profile: LatencyProfile | None = None) -> float:
-    """Slope of the target's LM-head time against the number of positions it scores (>= 0).
-
-    With ``profile``, capped at the profile's own cost of one more token per row at its largest batch
-    size: the head cannot cost more than the whole forward spends on a token, and a slope timed while
-    other jobs ran would otherwise make padding look cheap and every verified token dear."""
-    head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
-    if head is None or not hasattr(head, "weight"):
-        return 0.0
-    small, large = sorted(sizes)[0], sorted(sizes)[-1]
-    width = head.weight.shape[1]
-    times = {}
-    for n in (small, large):
-        x = torch.randn(1, n, width, dtype=head.weight.dtype, device=head.weight.device)
-        times[n] = measure_seconds(lambda x=x: head(x), repeats=repeats)
-    slope = max((times[large] - times[small]) / (large - small), 0.0)
-    if profile is not None and profile.table:
-        rows = max(profile.table)
-        counts = sorted(profile.table[rows])
-        if len(counts) > 1:
-            per_token = (profile.table[rows][counts[-1]] - profile.table[rows][counts[0]]) / (rows * (counts[-1] - counts[0]))
-            slope = min(slope, max(per_token, 0.0))
-    return slope
+def token_seconds(profile: LatencyProfile | None) -> float:
+    """The profile's cost of one more real token per row at its largest batch size (infinite without
+    two token counts there): an upper bound on anything a slot can save."""
+    if profile is None or not profile.table:
+        return float("inf")
+    rows = max(profile.table)
+    counts = sorted(profile.table[rows])
+    if len(counts) < 2:
+        return float("inf")
+    return (profile.table[rows][counts[-1]] - profile.table[rows][counts[0]]) / (rows * (counts[-1] - counts[0]))
