@@ -226,6 +226,49 @@ def test_card_shows_compare_drafters(exported):
     assert card.count("| ↳ ") == 1
 
 
+BENCH_BATCH = {"settings": {"dtype": "float32", "device": "cpu", "threads": 1, "num_prompts": 4, "max_new_tokens": 16,
+                            "do_sample": False, "ngram_lookup_tokens": 7},
+               "results": [{"concurrency": c, "method": m, "tokens_per_second": tps,
+                            "throughput_ratio_vs_plain": ratio, "greedy_agreement_with_plain": 1.0}
+                           for c, m, tps, ratio in [(1, "plain", 8.25, 1.0), (1, "async", 14.6, 1.77),
+                                                    (8, "plain", 20.14, 1.0), (8, "async", 31.0, 1.539),
+                                                    (8, "scheduler", 27.2, 1.35)]]}
+BENCH_SERVE = {"settings": {"dtype": "float32", "threads": 1, "num_requests": 6, "min_new_tokens": 4, "max_new_tokens": 8,
+                            "max_concurrency": 4, "prompts": ["/data/eval/gsm8k.jsonl"]},
+               "results": [{"rate": rate, "mode": mode, "requests": 6, "tokens_per_second": tps, "tpot_p50": tpot,
+                            "tpot_p90": 2 * tpot, "outputs_equal_alone": 6}
+                           for rate, mode, tps, tpot in [("inf", "plain", 23.7, 0.452), ("inf", "async", 28.9, 0.417),
+                                                         (0.48, "plain", 14.8, 0.251), (0.48, "async", 16.2, 0.128)]]}
+
+
+def test_card_shows_batched_serving_results_and_export_records_them(exported, tmp_path):
+    from hf_dspark.checkpoints.model_card import load_serving_results
+
+    root, _, out = exported
+    assert "Batched serving" not in (out / "README.md").read_text()  # nothing attached: no section
+    files = []
+    for name, data in (("batch.json", BENCH_BATCH), ("serve.json", BENCH_SERVE)):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps(data))
+    again = export_drafter(out, root / "hub_serving", serving_json=files)
+    card = (again / "README.md").read_text()
+    assert "## Batched serving" in card and card.index("## Batched serving") < card.index("## Training")
+    assert "| 8 | 20.1 | 1.35× | 1.54× |" in card  # plain tok/s, then algorithm1 and async against it
+    assert "| 1 | 8.2 | — | 1.77× |" in card
+    assert "Every output equals plain batched `generate`: yes." in card
+    rows = [line for line in card.splitlines() if line.startswith("| 0.48 req/s") or line.startswith("| all at once")]
+    assert rows == ["| 0.48 req/s | 14.8, 251 ms | 16.2, 128 ms |", "| all at once | 23.7, 452 ms | 28.9, 417 ms |"]
+    assert "prompts gsm8k.jsonl" in card and "at every rate: yes." in card
+    recorded = json.loads((again / "dspark_card.json").read_text())["serving"]
+    assert recorded == load_serving_results(files)
+    kept = export_drafter(again, root / "hub_serving_again")  # recorded inputs come back on re-export
+    assert (kept / "README.md").read_text() == card
+    broken = tmp_path / "eval.json"
+    broken.write_text(json.dumps(EVAL))
+    with pytest.raises(ValueError, match=r"--serving-json .*eval.json.*bench-batch"):
+        load_serving_results([broken])
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_refuses_drafter_without_target_name(tmp_path):
     target = tiny_qwen3_target()

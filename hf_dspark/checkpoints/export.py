@@ -126,9 +126,10 @@ def load_checked_drafter(draft_dir: str | os.PathLike, target_model_name: str | 
     return model.eval()
 
 
-def _card_inputs(draft_dir: Path, eval_json, recipe, license) -> tuple[list[dict], str | None, str]:
+def _card_inputs(draft_dir: Path, eval_json, recipe, license, serving_json=None
+                 ) -> tuple[list[dict], str | None, str, list[dict]]:
     """Card inputs: explicit arguments win, else those recorded by a previous export of ``draft_dir``."""
-    from hf_dspark.checkpoints.model_card import load_eval_results
+    from hf_dspark.checkpoints.model_card import load_eval_results, load_serving_results
 
     recorded = {}
     if (draft_dir / CARD_INPUTS_FILE).is_file():
@@ -136,7 +137,11 @@ def _card_inputs(draft_dir: Path, eval_json, recipe, license) -> tuple[list[dict
     if isinstance(eval_json, (str, os.PathLike)):
         eval_json = [eval_json]
     evals = load_eval_results(eval_json) if eval_json else list(recorded.get("eval_results", []))
-    return evals, recipe if recipe is not None else recorded.get("recipe"), license or recorded.get("license") or DEFAULT_LICENSE
+    if isinstance(serving_json, (str, os.PathLike)):
+        serving_json = [serving_json]
+    serving = load_serving_results(serving_json) if serving_json else list(recorded.get("serving", []))
+    return (evals, recipe if recipe is not None else recorded.get("recipe"),
+            license or recorded.get("license") or DEFAULT_LICENSE, serving)
 
 
 # ----------------------------------------------------------------------------- hub format
@@ -153,8 +158,8 @@ def write_remote_code(folder: str | os.PathLike) -> list[Path]:
     return written
 
 
-def _export_hub(model, draft_dir: Path, output_dir: Path, eval_json, recipe, license, repo_id) -> None:
-    evals, recipe, license = _card_inputs(draft_dir, eval_json, recipe, license)
+def _export_hub(model, draft_dir: Path, output_dir: Path, eval_json, recipe, license, repo_id, serving_json=None) -> None:
+    evals, recipe, license, serving = _card_inputs(draft_dir, eval_json, recipe, license, serving_json)
     model.save_pretrained(output_dir)
     write_remote_code(output_dir)
     # Re-write what save_pretrained produced so the bytes depend only on the drafter.
@@ -164,13 +169,16 @@ def _export_hub(model, draft_dir: Path, output_dir: Path, eval_json, recipe, lic
     for name in ("config.json", "generation_config.json", "model.safetensors.index.json"):
         _normalize_json_file(output_dir / name)
     generation = json.loads((output_dir / "generation_config.json").read_text())
-    card = render_model_card(model.config, generation, evals, recipe=recipe, license=license, repo_id=repo_id)
+    card = render_model_card(model.config, generation, evals, recipe=recipe, license=license, repo_id=repo_id,
+                             serving=serving)
     (output_dir / "README.md").write_text(card)
     from hf_dspark.checkpoints.verify import weight_checksums
 
     # The sha256 of each weight file, checked by from_pretrained, `hf-dspark verify` and `hf-dspark push`.
-    _write_json(output_dir / CARD_INPUTS_FILE, {"eval_results": evals, "license": license, "recipe": recipe,
-                                                "weights_sha256": weight_checksums(output_dir)})
+    inputs = {"eval_results": evals, "license": license, "recipe": recipe, "weights_sha256": weight_checksums(output_dir)}
+    if serving:
+        inputs["serving"] = serving
+    _write_json(output_dir / CARD_INPUTS_FILE, inputs)
 
 
 # ----------------------------------------------------------------------------- engine formats
@@ -487,6 +495,7 @@ def export_drafter(
     overwrite: bool = False,
     ngram_lookup_tokens: int | None = None,
     target_model_name: str | None = None,
+    serving_json=None,
 ) -> Path:
     """Export the drafter saved in ``draft_dir`` (any format :func:`hf_dspark.checkpoints.loading.load_drafter`
     reads: ours, DeepSpec, speculators) to ``output_dir`` and return ``output_dir``.
@@ -508,6 +517,8 @@ def export_drafter(
             ``generation_config.json`` (n-gram rounds, see :mod:`hf_dspark.models.dspark.generation_dspark`;
             0 turns them off); ``None`` keeps the drafter's setting.
         target_model_name: the target's Hub id, for checkpoints that do not record it (DeepSpec's).
+        serving_json: path(s) of ``hf-dspark bench-batch`` / ``bench-serve`` JSON files summarized in
+            the card's batched-serving section (hub); defaults to those recorded by a previous export.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r} is not supported; choose one of {EXPORT_FORMATS}")
@@ -523,7 +534,7 @@ def export_drafter(
         check_engine_support(model.config, format, expand_draft_vocab)  # refuse before touching output_dir
     _prepare_output(output_dir, draft_dir, overwrite)
     if format == "hub":
-        _export_hub(model, draft_dir, output_dir, eval_json, recipe, license, repo_id)
+        _export_hub(model, draft_dir, output_dir, eval_json, recipe, license, repo_id, serving_json)
     else:
         _export_engine(model, output_dir, format, target, expand_draft_vocab, license)
     return output_dir

@@ -69,6 +69,52 @@ def load_eval_results(paths: Iterable[str | Path] | None) -> list[dict]:
     return results
 
 
+def load_serving_results(paths: Iterable[str | Path] | None) -> list[dict]:
+    """Summaries of ``hf-dspark bench-batch`` / ``bench-serve`` JSON files for the card's serving
+    section (the card records these, not the whole files); raise ``ValueError`` naming a file that
+    is neither."""
+    summaries = []
+    for path in paths or ():
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--serving-json {path}: cannot read it as JSON ({exc})") from exc
+        results = data.get("results") if isinstance(data, dict) else None
+        settings = data.get("settings") if isinstance(data, dict) and isinstance(data.get("settings"), dict) else {}
+        if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
+            raise ValueError(f"--serving-json {path}: expected a JSON object with a 'results' list, as written by "
+                             "`hf-dspark bench-batch` or `hf-dspark bench-serve`")
+        keep = {k: settings[k] for k in ("dtype", "device", "threads", "max_new_tokens", "min_new_tokens", "num_prompts",
+                                         "num_requests", "max_concurrency", "do_sample", "temperature", "top_k",
+                                         "top_p", "ngram_lookup_tokens") if k in settings}
+        keep["prompts"] = [Path(str(p)).name for p in settings.get("prompts") or ()]
+        if all("concurrency" in r and "method" in r for r in results):
+            rows = {}
+            for r in results:
+                row = rows.setdefault(int(r["concurrency"]), {"concurrency": int(r["concurrency"]), "ratios": {}})
+                if r["method"] == "plain":
+                    row["plain_tokens_per_second"] = r.get("tokens_per_second")
+                else:
+                    row["ratios"][r["method"]] = r.get("throughput_ratio_vs_plain")
+            exact = all(r.get("greedy_agreement_with_plain", 1.0) == 1.0 for r in results)
+            summaries.append({"kind": "bench-batch", "settings": keep, "rows": [rows[c] for c in sorted(rows)],
+                              "outputs_equal_plain": exact if not settings.get("do_sample") else None})
+        elif all("rate" in r and "mode" in r for r in results):
+            rows = {}
+            for r in results:
+                row = rows.setdefault(str(r["rate"]), {"rate": r["rate"], "modes": {}})
+                row["modes"][r["mode"]] = {k: r.get(k) for k in ("tokens_per_second", "tpot_p50", "tpot_p90")}
+            equal = [(r.get("outputs_equal_alone"), r.get("requests")) for r in results]
+            ordered = sorted(rows.values(), key=lambda row: float(row["rate"]))  # "inf" (all at once) last
+            summaries.append({"kind": "bench-serve", "settings": keep, "rows": ordered,
+                              "outputs_equal_alone": all(e == n for e, n in equal)
+                              if all(isinstance(e, int) for e, _ in equal) else None})
+        else:
+            raise ValueError(f"--serving-json {path}: its results are neither bench-batch rows (concurrency, method) "
+                             "nor bench-serve rows (rate, mode)")
+    return summaries
+
+
 def _dataset_rows(result: Mapping) -> list[tuple[str, Mapping]]:
     skip = {"settings", "datasets", "compare", "quality"}  # containers and macro-level extras, not datasets
     return [(name, value) for name, value in result.items() if name not in skip and isinstance(value, Mapping)]
@@ -146,6 +192,72 @@ def _results_section(eval_results: Sequence[Mapping]) -> str:
         footnote += (" In runs with n-gram lookup tokens, τ covers every round, n-gram rounds included, and the "
                      "per-position acceptance covers the drafter's own rounds only.")
     return "\n\n".join(blocks + [footnote])
+
+
+_SERVING_NAMES = {"plain_engine": "engine, no drafting", "full": "full block", "scheduler": "algorithm1",
+                  "algorithm1": "algorithm1", "async": "async", "plain": "plain"}
+
+
+def _serving_settings(settings: Mapping) -> str:
+    parts = [f"{settings['dtype']}" if settings.get("dtype") else None,
+             f"{settings['device']}" if settings.get("device") else None,
+             (f"{settings['threads']} thread" + ("s" if settings["threads"] != 1 else "")) if settings.get("threads") else None,
+             ("sampling" + (f" T={settings.get('temperature')}" if settings.get("temperature") is not None else "")
+              + (f" top-k {settings['top_k']}" if settings.get("top_k") else "")
+              + (f" top-p {settings['top_p']}" if settings.get("top_p") else "")) if settings.get("do_sample") else "greedy",
+             f"prompts {', '.join(settings['prompts'])}" if settings.get("prompts") else None,
+             f"n-gram lookup {settings['ngram_lookup_tokens']}" if settings.get("ngram_lookup_tokens") else None]
+    return ", ".join(p for p in parts if p)
+
+
+def _serving_section(serving: Sequence[Mapping]) -> str:
+    """Batched-engine figures (``hf-dspark bench-batch`` / ``bench-serve``), or "" without any."""
+    if not serving:
+        return ""
+    lines = ["## Batched serving (hf-dspark's engine)", "",
+             "transformers' assisted decoding serves one sequence at a time. hf-dspark's continuous-batching "
+             "engine (`hf_dspark.BatchedSpeculativeGenerator`) serves many, choosing each round who drafts and "
+             "how many draft tokens each request verifies from the measured cost of a target forward; it never "
+             "changes the output. Measured with `hf-dspark bench-batch` and `hf-dspark bench-serve` "
+             "(see hf-dspark's `docs/serving.md`)."]
+    for entry in serving:
+        settings = entry.get("settings") or {}
+        rows = entry.get("rows") or []
+        if entry.get("kind") == "bench-batch":
+            methods = [m for m in ("plain_engine", "full", "scheduler", "async") if any(m in r["ratios"] for r in rows)]
+            lines += ["", f"**Fixed concurrency** ({_serving_settings(settings)}; "
+                      f"{settings.get('num_prompts', '?')} prompts x {settings.get('max_new_tokens', '?')} tokens): "
+                      "throughput against transformers' batched `generate` at the same concurrency.", "",
+                      "| concurrency | plain `generate` tok/s | " + " | ".join(_SERVING_NAMES[m] for m in methods) + " |",
+                      "|---:|---:|" + "---:|" * len(methods)]
+            for r in rows:
+                plain = r.get("plain_tokens_per_second")
+                cells = [f"{r['ratios'][m]:.2f}×" if _has(r["ratios"].get(m)) else "—" for m in methods]
+                lines.append(f"| {r['concurrency']} | {plain:.1f} | " if _has(plain) else f"| {r['concurrency']} | — | ")
+                lines[-1] += " | ".join(cells) + " |"
+            if entry.get("outputs_equal_plain") is not None:
+                lines += ["", "Every output equals plain batched `generate`: "
+                          + ("yes." if entry["outputs_equal_plain"] else "**no**.")]
+        elif entry.get("kind") == "bench-serve":
+            modes = [m for m in ("plain", "full", "algorithm1", "async") if any(m in r["modes"] for r in rows)]
+            lines += ["", f"**Requests arriving over time** ({_serving_settings(settings)}; "
+                      f"{settings.get('num_requests', '?')} requests of {settings.get('min_new_tokens', '?')}-"
+                      f"{settings.get('max_new_tokens', '?')} tokens, at most {settings.get('max_concurrency', '?')} "
+                      "in flight): tok/s, then the per-request time per output token (TPOT) p50 in ms.", "",
+                      "| arrival rate | " + " | ".join(_SERVING_NAMES[m] for m in modes) + " |",
+                      "|---|" + "---:|" * len(modes)]
+            for r in rows:
+                rate = "all at once" if str(r["rate"]) == "inf" else f"{float(r['rate']):.2f} req/s"
+                cells = []
+                for m in modes:
+                    v = r["modes"].get(m) or {}
+                    cells.append(f"{v['tokens_per_second']:.1f}, {1e3 * v['tpot_p50']:.0f} ms"
+                                 if _has(v.get("tokens_per_second")) and _has(v.get("tpot_p50")) else "—")
+                lines.append(f"| {rate} | " + " | ".join(cells) + " |")
+            if entry.get("outputs_equal_alone") is not None:
+                lines += ["", "Every request's output equals what it gets decoded alone, in every mode and at every "
+                          "rate: " + ("yes." if entry["outputs_equal_alone"] else "**no**.")]
+    return "\n".join(lines) + "\n\n"
 
 
 def _recipe_section(recipe: str | None) -> str:
@@ -270,8 +382,10 @@ def render_model_card(
     recipe: str | None = None,
     license: str = DEFAULT_LICENSE,
     repo_id: str | None = None,
+    serving: Sequence[Mapping] = (),
 ) -> str:
-    """Return the README.md text (YAML metadata + body) of an exported drafter."""
+    """Return the README.md text (YAML metadata + body) of an exported drafter (``serving``: summaries
+    from :func:`load_serving_results`)."""
     from hf_dspark.targets import ALIAS_HUB_IDS
 
     target = config.target_model_name
@@ -294,6 +408,7 @@ def render_model_card(
         usage=_usage_snippet(target, repo_id, getattr(config, "prompt_chat_template", None)),
         drafter_table=_drafter_table(config, generation_config),
         results=_results_section(eval_results),
+        serving=_serving_section(serving),
         recipe=_recipe_section(recipe),
         repo_id=repo_id,
     )

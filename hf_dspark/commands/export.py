@@ -21,6 +21,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                              "engine-native layout; speculators: vLLM speculators' DSpark format.")
     parser.add_argument("--eval-json", nargs="+", default=None, metavar="FILE",
                         help="`hf-dspark eval` results to put on the model card (hub).")
+    parser.add_argument("--serving-json", nargs="+", default=None, metavar="FILE",
+                        help="`hf-dspark bench-batch` / `bench-serve` results for the card's batched-serving section (hub).")
     parser.add_argument("--recipe", default=None, metavar="COMMAND", help="Training command shown on the card (hub).")
     parser.add_argument("--license", default=None,
                         help=f"Hub license id for the card (default {DEFAULT_LICENSE}; use your target's license).")
@@ -51,6 +53,7 @@ def run_export(args: argparse.Namespace) -> int:
             license=args.license, repo_id=args.repo_id, target=args.target,
             expand_draft_vocab=args.expand_draft_vocab, overwrite=args.overwrite,
             ngram_lookup_tokens=args.ngram_lookup, target_model_name=args.target_name,
+            serving_json=args.serving_json,
         )
     except (HfDSparkError, FileExistsError, ValueError) as exc:
         return _cli_error(exc)
