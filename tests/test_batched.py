@@ -917,18 +917,3 @@ def test_padding_discount_is_capped_by_the_profiles_token_cost():
     assert token_seconds(profile) == pytest.approx(expected)
     cost = RoundCost(profile, padding_discount=expected)
     assert cost.verify_seconds(4, 3, 6) == pytest.approx(profile.verify_seconds(3, batch_size=4) - 6 * expected)
-
-
-def test_a_round_whose_drafts_are_all_cut_still_teaches_the_hurdle(qwen, qwen_drafter, monkeypatch):
-    base = synthetic_cost(per_token=0.01)  # cheap tokens: the plan drafts
-    cost = RoundCost(base.verify, draft_seconds=dict(base.draft_seconds), adapt=True)
-    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="async", round_cost=cost, max_batch_size=4)
-    monkeypatch.setattr(engine.planner, "schedule", lambda survival, limits, *args: [0] * len(limits))  # cut all
-    bets = []
-    real = cost.observe_gain
-    monkeypatch.setattr(cost, "observe_gain", lambda *args: (bets.append(args), real(*args)))
-    prompts = [p[0].tolist() for p in train_prompts()]
-    assert engine.generate(prompts, max_new_tokens=8) == [plain(qwen, p, 8) for p in prompts]
-    assert engine.stats["verified_draft_tokens"] == 0 < engine.stats["drafted_request_rounds"]
-    assert bets and all(expected > 1 for expected, *_ in bets)  # the plan's bet, not the (empty) schedule's
-    assert cost.observed["gain"] == len(bets)

@@ -426,8 +426,9 @@ class BatchedSpeculativeGenerator:
             modelled = cost.verify_seconds(rows, 1 + max(counts), rows + sum(counts)) + cost.drafter_seconds(len(draft_rows))
             stats["model_seconds"] += modelled
             stats["modelled_round_seconds"] += now - start
-            if self.planner.plan_bet is not None:  # the plan bet on drafting: did the round deliver it?
-                cost.observe_gain(*self.planner.plan_bet, stats["committed_tokens"] - committed_before, now - start)
+            if sum(counts) > 0:  # the plan's expected tokens, on the survival it scheduled with
+                expected = rows + sum(sum(row[:count]) for row, count in zip(survival, counts))
+                cost.observe_gain(expected, modelled, stats["committed_tokens"] - committed_before, now - start)
             cost.observe(rows, 1 + max(counts), rows + sum(counts), len(draft_rows), drafted - start, now - drafted)
         stats["max_active"] = max(stats["max_active"], len(counts))
         return finished

@@ -116,21 +116,17 @@ class RoundCost:
             self.draft_scale = self._blend("draft", self.draft_scale, draft_elapsed / modelled)
 
     def observe_gain(self, expected_tokens: float, model_seconds: float, committed_tokens: int, elapsed: float) -> None:
-        """Learn from one finished round the plan bet on (it gave some request draft or n-gram tokens;
-        only with ``adapt``) whether such rounds deliver what the plan expected: the plan's rate (its
-        expected tokens over its modelled seconds, both fixed before the drafter ran) against the
-        realized one (committed tokens over measured seconds).
+        """Learn from one finished round that verified draft tokens (only with ``adapt``) whether such
+        rounds deliver what the plan expected: the model's rate (expected tokens over modelled
+        seconds) against the realized one (committed tokens over measured seconds).
 
         The time scales correct the model's seconds; this corrects the whole bet, the tokens side too
-        (survival predictions that were stale or optimistic, the winner's curse of drafting exactly
-        where the model looked best, and drafts the current confidences then cut: a round whose
-        drafter ran but whose schedule verified nothing counts too, so sampling, where drafts are cut
-        often, teaches it as well). ``hurdle`` is the running mean (then EMA) of expected over
-        realized rate, kept in ``HURDLE_RANGE``: a round that drafts or verifies drafts must beat a
-        plain step by that factor in the model, so rounds that realize less than a plain step stop
-        being chosen (measured before it: Gemma 3 270M, fp32, 32 requests, algorithm1 committed 10%
-        fewer tokens per second than the engine without drafting). Past rounds only, like the time
-        scales."""
+        (survival predictions that were stale or optimistic, and the winner's curse of drafting exactly
+        where the model looked best). ``hurdle`` is the running mean (then EMA) of expected over
+        realized rate, kept in ``HURDLE_RANGE``: a round that verifies drafts must beat a plain step by
+        that factor in the model, so rounds that realize less than a plain step stop being chosen
+        (measured before it: Gemma 3 270M, fp32, 32 requests, algorithm1 committed 10% fewer tokens
+        per second than the engine without drafting). Past rounds only, like the time scales."""
         if not self.adapt or expected_tokens <= 0 or model_seconds <= 0 or elapsed <= 0:
             return
         realized = committed_tokens / elapsed

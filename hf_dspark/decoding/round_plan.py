@@ -58,7 +58,6 @@ class RoundPlanner:
         self.confidence_threshold = confidence_threshold
         self.prior = [self.DRAFT_PRIOR_ACCEPTANCE ** (j + 1) for j in range(block_size)]
         self.plan_counts: list[int] = []
-        self.plan_bet: tuple[float, float] | None = None  # (expected tokens, modelled seconds) of the last plan
         self.last_draft_round = -1
 
     # ---------------------------------------------------------------- memory
@@ -106,10 +105,8 @@ class RoundPlanner:
         ``algorithm1``/``async``: the best allocation of the right-padded round, drafter time included
         (:func:`~hf_dspark.decoding.scheduling.best_padded_allocation`), on each row's stale prediction; rows it
         gives no token do not draft, and when it gives none at all the round is a plain decoding step.
-        The allocation is kept: ``async`` verifies its total along the current ranking; when it gives
-        any token, ``plan_bet`` holds its expected tokens and modelled seconds (else None)."""
+        The allocation is kept: ``async`` verifies its total along the current ranking."""
         candidates = [row for row, limit in enumerate(limits) if limit > 0 and ngram_survival[row] is None]
-        self.plan_bet = None
         if self.scheduler == "plain":
             return []
         if self.scheduler in ("full", "threshold"):
@@ -118,14 +115,10 @@ class RoundPlanner:
             found if found is not None else (self.prediction(request, now, limit) if limit > 0 else [])
             for request, limit, found in zip(requests, limits, ngram_survival)
         ]
-        cost, rows = self.cost(), len(limits)
-        plan = best_padded_allocation(predicted, cost.round_seconds(rows, 1 + self.block_size),
-                                      needs_draft=[found is None for found in ngram_survival])
+        seconds = self.cost().round_seconds(len(limits), 1 + self.block_size)
+        plan = best_padded_allocation(predicted, seconds, needs_draft=[found is None for found in ngram_survival])
         self.plan_counts = plan
         draft_rows = [row for row in candidates if plan[row] > 0]
-        if sum(plan) > 0:  # what the plan bets on: its expected tokens and the time model's seconds
-            self.plan_bet = (rows + sum(sum(p[:count]) for p, count in zip(predicted, plan)),
-                             cost.verify_seconds(rows, 1 + max(plan), rows + sum(plan)) + cost.drafter_seconds(len(draft_rows)))
         if not draft_rows and candidates and now - self.last_draft_round >= self.PROBE_INTERVAL:
             draft_rows = candidates
             stats["probe_request_rounds"] += len(candidates)
