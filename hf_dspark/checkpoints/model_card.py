@@ -55,14 +55,18 @@ _SETTINGS = (
 
 
 # ----------------------------------------------------------------------------- inputs
+def _read_json(path, option: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{option} {path}: cannot read it as JSON ({exc})") from exc
+
+
 def load_eval_results(paths: Iterable[str | Path] | None) -> list[dict]:
     """Read evaluation JSON files; raise ``ValueError`` naming the file when one is unusable."""
     results = []
     for path in paths or ():
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"--eval-json {path}: cannot read it as JSON ({exc})") from exc
+        data = _read_json(path, "--eval-json")
         if not isinstance(data, dict):
             raise ValueError(f"--eval-json {path}: expected a JSON object as written by `hf-dspark eval`")
         results.append(data)
@@ -75,10 +79,7 @@ def load_serving_results(paths: Iterable[str | Path] | None) -> list[dict]:
     is neither."""
     summaries = []
     for path in paths or ():
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"--serving-json {path}: cannot read it as JSON ({exc})") from exc
+        data = _read_json(path, "--serving-json")
         results = data.get("results") if isinstance(data, dict) else None
         settings = data.get("settings") if isinstance(data, dict) and isinstance(data.get("settings"), dict) else {}
         if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
