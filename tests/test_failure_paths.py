@@ -227,6 +227,27 @@ def test_sigint_during_training_then_the_same_command_finishes(work, tiny_target
     assert json.loads((output / "training_summary.json").read_text())["steps"] == 400
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed interrupt
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_training_at_the_step_end():
+    """SIGINT handled inside a ``__del__`` is printed as "Exception ignored" and lost; the guard keeps it."""
+    from hf_dspark.trainer.train_cli import InterruptGuard
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here, and its KeyboardInterrupt is swallowed
+
+    before = signal.getsignal(signal.SIGINT)
+    guard = InterruptGuard()
+    guard.on_step_end(None, None, None)  # nothing arrived: training goes on
+    with guard:
+        Finalized()  # collected at once: no KeyboardInterrupt reaches this frame
+        assert guard.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            guard.on_step_end(None, None, None)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_missing_cache_gives_no_traceback_in_a_real_process(tiny_target_dir, work):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "hf_dspark.cli",

@@ -28,12 +28,15 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import get_type_hints
 
 import torch
+from transformers import TrainerCallback
 
 from hf_dspark.errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError
 from hf_dspark.targets import TARGET_DTYPES
@@ -359,6 +362,45 @@ def _summary(trainer: DSparkTrainer, result, args, training_args, checkpoint, el
     }
 
 
+class InterruptGuard(TrainerCallback):
+    """Ctrl-C stops training even when the ``KeyboardInterrupt`` it raised was swallowed.
+
+    Python raises ``KeyboardInterrupt`` in whatever the main thread runs when the signal arrives. If
+    that is a finalizer (a ``__del__`` method or a weakref callback: the training loop frees many
+    objects), Python prints "Exception ignored" and the loop goes on writing checkpoints. While the
+    guard is installed (``with guard:``, main thread only) SIGINT is also recorded, and the guard
+    raises ``KeyboardInterrupt`` again at the end of the step in which it arrived."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.interrupted = True
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            raise KeyboardInterrupt("SIGINT arrived during this training step")
+
+    on_save = on_step_end
+
+
 def run(args: argparse.Namespace, callbacks=None) -> int:
     """Run ``train``; returns the process exit code. ``callbacks`` go to the Trainer (tests use them)."""
     from transformers import set_seed
@@ -390,7 +432,8 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
     if training_args.use_lora and checkpoint is None and training_args.should_save:
         draft.save_pretrained(output / BASE_DRAFTER_DIR)  # the weights the adapters apply to (resume, no-merge)
 
-    trainer = DSparkTrainer(draft, target, training_args, train_dataset=dataset, callbacks=callbacks)
+    guard = InterruptGuard()
+    trainer = DSparkTrainer(draft, target, training_args, train_dataset=dataset, callbacks=[*(callbacks or []), guard])
     if training_args.should_save:
         trainable, total = trainable_parameter_count(trainer.model)
         print(f"Training {'LoRA on ' if training_args.use_lora else ''}a {draft.config.num_hidden_layers}-layer drafter "
@@ -398,7 +441,8 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
               f"({'online' if training_args.online else 'cache'}), layers {layer_ids}"
               + (f", resuming from {checkpoint}" if checkpoint else "") + ".", flush=True)
     try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with guard:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_drafter(output)
         if training_args.should_save:
             summary = _summary(trainer, result, args, training_args, checkpoint, time.time() - start)
@@ -426,4 +470,4 @@ def _close_process_group(trainer: DSparkTrainer, wait: bool) -> None:
     torch.distributed.destroy_process_group()
 
 
-__all__ = ["add_arguments", "build_training_args", "run"]
+__all__ = ["InterruptGuard", "add_arguments", "build_training_args", "run"]
