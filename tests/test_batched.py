@@ -841,6 +841,41 @@ def test_bench_batch_samples_plain_generate_with_the_fused_warper(tiny_target_di
     assert json.loads(out.read_text())["settings"]["do_sample"] is True
 
 
+def test_bench_batch_gives_plain_generate_the_fast_head_layout_unless_told_not_to(tiny_target_dir, tmp_path, monkeypatch):
+    """The baseline gets the engine's exact non-speculative speed-ups: the skinny LM-head layout for 2-8 rows."""
+    from transformers import AutoModelForCausalLM, GenerationMixin
+
+    from hf_dspark.cli import main
+    from hf_dspark.models.dspark import generation_dspark
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
+    tiny_drafter(target, target_layer_ids=[0, 1]).save_pretrained(tmp_path / "draft")
+    in_generate, skinny_rows = [], []  # rows of the skinny products computed inside transformers' generate
+    original_skinny = generation_dspark.skinny_linear
+    monkeypatch.setattr(generation_dspark, "skinny_linear", lambda x, w, b=None: (
+        skinny_rows.append(x.numel() // x.shape[-1]) if in_generate else None) or original_skinny(x, w, b))
+    original_generate = GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        in_generate.append(True)
+        try:
+            return original_generate(self, *args, **kwargs)
+        finally:
+            in_generate.pop()
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    common = ["bench-batch", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "draft"), "--concurrency", "2",
+              "--num-prompts", "2", "--max-new-tokens", "4", "--device", "cpu", "--methods", "plain",
+              "--latency-cache-dir", str(tmp_path / "latency"), "--profile-repeats", "1"]
+    assert main(common + ["--output", str(tmp_path / "fast.json")]) == 0
+    assert 2 in skinny_rows  # the timed 2-row generate ran its LM head in the skinny layout
+    assert json.loads((tmp_path / "fast.json").read_text())["settings"]["plain_head"] == "fast"
+    skinny_rows.clear()
+    assert main(common + ["--plain-head", "transformers", "--output", str(tmp_path / "hf.json")]) == 0
+    assert skinny_rows == []  # transformers' own head throughout
+    assert json.loads((tmp_path / "hf.json").read_text())["settings"]["plain_head"] == "transformers"
+
+
 def test_rounds_that_realize_less_than_expected_raise_the_hurdle_for_drafting():
     base = synthetic_cost()
     cost = RoundCost(base.verify, draft_seconds=dict(base.draft_seconds), adapt=True)

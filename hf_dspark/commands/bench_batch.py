@@ -3,8 +3,11 @@
 For every concurrency ``C`` the same prompts are decoded, in one process, by each method of
 ``--methods`` (default: all four):
 
-* ``plain``: transformers' batched ``generate`` (left-padded batches of ``C`` prompts; sampling with
-  top-k and top-p uses the fused warper, the same distribution at a fraction of the cost);
+* ``plain``: transformers' batched ``generate`` (left-padded batches of ``C`` prompts), given the
+  engine's exact speed-ups that do not draft: the LM head's skinny layout for 2-8 rows on CPU fp32
+  (``generation_dspark.activate_verify_head``; at 4 rows of Gemma 3's 262k x 640 head it takes 64 ms
+  instead of transformers' 126 ms on an AVX2 CPU; ``--plain-head transformers`` turns it off) and,
+  when sampling with top-k and top-p, the fused warper (the same distribution at a fraction of the cost);
 * ``full``: :class:`~hf_dspark.decoding.batched.BatchedSpeculativeGenerator` with ``C`` requests in flight,
   every request verifying its whole draft block;
 * ``scheduler``: the same engine with the hardware-aware prefix scheduler (Algorithm 1) fed
@@ -44,6 +47,7 @@ import torch
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.evaluation.measure import fused_plain_kwargs
+from hf_dspark.models.dspark.generation_dspark import activate_verify_head
 from hf_dspark.targets import TARGET_DTYPES
 
 METHODS = ("plain", "full", "scheduler", "async")
@@ -76,8 +80,24 @@ BUILTIN_PROMPTS = [
 
 
 # ----------------------------------------------------------------------------- measurement
-def _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id) -> dict:
-    """transformers' batched generate over left-padded chunks of ``concurrency`` prompts."""
+class _HeadOwner:
+    """What the plain baseline ties the LM head's fast layout to (released when the run ends)."""
+
+
+def _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id, fast_head: bool = True) -> dict:
+    """transformers' batched generate over left-padded chunks of ``concurrency`` prompts (with the
+    fast LM-head layout unless ``fast_head`` is False)."""
+    owner = _HeadOwner()  # the layout lasts while it lives: keep it until the run ends
+    release = activate_verify_head(target, owner) if fast_head else None
+    try:
+        return _plain_chunks(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id)
+    finally:
+        if release is not None:
+            release()
+        del owner
+
+
+def _plain_chunks(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id) -> dict:
     outputs, per_request, start = [], [], time.perf_counter()
     device = next(target.parameters()).device
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling["do_sample"], pad_token_id=pad_id)
@@ -141,10 +161,11 @@ def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, 
 
 
 def _run_method(method, target, draft, prompts, concurrency, max_new_tokens, sampling, seed, eos, pad_token_id,
-                latency_profile, ngram_lookup_tokens, round_cost):
+                latency_profile, ngram_lookup_tokens, round_cost, plain_fast_head: bool = True):
     if method == "plain":
         torch.manual_seed(seed)
-        return _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_token_id)
+        return _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_token_id,
+                              plain_fast_head)
     return _speculative(target, draft, prompts, concurrency, max_new_tokens, dict(sampling, seed=seed), eos,
                         ENGINE_SCHEDULERS[method], latency_profile, 0 if method == "plain_engine" else ngram_lookup_tokens,
                         round_cost)
@@ -163,12 +184,14 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
                     latency_profile, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int = 0, eos_token_id=None, pad_token_id: int = 0,
                     progress: bool = True, ngram_lookup_tokens: int = 0, methods: Sequence[str] = METHODS,
-                    repeats: int = 1, done: Sequence[dict] = (), on_concurrency=None) -> dict:
+                    repeats: int = 1, done: Sequence[dict] = (), on_concurrency=None,
+                    plain_fast_head: bool = True) -> dict:
     """Run ``methods`` for every concurrency; returns the JSON-ready results.
 
     ``done`` are result rows of an earlier, interrupted run with the same settings: their
     concurrencies are skipped and the rows kept. ``on_concurrency(results)`` is called after every
-    concurrency (to write partial results)."""
+    concurrency (to write partial results). ``plain_fast_head=False`` runs the ``plain`` baseline with
+    transformers' own LM head (see the module docstring)."""
     prompts = [list(map(int, p)) for p in prompts]
     eos = eos_token_id if eos_token_id is not None else getattr(target.generation_config, "eos_token_id", None)
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -179,12 +202,13 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
                       block_size=draft.config.block_size, device=str(next(target.parameters()).device),
                       ngram_lookup_tokens=ngram_lookup_tokens, methods=methods, repeats=repeats,
                       threads=torch.get_num_threads(), draft_dtype=str(next(draft.parameters()).dtype).removeprefix("torch."),
-                      latency_profile=getattr(latency_profile, "key", None)),
+                      latency_profile=getattr(latency_profile, "key", None),
+                      plain_head="fast" if plain_fast_head else "transformers"),
         results=list(done),
     )
     finished = {r["concurrency"] for r in done}
     # warm-up (first-call allocations, kernel selection), not timed
-    _plain_batched(target, prompts[:1], 1, 4, sampling, eos, pad_token_id)
+    _plain_batched(target, prompts[:1], 1, 4, sampling, eos, pad_token_id, plain_fast_head)
     _speculative(target, draft, prompts[:1], 1, 4, dict(sampling, seed=seed), eos, "full", latency_profile)
 
     for c in concurrency:
@@ -196,7 +220,7 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
             shift = repeat % len(methods)
             for method in methods[shift:] + methods[:shift]:  # rotate the order between repeats
                 r = _run_method(method, target, draft, prompts, c, max_new_tokens, sampling, seed, eos, pad_token_id,
-                                latency_profile, ngram_lookup_tokens, round_cost)
+                                latency_profile, ngram_lookup_tokens, round_cost, plain_fast_head)
                 round_cost = r.get("round_cost") or round_cost  # measured once per concurrency, then shared
                 runs[method].append(r)
         chosen = {m: _median_run(runs[m]) for m in methods}
@@ -323,6 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="methods to run (default: plain full scheduler async; plain_engine = the engine without "
                              "drafting)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per method and concurrency, median reported (default 1)")
+    parser.add_argument("--plain-head", choices=("fast", "transformers"), default="fast",
+                        help="LM head of the plain baseline: fast = the engine's exact skinny layout for 2-8 rows on "
+                             "CPU fp32 (default), transformers = transformers' own")
     parser.add_argument("--draft-dtype", choices=("auto", "saved", "float32", "bfloat16", "float16"), default="auto",
                         help="drafter dtype: auto = the target's --dtype (default), saved = as stored")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -401,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
         setup.target, setup.draft, prompts, concurrency, args.max_new_tokens, setup.profile, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, pad_token_id=setup.pad_id,
         ngram_lookup_tokens=setup.ngram, methods=args.methods, repeats=args.repeats, done=done, on_concurrency=write,
+        plain_fast_head=args.plain_head == "fast",
     )
     write(results)
     if out is not None:
@@ -463,8 +491,9 @@ def _resumable_rows(path, settings: dict, args) -> list[dict]:
         return []
     earlier = json.loads(path.read_text(encoding="utf-8"))
     same = dict(settings, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, seed=args.seed,
-                repeats=args.repeats)
-    mismatched = {k: (earlier["settings"].get(k), v) for k, v in same.items() if earlier["settings"].get(k) != v}
+                repeats=args.repeats, plain_head=getattr(args, "plain_head", "fast"))
+    before = {"plain_head": "transformers", **earlier["settings"]}  # files written before --plain-head existed
+    mismatched = {k: (before.get(k), v) for k, v in same.items() if before.get(k) != v}
     if mismatched:
         raise DSparkConfigError(f"--resume: {path} was measured with other settings ({mismatched}); use another --output")
     wanted = set(args.methods)
