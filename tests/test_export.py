@@ -263,6 +263,11 @@ def test_card_shows_batched_serving_results_and_export_records_them(exported, tm
     assert recorded == load_serving_results(files)
     kept = export_drafter(again, root / "hub_serving_again")  # recorded inputs come back on re-export
     assert (kept / "README.md").read_text() == card
+    assert "at the same concurrency." in card and "LM-head layout" not in card  # a file without plain_head
+    fast = tmp_path / "batch_fast.json"
+    fast.write_text(json.dumps({**BENCH_BATCH, "settings": {**BENCH_BATCH["settings"], "plain_head": "fast"}}))
+    with_layout = export_drafter(out, root / "hub_serving_fast", serving_json=[fast])
+    assert "(given the engine's exact LM-head layout for 2-8 rows)." in (with_layout / "README.md").read_text()
     broken = tmp_path / "eval.json"
     broken.write_text(json.dumps(EVAL))
     with pytest.raises(ValueError, match=r"--serving-json .*eval.json.*bench-batch"):

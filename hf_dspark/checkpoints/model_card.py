@@ -87,7 +87,7 @@ def load_serving_results(paths: Iterable[str | Path] | None) -> list[dict]:
                              "`hf-dspark bench-batch` or `hf-dspark bench-serve`")
         keep = {k: settings[k] for k in ("dtype", "device", "threads", "max_new_tokens", "min_new_tokens", "num_prompts",
                                          "num_requests", "max_concurrency", "do_sample", "temperature", "top_k",
-                                         "top_p", "ngram_lookup_tokens") if k in settings}
+                                         "top_p", "ngram_lookup_tokens", "plain_head") if k in settings}
         keep["prompts"] = [Path(str(p)).name for p in settings.get("prompts") or ()]
         if all("concurrency" in r and "method" in r for r in results):
             rows = {}
@@ -228,7 +228,9 @@ def _serving_section(serving: Sequence[Mapping]) -> str:
             methods = [m for m in ("plain_engine", "full", "scheduler", "async") if any(m in r["ratios"] for r in rows)]
             lines += ["", f"**Fixed concurrency** ({_serving_settings(settings)}; "
                       f"{settings.get('num_prompts', '?')} prompts x {settings.get('max_new_tokens', '?')} tokens): "
-                      "throughput against transformers' batched `generate` at the same concurrency.", "",
+                      "throughput against transformers' batched `generate` at the same concurrency"
+                      + (" (given the engine's exact LM-head layout for 2-8 rows)" if settings.get("plain_head") == "fast"
+                         else "") + ".", "",
                       "| concurrency | plain `generate` tok/s | " + " | ".join(_SERVING_NAMES[m] for m in methods) + " |",
                       "|---:|---:|" + "---:|" * len(methods)]
             for r in rows:
