@@ -246,6 +246,13 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_training_at_the_step_end(
         with pytest.raises(KeyboardInterrupt):
             guard.on_step_end(None, None, None)
     assert signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a process started in the background by a script
+    try:
+        with InterruptGuard() as ignoring:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # it keeps ignoring Ctrl-C
+            ignoring.on_step_end(None, None, None)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_missing_cache_gives_no_traceback_in_a_real_process(tiny_target_dir, work):

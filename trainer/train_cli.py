@@ -377,14 +377,14 @@ class InterruptGuard(TrainerCallback):
 
     def _handler(self, signum, frame):
         self.interrupted = True
-        previous = self._previous
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
+        if callable(self._previous):
+            self._previous(signum, frame)
+        else:  # SIG_DFL: the process would end; end it the way Ctrl-C does
             raise KeyboardInterrupt
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # a process that ignores SIGINT (started in the background by a script) keeps ignoring it
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
