@@ -87,14 +87,13 @@ class _HeadOwner:
 def _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id, fast_head: bool = True) -> dict:
     """transformers' batched generate over left-padded chunks of ``concurrency`` prompts (with the
     fast LM-head layout unless ``fast_head`` is False)."""
-    owner = _HeadOwner()  # the layout lasts while it lives: keep it until the run ends
+    owner = _HeadOwner()  # the layout lasts while this local lives, i.e. until the run ends
     release = activate_verify_head(target, owner) if fast_head else None
     try:
         return _plain_chunks(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id)
     finally:
         if release is not None:
             release()
-        del owner
 
 
 def _plain_chunks(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id) -> dict:
@@ -491,7 +490,7 @@ def _resumable_rows(path, settings: dict, args) -> list[dict]:
         return []
     earlier = json.loads(path.read_text(encoding="utf-8"))
     same = dict(settings, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, seed=args.seed,
-                repeats=args.repeats, plain_head=getattr(args, "plain_head", "fast"))
+                repeats=args.repeats, plain_head=args.plain_head)
     before = {"plain_head": "transformers", **earlier["settings"]}  # files written before --plain-head existed
     mismatched = {k: (before.get(k), v) for k, v in same.items() if before.get(k) != v}
     if mismatched:
