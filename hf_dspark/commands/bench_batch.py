@@ -15,7 +15,12 @@ For every concurrency ``C`` the same prompts are decoded, in one process, by eac
   latency curve, ``profile_latency``, cached on disk, plus the drafter's measured time);
 * ``async``: the engine with the asynchronous scheduler (budget from predictions two rounds old);
 * ``plain_engine`` (only when asked for): the engine without drafting, i.e. plain
-  continuous-batching decoding, the baseline of ``hf-dspark bench-serve``.
+  continuous-batching decoding, the baseline of ``hf-dspark bench-serve``;
+* ``oracle`` (only when asked for, greedy, with ``plain``): the engine verifying exactly the draft
+  tokens the target accepts, read from plain's outputs (:mod:`hf_dspark.decoding.oracle`). It runs
+  twice: drafting every row without an n-gram copy (``oracle_draft_everywhere_seconds``), then
+  drafting only where the first run's drafts were accepted (the reported time): the ceiling of every
+  scheduler with this drafter on this machine.
 
 The speculative runs use n-gram rounds when ``--ngram-lookup N`` is given (default: the
 drafter's saved ``ngram_lookup_tokens``). With ``--repeats R`` every method runs ``R`` times per
@@ -45,18 +50,21 @@ from typing import Sequence
 import torch
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.decoding.oracle import OracleSchedule
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.evaluation.measure import fused_plain_kwargs
 from hf_dspark.models.dspark.generation_dspark import activate_verify_head
 from hf_dspark.targets import TARGET_DTYPES
 
 METHODS = ("plain", "full", "scheduler", "async")
-EXTRA_METHODS = ("plain_engine",)
-ENGINE_SCHEDULERS = {"full": "full", "scheduler": "algorithm1", "async": "async", "plain_engine": "plain"}
+EXTRA_METHODS = ("plain_engine", "oracle")
+ENGINE_SCHEDULERS = {"full": "full", "scheduler": "algorithm1", "async": "async", "plain_engine": "plain",
+                     "oracle": "oracle"}
 SPECULATIVE_STATS = ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "request_rounds",
                      "ngram_request_rounds", "drafted_request_rounds", "draft_skipped_request_rounds",
                      "draft_skipped_rounds", "probe_request_rounds", "draft_seconds", "verify_seconds",
-                     "model_seconds", "modelled_round_seconds", "prefill_seconds", "prefill_forwards")
+                     "model_seconds", "modelled_round_seconds", "prefill_seconds", "prefill_forwards",
+                     "oracle_draft_everywhere_seconds")
 
 # Used when no --prompts file is given: short, varied requests.
 BUILTIN_PROMPTS = [
@@ -131,15 +139,21 @@ def _plain_chunks(target, prompts, concurrency, max_new_tokens, sampling, eos, p
 
 
 def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, eos, scheduler, profile,
-                 ngram_lookup_tokens: int = 0, round_cost=None) -> dict:
-    engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
-                                         max_batch_size=concurrency, ngram_lookup_tokens=ngram_lookup_tokens,
-                                         round_cost=round_cost)
+                 ngram_lookup_tokens: int = 0, round_cost=None, references=None, draft_outcomes=None) -> dict:
+    options = dict(max_batch_size=concurrency, ngram_lookup_tokens=ngram_lookup_tokens)
+    if scheduler == "oracle":
+        engine = OracleSchedule(target, draft, draft_outcomes=draft_outcomes, **options)
+    else:
+        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
+                                             round_cost=round_cost, **options)
     engine.set_sampling(**sampling)
     if scheduler in ("algorithm1", "async"):
         engine._cost()  # measured (drafter time, padding discount) before the clock starts
     start = time.perf_counter()
-    ids = [engine.add_request(p, max_new_tokens, eos) for p in prompts]
+    if references is None:
+        ids = [engine.add_request(p, max_new_tokens, eos) for p in prompts]
+    else:
+        ids = [engine.add_request(p, max_new_tokens, eos, reference=r) for p, r in zip(prompts, references)]
     while engine.has_unfinished():
         engine.step()
     seconds = time.perf_counter() - start
@@ -155,19 +169,27 @@ def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, 
         mean_accepted_length=(stats["accepted_draft_tokens"] + stats["request_rounds"]) / request_rounds,
         round_cost=engine.round_cost,
     )
+    if scheduler == "oracle":
+        out["draft_outcomes"] = engine.draft_outcomes
     out.update({key: stats[key] for key in SPECULATIVE_STATS if key in stats})
     return out
 
 
 def _run_method(method, target, draft, prompts, concurrency, max_new_tokens, sampling, seed, eos, pad_token_id,
-                latency_profile, ngram_lookup_tokens, round_cost, plain_fast_head: bool = True):
+                latency_profile, ngram_lookup_tokens, round_cost, plain_fast_head: bool = True, references=None):
     if method == "plain":
         torch.manual_seed(seed)
         return _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_token_id,
                               plain_fast_head)
-    return _speculative(target, draft, prompts, concurrency, max_new_tokens, dict(sampling, seed=seed), eos,
-                        ENGINE_SCHEDULERS[method], latency_profile, 0 if method == "plain_engine" else ngram_lookup_tokens,
-                        round_cost)
+    args = (target, draft, prompts, concurrency, max_new_tokens, dict(sampling, seed=seed), eos,
+            ENGINE_SCHEDULERS[method], latency_profile, 0 if method == "plain_engine" else ngram_lookup_tokens,
+            round_cost)
+    if method != "oracle":
+        return _speculative(*args)
+    everywhere = _speculative(*args, references=references)  # records where drafts were accepted
+    out = _speculative(*args, references=references, draft_outcomes=everywhere["draft_outcomes"])
+    out["oracle_draft_everywhere_seconds"] = everywhere["seconds"]
+    return out
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -195,6 +217,7 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
     eos = eos_token_id if eos_token_id is not None else getattr(target.generation_config, "eos_token_id", None)
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     methods = [m for m in METHODS + EXTRA_METHODS if m in methods]
+    check_oracle_request(methods, do_sample)
     results = dict(
         settings=dict(concurrency=list(concurrency), num_prompts=len(prompts), max_new_tokens=max_new_tokens,
                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -215,11 +238,13 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
             continue
         runs = {m: [] for m in methods}
         round_cost = None
+        rotated = [m for m in methods if m != "oracle"]  # the oracle reads plain's outputs: it runs last
         for repeat in range(repeats):
-            shift = repeat % len(methods)
-            for method in methods[shift:] + methods[:shift]:  # rotate the order between repeats
+            shift = repeat % len(rotated)
+            for method in rotated[shift:] + rotated[:shift] + methods[len(rotated):]:  # rotate between repeats
+                references = runs["plain"][-1]["outputs"] if method == "oracle" else None
                 r = _run_method(method, target, draft, prompts, c, max_new_tokens, sampling, seed, eos, pad_token_id,
-                                latency_profile, ngram_lookup_tokens, round_cost, plain_fast_head)
+                                latency_profile, ngram_lookup_tokens, round_cost, plain_fast_head, references)
                 round_cost = r.get("round_cost") or round_cost  # measured once per concurrency, then shared
                 runs[method].append(r)
         chosen = {m: _median_run(runs[m]) for m in methods}
@@ -239,6 +264,9 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
                 base_tps = sum(len(o) for o in base["outputs"]) / base["seconds"] if base["seconds"] > 0 else 0.0
                 base_per_request = sum(base["per_request"]) / max(1, len(base["per_request"]))
                 row["throughput_ratio_vs_plain"] = row["tokens_per_second"] / base_tps if base_tps else None
+                everywhere = row.get("oracle_draft_everywhere_seconds")
+                if everywhere and base_tps:
+                    row["oracle_draft_everywhere_ratio_vs_plain"] = tokens / everywhere / base_tps
                 row["per_request_ratio_vs_plain"] = (
                     row["per_request_tokens_per_second"] / base_per_request if base_per_request else None
                 )
@@ -258,6 +286,17 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
     return results
 
 
+def check_oracle_request(methods: Sequence[str], do_sample: bool) -> None:
+    """``oracle`` schedules by plain's greedy outputs: it needs ``plain`` in the run and greedy decoding."""
+    if "oracle" not in methods:
+        return
+    if do_sample:
+        raise DSparkConfigError("--methods oracle measures greedy decoding only (sampled tokens are not known in "
+                                "advance); drop --do-sample or drop oracle")
+    if "plain" not in methods:
+        raise DSparkConfigError("--methods oracle reads the plain run's outputs; add plain to --methods")
+
+
 def _format_row(row: dict) -> str:
     text = (f"C={row['concurrency']:>3}  {row['method']:<12}  {row['tokens_per_second']:9.1f} tok/s  "
             f"per-request {row['per_request_tokens_per_second']:8.1f} tok/s")
@@ -274,12 +313,14 @@ def _format_row(row: dict) -> str:
                  "per-request")
     if row.get("throughput_ratio_vs_scheduler") is not None:
         text += f"  x{row['throughput_ratio_vs_scheduler']:.2f} vs scheduler"
+    if row.get("oracle_draft_everywhere_ratio_vs_plain") is not None:
+        text += f"  (drafting every row: x{row['oracle_draft_everywhere_ratio_vs_plain']:.2f})"
     return text
 
 
 COLORS = {"plain": "tab:gray", "plain_engine": "black", "full": "tab:blue", "scheduler": "tab:orange",
-          "async": "tab:green"}
-STYLES = {"plain": "^:", "plain_engine": "v:", "full": "o--", "scheduler": "s-", "async": "D-"}
+          "async": "tab:green", "oracle": "tab:purple"}
+STYLES = {"plain": "^:", "plain_engine": "v:", "full": "o--", "scheduler": "s-", "async": "D-", "oracle": "*:"}
 
 
 def plot_results(results: dict, path: str | Path) -> Path:
@@ -344,7 +385,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-repeats", type=int, default=5, help="timed passes per latency point (default 5)")
     parser.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS),
                         help="methods to run (default: plain full scheduler async; plain_engine = the engine without "
-                             "drafting)")
+                             "drafting; oracle = the engine verifying exactly what the target accepts, greedy, with plain)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per method and concurrency, median reported (default 1)")
     parser.add_argument("--plain-head", choices=("fast", "transformers"), default="fast",
                         help="LM head of the plain baseline: fast = the engine's exact skinny layout for 2-8 rows on "
@@ -410,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not args.output:
         raise DSparkConfigError("--resume needs --output (the file whose finished concurrencies are kept)")
     check_prompt_sources(args.prompts)
+    check_oracle_request(args.methods, args.do_sample)
     setup = load_setup(args, batch_sizes=profile_batch_sizes(max(args.concurrency), args.concurrency))
     concurrency = sorted(set(args.concurrency))
     prompts = _prompt_ids(args, setup.tokenizer, setup.draft.config.prompt_chat_template)

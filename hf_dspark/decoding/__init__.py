@@ -8,6 +8,8 @@
   costs, and the per-round plan (who drafts, how many tokens each request verifies);
 - :mod:`~hf_dspark.decoding.batched`, :mod:`~hf_dspark.decoding.ragged`,
   :mod:`~hf_dspark.decoding.batch_requests`: the continuous-batching engine and its ragged KV caches.
+- :mod:`~hf_dspark.decoding.oracle`: the engine verifying exactly what the target accepts (greedy, given its
+  output): the ceiling of every scheduler, for measurement.
 """
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator

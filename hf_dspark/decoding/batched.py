@@ -408,7 +408,7 @@ class BatchedSpeculativeGenerator:
         if self.ngram_lookup_tokens > 0:
             tokens, draft_probs, survival, limits = self._ngram_proposals(tokens, draft_probs, survival, limits)
         drafted = time.perf_counter()
-        counts = self._schedule(survival, limits, len(draft_rows))
+        counts = self._schedule(survival, limits, len(draft_rows), tokens)
         committed_before = self.stats["committed_tokens"]
         logits, features, first_new_slot = self._verify_forward(tokens, counts)
         finished = self._accept(tokens, draft_probs, logits, features, counts, first_new_slot)
@@ -610,8 +610,9 @@ class BatchedSpeculativeGenerator:
         return choose
 
     # ---------------------------------------------------------------- scheduling (after the drafter ran)
-    def _schedule(self, survival, limits: list[int], drafted_rows: int = 0) -> list[int]:
-        """Draft tokens each request verifies (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.schedule`)."""
+    def _schedule(self, survival, limits: list[int], drafted_rows: int = 0, tokens=None) -> list[int]:
+        """Draft tokens each request verifies (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.schedule`;
+        the proposed ``tokens`` are for :class:`hf_dspark.decoding.oracle.OracleSchedule`)."""
         return self.planner.schedule(survival, limits, drafted_rows, self.sampling.do_sample)
 
     # ---------------------------------------------------------------- verification

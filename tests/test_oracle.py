@@ -1,0 +1,108 @@
+"""The scheduling ceiling (hf_dspark.decoding.oracle): verifies exactly what the target accepts, stays
+lossless whatever its references say, and bench-batch runs it beside plain generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _models import briefly_trained_drafter, tiny_drafter, tiny_qwen3_target
+from test_batched import mixed_prompts, plain, repetitive_prompts, train_prompts
+
+from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.decoding.oracle import OracleSchedule
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen3_target()
+
+
+@pytest.fixture(scope="module")
+def qwen_drafter(qwen):
+    return briefly_trained_drafter(qwen, train_prompts(), steps=30)
+
+
+def test_the_oracle_verifies_exactly_the_tokens_full_verification_accepts(qwen, qwen_drafter):
+    prompts = mixed_prompts(qwen, train_prompts())
+    reference = [plain(qwen, p, 24) for p in prompts]
+    full = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", max_batch_size=4)
+    assert full.generate(prompts, max_new_tokens=24) == reference
+    oracle = OracleSchedule(qwen, qwen_drafter, max_batch_size=4)
+    assert oracle.generate(prompts, 24, references=reference) == reference
+    # the same drafts (same trajectory, every row drafts): the same tokens accepted, none verified in vain
+    assert oracle.stats["accepted_draft_tokens"] == full.stats["accepted_draft_tokens"] > 0
+    assert oracle.stats["verified_draft_tokens"] == oracle.stats["accepted_draft_tokens"]
+    assert full.stats["verified_draft_tokens"] > oracle.stats["verified_draft_tokens"]
+    assert oracle.stats["rounds"] == full.stats["rounds"]
+
+
+def test_a_second_run_drafts_only_where_drafts_were_accepted_and_keeps_every_round(qwen, qwen_drafter):
+    prompts = mixed_prompts(qwen, train_prompts())
+    reference = [plain(qwen, p, 24) for p in prompts]
+    first = OracleSchedule(qwen, qwen_drafter, max_batch_size=4)
+    assert first.generate(prompts, 24, references=reference) == reference
+    outcomes = first.draft_outcomes
+    assert len(outcomes) == first.stats["drafted_request_rounds"]
+    assert 0 < sum(n > 0 for n in outcomes.values()) < len(outcomes)  # some drafted blocks were rejected outright
+    second = OracleSchedule(qwen, qwen_drafter, max_batch_size=4, draft_outcomes=outcomes)
+    assert second.generate(prompts, 24, references=reference) == reference
+    for key in ("rounds", "request_rounds", "accepted_draft_tokens", "verified_draft_tokens"):
+        assert second.stats[key] == first.stats[key], key
+    assert second.stats["drafted_request_rounds"] == sum(n > 0 for n in outcomes.values())
+    assert second.draft_outcomes == {k: n for k, n in outcomes.items() if n > 0}  # drafted rows, each accepted all
+
+
+def test_wrong_references_cost_speed_not_exactness(qwen, qwen_drafter):
+    prompts = mixed_prompts(qwen, train_prompts())[:4]
+    reference = [plain(qwen, p, 16) for p in prompts]
+    wrong = [[(t + 1) % qwen.config.vocab_size for t in ref] for ref in reference]
+    oracle = OracleSchedule(qwen, qwen_drafter, max_batch_size=4)
+    assert oracle.generate(prompts, 16, references=wrong) == reference
+    assert oracle.stats["verified_draft_tokens"] == 0  # no drafted token matches a shifted reference
+
+
+def test_rows_with_an_ngram_copy_skip_the_drafter(qwen, qwen_drafter):
+    prompts = repetitive_prompts()
+    reference = [plain(qwen, p, 20) for p in prompts]
+    oracle = OracleSchedule(qwen, qwen_drafter, max_batch_size=3, ngram_lookup_tokens=4)
+    assert oracle.generate(prompts, 20, references=reference) == reference
+    stats = oracle.stats
+    assert stats["ngram_request_rounds"] > 0
+    assert stats["drafted_request_rounds"] + stats["ngram_request_rounds"] <= stats["request_rounds"]
+    assert stats["verified_draft_tokens"] == stats["accepted_draft_tokens"]
+
+
+def test_the_oracle_refuses_what_it_cannot_know(qwen, qwen_drafter):
+    oracle = OracleSchedule(qwen, qwen_drafter)
+    with pytest.raises(ValueError, match="only greedy decoding"):
+        oracle.set_sampling(do_sample=True)
+    with pytest.raises(ValueError, match="needs reference="):
+        oracle.add_request([5, 6, 7], 4)
+    with pytest.raises(ValueError, match="one per prompt"):
+        oracle.generate([[5, 6], [7]], 4, references=[[1]])
+    with pytest.raises(ValueError, match="do not pass scheduler="):
+        OracleSchedule(qwen, qwen_drafter, scheduler="algorithm1")
+
+
+def test_bench_batch_measures_the_oracle_beside_plain(tiny_target_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_dspark.cli import main
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
+    tiny_drafter(target, target_layer_ids=[0, 1]).save_pretrained(tmp_path / "draft")
+    out = tmp_path / "bench.json"
+    common = ["bench-batch", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "draft"), "--num-prompts", "3",
+              "--max-new-tokens", "8", "--device", "cpu", "--latency-cache-dir", str(tmp_path / "latency"),
+              "--profile-repeats", "1", "--concurrency", "2", "--output", str(out)]
+    assert main(common + ["--methods", "plain", "full", "oracle", "--repeats", "2"]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"plain", "full", "oracle"}
+    oracle, full = rows["oracle"], rows["full"]
+    assert oracle["greedy_agreement_with_plain"] == 1.0 and oracle["throughput_ratio_vs_plain"] > 0
+    assert oracle["mean_verified_draft_tokens"] == pytest.approx(oracle["mean_accepted_length"] - 1)
+    assert oracle["mean_accepted_length"] == pytest.approx(full["mean_accepted_length"])
+    assert oracle["oracle_draft_everywhere_seconds"] > 0 and oracle["oracle_draft_everywhere_ratio_vs_plain"] > 0
+    assert main(common + ["--methods", "full", "oracle"]) == 2  # the oracle reads plain's outputs
+    assert main(common + ["--methods", "plain", "oracle", "--do-sample"]) == 2  # greedy only
