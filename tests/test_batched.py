@@ -562,7 +562,7 @@ def test_appendix_a_selection_bias_in_the_engine(small_vocab, monkeypatch, sched
     else:  # every request drafts; the count is the best of the whole path on the current survival
         engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=1)
         cost = APPENDIX_A_COST.round_seconds(1, 1 + draft.config.block_size)
-        monkeypatch.setattr(engine, "_schedule", lambda survival, limits, drafted_rows=0: best_padded_allocation(
+        monkeypatch.setattr(engine, "_schedule", lambda survival, limits, drafted_rows=0, tokens=None: best_padded_allocation(
             [row[:limit] for row, limit in zip(survival, limits)], cost))
     prompt = [1, 3, 2, 4]
     outputs = engine.generate([prompt] * 1500, max_new_tokens=3, do_sample=True, seed=5)
