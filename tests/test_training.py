@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import runpy
 import signal
@@ -314,6 +315,24 @@ def test_train_from_cache_end_to_end(work, target_dir, target, cache_dir, init_d
     assert module.startswith("transformers_modules") and int(count) == sum(p.numel() for p in trained.parameters())
     checkpoint = DSparkDraftModel.from_pretrained(output / "checkpoint-20")
     assert not torch.equal(checkpoint.fc.weight, trained.fc.weight)
+
+
+def test_a_bf16_init_draft_trains_in_float32(work, target_dir, cache_dir, init_draft, caplog):
+    """A drafter shipped in bf16 (as the Gemma 3 one is) trains with float32 weights: in bf16 most AdamW
+    updates would round away (and CPUs without native bf16 products run each step ~30x slower)."""
+    shipped = work / "init_bf16"
+    DSparkDraftModel.from_pretrained(init_draft).to(torch.bfloat16).save_pretrained(shipped)
+    assert {t.dtype for t in weights(shipped).values()} == {torch.bfloat16}
+    output = work / "from_bf16"
+    with caplog.at_level(logging.INFO, logger="hf_dspark.trainer.train_cli"):
+        assert train(target_dir, "--cache", cache_dir, output, "--init-draft", shipped, "--max_steps", "2") == 0
+    assert "holds bfloat16 weights; training them in float32" in caplog.text
+    trained = weights(output)
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    # a step of 1e-3-ish updates survives in float32; in bf16 many would round back to the start value
+    before = {name: t.float() for name, t in weights(shipped).items()}
+    changed = [name for name in before if not torch.equal(before[name], trained[name])]
+    assert changed, "no parameter moved"
 
 
 def test_training_on_several_caches(work, target_dir, data_dir, cache_dir, init_draft):
