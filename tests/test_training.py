@@ -326,9 +326,9 @@ def test_a_bf16_init_draft_trains_in_float32(work, target_dir, cache_dir, init_d
     output = work / "from_bf16"
     with caplog.at_level(logging.INFO, logger="hf_dspark.trainer.train_cli"):
         assert train(target_dir, "--cache", cache_dir, output, "--init-draft", shipped, "--max_steps", "2") == 0
-    assert "holds bfloat16 weights; training them in float32" in caplog.text
     trained = weights(output)
     assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert "holds bfloat16 weights; training them in float32" in caplog.text
     # a step of 1e-3-ish updates survives in float32; in bf16 many would round back to the start value
     before = {name: t.float() for name, t in weights(shipped).items()}
     changed = [name for name in before if not torch.equal(before[name], trained[name])]
