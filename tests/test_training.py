@@ -318,8 +318,8 @@ def test_train_from_cache_end_to_end(work, target_dir, target, cache_dir, init_d
 
 
 def test_a_bf16_init_draft_trains_in_float32(work, target_dir, cache_dir, init_draft, caplog):
-    """A drafter shipped in bf16 (as the Gemma 3 one is) trains with float32 weights: in bf16 most AdamW
-    updates would round away (and CPUs without native bf16 products run each step ~30x slower)."""
+    """A drafter shipped in bf16 (as the Gemma 3 one is) trains with float32 weights: in bf16 an update below
+    half a weight's rounding step is lost (and CPUs without native bf16 products run each step ~30x slower)."""
     shipped = work / "init_bf16"
     DSparkDraftModel.from_pretrained(init_draft).to(torch.bfloat16).save_pretrained(shipped)
     assert {t.dtype for t in weights(shipped).values()} == {torch.bfloat16}
@@ -329,7 +329,7 @@ def test_a_bf16_init_draft_trains_in_float32(work, target_dir, cache_dir, init_d
     trained = weights(output)
     assert {t.dtype for t in trained.values()} == {torch.float32}
     assert "holds bfloat16 weights; training them in float32" in caplog.text
-    # a step of 1e-3-ish updates survives in float32; in bf16 many would round back to the start value
+    # and training moved them
     before = {name: t.float() for name, t in weights(shipped).items()}
     changed = [name for name in before if not torch.equal(before[name], trained[name])]
     assert changed, "no parameter moved"
