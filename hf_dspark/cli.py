@@ -77,8 +77,11 @@ def error_message(error: BaseException) -> str:
 def run_command(argv: list[str]) -> int:
     """Parse ``argv`` (``[COMMAND, *flags]``) and run that command; its errors propagate."""
     name = argv[0]
+    from hf_dspark.commands._args import CommandParser
+
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"hf-dspark {name}", description=COMMANDS[name][1])
+    # A bad flag raises DSparkConfigError (one line, exit 2 in main) instead of argparse's usage block.
+    parser = CommandParser(prog=f"hf-dspark {name}", description=COMMANDS[name][1])
     add_arguments = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or module.add_arguments
     run = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
     add_arguments(parser)

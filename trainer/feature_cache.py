@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from hf_dspark.errors import CheckpointError, DataError
+from hf_dspark.commands import _args
 from hf_dspark.targets import TARGET_DTYPES
 from .data import CACHE_FORMAT_VERSION, MANIFEST_NAME, load_cache_manifest, read_data_rows, sha256_file, verify_shard
 
@@ -306,16 +307,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, metavar="CACHE_DIR", help="Cache folder (resumed if present).")
     parser.add_argument("--split", default="train", choices=("train", "holdout"), help="Data split to cache.")
     parser.add_argument("--estimate", action="store_true", help="Print the bytes needed and exit without building.")
-    parser.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
+    parser.add_argument("--target-layer-ids", type=_args.non_negative_int, nargs="+", default=None,
                         help="Target layers to store (default: 5 spread over the depth, as DSparkDraftModel.from_target).")
-    parser.add_argument("--target-topk", type=int, default=64,
+    parser.add_argument("--target-topk", type=_args.non_negative_int, default=64,
                         help="Entries of the target's next-token distribution stored per token (default 64).")
-    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+    parser.add_argument("--shard-tokens", type=_args.positive_int, default=DEFAULT_SHARD_TOKENS,
                         help=f"Tokens per shard file, the unit of resumption (default {DEFAULT_SHARD_TOKENS}).")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+    parser.add_argument("--batch-tokens", type=_args.positive_int, default=DEFAULT_BATCH_TOKENS,
                         help=f"Padded tokens per target forward (default {DEFAULT_BATCH_TOKENS}).")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="Truncate longer sequences to this many tokens.")
-    parser.add_argument("--first-row", type=int, default=0, metavar="N",
+    parser.add_argument("--max-seq-len", type=_args.positive_int, default=None, help="Truncate longer sequences to this many tokens.")
+    parser.add_argument("--first-row", type=_args.non_negative_int, default=0, metavar="N",
                         help="Cache rows N.. of the split only, e.g. rows added after an earlier cache of the first N "
                              "(train on both with `hf-dspark train --cache OLD NEW`).")
     parser.add_argument("--allow-partial", action="store_true",
@@ -324,8 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Rebuild --output from scratch instead of resuming it (deletes its manifest and shards).")
     parser.add_argument("--dtype", default="float32", choices=TARGET_DTYPES,
                         help="Target dtype for the forward passes (stored hidden states are bfloat16 either way).")
-    parser.add_argument("--device", default="cpu", help="Device of the target.")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--device", type=_args.device, default="cpu", help="Device of the target.")
+    parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
 
 
@@ -372,6 +373,11 @@ def run(args: argparse.Namespace) -> int:
     config = AutoConfig.from_pretrained(targets.resolve_target_source(args.target))
     geometry = _target_geometry(config)
     layer_ids = resolve_layer_ids(args.target_layer_ids, geometry["num_hidden_layers"])
+    if args.target_topk > geometry["vocab_size"]:  # checked before the manifest records it
+        raise DataError(
+            f"--target-topk {args.target_topk} exceeds the target's vocabulary ({geometry['vocab_size']} tokens); "
+            "use a smaller k (64 is the default)."
+        )
     shards = plan_shards(rows, args.shard_tokens)
     total_tokens = sum(shard["num_tokens"] for shard in shards)
     per_token = bytes_per_token(len(layer_ids), geometry["hidden_size"], args.target_topk)

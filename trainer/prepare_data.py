@@ -29,12 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from hf_dspark.errors import DataError
+from hf_dspark.outputs import claim_output_folder
+from hf_dspark.commands import _args
 from hf_dspark.targets import TARGET_DTYPES
 from .prompts import holdout_split, load_prompts
 from .regenerate import encode_prompt, regenerate_in_process, regenerate_openai, resolve_chat_mode
 
 DATA_FORMAT_VERSION = 1
 FALLBACK_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": None}
+# Every file prepare-data writes into --output (and so may replace); an input among them is refused.
+WRITTEN_FILES = ("prompts.jsonl", "prompts.jsonl.tmp", "train.jsonl", "holdout.jsonl", "data_config.json",
+                 "data_config.json.tmp")
 # Settings that must not change between a run and its resumption.
 _RESUME_KEYS = ("target", "sampling", "max_new_tokens", "chat_template", "seed", "max_prompt_tokens")
 # Settings that may change (e.g. to speed up a resumed run) but shift the answers slightly: warn only.
@@ -47,31 +52,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True, nargs="+", metavar="FILE_OR_DATASET",
                         help="Prompt files (.jsonl/.json/.parquet), folders of them, or Hub dataset ids.")
     parser.add_argument("--output", required=True, metavar="DATA_DIR", help="Output folder (resumed if present).")
-    parser.add_argument("--num-prompts", type=int, default=None, help="Use at most this many prompts.")
-    parser.add_argument("--max-new-tokens", type=int, default=192, help="Answer length limit (default 192).")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+    parser.add_argument("--num-prompts", type=_args.positive_int, default=None, help="Use at most this many prompts.")
+    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=192, help="Answer length limit (default 192).")
+    parser.add_argument("--max-prompt-tokens", type=_args.positive_int, default=None,
                         help="Drop prompts longer than this many tokens (default: keep all).")
-    parser.add_argument("--batch-size", type=int, default=16, help="Prompts per generate call (default 16).")
-    parser.add_argument("--holdout", type=float, default=0.02, help="Fraction held out for evaluation.")
+    parser.add_argument("--batch-size", type=_args.positive_int, default=16, help="Prompts per generate call (default 16).")
+    parser.add_argument("--holdout", type=_args.fraction, default=0.02, help="Fraction held out for evaluation.")
     parser.add_argument("--split", default=None, help="Split of Hub datasets (default 'train').")
     parser.add_argument("--column", default=None, help="Field holding the prompt text.")
     parser.add_argument("--strict", action="store_true",
                         help="Stop at the first prompt row without a usable prompt (default: skip and count them).")
-    parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature.")
-    parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling threshold.")
-    parser.add_argument("--top-k", type=int, default=None, help="Top-k sampling (0 disables).")
+    parser.add_argument("--temperature", type=_args.positive_float, default=None, help="Sampling temperature.")
+    parser.add_argument("--top-p", type=_args.top_p, default=None, help="Nucleus sampling threshold.")
+    parser.add_argument("--top-k", type=_args.top_k, default=None, help="Top-k sampling (0 disables).")
     parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
     parser.add_argument("--chat-template", choices=("auto", "yes", "no"), default="auto",
                         help="Wrap prompts in the chat template: auto (if the tokenizer has one), yes, no.")
     parser.add_argument("--server-url", default=None,
                         help="OpenAI-compatible server running the target (e.g. http://localhost:8000).")
     parser.add_argument("--server-model", default=None, help="Model name to request from --server-url.")
-    parser.add_argument("--concurrency", type=int, default=8, help="Parallel requests to the server.")
+    parser.add_argument("--concurrency", type=_args.positive_int, default=8, help="Parallel requests to the server.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the shuffle, the split and sampling.")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--dtype", default="float32", choices=TARGET_DTYPES,
                         help="Target dtype for in-process generation.")
-    parser.add_argument("--device", default="cpu", help="Device for in-process generation.")
+    parser.add_argument("--device", type=_args.device, default="cpu", help="Device for in-process generation.")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
 
 
@@ -208,6 +213,11 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     config_path = output / "data_config.json"
     show = not args.no_progress
+    resolve_sampling(args)  # refuses --greedy with sampling flags before anything loads
+    # Before any work: the prompt files must not be among what this run writes, and the folder must be
+    # new, empty, or an earlier prepare-data output (data_config.json predates the marker).
+    claim_output_folder(output, "prepare-data", inputs=[("--prompts", source) for source in args.prompts],
+                        written=WRITTEN_FILES, legacy_files=("data_config.json",), create=False)
 
     if args.num_prompts is not None and args.num_prompts <= 0:
         raise DataError(f"--num-prompts must be positive, got {args.num_prompts}.")
@@ -243,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
         prompts = prompts[: args.num_prompts]  # after the length filter: N usable prompts
     if not prompts:
         raise DataError("No prompts left to regenerate; check --prompts, --column and --max-prompt-tokens.")
-    output.mkdir(parents=True, exist_ok=True)  # only now: a bad --target or prompt file leaves no folder behind
+    # only now: a bad --target or prompt file leaves no folder behind
+    claim_output_folder(output, "prepare-data", written=WRITTEN_FILES, legacy_files=("data_config.json",))
     prompts = assign_splits(prompts, _read_jsonl(output / "prompts.jsonl"), args.holdout, args.seed)
     _write_prompts(output / "prompts.jsonl", prompts)
     by_split = {name: [p for p in prompts if p["split"] == name] for name in ("holdout", "train")}

@@ -39,6 +39,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_dspark.errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError
+from hf_dspark.commands import _args
 from hf_dspark.targets import TARGET_DTYPES
 from .data import CachedFeatureDataset, FeatureCaches, OnlineDataset, check_cache_matches, choose_draft_vocab
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="auto: continue from the latest checkpoint in --output if any (default); no: start over.")
     main.add_argument("--target-dtype", default="float32", choices=TARGET_DTYPES,
                       help="dtype of the frozen target (online mode and borrowed embeddings / LM head).")
-    main.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    main.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's).")
 
     group = parser.add_argument_group(
         "training arguments (DSparkTrainingArguments: the DSpark recipe and every transformers.TrainingArguments field)"

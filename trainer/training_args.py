@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -166,6 +167,13 @@ class DSparkTrainingArguments(TrainingArguments):
             if not self.lora_target_modules or unknown:
                 raise _error("lora_target_modules", self.lora_target_modules,
                              f"choose a non-empty subset of {LORA_MODULE_NAMES}")
+        # transformers.TrainingArguments checks none of these; they would fail in the first step (a
+        # DataLoader with batch_size=0) or train silently backwards (a negative learning rate).
+        if not math.isfinite(self.learning_rate) or self.learning_rate < 0:
+            raise _error("learning_rate", self.learning_rate, "use a finite learning rate >= 0 (DSpark: 6e-4)")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise _error(name, getattr(self, name), "use an integer >= 1")
         if self.remove_unused_columns:
             raise _error("remove_unused_columns", True, "set it to False; the trainer needs every collated column")
 

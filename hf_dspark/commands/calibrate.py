@@ -24,6 +24,7 @@ from hf_dspark.decoding.calibration import (
     plot_reliability,
 )
 from hf_dspark.errors import DataError, DSparkConfigError
+from hf_dspark.commands import _args
 from hf_dspark.targets import TARGET_DTYPES
 
 
@@ -35,21 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out prompt files ({'turns': [...]} JSONL, a prepare-data holdout.jsonl) or Hub ids")
     parser.add_argument("--split", default=None, help="split of Hub datasets (default train)")
     parser.add_argument("--column", default=None, help="field holding the prompt text")
-    parser.add_argument("--max-prompts", type=int, default=200, help="prompts to run (default 200)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=2048,
+    parser.add_argument("--max-prompts", type=_args.positive_int, default=200, help="prompts to run (default 200)")
+    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=128, help="tokens generated per prompt (default 128)")
+    parser.add_argument("--max-prompt-tokens", type=_args.positive_int, default=2048,
                         help="keep the last N prompt tokens (default 2048)")
     parser.add_argument("--chat-template", default="auto",
                         help="auto | yes | no: wrap prompts in the chat template "
                              "(auto: as the drafter was trained, else when the tokenizer has one)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
-    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --temperature > 0)")
+    parser.add_argument("--temperature", type=_args.temperature, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    parser.add_argument("--top-p", type=_args.top_p, default=None, help="nucleus sampling (with --temperature > 0)")
+    parser.add_argument("--top-k", type=_args.top_k, default=None, help="top-k sampling (with --temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt shuffle and of sampling")
-    parser.add_argument("--grid", type=float, nargs=3, default=list(DEFAULT_GRID), metavar=("MIN", "MAX", "POINTS"),
+    parser.add_argument("--grid", type=_args.finite_float, nargs=3, default=list(DEFAULT_GRID), metavar=("MIN", "MAX", "POINTS"),
                         help="log-spaced temperature grid (default 0.05 20 241)")
-    parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help="ECE / reliability bins (default 15)")
-    parser.add_argument("--eval-fraction", type=float, default=0.25,
+    parser.add_argument("--bins", type=_args.positive_int, default=DEFAULT_BINS, help="ECE / reliability bins (default 15)")
+    parser.add_argument("--eval-fraction", type=_args.fraction, default=0.25,
                         help="share of the prompts held out from the fit; the report and the diagram are computed "
                              "on them (default 0.25; 0 = fit and report on the same rounds)")
     parser.add_argument("--output", default=None,
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSONL of recorded rounds, one line per prompt, appended as it goes; "
                              "prompts already in it are not generated again")
     parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype (default float32)")
-    parser.add_argument("--device", default="cpu", help="device (default cpu)")
+    parser.add_argument("--device", type=_args.device, default="cpu", help="device (default cpu)")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -71,6 +72,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DSparkConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 <= args.eval_fraction < 1:
         raise DSparkConfigError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    low, high, points = args.grid
+    if not (0 < low < high and points >= 2 and points == int(points)):
+        raise DSparkConfigError(
+            f"--grid {low:g} {high:g} {points:g} is invalid: use MIN MAX POINTS with 0 < MIN < MAX and an integer "
+            "POINTS >= 2 (default 0.05 20 241)"
+        )
     if args.output is None and not Path(args.draft).is_dir():
         raise DSparkConfigError(
             f"--draft {args.draft!r} is not a local folder, so it cannot be updated in place; pass --output DIR"

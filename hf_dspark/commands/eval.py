@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from hf_dspark.errors import DataError, HfDSparkError
+from hf_dspark.commands import _args
 from hf_dspark.evaluation.measure import (
     Measurement,
     _drafter_record,
@@ -87,28 +88,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='JSON Lines prompt files of {"turns": [...]} rows; each is a set named by its file stem.')
     parser.add_argument("--dataset", nargs="+", default=[], choices=list(DATASETS), metavar="NAME",
                         help=f"Benchmarks fetched from the Hub: {', '.join(DATASETS)}.")
-    parser.add_argument("--max-prompts", type=int, default=None, help="Use the first N prompts of each set.")
+    parser.add_argument("--max-prompts", type=_args.positive_int, default=None, help="Use the first N prompts of each set.")
     parser.add_argument("--strict", action="store_true",
                         help="Stop at the first prompt row without a usable prompt (default: skip and count them).")
     parser.add_argument("--chat-template", default="auto", metavar="auto|yes|no",
                         help="Wrap prompts in the target's chat template. auto (default): as the drafter's training "
                              "prompts were (config.prompt_chat_template), else when the tokenizer has a template.")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="New tokens per prompt (default 256).")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily.")
-    parser.add_argument("--top-k", type=int, default=None, help="Top-k when sampling (default: off).")
-    parser.add_argument("--top-p", type=float, default=None, help="Nucleus threshold when sampling (default: off).")
+    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=256, help="New tokens per prompt (default 256).")
+    parser.add_argument("--temperature", type=_args.temperature, default=0.0, help="0 (default) decodes greedily.")
+    parser.add_argument("--top-k", type=_args.top_k, default=None, help="Top-k when sampling (default: off).")
+    parser.add_argument("--top-p", type=_args.top_p, default=None, help="Nucleus threshold when sampling (default: off).")
     parser.add_argument("--seed", type=int, default=0, help="Prompt i of a set is sampled with seed + i.")
     parser.add_argument("--policy", choices=("full", "threshold", "cost", "auto"), default=None,
                         help="Verification policy of the drafter(s) under test (default: the saved one); "
                              "'cost' without a saved latency table profiles the target first. "
                              "--compare-draft drafters keep their saved policy.")
-    parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
+    parser.add_argument("--ngram-lookup", type=_args.non_negative_int, default=None, metavar="N",
                         help="Drafter(s) under test also copy up to N tokens after an earlier match of the last "
                              "2-3 tokens instead of drafting when one exists (ngram_lookup_tokens; 0 = off; "
                              "default: the saved setting). --compare-draft drafters keep their saved setting.")
     parser.add_argument("--baseline", action="store_true", help="Also run plain generate (speed-up, output check).")
     parser.add_argument("--prompt-lookup", action="store_true", help="Also run transformers' prompt lookup decoding.")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
+    parser.add_argument("--prompt-lookup-tokens", type=_args.positive_int, default=10,
                         help="prompt_lookup_num_tokens for --prompt-lookup (default 10).")
     parser.add_argument("--compare-draft", action="append", default=[], metavar="DIR",
                         help="Another drafter (e.g. the DFlash baseline) measured on the same prompts; repeatable.")
@@ -119,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Start --output afresh instead of resuming it.")
     parser.add_argument("--plots", default=None, metavar="DIR", help="Write PNG plots to this folder.")
     parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ...")
+    parser.add_argument("--device", type=_args.device, default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ...")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
 
 

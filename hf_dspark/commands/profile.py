@@ -10,19 +10,20 @@ import torch
 
 from hf_dspark.decoding.latency import LatencyProfile, format_table, profile_latency
 from hf_dspark.errors import DSparkConfigError, LatencyProfileError
+from hf_dspark.commands import _args
 from hf_dspark.targets import TARGET_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hf-dspark profile``."""
     parser.add_argument("--target", required=True, help="target model id or local path")
-    parser.add_argument("--max-tokens", type=int, default=16, help="profile 1..N tokens per row (default 16)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="rows per pass (default 1)")
-    parser.add_argument("--context-length", type=int, default=128, help="tokens already in the KV cache (default 128)")
+    parser.add_argument("--max-tokens", type=_args.positive_int, default=16, help="profile 1..N tokens per row (default 16)")
+    parser.add_argument("--batch-sizes", type=_args.positive_int, nargs="+", default=[1], help="rows per pass (default 1)")
+    parser.add_argument("--context-length", type=_args.non_negative_int, default=128, help="tokens already in the KV cache (default 128)")
     parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype (default float32)")
-    parser.add_argument("--device", default="cpu", help="device to load the target on (default cpu)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per point (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per point, median kept (default 5)")
+    parser.add_argument("--device", type=_args.device, default="cpu", help="device to load the target on (default cpu)")
+    parser.add_argument("--warmup", type=_args.non_negative_int, default=2, help="untimed passes per point (default 2)")
+    parser.add_argument("--repeats", type=_args.positive_int, default=5, help="timed passes per point, median kept (default 5)")
     parser.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/hf_dspark/latency)")
     parser.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
     parser.add_argument("--no-verify-head", dest="verify_head", action="store_false",

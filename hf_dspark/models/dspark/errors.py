@@ -51,6 +51,20 @@ class UnsupportedTransformersError(HfDSparkError, RuntimeError):
     """The installed transformers version does not have the internals hf-dspark hooks."""
 
 
+class OutputFolderError(HfDSparkError, FileExistsError):
+    """An ``--output`` would overwrite or delete something the command did not write (an input, another
+    command's output, a file of yours), or it holds results produced by something else."""
+
+
+class EngineRequestError(HfDSparkError, ValueError):
+    """A request given to the batched engine is unusable (empty, non-integer or out-of-vocabulary ids,
+    bad sampling settings); it is refused before it enters the batch."""
+
+
+class HubError(HfDSparkError, RuntimeError):
+    """The Hugging Face Hub could not be reached or refused a request (upload, repository creation)."""
+
+
 __all__ = [
     "HfDSparkError",
     "DSparkConfigError",
@@ -63,4 +77,7 @@ __all__ = [
     "LatencyProfileError",
     "RegenerationServerError",
     "UnsupportedTransformersError",
+    "OutputFolderError",
+    "EngineRequestError",
+    "HubError",
 ]
