@@ -45,6 +45,11 @@ RESUMABLE: dict[str, str] = {
     "eval": "with --output, prompts already measured are kept",
     "calibrate": "with --rounds, prompts already recorded are kept",
 }
+# Commands that resume only when a flag asks for it: the interrupt line names the flag.
+RESUMABLE_WITH_FLAG: dict[str, tuple[str, str]] = {
+    "bench-batch": ("--resume", "with --output, the concurrencies already measured are kept"),
+    "bench-serve": ("--resume", "with --output, the runs already measured are kept"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(argv)
     except KeyboardInterrupt:
-        if name in RESUMABLE:
+        if name in RESUMABLE_WITH_FLAG:
+            flag, kept = RESUMABLE_WITH_FLAG[name]
+            print(f"hf-dspark {name}: interrupted; rerun the same command with {flag} to resume ({kept}).",
+                  file=sys.stderr, flush=True)
+        elif name in RESUMABLE:
             print(f"hf-dspark {name}: interrupted; rerun the same command to resume ({RESUMABLE[name]}).",
                   file=sys.stderr, flush=True)
         else:

@@ -123,11 +123,11 @@ def files_in(folder: str | os.PathLike) -> list[str]:
                   if p.is_file() and p.name != MARKER_NAME)
 
 
-def clear_recorded_files(folder: str | os.PathLike, command: str) -> None:
+def clear_recorded_files(folder: str | os.PathLike, command: str, delete: bool = True) -> None:
     """``--overwrite``: delete the files the earlier ``command`` run recorded in its marker, and only them.
 
     Refused, deleting nothing, when the marker is missing or the folder holds any other file: those
-    were put there by someone else.
+    were put there by someone else. ``delete=False`` only runs the checks.
     """
     path = Path(folder)
     marker = read_marker(path)
@@ -142,6 +142,8 @@ def clear_recorded_files(folder: str | os.PathLike, command: str) -> None:
         raise OutputFolderError(
             f"--overwrite refuses to clear {folder}: it holds files `hf-dspark {command}` did not write ({shown}); "
             "move them away or pass a new --output folder.")
+    if not delete:
+        return
     for name in sorted(recorded, key=lambda n: n.count("/"), reverse=True):
         (path / name).unlink(missing_ok=True)
     for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):

@@ -34,9 +34,10 @@ def prompt_rows(count: int) -> list[dict]:
 
 def one_error_line(capsys, command: str) -> str:
     """The single stderr line of a refused command (no traceback, the command's prefix)."""
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"hf-dspark {command}: error: "), err
-    return err[0]
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]  # progress bars may come before it
+    assert "Traceback" not in err and last.startswith(f"hf-dspark {command}: error: "), err
+    return last
 
 
 @pytest.fixture
@@ -77,3 +78,139 @@ def test_prepare_data_refuses_a_folder_it_did_not_write(tmp_path, tiny_target_di
     out = tmp_path / "out"
     argv[argv.index(str(theirs))] = str(out)
     assert main(argv) == 0 and main(argv) == 0
+
+
+# ----------------------------------------------------------------------------- drafters on disk
+@pytest.fixture(scope="module")
+def drafter_dir(tmp_path_factory):
+    """A tiny drafter folder (save_pretrained) that records its target's name."""
+    from _models import tiny_drafter, tiny_qwen3_target
+
+    folder = tmp_path_factory.mktemp("drafter") / "draft"
+    tiny_drafter(tiny_qwen3_target(), target_model_name="org/tiny").save_pretrained(folder)
+    return folder
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- 2. export --overwrite
+def test_export_overwrite_keeps_the_run_folder_holding_the_checkpoint(tmp_path, drafter_dir, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(drafter_dir, run / "checkpoint-2")
+    shutil.copytree(drafter_dir, run, dirs_exist_ok=True)  # the final drafter at the top, as train leaves it
+    before = tree(run)
+    assert main(["export", "--draft", str(run / "checkpoint-2"), "--output", str(run), "--overwrite"]) == 2
+    assert "--draft" in one_error_line(capsys, "export")
+    assert tree(run) == before
+
+
+def test_export_overwrite_keeps_a_target_folder(tmp_path, drafter_dir, capsys):
+    from conftest import save_tiny_target
+
+    target = save_tiny_target(tmp_path / "target")
+    before = tree(target)
+    assert main(["export", "--draft", str(drafter_dir), "--output", str(target), "--overwrite"]) == 2
+    assert "was not written by `hf-dspark export`" in one_error_line(capsys, "export")
+    assert tree(target) == before
+
+
+def test_export_overwrite_deletes_only_what_the_export_wrote(tmp_path, drafter_dir, capsys):
+    out = tmp_path / "out"
+    assert main(["export", "--draft", str(drafter_dir), "--output", str(out)]) == 0
+    first = tree(out)
+    assert main(["export", "--draft", str(drafter_dir), "--output", str(out), "--overwrite"]) == 0
+    assert tree(out) == first
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["export", "--draft", str(drafter_dir), "--output", str(out), "--overwrite"]) == 2
+    assert "notes.txt" in one_error_line(capsys, "export")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- 3. train --output = --target
+def test_train_refuses_to_write_into_the_target_folder(tmp_path, capsys):
+    from conftest import save_tiny_target
+    from test_failure_paths import build_cache_argv, data_rows, make_data, train_argv
+
+    target = save_tiny_target(tmp_path / "target")
+    cache = tmp_path / "cache"
+    assert run_command(build_cache_argv(target, make_data(tmp_path / "data", data_rows(6)), cache)) == 0
+    before = tree(target)
+    assert main(train_argv(target, cache, target, "--max_steps", "1")) == 2
+    assert "--target" in one_error_line(capsys, "train")
+    assert tree(target) == before
+
+
+# ----------------------------------------------------------------------------- 9. push without network
+def test_push_without_network_is_one_line(tmp_path, drafter_dir, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    class ConnectError(Exception):  # like httpx.ConnectError: not an OSError, so main's handler missed it
+        pass
+
+    out = tmp_path / "out"
+    assert main(["export", "--draft", str(drafter_dir), "--output", str(out)]) == 0
+    capsys.readouterr()
+
+    def offline(*args, **kwargs):
+        raise ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    assert main(["push", "--draft", str(out), "--repo", "org/tiny-dspark"]) == 2
+    assert "ConnectError" in one_error_line(capsys, "push")
+
+
+# ----------------------------------------------------------------------------- 12. prefixes and resume hints
+def test_export_and_convert_errors_carry_the_command_prefix(tmp_path, capsys):
+    assert main(["export", "--draft", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "export")
+    assert main(["convert", "--from", "deepspec", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "convert")
+    assert main(["push", "--draft", str(tmp_path / "missing"), "--repo", "org/x", "--dry-run"]) == 2
+    one_error_line(capsys, "push")
+
+
+@pytest.mark.parametrize("command", ["bench-batch", "bench-serve"])
+def test_ctrl_c_in_the_benchmarks_says_how_to_resume(command, monkeypatch, capsys):
+    import importlib
+
+    from hf_dspark.cli import COMMANDS
+
+    module = importlib.import_module(COMMANDS[command][0])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run", interrupted)
+    assert main([command, "--target", "t", "--draft", "d", "--output", "r.json"]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err, err
+
+
+# ----------------------------------------------------------------------------- 14. NaN export, verify config.json
+def test_export_refuses_a_drafter_with_nan_weights(tmp_path, capsys):
+    from _models import tiny_drafter, tiny_qwen3_target
+
+    draft = tiny_drafter(tiny_qwen3_target(), target_model_name="org/tiny")
+    with torch.no_grad():
+        next(p for p in draft.parameters() if p.dim() == 2)[0, 0] = float("nan")
+    draft.save_pretrained(tmp_path / "draft")
+    assert main(["export", "--draft", str(tmp_path / "draft"), "--output", str(tmp_path / "out")]) == 2
+    assert "nan" in one_error_line(capsys, "export")
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_covers_config_json(tmp_path, drafter_dir, capsys):
+    out = tmp_path / "out"
+    assert main(["export", "--draft", str(drafter_dir), "--output", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["block_size"] = 3
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 2
+    assert "config.json" in one_error_line(capsys, "verify")

@@ -54,6 +54,7 @@ import torch
 
 from hf_dspark.errors import CheckpointError, DataError
 from hf_dspark.commands import _args
+from hf_dspark.outputs import claim_output_folder
 from hf_dspark.targets import TARGET_DTYPES
 from .data import CACHE_FORMAT_VERSION, MANIFEST_NAME, load_cache_manifest, read_data_rows, sha256_file, verify_shard
 
@@ -362,6 +363,8 @@ def run(args: argparse.Namespace) -> int:
     from hf_dspark import targets
 
     _validate_args(args)
+    # before any work: a new or empty folder, or an earlier build-cache output
+    claim_output_folder(Path(args.output), "build-cache", legacy_files=(MANIFEST_NAME,), create=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
@@ -424,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     manifest_path = output / MANIFEST_NAME
-    output.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(output, "build-cache", legacy_files=(MANIFEST_NAME,))
     if args.overwrite:
         _clear_cache(output)
     finished = {shard["file"]: shard for shard in _check_resume(manifest_path, settings, rows)}

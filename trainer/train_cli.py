@@ -40,6 +40,7 @@ from transformers import TrainerCallback
 
 from hf_dspark.errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError
 from hf_dspark.commands import _args
+from hf_dspark.outputs import claim_output_folder
 from hf_dspark.targets import TARGET_DTYPES
 from .data import CachedFeatureDataset, FeatureCaches, OnlineDataset, check_cache_matches, choose_draft_vocab
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
@@ -51,6 +52,9 @@ logger = logging.getLogger(__name__)
 SUMMARY_NAME = "training_summary.json"
 # What a run was started with; a resumed run must ask for the same (like prepare-data / build-cache).
 SETTINGS_NAME = "train_settings.json"
+# What a run writes at the top of --output (besides checkpoint-N): an input there would be replaced.
+WRITTEN_FILES = ("config.json", "model.safetensors", "generation_config.json", "adapter_config.json",
+                 "adapter_model.safetensors", SUMMARY_NAME, SETTINGS_NAME, BASE_DRAFTER_DIR)
 # Flags that fix what is trained: the drafter's architecture, where it starts from, and the LoRA layout.
 RESUME_FIELDS = ("num_draft_layers", "block_size", "markov_rank", "markov_head_type", "enable_confidence_head",
                  "confidence_head_with_markov", "draft_vocab_size", "target_layer_ids", "use_lora", "lora_r",
@@ -426,6 +430,11 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
     start = time.time()
     training_args = build_training_args(args)
     output = Path(args.output)
+    if training_args.should_save:  # the main process claims --output; the others only write through it
+        inputs = [("--target", args.target), ("--init-draft", args.init_draft), ("--data", args.data),
+                  *[("--cache", cache) for cache in args.cache or []]]
+        claim_output_folder(output, "train", inputs=inputs, written=WRITTEN_FILES,
+                            legacy_files=(SETTINGS_NAME, SUMMARY_NAME, "checkpoint-*"))
     target, tokenizer = targets.load_target(args.target, dtype=getattr(torch, args.target_dtype))
     target_name = targets.resolve_target_name(args.target)
     dataset, layer_ids = _load_dataset(args, training_args, target)

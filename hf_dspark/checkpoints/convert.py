@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hf_dspark.errors import HfDSparkError
+from hf_dspark.errors import CheckpointError, DSparkConfigError
 from hf_dspark.checkpoints.loading import detect_checkpoint_format, read_config_dict, resolve_checkpoint
 
 SOURCE_FORMATS = ("deepspec", "speculators")
@@ -41,11 +41,11 @@ def convert_checkpoint(
     from hf_dspark.checkpoints.export import export_drafter
 
     if source_format not in SOURCE_FORMATS:
-        raise ValueError(f"--from {source_format!r} is not supported; choose one of {SOURCE_FORMATS}")
+        raise DSparkConfigError(f"--from {source_format!r} is not supported; choose one of {SOURCE_FORMATS}")
     folder = resolve_checkpoint(source)
     found = detect_checkpoint_format(read_config_dict(folder), f"--draft {source}")
     if found != source_format:
-        raise HfDSparkError(
+        raise CheckpointError(
             f"{source} is a{'n' if found[0] in 'aeiouh' else ''} {found} checkpoint, not {source_format}; "
             f"pass --from {found}" if found in SOURCE_FORMATS else
             f"{source} is already in hf-dspark's layout; use `hf-dspark export --format hub` to re-export it"

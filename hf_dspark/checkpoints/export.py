@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from hf_dspark.models.dspark.configuration_dspark import DSparkConfig
-from hf_dspark.errors import CheckpointError, DSparkConfigError, HfDSparkError
+from hf_dspark.errors import CheckpointError, DSparkConfigError, HfDSparkError, HubError, OutputFolderError
 from hf_dspark.checkpoints.loading import resolve_checkpoint
 from hf_dspark.checkpoints.model_card import DEFAULT_LICENSE, render_engine_card, render_model_card
 
@@ -59,6 +59,7 @@ REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_
                      "generation_dspark.py", "warpers_dspark.py", "errors.py")
 REMOTE_CODE_DIR = Path(__file__).resolve().parents[1] / "models" / "dspark"  # the one source of the remote code
 CARD_INPUTS_FILE = "dspark_card.json"
+EXPORT_COMMAND = "export"  # the command named in the output marker (convert exports through export_drafter)
 ENGINE_ARCHITECTURE = "Qwen3DSparkModel"
 GEMMA4_ENGINE_ARCHITECTURE = "Gemma4DSparkModel"
 # Targets whose input embedding multiplies the table by sqrt(hidden): a Qwen3-style DeepSpec drafter
@@ -86,20 +87,37 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(ordered, str(path), metadata=dict(SAFETENSORS_METADATA))
 
 
-def _prepare_output(output_dir: Path, draft_dir: Path, overwrite: bool) -> None:
-    if output_dir.resolve() == draft_dir.resolve():
-        raise ValueError(f"--output {output_dir} is the drafter folder itself; export into a new folder")
+def _prepare_output(output_dir: Path, draft_dir: Path, overwrite: bool, target=None, delete: bool = True) -> None:
+    """Refuse an ``output_dir`` holding an input; with ``overwrite``, delete only what an earlier export wrote
+    (``delete=False``: only the checks, run before the drafter loads).
+
+    A ``config.json`` is no proof of an earlier export: a training run's folder (with the checkpoint being
+    exported inside it) or a target's folder has one too, and both were deleted by an earlier version.
+    """
+    from hf_dspark.outputs import check_inputs_outside, clear_recorded_files
+
+    # export replaces the whole folder, so no input may lie anywhere inside it
+    check_inputs_outside(output_dir, [("--draft", draft_dir), ("--target", target)], written=None)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputFolderError(f"--output {output_dir} is a file, not a folder; pass a folder path")
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(
+            raise OutputFolderError(
                 f"--output {output_dir} exists and is not empty; choose a new folder or pass --overwrite"
             )
-        if not (output_dir / "config.json").is_file():
-            raise FileExistsError(
-                f"--overwrite refuses to clear {output_dir}: it does not look like an export (no config.json)"
+        clear_recorded_files(output_dir, EXPORT_COMMAND, delete=delete)
+    if delete:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_finite(model, draft_dir: Path) -> None:
+    """Refuse a drafter with inf/nan weights: it would load everywhere and accept nothing."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"--draft {draft_dir}: tensor {name} holds inf or nan values (training diverged, or the file is "
+                "corrupt); export an earlier checkpoint, or train again with a lower learning rate"
             )
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -172,10 +190,13 @@ def _export_hub(model, draft_dir: Path, output_dir: Path, eval_json, recipe, lic
     card = render_model_card(model.config, generation, evals, recipe=recipe, license=license, repo_id=repo_id,
                              serving=serving)
     (output_dir / "README.md").write_text(card)
-    from hf_dspark.checkpoints.verify import weight_checksums
+    from hf_dspark.checkpoints.verify import CONFIG_CHECKSUMS_KEY, config_checksums, weight_checksums
 
     # The sha256 of each weight file, checked by from_pretrained, `hf-dspark verify` and `hf-dspark push`.
-    inputs = {"eval_results": evals, "license": license, "recipe": recipe, "weights_sha256": weight_checksums(output_dir)}
+    inputs = {"eval_results": evals, "license": license, "recipe": recipe, "weights_sha256": weight_checksums(output_dir),
+              # checked by `hf-dspark verify` and `push` only: calibrate --draft DIR rewrites config.json in place,
+              # and from_pretrained must keep loading such a folder
+              CONFIG_CHECKSUMS_KEY: config_checksums(output_dir)}
     if serving:
         inputs["serving"] = serving
     _write_json(output_dir / CARD_INPUTS_FILE, inputs)
@@ -521,22 +542,28 @@ def export_drafter(
             the card's batched-serving section (hub); defaults to those recorded by a previous export.
     """
     if format not in EXPORT_FORMATS:
-        raise ValueError(f"format={format!r} is not supported; choose one of {EXPORT_FORMATS}")
+        raise DSparkConfigError(f"format={format!r} is not supported; choose one of {EXPORT_FORMATS}")
     draft_dir, output_dir = resolve_checkpoint(draft_dir), Path(output_dir)
+    _prepare_output(output_dir, draft_dir, overwrite, target, delete=False)  # refuse before loading anything
     model = load_checked_drafter(draft_dir, target_model_name)
     if ngram_lookup_tokens is not None:
         if format != "hub":
-            raise ValueError("ngram_lookup_tokens is a transformers generate() setting; set it for the hub format only")
+            raise DSparkConfigError("ngram_lookup_tokens is a transformers generate() setting; set it for the hub format only")
         if int(ngram_lookup_tokens) < 0:
-            raise ValueError(f"ngram_lookup_tokens must be >= 0 (0 = off), got {ngram_lookup_tokens}")
+            raise DSparkConfigError(f"ngram_lookup_tokens must be >= 0 (0 = off), got {ngram_lookup_tokens}")
         model.generation_config.ngram_lookup_tokens = int(ngram_lookup_tokens)
     if format != "hub":
         check_engine_support(model.config, format, expand_draft_vocab)  # refuse before touching output_dir
-    _prepare_output(output_dir, draft_dir, overwrite)
+    _check_finite(model, draft_dir)
+    _prepare_output(output_dir, draft_dir, overwrite, target)
     if format == "hub":
         _export_hub(model, draft_dir, output_dir, eval_json, recipe, license, repo_id, serving_json)
     else:
         _export_engine(model, output_dir, format, target, expand_draft_vocab, license)
+    from hf_dspark.outputs import files_in, write_marker
+
+    # what a later --overwrite may delete: exactly these files
+    write_marker(output_dir, EXPORT_COMMAND, format=format, files=files_in(output_dir))
     return output_dir
 
 
@@ -589,21 +616,27 @@ def push_drafter(folder, repo_id: str, private: bool = False, dry_run: bool = Fa
     without any network access. The token comes from huggingface_hub's usual places (``HF_TOKEN``,
     ``hf auth login``) and is never printed."""
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"--repo {repo_id!r}: use the form org_or_user/name")
+        raise DSparkConfigError(f"--repo {repo_id!r}: use the form org_or_user/name")
     plan = upload_plan(folder)
     if dry_run:
         return plan
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        repo_type="model",
-        commit_message=commit_message or "Upload DSpark drafter (hf-dspark export)",
-        ignore_patterns=list(PUSH_IGNORE_PATTERNS),
-    )
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=commit_message or "Upload DSpark drafter (hf-dspark export)",
+            ignore_patterns=list(PUSH_IGNORE_PATTERNS),
+        )
+    except Exception as error:  # noqa: BLE001 - httpx, requests and huggingface_hub errors share no base class
+        # Only Hub calls run in this block, so whatever they raise is the network's or the Hub's answer.
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise HubError(f"uploading {folder} to {repo_id} failed: {type(error).__name__}: {first_line} (check the "
+                       "network connection and your token, `hf auth login`, then rerun push)") from error
     return str(getattr(commit, "commit_url", commit))
 
 

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from hf_dspark.errors import CheckpointError, CorruptFileError
-from hf_dspark.models.dspark.modeling_dspark import check_weight_checksums, file_sha256
+from hf_dspark.models.dspark.modeling_dspark import CARD_FILE, check_weight_checksums, file_sha256
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -38,6 +38,19 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{folder} holds no model.safetensors (or model.safetensors.index.json); nothing to verify.")
 
 
+# dspark_card.json key: sha256 of the exported config.json / generation_config.json. Kept apart from the
+# weights' checksums, which from_pretrained checks on every load: calibrating a drafter in place rewrites
+# its config.json, and such a folder must keep loading (verify and push report it).
+CONFIG_CHECKSUMS_KEY = "config_sha256"
+CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def config_checksums(folder: str | os.PathLike) -> dict[str, str]:
+    """``{file name: sha256}`` of the config files present in ``folder``."""
+    folder = Path(folder)
+    return {name: file_sha256(folder / name) for name in CONFIG_FILES if (folder / name).is_file()}
+
+
 def weight_checksums(folder: str | os.PathLike) -> dict[str, str]:
     """``{file name: sha256}`` of every weight file, as ``export`` records them in ``dspark_card.json``."""
     folder = Path(folder)
@@ -45,14 +58,31 @@ def weight_checksums(folder: str | os.PathLike) -> dict[str, str]:
 
 
 def verify_checksums(folder: str | os.PathLike) -> dict[str, str]:
-    """Check the recorded sha256 of each weight file; returns what was checked (empty: nothing recorded).
+    """Check the recorded sha256 of each weight file and config file; returns what was checked (empty:
+    nothing recorded).
 
     Raises :class:`CorruptFileError` naming the file whose bytes changed (or that is missing).
     """
     try:
-        return check_weight_checksums(str(folder))
+        checked = check_weight_checksums(str(folder))
     except ValueError as error:
         raise CorruptFileError(str(error)) from error
+    card = Path(folder) / CARD_FILE
+    if card.is_file():
+        recorded = json.loads(card.read_text(encoding="utf-8")).get(CONFIG_CHECKSUMS_KEY) or {}
+        for name, expected in sorted(recorded.items()):
+            path = Path(folder) / name
+            if not path.is_file():
+                raise CorruptFileError(f"{folder}: {name} is missing, but {CARD_FILE} records its sha256; "
+                                       "export the drafter again.")
+            found = file_sha256(path)
+            if found != expected:
+                raise CorruptFileError(
+                    f"{folder}: {name} changed since the export: its sha256 is {found[:16]}..., {CARD_FILE} "
+                    f"records {expected[:16]}... (edited by hand, calibrated in place, or corrupt). Export the "
+                    "drafter again (`hf-dspark export --draft DIR --output NEW`) so its record matches.")
+            checked[name] = found
+    return checked
 
 
 def check_tensors(folder: str | os.PathLike) -> int:

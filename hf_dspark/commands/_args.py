@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from hf_dspark.errors import DSparkConfigError
 
@@ -24,6 +25,10 @@ class CommandParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
+        # "argument --top-p: must be in (0, 1]" reads as "--top-p must be in (0, 1]"
+        match = re.fullmatch(r"argument ([^:]+): (must .*)", message, flags=re.S)
+        if match:
+            message = f"{match.group(1)} {match.group(2)}"
         raise DSparkConfigError(f"{message} (see `{self.prog} --help`)")
 
 

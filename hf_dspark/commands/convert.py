@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from hf_dspark.checkpoints.convert import SOURCE_FORMATS, convert_checkpoint
-from hf_dspark.errors import HfDSparkError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = convert_checkpoint(args.source, args.output, args.source_format, target_model_name=args.target_name,
-                                 overwrite=args.overwrite, license=args.license)
-    except (HfDSparkError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # errors propagate to hf_dspark.cli.main, which prints them as one `hf-dspark convert: error:` line
+    out = convert_checkpoint(args.source, args.output, args.source_format, target_model_name=args.target_name,
+                             overwrite=args.overwrite, license=args.license)
     print(f"converted {args.source} ({args.source_format}) -> {out} (hf-dspark hub layout)")
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hf_dspark.checkpoints.export import CARD_INPUTS_FILE, EXPORT_FORMATS, _human_size, export_drafter, push_drafter
 from hf_dspark.checkpoints.model_card import DEFAULT_LICENSE
-from hf_dspark.errors import HfDSparkError
+from hf_dspark.commands import _args
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,28 +35,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expand-draft-vocab", action="store_true",
                         help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/serving.md).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing export in --output.")
-    parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
+    parser.add_argument("--ngram-lookup", type=_args.non_negative_int, default=None, metavar="N",
                         help="hub: turn on n-gram rounds in the exported generation_config.json (copy up to N tokens "
                              "after an earlier match of the last tokens instead of drafting; 0 = off; "
                              "default: keep the drafter's setting).")
 
 
-def _cli_error(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
-
-
 def run_export(args: argparse.Namespace) -> int:
-    try:
-        out = export_drafter(
-            args.draft, args.output, format=args.format, eval_json=args.eval_json, recipe=args.recipe,
-            license=args.license, repo_id=args.repo_id, target=args.target,
-            expand_draft_vocab=args.expand_draft_vocab, overwrite=args.overwrite,
-            ngram_lookup_tokens=args.ngram_lookup, target_model_name=args.target_name,
-            serving_json=args.serving_json,
-        )
-    except (HfDSparkError, FileExistsError, ValueError) as exc:
-        return _cli_error(exc)
+    # errors propagate to hf_dspark.cli.main, which prints them as one `hf-dspark export: error:` line
+    out = export_drafter(
+        args.draft, args.output, format=args.format, eval_json=args.eval_json, recipe=args.recipe,
+        license=args.license, repo_id=args.repo_id, target=args.target,
+        expand_draft_vocab=args.expand_draft_vocab, overwrite=args.overwrite,
+        ngram_lookup_tokens=args.ngram_lookup, target_model_name=args.target_name,
+        serving_json=args.serving_json,
+    )
     print(f"exported {args.draft} ({args.format}) -> {out}")
     for path in sorted(out.iterdir()):
         print(f"  {path.name:32s} {_human_size(path.stat().st_size):>10s}")
@@ -72,11 +65,8 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    try:
-        result = push_drafter(args.draft, args.repo, private=args.private, dry_run=args.dry_run,
-                              commit_message=args.commit_message)
-    except (HfDSparkError, ValueError) as exc:
-        return _cli_error(exc)
+    result = push_drafter(args.draft, args.repo, private=args.private, dry_run=args.dry_run,
+                          commit_message=args.commit_message)
     card = Path(args.draft) / CARD_INPUTS_FILE
     if json.loads((Path(args.draft) / "config.json").read_text()).get("model_type") == "dspark" and not (
         card.is_file() and "weights_sha256" in json.loads(card.read_text())

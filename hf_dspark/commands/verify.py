@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hf_dspark.checkpoints.verify import check_tensors, verify_checksums
+from hf_dspark.checkpoints.verify import CONFIG_FILES, check_tensors, verify_checksums
 from hf_dspark.errors import CheckpointError
 from hf_dspark.models.dspark.modeling_dspark import CARD_FILE, CHECKSUMS_KEY
 
@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     for name, digest in checked.items():
         print(f"  {name:32s} sha256 {digest}  ok")
     if checked:
-        print(f"{folder}: {len(checked)} weight file(s) match the sha256 recorded in {CARD_FILE}; "
-              f"{tensors} tensors parse and are finite.")
+        configs = sum(name in CONFIG_FILES for name in checked)
+        print(f"{folder}: {len(checked) - configs} weight file(s) match the sha256 recorded in {CARD_FILE}"
+              + (f", and {configs} config file(s)" if configs else "") + f"; {tensors} tensors parse and are finite.")
     else:
         print(f"Warning: {folder} records no sha256 of its weights ({CARD_FILE} '{CHECKSUMS_KEY}'; `hf-dspark "
               f"export` writes it), so flipped bytes cannot be detected; {tensors} tensors parse and are finite.")
