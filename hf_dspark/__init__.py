@@ -16,6 +16,7 @@ from hf_dspark.errors import (
     CheckpointError,
     CorruptFileError,
     DataError,
+    DevicePlacementError,
     DraftNotFoundError,
     DraftTargetMismatchError,
     DSparkConfigError,
@@ -26,6 +27,7 @@ from hf_dspark.errors import (
     OutputFolderError,
     RegenerationServerError,
     TargetLoadError,
+    UnsupportedGenerationError,
     UnsupportedTransformersError,
 )
 from hf_dspark.models.dspark import (

@@ -51,6 +51,11 @@ class UnsupportedTransformersError(HfDSparkError, RuntimeError):
     """The installed transformers version does not have the internals hf-dspark hooks."""
 
 
+class DevicePlacementError(HfDSparkError, ValueError):
+    """A target or drafter is placed where it cannot run (weights on the meta device, a split target where
+    one device is needed); the message names the fix."""
+
+
 class OutputFolderError(HfDSparkError, FileExistsError):
     """An ``--output`` would overwrite or delete something the command did not write (an input, another
     command's output, a file of yours), or it holds results produced by something else."""
@@ -65,6 +70,11 @@ class HubError(HfDSparkError, RuntimeError):
     """The Hugging Face Hub could not be reached or refused a request (upload, repository creation)."""
 
 
+class UnsupportedGenerationError(HfDSparkError, ValueError):
+    """A ``generate(assistant_model=drafter)`` call DSpark cannot run exactly (a cache reused from an earlier
+    call, a target the installed transformers cannot verify); the message names what to do instead."""
+
+
 __all__ = [
     "HfDSparkError",
     "DSparkConfigError",
@@ -77,7 +87,9 @@ __all__ = [
     "LatencyProfileError",
     "RegenerationServerError",
     "UnsupportedTransformersError",
+    "DevicePlacementError",
     "OutputFolderError",
     "EngineRequestError",
     "HubError",
+    "UnsupportedGenerationError",
 ]

@@ -54,6 +54,7 @@ It pays off where the target repeats itself (loops, code, quoting the prompt).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import math
 import time
@@ -66,10 +67,10 @@ from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
-from .errors import DSparkConfigError, UnsupportedTransformersError
+from .errors import DSparkConfigError, UnsupportedGenerationError, UnsupportedTransformersError
 from .warpers_dspark import VOCAB_LOCAL_WARPERS, FusedTopKTopPWarper, fuse_top_k_top_p
 
-SUPPORTED_TRANSFORMERS = ("5.24.0", "5.25.0")  # [min, max) tested range
+SUPPORTED_TRANSFORMERS = ("5.24.0", "5.26.0")  # [min, max) tested range: 5.24.x and 5.25.x
 HOOKED_INTERNAL = "transformers.generation.utils.GenerationMixin._get_candidate_generator"
 CHECKED_INTERNAL = "transformers.generation.utils.GenerationMixin._validate_generation_mode"
 CHECKED_INTERNAL_PARAMETERS = ["self", "generation_mode", "generation_config", "generation_mode_kwargs"]
@@ -167,6 +168,39 @@ def activate_verify_head(target_model, owner):
         head.__dict__["forward"] = state.forward
     state.owners += 1
     return weakref.finalize(owner, state.release)
+
+
+# ----------------------------------------------------------------------------- supported releases
+# Every difference between the supported transformers releases that hf-dspark depends on is decided
+# here, from what the installed release offers, never from its version string (the version only gates
+# the hook as a whole, in ``transformers_supported``).
+@dataclasses.dataclass(frozen=True)
+class AssistedDecodingFeatures:
+    """What the installed transformers' assisted decoding offers, read once when the hook is installed.
+
+    ``recurrent_state_history``: caches keep the recurrent states of the last tokens a candidate
+    generator may propose (``Cache.get_recurrent_states_to_keep``, 5.25). Then ``_assisted_decoding``
+    sizes that history from ``candidate_generator.num_drafting_tokens`` and verifies stateful
+    (linear-attention or hybrid) targets; without it transformers refuses those targets.
+    """
+
+    recurrent_state_history: bool
+
+    @property
+    def assisted_decoding_protocol(self) -> tuple[str, ...]:
+        """Phrases of ``GenerationMixin._assisted_decoding`` the candidate generator relies on (tested)."""
+        common = ("model_outputs=outputs", "is_first_iteration=", "n_last_matches=",
+                  "candidate_generator.model_kwargs_overrides")
+        if self.recurrent_state_history:
+            return common + ("candidate_generator.num_drafting_tokens",)
+        return common + ("cache.activate_past_recording()",)
+
+
+@functools.lru_cache(maxsize=1)
+def assisted_decoding_features() -> AssistedDecodingFeatures:
+    from transformers.cache_utils import Cache
+
+    return AssistedDecodingFeatures(recurrent_state_history=hasattr(Cache, "get_recurrent_states_to_keep"))
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -441,7 +475,12 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.draft.bind_target(target_model)
         cfg = self.draft.config
         self.block_size = cfg.block_size
-        self.model_kwargs_overrides = {"output_hidden_states": [i + 1 for i in cfg.target_layer_ids]}
+        # Only the layers the drafter reads; a caller asking for every hidden state in the generate output
+        # (``output_hidden_states=True``) gets all of them, since transformers splits each layer's states.
+        wants_all = bool(generation_config.output_hidden_states and generation_config.return_dict_in_generate)
+        self.model_kwargs_overrides = {
+            "output_hidden_states": True if wants_all else [i + 1 for i in cfg.target_layer_ids]
+        }
         self.cache = DSparkDraftCache(cfg.num_hidden_layers)
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
@@ -476,6 +515,8 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.ngram_tokens = int(settings["ngram_lookup_tokens"] or 0)
         self.ngram_sizes = (int(settings["ngram_max_size"]), int(settings["ngram_min_size"]))
         check_ngram_settings(self.ngram_tokens, *self.ngram_sizes)
+        # How many tokens a round may propose; 5.25+ sizes the target's recurrent-state history by it.
+        self.max_proposal_tokens = max(self.block_size, self.ngram_tokens)
         self._pending: list[torch.Tensor] = []  # target features not yet handed to the drafter (n-gram rounds)
         self._ngram_round = False
         self.draft_time_ema: float | None = None
@@ -494,6 +535,11 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._draft_space_logits = False  # set per block by _chooser
         self._round_start = time.perf_counter()
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens one round proposes (read by transformers >= 5.25's assisted decoding)."""
+        return self.max_proposal_tokens
+
     # -- helpers -----------------------------------------------------------------------
     def _new_context(self, model_outputs, input_ids: torch.LongTensor, n_last_matches: int) -> torch.Tensor:
         if model_outputs is None or getattr(model_outputs, "hidden_states", None) is None:
@@ -503,7 +549,10 @@ class DSparkCandidateGenerator(CandidateGenerator):
         layers = [model_outputs.hidden_states[i + 1] for i in self.draft.config.target_layer_ids]
         if any(h is None for h in layers):
             raise ValueError("the target did not return the hidden states of the drafter's target_layer_ids")
-        return torch.cat([h[:, :n_new] for h in layers], dim=-1).to(self.draft.device)
+        # Layers of a target split over devices return their hidden states where they ran: move each
+        # one to the drafter before they are combined (a no-op when all are there already).
+        device = self.draft.device
+        return torch.cat([h[:, :n_new].to(device) for h in layers], dim=-1)
 
     def _full_vocab(self, draft_logits: torch.Tensor) -> torch.Tensor:
         d2t = self.draft.draft_to_target
@@ -703,11 +752,59 @@ def _install_target_check() -> None:
         assistant = (generation_mode_kwargs or {}).get("assistant_model")
         if assistant is not None and is_dspark_drafter(assistant):
             assistant.check_target(self)
+            refuse_stateful_target(self)
         return original(self, generation_mode, generation_config, generation_mode_kwargs)
 
     _validate_generation_mode._dspark_hook = True
     _validate_generation_mode._dspark_original = original
     GenerationMixin._validate_generation_mode = _validate_generation_mode
+
+
+_STATEFUL_LAYER_TYPES = ("linear_attention", "mamba", "mamba2", "recurrent", "conv")
+
+
+def is_stateful_target(model) -> bool:
+    """A target whose cache holds recurrent (linear-attention, state-space) states besides keys and values."""
+    if getattr(model, "_is_stateful", False):
+        return True
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or ()
+    return any(str(kind) in _STATEFUL_LAYER_TYPES for kind in layer_types)
+
+
+def refuse_stateful_target(model, where: str = "generate(assistant_model=<DSpark drafter>)") -> None:
+    """Speculative decoding rolls a rejected suffix back, which a recurrent state cannot do exactly.
+
+    transformers 5.25 lets assisted decoding run on such targets (keeping a history of recurrent
+    states), but on them its own prompt lookup already departs from plain greedy ``generate``
+    (``tests/test_transformers_releases.py`` keeps the evidence), so DSpark refuses them on every
+    supported release rather than return other tokens than the target alone would.
+    """
+    if is_stateful_target(model):
+        raise UnsupportedGenerationError(
+            f"{where}: the target {type(model).__name__} has recurrent (linear-attention or state-space) layers, "
+            "and speculative decoding cannot roll their state back exactly, so the output would differ from plain "
+            "generate. Decode it without the drafter (plain generate), or use a target with attention layers only."
+        )
+
+
+def _refuse_reused_cache(model_kwargs: dict | None) -> None:
+    """A cache carried over from an earlier ``generate`` (multi-turn chat) holds the target's keys and
+    values but not the hidden states the drafter drafts from, and transformers' assisted decoding does
+    not reproduce plain ``generate`` from a reused cache (prompt lookup differs the same way)."""
+    kwargs = model_kwargs or {}
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return
+    cached = int(cache.get_seq_length())
+    if cached > 0:
+        raise UnsupportedGenerationError(
+            f"generate(assistant_model=<DSpark drafter>) got a cache that already holds {cached} tokens (a "
+            "past_key_values reused from an earlier call); speculative decoding from it would not reproduce plain "
+            "generate. Pass the whole conversation as input_ids without past_key_values, or decode this turn "
+            "without the drafter."
+        )
 
 
 def install_generate_hook() -> bool:
@@ -734,6 +831,7 @@ def install_generate_hook() -> bool:
     def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
                                  assistant_model=None, target_tokenizer=None, assistant_tokenizer=None):
         if assistant_model is not None and is_dspark_drafter(assistant_model):
+            _refuse_reused_cache(model_kwargs)
             return DSparkCandidateGenerator(
                 target_model=self,
                 assistant_model=assistant_model,

@@ -1,0 +1,152 @@
+"""What differs between the supported transformers releases (5.24, 5.25), and the generate() calls
+around the hook that each release must handle: the whole ``output_hidden_states`` output, a reused cache,
+and (where the release verifies them) stateful targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from _models import tiny_drafter, tiny_qwen3_target
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+from transformers.generation.utils import GenerationMixin
+
+import hf_dspark  # noqa: F401  (installs the hook)
+from hf_dspark.errors import UnsupportedGenerationError, UnsupportedTransformersError
+from hf_dspark.models.dspark import generation_dspark
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen3_target()
+
+
+@pytest.fixture(scope="module")
+def draft(qwen):
+    return tiny_drafter(qwen)
+
+
+def test_the_features_are_read_from_the_installed_release():
+    features = generation_dspark.assisted_decoding_features()
+    assert features.recurrent_state_history == hasattr(Cache, "get_recurrent_states_to_keep")
+    print(f"transformers {transformers.__version__}: {features}")
+
+
+def test_the_pin_and_the_gate_agree():
+    import pathlib
+    import tomllib
+
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    low, high = generation_dspark.SUPPORTED_TRANSFORMERS
+    pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("transformers"))
+    assert pin == f"transformers>={low.rsplit('.', 1)[0]},<{high.rsplit('.', 1)[0]}", pin
+    assert generation_dspark.transformers_supported("5.24.0")
+    assert generation_dspark.transformers_supported("5.25.3")
+    assert not generation_dspark.transformers_supported("5.23.1")
+    assert not generation_dspark.transformers_supported("5.26.0")
+    assert generation_dspark.transformers_supported(transformers.__version__)
+
+
+def test_a_later_release_gets_the_one_line_error_naming_the_range(monkeypatch):
+    original = GenerationMixin._get_candidate_generator._dspark_original
+    monkeypatch.setattr(GenerationMixin, "_get_candidate_generator", original)
+    monkeypatch.setattr(transformers, "__version__", "5.26.0")
+    with pytest.raises(UnsupportedTransformersError, match=r"transformers>=5\.24\.0,<5\.26\.0.*found 5\.26\.0"):
+        generation_dspark.install_generate_hook()
+    assert GenerationMixin._get_candidate_generator is original
+
+
+def test_the_generator_says_how_many_tokens_a_round_may_propose(qwen, draft):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    draft.generation_config.ngram_lookup_tokens = 0
+    seen = []
+    original = generation_dspark.DSparkCandidateGenerator.get_candidates
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.num_drafting_tokens)
+        candidates, logits = original(self, *args, **kwargs)
+        assert candidates.shape[1] - args[0].shape[1] <= self.num_drafting_tokens
+        return candidates, logits
+
+    generation_dspark.DSparkCandidateGenerator.get_candidates = spy
+    try:
+        qwen.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft)
+        draft.generation_config.ngram_lookup_tokens = 11
+        qwen.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft)
+    finally:
+        generation_dspark.DSparkCandidateGenerator.get_candidates = original
+        draft.generation_config.ngram_lookup_tokens = 0
+    assert set(seen) == {draft.config.block_size, max(draft.config.block_size, 11)}, seen
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_output_hidden_states_returns_what_plain_generate_returns(qwen, draft, do_sample):
+    ids = torch.tensor([[5, 9, 14, 3, 22]])
+    kwargs = dict(max_new_tokens=9, do_sample=do_sample, return_dict_in_generate=True, output_hidden_states=True)
+    torch.manual_seed(3)
+    plain = qwen.generate(ids, **kwargs)
+    torch.manual_seed(3)
+    spec = qwen.generate(ids, assistant_model=draft, **kwargs)
+    if not do_sample:
+        assert torch.equal(plain.sequences, spec.sequences)
+    steps = spec.sequences.shape[1] - ids.shape[1]
+    assert len(spec.hidden_states) == steps
+    layers = qwen.config.num_hidden_layers + 1
+    assert all(len(step) == layers and all(h is not None for h in step) for step in spec.hidden_states)
+    if not do_sample:
+        # the prompt's states, then one position per new token, equal to plain generate's to rounding
+        for mine, theirs in zip(spec.hidden_states, plain.hidden_states):
+            for a, b in zip(mine, theirs):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_reused_cache_is_refused_with_the_fix(qwen, draft):
+    ids = torch.tensor([[5, 9, 14, 3, 22]])
+    first = qwen.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = first.past_key_values
+    assert cache.get_seq_length() > 0
+    follow_up = torch.cat([first.sequences, torch.tensor([[7, 8]])], dim=1)
+    with pytest.raises(UnsupportedGenerationError, match="without past_key_values"):
+        qwen.generate(follow_up, cache=cache, max_new_tokens=4, do_sample=False, assistant_model=draft)
+    # an empty cache passed in is a fresh one: allowed, and exact
+    plain = qwen.generate(follow_up, max_new_tokens=6, do_sample=False)
+    spec = qwen.generate(follow_up, cache=DynamicCache(), max_new_tokens=6, do_sample=False,
+                         assistant_model=draft)
+    assert torch.equal(plain, spec)
+
+
+def tiny_hybrid_target():
+    """A Qwen3.5-style target (linear-attention and attention layers), where the release has one."""
+    config_class = getattr(transformers, "Qwen3_5TextConfig", None)
+    if config_class is None:
+        return None
+    config = config_class(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=4,
+                          linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                          layer_types=["linear_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(config).eval()
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    return model
+
+
+def test_stateful_targets_are_refused_on_every_release():
+    target = tiny_hybrid_target()
+    assert target is not None, "transformers >= 5.24 ships Qwen3.5"
+    assert generation_dspark.is_stateful_target(target)
+    draft = tiny_drafter(target)
+    ids = torch.tensor([[5, 9, 14, 3, 22, 40]])
+    with pytest.raises(UnsupportedGenerationError, match="recurrent"):
+        target.generate(ids, max_new_tokens=8, do_sample=False, assistant_model=draft)
+    if generation_dspark.assisted_decoding_features().recurrent_state_history:
+        # why: where the release runs assisted decoding on such a target, its own prompt lookup is not exact
+        plain = target.generate(ids, max_new_tokens=30, do_sample=False)
+        lookup = target.generate(ids, max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=4)
+        assert not torch.equal(plain, lookup), "transformers' assisted decoding became exact here: revisit the refusal"
+
+
+def test_attention_only_targets_are_not_stateful(qwen):
+    assert not generation_dspark.is_stateful_target(qwen)
