@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from hf_dspark.errors import CheckpointError, CorruptFileError, DraftTargetMismatchError
+from hf_dspark.errors import CheckpointError, CorruptFileError, DevicePlacementError, DraftTargetMismatchError
 
 CHECKPOINT_FORMATS = ("hf-dspark", "deepspec", "speculators")
 DEEPSPEC_ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
@@ -228,13 +228,16 @@ def load_drafter(
     Args:
         source: local folder or Hub id.
         dtype: cast the drafter to this dtype (default: the stored dtype).
-        device: move the drafter there.
-        target: bind the drafter to this target model (checks it matches and borrows its tables).
+        device: move the drafter there (with ``target``, binding moves it again, to the device of the
+            target's input embedding).
+        target: bind the drafter to this target model (checks it matches, places the drafter where the
+            target's input embedding computes, and borrows its tables).
 
     Returns the drafter in eval mode. Raises :class:`CheckpointError` for folders that are no
     DSpark drafter or whose tensors do not match their config (:class:`CorruptFileError` for weight
     files that cannot be read or whose sha256 differs from the one ``hf-dspark export`` recorded),
-    and :class:`DraftTargetMismatchError` for a drafter built for another ``target``.
+    :class:`DraftTargetMismatchError` for a drafter built for another ``target``, and
+    :class:`DevicePlacementError` for a ``target`` whose tables are on the meta device.
     """
     from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel, _load_dspark_generation_config
 
@@ -274,7 +277,9 @@ def load_drafter(
         model = model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if target is not None:
         try:
-            model.bind_target(target)
+            model.bind_target(target)  # also moves the drafter to the device of the target's input embedding
+        except DevicePlacementError:
+            raise
         except ValueError as exc:  # the drafter's own check (DraftTargetMismatchError); add which --draft
             raise DraftTargetMismatchError(f"{where}: {exc}") from exc
     return model.eval()

@@ -95,6 +95,7 @@ the two agree row by row).
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections import deque
 from typing import Sequence
@@ -116,10 +117,26 @@ from hf_dspark.decoding.ragged import PendingFeatures, RaggedSlots, _DraftKV, _T
 from hf_dspark.decoding.round_cost import RoundCost, measure_seconds, token_seconds
 from hf_dspark.decoding.round_plan import RoundPlanner
 from hf_dspark.decoding.verification import verify_block
+from hf_dspark.errors import DevicePlacementError, DSparkConfigError, EngineRequestError
 
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("algorithm1", "async", "full", "threshold", "plain")
+
+
+def refuse_dispatched_target(target) -> None:
+    """Raise ``DevicePlacementError`` for a target split over devices or offloaded by accelerate.
+
+    The engine keeps per-row caches, masks and features on one device and builds them once per round;
+    ``target.generate(assistant_model=draft)`` handles dispatched targets instead."""
+    devices = {p.device for p in target.parameters()}
+    if len(devices) > 1 or any(d.type == "meta" for d in devices):
+        placement = getattr(target, "hf_device_map", None) or sorted(str(d) for d in devices)
+        raise DevicePlacementError(
+            f"the batched engine needs the whole target on one device, found {placement}; load it with "
+            "device_map={'': 'cuda:0'} (or .to(device)), or use target.generate(assistant_model=draft), which "
+            "supports split and offloaded targets"
+        )
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -192,6 +209,7 @@ class BatchedSpeculativeGenerator:
             raise ValueError(f"scheduler={scheduler!r} is not one of {SCHEDULERS}")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
+        refuse_dispatched_target(target)
         draft.bind_target(target)
         if scheduler in ("algorithm1", "async", "threshold") and getattr(draft, "confidence_head", None) is None:
             raise ValueError(
@@ -210,6 +228,8 @@ class BatchedSpeculativeGenerator:
         self.latency_profile = latency_profile
         self.round_cost = round_cost
         self.max_batch_size = max_batch_size
+        if not 0.0 <= float(confidence_threshold) <= 1.0:  # a probability cut, as the generation config checks
+            raise DSparkConfigError(f"confidence_threshold={confidence_threshold!r} is invalid: use a value in [0, 1]")
         self.confidence_threshold = float(confidence_threshold)
         self.block_size = draft.config.block_size
         self.ngram_sizes = (int(ngram_max_size), int(ngram_min_size))
@@ -220,7 +240,9 @@ class BatchedSpeculativeGenerator:
         self.planner = RoundPlanner(scheduler, self.block_size, self._cost, self.confidence_threshold)
         self.hidden_state_ids = [i + 1 for i in draft.config.target_layer_ids]
         self._configure_attention(target)
-        self._position_wise = position_wise_modules(target) if skip_padding else []
+        # Packing the real slots indexes with a boolean mask in every layer: a host sync each time, cheap on
+        # CPU where compute is the cost, a stall per layer on an accelerator, where padding is nearly free.
+        self._position_wise = position_wise_modules(target) if skip_padding and self.device.type == "cpu" else []
         self._verify_head = activate_verify_head(target, self) if fast_verify_head else None
         self.fast_verify_head = self._verify_head is not None
         self.sampling = SamplingSettings()
@@ -343,15 +365,9 @@ class BatchedSpeculativeGenerator:
         """Queue a request; it joins the batch at the next ``step()`` with room. Returns its id.
 
         ``eos_token_id=None`` uses ``target.generation_config.eos_token_id`` (as ``generate`` does)."""
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
-                prompt_ids = prompt_ids[0]
-            prompt_ids = prompt_ids.tolist()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("prompt_ids is empty; a request needs at least one prompt token")
+        prompt = self._checked_prompt(prompt_ids, "prompt_ids")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+            raise EngineRequestError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
         if eos_token_id is None:
             eos_token_id = getattr(self.target.generation_config, "eos_token_id", None)
         eos = frozenset() if eos_token_id is None else frozenset(
@@ -366,6 +382,31 @@ class BatchedSpeculativeGenerator:
         else:
             self._queue.append(request)
         return request.request_id
+
+    def _checked_prompt(self, prompt_ids, name: str) -> list[int]:
+        """``prompt_ids`` as a list of ints, refused (``EngineRequestError``) unless every id is an integer
+        inside the target's vocabulary: a bad id would fail inside a round, half-way through the batch."""
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
+                prompt_ids = prompt_ids[0]
+            if prompt_ids.dim() != 1 or prompt_ids.is_floating_point() or prompt_ids.is_complex():
+                raise EngineRequestError(f"{name} must be a 1-D tensor of integer token ids, got shape "
+                                         f"{tuple(prompt_ids.shape)} and dtype {prompt_ids.dtype}")
+            prompt_ids = prompt_ids.tolist()
+        if isinstance(prompt_ids, (str, bytes)):
+            raise EngineRequestError(f"{name} is a string; tokenize it first (a list of token ids)")
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise EngineRequestError(f"{name} is empty; a request needs at least one prompt token")
+        vocab = self.target.get_input_embeddings().num_embeddings
+        for position, token in enumerate(prompt):
+            # int() would truncate 3.7 to 3 and decode another prompt than the one given
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise EngineRequestError(f"{name}[{position}]={token!r} is not an integer token id")
+            if not 0 <= token < vocab:
+                raise EngineRequestError(f"{name}[{position}]={token} is outside the target's vocabulary "
+                                         f"(0..{vocab - 1}); was the prompt tokenized for another model?")
+        return [int(t) for t in prompt]
 
     def has_unfinished(self) -> bool:
         return bool(self._active or self._queue)
@@ -386,16 +427,48 @@ class BatchedSpeculativeGenerator:
                  eos_token_id: int | Sequence[int] | None = None, seed: int | None = None) -> list[list[int]]:
         """Generate for every prompt (lists of token ids); returns the new tokens of each (EOS included)."""
         self.set_sampling(do_sample, temperature, top_k, top_p, seed)
-        ids = [self.add_request(p, max_new_tokens, eos_token_id) for p in prompts]
-        while self.has_unfinished():
-            self.step()
+        for index, prompt in enumerate(prompts):  # refuse a bad request before any of the call's requests enters
+            self._checked_prompt(prompt, f"prompts[{index}]")
+        try:
+            ids = [self.add_request(p, max_new_tokens, eos_token_id) for p in prompts]
+            while self.has_unfinished():
+                self.step()
+        except BaseException:
+            # a failed (or interrupted) call leaves no request of its own behind: the next call starts clean
+            self.cancel_all()
+            raise
         return [self.pop(i).output_ids for i in ids]
 
+    def cancel_all(self, reason: str = "cancelled") -> list[SpeculativeRequest]:
+        """Drop every request in flight (queued or in the batch) and return them, finished with ``reason``.
+
+        ``step()`` calls it with ``"error"`` when a round fails half-way, since the caches of the rows in
+        the batch no longer match their requests; requests added afterwards decode normally."""
+        dropped = [*self._active, *self._queue]
+        now = time.perf_counter()
+        for request in dropped:
+            request.finish_reason = reason
+            request.finished_at = now
+            self._requests.pop(request.request_id, None)
+        self._active, self._queue = [], deque()
+        self._reset_state()
+        return dropped
+
     # ---------------------------------------------------------------- one round
-    @torch.no_grad()
     def step(self) -> list[SpeculativeRequest]:
         """Admit queued requests, then run one plan / draft / schedule / verify round. Returns the
-        requests that finished in this round."""
+        requests that finished in this round.
+
+        If the round raises, every request in flight is dropped (see :meth:`cancel_all`) before the
+        error propagates, so the engine stays usable."""
+        try:
+            return self._round()
+        except BaseException:
+            self.cancel_all("error")
+            raise
+
+    @torch.no_grad()
+    def _round(self) -> list[SpeculativeRequest]:
         self._admit()
         if not self._active:
             return []

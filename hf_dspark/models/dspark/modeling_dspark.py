@@ -31,7 +31,13 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_dspark import DSparkConfig
-from .errors import CheckpointError, CorruptFileError, DraftTargetMismatchError, DSparkConfigError
+from .errors import (
+    CheckpointError,
+    CorruptFileError,
+    DevicePlacementError,
+    DraftTargetMismatchError,
+    DSparkConfigError,
+)
 from .generation_dspark import (
     DEFAULT_DSPARK_GENERATION,
     _use_skinny,
@@ -264,17 +270,29 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             )
 
     def bind_target(self, target_model) -> "DSparkDraftModel":
-        """Check compatibility and borrow the target's (frozen) embedding table and LM head.
+        """Check compatibility, move the drafter to the device of the target's input embedding, and
+        borrow the target's (frozen) embedding table and LM head.
 
         The borrowed modules are not registered as sub-modules: they are neither saved with
-        the drafter nor returned by ``parameters()``.
+        the drafter nor returned by ``parameters()``. They are always called as modules, never read
+        as raw weights when their weights are not in memory: a target dispatched by accelerate (split
+        over devices, offloaded to CPU or disk) keeps them on the ``meta`` device until its hooks load
+        them for a forward. Raises ``DevicePlacementError`` for a target whose tables are on ``meta``
+        with nothing to load them.
         """
         self.check_target(target_model)
+        embedding, head = target_model.get_input_embeddings(), target_model.get_output_embeddings()
+        for what, module in (("input embedding", embedding), ("LM head", head)):
+            if module is not None and _on_meta_without_loader(module):
+                raise DevicePlacementError(
+                    f"the target's {what} is on the meta device with no accelerate hook to load it (weights never "
+                    "loaded); load the target with from_pretrained (any device_map) before binding a drafter"
+                )
+        device = execution_device(embedding)
+        if device is not None and not any(p.is_meta for p in self.parameters()) and self.fc.weight.device != device:
+            self.to(device)
         if self.config.embeddings_from_target:
-            self._borrowed = {
-                "embed_tokens": target_model.get_input_embeddings(),
-                "lm_head": target_model.get_output_embeddings(),
-            }
+            self._borrowed = {"embed_tokens": embedding, "lm_head": head}
             self._head_cache = None
         return self
 
@@ -298,7 +316,8 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             # Gemma 4 scales token embeddings by sqrt(hidden_size). A borrowed Gemma 4 target
             # embedding already does; an own table (DeepSpec's frozen copy of the target's) does not.
             embeds = embeds * torch.tensor(self.config.hidden_size**0.5, dtype=embeds.dtype)
-        return embeds.to(self.fc.weight.dtype)
+        # a borrowed embedding of a split or offloaded target may compute on another device
+        return embeds.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype)
 
     # ---------------------------------------------------------------- draft vocabulary
     def set_draft_vocab(self, target_token_ids) -> None:
@@ -353,15 +372,29 @@ class DSparkDraftModel(DSparkPreTrainedModel):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Base draft logits over the draft vocabulary from the target's frozen LM head."""
-        weight = self._draft_head_weight()
-        x = hidden_states.to(weight.dtype)
-        # One block is a few rows: on CPU fp32 the untransposed product is ~30% cheaper (see generation_dspark).
-        logits = skinny_linear(x, weight) if _use_skinny(x, weight) else F.linear(x, weight)
+        head = self._module("lm_head")
+        if head.weight.is_meta or head.weight.device != hidden_states.device:
+            # offloaded (weights loaded by accelerate's hook in the forward) or on another device of a split target
+            logits = self._logits_through_head_module(head, hidden_states)
+        else:
+            weight = self._draft_head_weight()
+            x = hidden_states.to(weight.dtype)
+            # One block is a few rows: on CPU fp32 the untransposed product is ~30% cheaper (see generation_dspark).
+            logits = skinny_linear(x, weight) if _use_skinny(x, weight) else F.linear(x, weight)
         cap = self.config.final_logit_softcapping
         if cap:
             # Gemma 4: soft-capped like the target's logits, before any Markov bias is added.
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _logits_through_head_module(self, head: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The head of a target dispatched by accelerate: offloaded, its weights exist only inside its
+        forward (the hook loads them from CPU or disk and moves the input to the execution device); on
+        another device of a split target, copying it to the drafter's would duplicate the largest matrix.
+        So run the module where it lives and bring the logits back to the drafter."""
+        logits = head(hidden_states.to(head.weight.dtype)).to(hidden_states.device)
+        d2t = self.draft_to_target
+        return logits if d2t is None else logits.index_select(-1, d2t.to(logits.device)).to(self.fc.weight.dtype)
 
     # ---------------------------------------------------------------- backbone
     def project_context(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -626,6 +659,29 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         return False
 
 
+def execution_device(module: nn.Module | None) -> torch.device | None:
+    """Where ``module`` computes: the execution device of the accelerate hook that dispatched it (its
+    weights may then sit on ``meta`` or CPU until the forward), else the device of its first weight
+    (``None`` for a module without weights)."""
+    if module is None:
+        return None
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in [hook, *getattr(hook, "hooks", [])]:  # accelerate's SequentialHook holds several
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    weight = next(module.parameters(), None)
+    return None if weight is None else weight.device
+
+
+def _on_meta_without_loader(module: nn.Module) -> bool:
+    """Some weights on the meta device and no accelerate hook on their module that would load them for a forward."""
+    return any(
+        getattr(m, "_hf_hook", None) is None and any(p.is_meta for p in m.parameters(recurse=False))
+        for m in module.modules()
+    )
+
+
 def sample_anchor_positions(
     loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -758,5 +814,6 @@ __all__ = [
     "sample_anchor_positions",
     "default_target_layer_ids",
     "check_weight_checksums",
+    "execution_device",
     "file_sha256",
 ]
