@@ -106,3 +106,10 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_report_header(config):
+    """Which releases this run tests (CI runs the suite on two transformers releases)."""
+    import transformers
+
+    return f"hf-dspark tests on transformers {transformers.__version__}, torch {torch.__version__}"

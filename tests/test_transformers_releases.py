@@ -4,6 +4,13 @@ and (where the release verifies them) stateful targets."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -150,3 +157,69 @@ def test_stateful_targets_are_refused_on_every_release():
 
 def test_attention_only_targets_are_not_stateful(qwen):
     assert not generation_dspark.is_stateful_target(qwen)
+
+
+# ----------------------------------------------------------------------------- remote code across releases
+LAST_COMMIT_BEFORE_5_25 = "505beefb8619bee173933d2331c97c55c329dec0"  # remote code gated to transformers <5.25
+
+
+def _run_without_hf_dspark(script: str, root, modules) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(modules), PYTHONPATH="", OMP_NUM_THREADS="1")
+    prelude = 'import sys\nsys.modules["hf_dspark"] = None  # any import of hf_dspark now fails\n'
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True, text=True,
+                          cwd=root, env=env)
+
+
+GENERATE_SCRIPT = """
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+    target = AutoModelForCausalLM.from_pretrained({target!r}).eval()
+    draft = AutoModel.from_pretrained({draft!r}, trust_remote_code=True).eval()
+    assert type(draft).__module__.startswith("transformers_modules"), type(draft).__module__
+    ids = torch.tensor([[5, 9, 14, 3, 22, 40, 41]])
+    plain = target.generate(ids, max_new_tokens=12, do_sample=False)
+    spec = target.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft)
+    assert torch.equal(plain, spec), (plain, spec)
+    print("EXACT", draft.last_generation_stats["rounds"])
+"""
+
+
+def test_drafters_exported_before_and_after_5_25_support_on_this_release(tmp_path, qwen, draft):
+    """A new export drafts exactly with transformers alone; an export whose remote code predates 5.25 support
+    does so on 5.24, refuses 5.25 with the one-line error naming the range, and drafts exactly once its code
+    files are rewritten (``write_remote_code``: what ``hf-dspark export`` does) or through hf_dspark."""
+    from hf_dspark.checkpoints.export import REMOTE_CODE_FILES, export_drafter, write_remote_code
+
+    repository = Path(__file__).resolve().parents[1]
+    qwen.save_pretrained(tmp_path / "target")
+    draft.config.target_model_name = "tiny-qwen3"
+    draft.save_pretrained(tmp_path / "draft")
+    new = export_drafter(tmp_path / "draft", tmp_path / "new")
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    for name in REMOTE_CODE_FILES:
+        shown = subprocess.run(["git", "show", f"{LAST_COMMIT_BEFORE_5_25}:hf_dspark/models/dspark/{name}"],
+                               cwd=repository, capture_output=True)
+        assert shown.returncode == 0, f"needs the repository history (not a shallow clone): {shown.stderr[-300:]!r}"
+        (old / name).write_bytes(shown.stdout)
+
+    script = GENERATE_SCRIPT.format(target=str(tmp_path / "target"), draft=str(new))
+    done = _run_without_hf_dspark(script, tmp_path, tmp_path / "modules_new")
+    assert done.returncode == 0 and "EXACT" in done.stdout, done.stderr[-3000:]
+
+    script = GENERATE_SCRIPT.format(target=str(tmp_path / "target"), draft=str(old))
+    done = _run_without_hf_dspark(script, tmp_path, tmp_path / "modules_old")
+    if generation_dspark._version_tuple(transformers.__version__) < (5, 25):
+        assert done.returncode == 0 and "EXACT" in done.stdout, done.stderr[-3000:]
+    else:
+        assert done.returncode != 0
+        assert "UnsupportedTransformersError" in done.stderr and "<5.25.0" in done.stderr, done.stderr[-2000:]
+        write_remote_code(old)
+        done = _run_without_hf_dspark(script, tmp_path, tmp_path / "modules_old_refreshed")
+        assert done.returncode == 0 and "EXACT" in done.stdout, done.stderr[-3000:]
+
+    # with hf_dspark installed, the package's code drafts from the old export on every supported release
+    loaded = hf_dspark.load_drafter(old, target=qwen)
+    ids = torch.tensor([[5, 9, 14, 3, 22, 40, 41]])
+    assert torch.equal(qwen.generate(ids, max_new_tokens=12, do_sample=False),
+                       qwen.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=loaded))
