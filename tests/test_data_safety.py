@@ -214,3 +214,64 @@ def test_verify_covers_config_json(tmp_path, drafter_dir, capsys):
     capsys.readouterr()
     assert main(["verify", str(out)]) == 2
     assert "config.json" in one_error_line(capsys, "verify")
+
+
+# ----------------------------------------------------------------------------- 5. the engine recovers
+@pytest.fixture(scope="module")
+def engine_models():
+    from _models import tiny_drafter, tiny_qwen3_target
+
+    target = tiny_qwen3_target()
+    return target, tiny_drafter(target)
+
+
+def plain_greedy(target, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("bad", [[5, 96, 7], [], [5, 6.0, 7], [5, -1]],
+                         ids=["out_of_vocabulary", "empty", "float_id", "negative"])
+def test_a_bad_request_is_refused_and_the_engine_keeps_working(engine_models, bad):
+    from hf_dspark import BatchedSpeculativeGenerator
+    from hf_dspark.errors import EngineRequestError
+
+    target, draft = engine_models
+    engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=2)
+    good = [[1, 10, 11, 12], [1, 20, 21]]
+    with pytest.raises(EngineRequestError, match=r"prompts\[1\]"):
+        engine.generate([good[0], bad, good[1]], 6, eos_token_id=[])
+    assert engine.generate(good, 6, eos_token_id=[]) == [plain_greedy(target, p, 6) for p in good]
+
+
+def test_a_round_that_fails_drops_its_requests_and_the_engine_keeps_working(engine_models, monkeypatch):
+    from hf_dspark import BatchedSpeculativeGenerator
+
+    target, draft = engine_models
+    engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=2)
+    good = [[1, 10, 11, 12], [1, 20, 21], [1, 30]]
+    calls = {"n": 0}
+    verify = engine._verify_forward
+
+    def fails_once(*args, **kwargs):  # e.g. out of memory in the middle of a round
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_verify_forward", fails_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.generate(good, 6, eos_token_id=[])
+    assert not engine.has_unfinished()
+    assert engine.generate(good, 6, eos_token_id=[]) == [plain_greedy(target, p, 6) for p in good]
+
+
+# ----------------------------------------------------------------------------- 14. engine threshold
+def test_the_engine_refuses_a_confidence_threshold_outside_0_1(engine_models):
+    from hf_dspark import BatchedSpeculativeGenerator
+
+    target, draft = engine_models
+    with pytest.raises(DSparkConfigError, match="confidence_threshold=5.0"):
+        BatchedSpeculativeGenerator(target, draft, scheduler="threshold", confidence_threshold=5.0)
