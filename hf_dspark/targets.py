@@ -196,6 +196,7 @@ def resolve_target_source(name_or_path: str) -> str:
                 f"Target folder {path} has no config.json; point --target at a folder written by "
                 f"`save_pretrained`, a Hub id, or use the built-in alias {GEMMA_ALIAS!r}."
             )
+        _refuse_drafter_folder(path)
         return str(path)
     if name_or_path.count("/") > 1 or name_or_path.startswith((".", "/", "~")):  # a path, and it does not exist
         raise TargetLoadError(
@@ -203,6 +204,23 @@ def resolve_target_source(name_or_path: str) -> str:
             f"path, or use the built-in alias {GEMMA_ALIAS!r}."
         )
     return name_or_path
+
+
+def _refuse_drafter_folder(path: Path) -> None:
+    """A drafter folder given as --target would fail deep inside transformers with a list of 200 classes."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # from_pretrained reports an unreadable config itself
+    if not isinstance(config, dict):
+        return
+    if config.get("model_type") == "dspark" or config.get("speculators_model_type") == "dspark" \
+            or "dspark_config" in config or "block_size" in config and "target_layer_ids" in config:
+        raise TargetLoadError(
+            f"--target {path} is a DSpark drafter, not a target model; pass the model it drafts for (its "
+            f"config.target_model_name, e.g. {config.get('target_model_name') or 'Qwen/Qwen3-4B'}) as --target, "
+            "and the drafter as --draft."
+        )
 
 
 def load_target_tokenizer(name_or_path: str):
@@ -238,6 +256,13 @@ def load_target(name_or_path: str, dtype: torch.dtype = torch.float32, device: s
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
+    except ValueError as error:  # "Unrecognized configuration class ... for AutoModelForCausalLM"
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        raise TargetLoadError(
+            f"--target {name_or_path!r} is not a causal language model ({str(error).split(' for this kind')[0]}); "
+            "DSpark drafts for decoder-only targets that AutoModelForCausalLM loads."
+        ) from error
     except OSError as error:
         raise TargetLoadError(
             f"Could not load target {name_or_path!r}: {error}. Check the Hub id or folder (offline? "

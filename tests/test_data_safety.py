@@ -275,3 +275,95 @@ def test_the_engine_refuses_a_confidence_threshold_outside_0_1(engine_models):
     target, draft = engine_models
     with pytest.raises(DSparkConfigError, match="confidence_threshold=5.0"):
         BatchedSpeculativeGenerator(target, draft, scheduler="threshold", confidence_threshold=5.0)
+
+
+# ----------------------------------------------------------------------------- 4. eval resumes only the same drafter
+def test_eval_refuses_to_resume_with_another_drafter_in_the_same_folder(tmp_path, tiny_target_dir, capsys):
+    import shutil
+
+    from _models import tiny_drafter
+    from hf_dspark.targets import load_target
+
+    target, _ = load_target(str(tiny_target_dir))
+    draft = tmp_path / "draft"
+    tiny_drafter(target, seed=0, target_layer_ids=[0, 1]).save_pretrained(draft)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"turns": [f"w{i} w{i + 1} the sum"]} for i in range(3)])
+    output = tmp_path / "res.json"
+    argv = ["eval", "--target", str(tiny_target_dir), "--draft", str(draft), "--prompts", str(prompts),
+            "--max-new-tokens", "4", "--output", str(output), "--no-progress", "--max-prompts", "1"]
+    assert main(argv) == 0
+    # 14: the results file is readable by others, as any file written with open()
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~_umask()
+    shutil.rmtree(draft)
+    tiny_drafter(target, seed=1, target_layer_ids=[0, 1]).save_pretrained(draft)
+    argv[argv.index("--max-prompts") + 1] = "3"
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "draft_sha256" in one_error_line(capsys, "eval")
+    assert json.loads(output.read_text())["num_prompts"] == 1
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------------------- 7, 10. flags checked first
+FLAG_CASES = [
+    ("eval", ["--draft", "d", "--prompts", "p.jsonl", "--top-p", "-0.5"], "--top-p must be in (0, 1]"),
+    ("eval", ["--draft", "d", "--prompts", "p.jsonl", "--top-k", "-3"], "--top-k must be >= 0"),
+    ("eval", ["--draft", "d", "--prompts", "p.jsonl", "--temperature", "nan"], "finite"),
+    ("eval", ["--draft", "d", "--prompts", "p.jsonl", "--prompt-lookup-tokens", "0"], "--prompt-lookup-tokens must"),
+    ("eval", ["--draft", "d", "--prompts", "p.jsonl", "--device", "bogus"], "not a torch device"),
+    ("calibrate", ["--draft", ".", "--prompts", "p.jsonl", "--grid", "5", "1", "0"], "--grid 5 1 0 is invalid"),
+    ("profile", ["--batch-sizes", "0"], "--batch-sizes must be >= 1"),
+    ("profile", ["--context-length", "-1"], "--context-length must be >= 0"),
+    ("profile", ["--repeats", "0"], "--repeats must be >= 1"),
+    ("bench-batch", ["--draft", "d", "--do-sample", "--temperature", "-1"], "--temperature must be >= 0"),
+    ("bench-batch", ["--draft", "d", "--top-p", "2"], "--top-p must be in (0, 1]"),
+    ("bench-batch", ["--draft", "d", "--profile-repeats", "0"], "--profile-repeats must be >= 1"),
+    ("bench-serve", ["--draft", "d", "--temperature", "-1"], "--temperature must be >= 0"),
+    ("bench-serve", ["--draft", "d", "--rates", "nan"], "finite"),  # 7: spun forever
+    ("bench-serve", ["--draft", "d", "--load", "nan"], "finite"),
+    ("prepare-data", ["--prompts", "p.jsonl", "--output", "o", "--top-k", "-1"], "--top-k must be >= 0"),
+    ("train", ["--cache", "c", "--output", "o", "--learning-rate", "-1"], "learning_rate=-1.0 is invalid"),
+    ("train", ["--cache", "c", "--output", "o", "--per-device-train-batch-size", "0"],
+     "per_device_train_batch_size=0 is invalid"),
+]
+
+
+@pytest.mark.parametrize("command, flags, message", FLAG_CASES, ids=[f"{c}{f[-2]}={f[-1]}" for c, f, _ in FLAG_CASES])
+def test_bad_flags_are_one_line_errors_before_the_target_loads(tmp_path, monkeypatch, capsys, no_target_load,
+                                                               command, flags, message):
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "--target", "t", *flags]) == 2
+    assert message in one_error_line(capsys, command)
+
+
+def test_build_cache_refuses_a_top_k_larger_than_the_vocabulary(tmp_path, tiny_target_dir, capsys, no_target_load):
+    from test_failure_paths import build_cache_argv, data_rows, make_data
+
+    argv = build_cache_argv(tiny_target_dir, make_data(tmp_path / "data", data_rows(4)), tmp_path / "cache")
+    argv[argv.index("--target-topk") + 1] = "100000"
+    assert main(argv) == 2
+    assert "exceeds the target's vocabulary" in one_error_line(capsys, "build-cache")
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_eval_refuses_a_drafter_folder_as_target(tmp_path, drafter_dir, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(1))
+    assert main(["eval", "--target", str(drafter_dir), "--draft", str(drafter_dir), "--prompts", str(prompts)]) == 2
+    assert "drafter" in one_error_line(capsys, "eval")
+
+
+# ----------------------------------------------------------------------------- 11. settings recorded after validation
+def test_prepare_data_records_nothing_for_a_refused_run(tmp_path, tiny_target_dir, capsys):
+    prompts = write_jsonl(tmp_path / "in" / "p.jsonl", prompt_rows(3))
+    out = tmp_path / "out"
+    argv = ["prepare-data", "--target", str(tiny_target_dir), "--prompts", str(prompts), "--output", str(out),
+            "--greedy", "--num-prompts", "2", "--holdout", "0", "--no-progress", "--max-new-tokens"]
+    assert main(argv + ["-5"]) == 2
+    assert "--max-new-tokens must be >= 1" in one_error_line(capsys, "prepare-data")
+    assert not (out / "data_config.json").exists()
+    assert main(argv + ["3"]) == 0

@@ -75,7 +75,7 @@ from hf_dspark.evaluation.prompt_sets import (
     load_dataset_prompts,
     read_prompt_file,
 )
-from hf_dspark.evaluation.summary import DSPARK, EvalResults, _write_json_atomic, merge_results
+from hf_dspark.evaluation.summary import DRAFT_CHECKSUMS_KEY, DSPARK, EvalResults, _write_json_atomic, merge_results
 from hf_dspark.targets import TARGET_DTYPES
 
 
@@ -207,10 +207,29 @@ def _settings(args, drafts: list[tuple[str, str, bool]], device, dtype) -> dict[
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "hardware": _hardware(device),
+        DRAFT_CHECKSUMS_KEY: {name: drafter_checksum(source) for name, source, _ in drafts},
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def drafter_checksum(source: str) -> str | None:
+    """sha256 over a local drafter folder's config and weight files (``None`` for a Hub id), so a results
+    file resumes only with the very drafter it measured."""
+    import hashlib
+
+    from hf_dspark.models.dspark.modeling_dspark import file_sha256
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    names = sorted(p.name for p in folder.iterdir() if p.name in ("config.json", "generation_config.json")
+                   or p.name.endswith((".safetensors", ".safetensors.index.json", ".bin")))
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}:{file_sha256(folder / name)}\n".encode())
+    return digest.hexdigest()
 
 
 def _ngram_setting(args, source: str) -> int:

@@ -202,10 +202,18 @@ def macro_average(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- results file
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; a results file is for sharing, so give it the mode open() would
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
@@ -218,6 +226,9 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 # Settings added to the results file after its first format: a file written before a key existed was
 # measured with the value given here, so it resumes when the new run uses that value.
 SETTINGS_ADDED_LATER = {"ngram_lookup_tokens": 0}
+# Settings key: {drafter name: sha256 of its config and weight files}. The drafter's path alone does not say
+# which drafter was measured: another one saved to the same folder would be averaged with the first.
+DRAFT_CHECKSUMS_KEY = "draft_sha256"
 
 
 class EvalResults:
@@ -242,6 +253,8 @@ class EvalResults:
         old = dict(existing.get("settings", {}))
         for key, implied in SETTINGS_ADDED_LATER.items():
             old.setdefault(key, implied)
+        # Files written before the drafters' checksums were recorded cannot be checked; they resume as before.
+        old.setdefault(DRAFT_CHECKSUMS_KEY, self.settings.get(DRAFT_CHECKSUMS_KEY))
         if old != self.settings:
             changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
             raise DataError(f"--output {path} holds results measured with other settings ({', '.join(changed)}); "
