@@ -123,6 +123,9 @@ logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("algorithm1", "async", "full", "threshold", "plain")
 
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
 
 def refuse_dispatched_target(target) -> None:
     """Raise ``DevicePlacementError`` for a target split over devices or offloaded by accelerate.
@@ -137,8 +140,6 @@ def refuse_dispatched_target(target) -> None:
             "device_map={'': 'cuda:0'} (or .to(device)), or use target.generate(assistant_model=draft), which "
             "supports split and offloaded targets"
         )
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 __all__ = [
     "BatchedSpeculativeGenerator",
@@ -158,7 +159,9 @@ class BatchedSpeculativeGenerator:
 
     Args:
         target: a causal LM (``sdpa`` or ``eager`` attention; full and/or sliding-window layers).
-        draft: a ``DSparkDraftModel`` built for ``target`` (on the same device).
+        draft: a ``DSparkDraftModel`` built for ``target`` (binding moves it to the target's device). The
+            target must sit on one device: a target split or offloaded by accelerate is refused
+            (``DevicePlacementError``); ``target.generate(assistant_model=draft)`` runs those.
         scheduler: ``"algorithm1"`` (hardware-aware prefix scheduler on the current drafts),
             ``"async"`` (the paper's production variant: budget from predictions two rounds old),
             ``"full"`` (verify the whole block), ``"threshold"`` (cut at prefix survival <
@@ -174,8 +177,9 @@ class BatchedSpeculativeGenerator:
         fast_verify_head: while the engine exists, the target's LM head uses the skinny-product layout
             for 2-8 rows on CPU fp32 (``generation_dspark.activate_verify_head``: the same dot products,
             summed in another order).
-        skip_padding: the target's per-slot layers (MLPs, attention projections) run on the real slots
-            of a right-padded round only (:mod:`hf_dspark.decoding.packing`); the LM head always does.
+        skip_padding: on a CPU target, the target's per-slot layers (MLPs, attention projections) run on
+            the real slots of a right-padded round only (:mod:`hf_dspark.decoding.packing`); the LM head
+            always does. Elsewhere the padded layout is kept: packing reads a mask on the host in every layer.
         ngram_lookup_tokens: n-gram rounds (see above): a request whose last ``ngram_max_size`` ..
             ``ngram_min_size`` tokens occurred before submits up to this many of the tokens that
             followed (at most ``block_size``); 0 (default) turns them off.

@@ -11,7 +11,10 @@ real slots' results are those of the padded forward.
 
 On Gemma 3 270M (fp32, one CPU thread) the position-wise layers are almost all of a slot's cost: a
 padding slot that only attention sees costs a small fraction of a real one (the engine measures
-the saving on its own target, ``BatchedSpeculativeGenerator._time_padding``).
+the saving on its own target, ``BatchedSpeculativeGenerator._time_padding``). Packing indexes with a
+boolean mask in every hooked layer, which makes the host wait for the device each time; on an
+accelerator, where a padding slot costs little, that would stall every layer, so the engine skips
+padding on CPU targets only.
 """
 
 from __future__ import annotations

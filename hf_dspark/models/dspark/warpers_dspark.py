@@ -25,7 +25,9 @@ from transformers.generation.logits_process import (
 # lower-ranked ones first, and the fused warper ranks them by token id (lower id = kept first); torch.sort,
 # which the pair relies on, leaves that order unspecified. That is the only case where the two can differ.
 class FusedTopKTopPWarper(LogitsProcessor):
-    """Drop-in replacement for ``[TopKLogitsWarper(k), TopPLogitsWarper(p)]`` applied in that order."""
+    """Drop-in replacement for ``[TopKLogitsWarper(k), TopPLogitsWarper(p)]`` applied in that order.
+
+    A CPU fast path: on other devices it runs the pair itself, which makes the host wait for nothing."""
 
     @staticmethod
     def can_fuse(first, second) -> bool:
@@ -49,7 +51,9 @@ class FusedTopKTopPWarper(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         vocab = scores.shape[-1]
         k = min(self.top_k, vocab)
-        if k >= vocab or self.min_tokens_to_keep > k:
+        # The fused path reads two values on the host (any score left? how many ties?): free on the CPU, a
+        # stall per call on an accelerator, where the pair's full sort is cheap and needs no such read.
+        if k >= vocab or self.min_tokens_to_keep > k or scores.device.type != "cpu":
             return self._reference(input_ids, scores)
         values, indices = torch.topk(scores, k, dim=-1)  # descending
         kth = values[..., -1:]
