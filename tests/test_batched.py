@@ -713,7 +713,9 @@ def test_bench_batch_cli_writes_results(tiny_target_dir, tmp_path):
     methods = ("plain", "full", "scheduler", "async")
     assert {(r["concurrency"], r["method"]) for r in rows} == {(c, m) for c in (1, 2) for m in methods}
     for row in rows:
-        assert row["total_tokens"] > 0 and row["tokens_per_second"] > 0 and row["per_request_tokens_per_second"] > 0
+        assert 0 < row["total_tokens"] <= 3 * 6 and row["requests"] == 3
+        assert row["tokens_per_second"] == pytest.approx(row["total_tokens"] / row["seconds"])
+        assert row["per_request_tokens_per_second"] >= row["tokens_per_second"] / row["requests"] * (1 - 1e-9)
         if row["method"] != "plain":
             for key in ("mean_verified_draft_tokens", "mean_accepted_length", "throughput_ratio_vs_plain",
                         "per_request_ratio_vs_plain", "greedy_agreement_with_plain", "draft_skipped_request_rounds",

@@ -78,7 +78,10 @@ def test_bench_serve_cli_writes_results_and_plot(tiny_target_dir, tmp_path):
     assert {(r["mode"], r["rate"] == "inf") for r in rows} == {(m, s) for m in ("plain", "full", "algorithm1", "async")
                                                                for s in (False, True)}
     assert len(rows) == 4 * 3  # two loads and the saturated run, four modes
-    assert results["capacity"]["requests_per_second"] > 0
+    saturated = next(r for r in rows if r["mode"] == "plain" and r["rate"] == "inf")
+    assert 0 < saturated["total_tokens"] <= 4 * 6 and saturated["requests"] == 4
+    assert results["capacity"]["requests_per_second"] == pytest.approx(
+        saturated["tokens_per_second"] * saturated["requests"] / saturated["total_tokens"])
     for row in rows:
         assert row["outputs_equal_alone"] == row["requests"] == 4 and row["mismatched_requests"] == []
         for key in ("tokens_per_second", "tpot_p50", "tpot_p90", "ttft_p50", "ttft_p90", "mean_verified_draft_tokens",

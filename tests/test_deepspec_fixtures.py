@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,17 +9,11 @@ from safetensors.torch import load_file
 from hf_dspark import DSparkDraftCache, DSparkDraftModel
 from hf_dspark.losses import dspark_loss
 
-# The shared folder sits beside the checkout (../shared); /work/shared is where this project's
-# machines mount it when a clone lives elsewhere (e.g. CI's fresh clone).
-_CANDIDATES = [Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepspec",
-               Path("/work/shared/fixtures/deepspec")]
-DEFAULT_ROOT = next((c for c in _CANDIDATES if c.is_dir()), _CANDIDATES[0])
-ROOT = Path(os.environ.get("HF_DSPARK_FIXTURES", DEFAULT_ROOT))
-FIXTURES = sorted(p for p in ROOT.glob("*") if (p / "config.json").exists()) if ROOT.is_dir() else []
+from _fixtures import DEEPSPEC_FIXTURES as FIXTURES, require_deepspec_fixtures
+
 ATOL = 1e-5
 
-if not FIXTURES:
-    pytest.skip(f"no DeepSpec fixtures found under {ROOT} (set HF_DSPARK_FIXTURES)", allow_module_level=True)
+require_deepspec_fixtures()
 
 
 def close(a, b, what):

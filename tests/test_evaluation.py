@@ -176,7 +176,8 @@ def test_eval_sampling_without_baseline_and_policy(workspace):
     for entry in results["datasets"].values():
         assert entry["policy"] == "threshold"
         assert "speedup" not in entry and "baseline_tokens_per_second" not in entry
-        assert entry["tokens_per_second"] > 0
+        assert 0 < entry["new_tokens"] <= entry["num_prompts"] * results["settings"]["max_new_tokens"]
+        assert entry["tokens_per_second"] == pytest.approx(entry["new_tokens"] / entry["seconds"])
     args[args.index("--max-prompts") + 1] = "2"
     assert main(args + ["--baseline"]) == 2  # other settings: refused, not mixed
     assert main(args + ["--baseline", "--overwrite"]) == 0

@@ -207,24 +207,54 @@ def test_ctrl_c_prints_one_line_and_exits_130(work, tiny_target_dir, cache_dir, 
                                                   "(training continues from the latest complete checkpoint).")
 
 
+# The child saves its first checkpoint, says so in a marker file and waits there for SIGINT: the parent
+# interrupts a run that is certainly mid-training, however slow the machine, and never races its end.
+_BLOCK_AFTER_FIRST_SAVE = """
+import sys, time
+from pathlib import Path
+from hf_dspark.trainer.dspark_trainer import DSparkTrainer
+from hf_dspark.cli import main
+
+marker, save = Path(sys.argv[1]), DSparkTrainer._save_checkpoint
+
+def save_then_wait(self, *args, **kwargs):
+    result = save(self, *args, **kwargs)
+    if not marker.exists():
+        marker.write_text(str(self.state.global_step))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:  # until SIGINT raises KeyboardInterrupt here
+            time.sleep(0.01)
+        sys.exit("no SIGINT within 600 s")
+    return result
+
+DSparkTrainer._save_checkpoint = save_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigint_during_training_then_the_same_command_finishes(work, tiny_target_dir, cache_dir):
-    """The issue's reproduction: a real process, SIGINT as soon as a checkpoint folder appears, then a rerun."""
-    output = work / "sigint"
-    argv = [sys.executable, "-m", "hf_dspark.cli", *train_argv(tiny_target_dir, cache_dir, output, "--max_steps", "400",
-                                                               "--save_steps", "2")]
+    """The issue's reproduction: a real process, SIGINT once a checkpoint is written, then a rerun."""
+    output, marker = work / "sigint", work / "sigint_saved"
+    cli_args = train_argv(tiny_target_dir, cache_dir, output, "--max_steps", "6", "--save_steps", "2")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (output / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
+    process = subprocess.Popen([sys.executable, "-c", _BLOCK_AFTER_FIRST_SAVE, str(marker), *cli_args], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not marker.exists():  # an event, not a deadline: the child blocks until signalled
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before its first checkpoint: {process.stderr.read()[-3000:]}")
         time.sleep(0.05)
+    assert marker.read_text() == "2" and (output / "checkpoint-2" / "trainer_state.json").exists()
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert last_line(err).startswith("hf-dspark train: interrupted; rerun the same command to resume"), err[-3000:]
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert not (output / "training_summary.json").exists()  # interrupted, not finished
+    done = subprocess.run([sys.executable, "-m", "hf_dspark.cli", *cli_args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((output / "training_summary.json").read_text())["steps"] == 400
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["resumed_from"].endswith("checkpoint-2")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed interrupt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import types
 
 import pytest
@@ -335,15 +336,24 @@ def test_pipeline_with_assistant_model(tiny_target_dir):
 
 def test_statistics_are_complete(qwen, trained):
     set_policy(trained, verification_policy="full")
-    qwen.generate(prompts(1, seed=9)[0], max_new_tokens=25, do_sample=False, assistant_model=trained)
+    prompt = prompts(1, seed=9)[0]
+    start = time.perf_counter()
+    out = qwen.generate(prompt, max_new_tokens=25, do_sample=False, assistant_model=trained)
+    wall = time.perf_counter() - start
     s = trained.last_generation_stats
     for key in ("rounds", "accepted_lengths", "mean_accepted_length", "position_attempted", "position_accepted",
                 "submitted_lengths", "draft_seconds", "verify_seconds"):
         assert key in s
-    assert s["rounds"] == len(s["accepted_lengths"]) == len(s["submitted_lengths"])
+    assert s["rounds"] == len(s["accepted_lengths"]) == len(s["submitted_lengths"]) >= 2
+    # the prefill commits one token, each round its accepted drafts plus the target's own token
+    assert 1 + sum(s["accepted_lengths"]) == out.shape[1] - prompt.shape[1]
+    assert s["mean_accepted_length"] == pytest.approx(sum(s["accepted_lengths"]) / s["rounds"])
+    assert all(1 <= a <= n + 1 for a, n in zip(s["accepted_lengths"], s["submitted_lengths"]))
     assert s["position_attempted"][0] == s["rounds"]
+    assert sum(s["position_accepted"]) == sum(s["accepted_lengths"]) - s["rounds"]  # drafts accepted
     assert all(a >= b for a, b in zip(s["position_attempted"], s["position_accepted"]))
-    assert s["draft_seconds"] > 0 and s["verify_seconds"] > 0
+    # the timed parts are disjoint slices of the call
+    assert 0 < s["prefill_seconds"] + s["draft_seconds"] + s["verify_seconds"] <= wall
 
 
 def test_batch_size_above_one_points_to_the_batched_engine(qwen):

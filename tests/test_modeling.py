@@ -115,14 +115,31 @@ def test_vanilla_markov_bias_depends_only_on_previous_token():
 
 
 @pytest.mark.parametrize("head", ["gated", "rnn"])
-def test_gated_and_rnn_heads_depend_on_hidden_state(head):
+def test_gated_and_rnn_heads_compute_their_formulas(head):
+    """The bias written out from the weights: gated ``W2 (sigmoid(G [h; e] + g) * e)``; rnn
+    ``W2 tanh(o_k)`` and ``s_k = sigmoid(a_k) s_{k-1} + (1 - sigmoid(a_k)) tanh(c_k)`` with
+    ``[a; c; o] = J [s_{k-1}; e; h] + j`` and ``s_0 = 0``, where ``e = W1[x_{k-1}]``."""
     target = tiny_qwen3_target()
     draft = tiny_drafter(target, markov_head_type=head)
+    m = draft.markov_head
     base = torch.zeros(1, 5, 96)
-    prev = torch.tensor([[4, 4, 4, 4, 4]])
-    a, _ = draft.apply_heads_teacher_forced(base, torch.randn(1, 5, 32), prev)
-    b, _ = draft.apply_heads_teacher_forced(base, torch.randn(1, 5, 32), prev)
-    assert not torch.allclose(a, b)
+    prev = torch.tensor([[4, 4, 9, 4, 30]])
+    hidden = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+    logits, _ = draft.apply_heads_teacher_forced(base, hidden, prev)
+    w1, w2 = m.markov_w1.weight, m.markov_w2.weight
+    expected, state = [], torch.zeros(8)
+    for k in range(5):
+        e, h = w1[prev[0, k]], hidden[0, k]
+        if head == "gated":
+            inner = torch.sigmoid(m.gate_proj.weight @ torch.cat([h, e]) + m.gate_proj.bias) * e
+        else:
+            a, c, o = (m.joint_proj.weight @ torch.cat([state, e, h]) + m.joint_proj.bias).split(8)
+            state = torch.sigmoid(a) * state + (1 - torch.sigmoid(a)) * torch.tanh(c)
+            inner = torch.tanh(o)
+        expected.append(w2 @ inner)
+    torch.testing.assert_close(logits[0], torch.stack(expected), atol=1e-5, rtol=1e-5)
+    # unlike the vanilla head, the same previous token gives different biases at positions 0 and 1
+    assert not torch.allclose(logits[0, 0], logits[0, 1])
 
 
 def test_training_forward_equals_inference_blocks():

@@ -18,8 +18,9 @@ def test_trainer_exports_its_entry_points():
 
     assert DSparkTrainer.__module__ == "hf_dspark.trainer.dspark_trainer"
     assert DSparkTrainingArguments.__module__ == "hf_dspark.trainer.training_args"
-    for name in trainer.__all__:
-        assert getattr(trainer, name) is not None, name
+    for name in trainer.__all__:  # each name is the object of that name defined in a trainer submodule
+        obj = getattr(trainer, name)
+        assert obj.__name__ == name and obj.__module__.startswith("hf_dspark.trainer."), name
     with pytest.raises(AttributeError):
         trainer.no_such_name  # noqa: B018
 
@@ -52,7 +53,6 @@ def test_every_error_comes_from_one_hierarchy_and_keeps_its_builtin():
 
 
 def test_check_target_and_checkpoint_loading_raise_the_specific_classes(tmp_path):
-    import torch
     from _models import tiny_drafter, tiny_qwen3_target
     from safetensors.torch import load_file, save_file
 
@@ -67,9 +67,8 @@ def test_check_target_and_checkpoint_loading_raise_the_specific_classes(tmp_path
     tensors = load_file(tmp_path / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if not k.startswith("fc.")}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="does not match its config"):
+    with pytest.raises(CheckpointError, match=r"does not match its config: missing tensors \['fc\.weight'\]"):
         DSparkDraftModel.from_pretrained(tmp_path)
-    assert torch.is_tensor(tensors["fc.weight"])
 
 
 def test_one_piecewise_linear_interpolation_serves_generate_latency_and_the_engine():

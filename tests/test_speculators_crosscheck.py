@@ -36,7 +36,7 @@ import pytest
 import torch
 from _models import target_features, tiny_drafter, tiny_qwen3_target
 from safetensors.torch import load_file, save_file
-from test_deepspec_fixtures import ROOT
+from _fixtures import DEEPSPEC_ROOT as ROOT, require_deepspec_fixtures
 
 from hf_dspark.checkpoints.export import export_drafter
 
@@ -135,6 +135,7 @@ def _deepspec_case(root: Path):
 
     from hf_dspark import load_drafter
 
+    require_deepspec_fixtures()
     fixture = ROOT / "qwen3_rnn"
     tables = load_file(fixture / "model.safetensors")
     target_config = json.loads((ROOT / "target_config.json").read_text())
