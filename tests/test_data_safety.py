@@ -367,3 +367,29 @@ def test_prepare_data_records_nothing_for_a_refused_run(tmp_path, tiny_target_di
     assert "--max-new-tokens must be >= 1" in one_error_line(capsys, "prepare-data")
     assert not (out / "data_config.json").exists()
     assert main(argv + ["3"]) == 0
+
+
+# ----------------------------------------------------------------------------- 13. latency profile identity
+def test_models_built_in_code_do_not_share_a_latency_profile(tmp_path, monkeypatch):
+    from _models import tiny_qwen3_target
+    from hf_dspark.decoding.latency import profile_latency
+
+    small, large = tiny_qwen3_target(num_layers=2), tiny_qwen3_target(num_layers=8)
+    kwargs = dict(token_counts=[1], context_length=4, warmup=0, repeats=1, cache_dir=tmp_path, verify_head=False)
+    first = profile_latency(small, **kwargs)
+    second = profile_latency(large, **kwargs)
+    assert first.key != second.key
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_relative_target_paths_in_two_folders_do_not_share_a_latency_profile(tmp_path, monkeypatch):
+    from _models import tiny_qwen3_target
+    from hf_dspark.decoding.latency import model_identity
+
+    model = tiny_qwen3_target()
+    names = []
+    for folder in ("a", "b"):
+        (tmp_path / folder / "target").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / folder)
+        names.append(model_identity(model, "target")[0])
+    assert names[0] != names[1]

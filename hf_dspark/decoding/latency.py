@@ -75,6 +75,7 @@ class LatencyProfile:
     warmup: int = 0
     repeats: int = 0
     verify_head: bool = False  # measured with the skinny verification LM head (generation_dspark)
+    architecture: str = ""  # digest of the model's config (see model_identity); "" in older files
 
     # ------------------------------------------------------------------ identity
 
@@ -84,6 +85,7 @@ class LatencyProfile:
         return (
             f"{self.model_name}|{self.dtype}|{self.device}|threads={self.num_threads}"
             f"|ctx={self.context_length}" + ("|verify_head" if self.verify_head else "")
+            + (f"|arch={self.architecture}" if self.architecture else "")
         )
 
     @property
@@ -158,6 +160,7 @@ class LatencyProfile:
             "warmup": self.warmup,
             "repeats": self.repeats,
             "verify_head": self.verify_head,
+            "architecture": self.architecture,
             "table": {
                 str(b): {str(n): float(s) for n, s in sorted(row.items())} for b, row in sorted(self.table.items())
             },
@@ -219,6 +222,7 @@ class LatencyProfile:
             model_name=data["model_name"], dtype=data["dtype"], device=data["device"],
             num_threads=data["num_threads"], context_length=data["context_length"], table=table,
             warmup=data["warmup"], repeats=data["repeats"], verify_head=bool(data.get("verify_head", False)),
+            architecture=str(data.get("architecture", "")),
         )
 
 
@@ -295,6 +299,24 @@ class _HeadOwner:
     """Keeps the verification LM-head layout active while a profile is measured."""
 
 
+def model_identity(model, model_name: str | None = None) -> tuple[str, str]:
+    """``(name, architecture digest)`` a latency profile is cached under: ``model_name`` (default
+    ``config._name_or_path``, else the class name) with a local path made absolute, and a digest of the
+    model's config.
+
+    A name alone is no identity: every model built in code is called by its class name (an 8-layer model
+    read a 2-layer model's costs), and ``./target`` names a different folder in every working directory.
+    The architecture (the config without its name) is what the forward cost depends on."""
+    config = getattr(model, "config", None)
+    name = model_name or getattr(config, "_name_or_path", "") or type(model).__name__
+    if Path(str(name)).expanduser().exists():
+        name = str(Path(str(name)).expanduser().resolve())
+    if config is None or not hasattr(config, "to_dict"):
+        return str(name), ""
+    layout = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    return str(name), hashlib.sha1(json.dumps(layout, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:12]
+
+
 def profile_latency(
     model,
     token_counts: Iterable[int] = range(1, 17),
@@ -334,14 +356,13 @@ def profile_latency(
 
     device = _model_device(model)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    if model_name is None:
-        model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    model_name, architecture = model_identity(model, model_name)
     head_owner = _HeadOwner()
     verify_head = bool(verify_head) and activate_verify_head(model, head_owner) is not None
     profile = LatencyProfile(
         model_name=str(model_name), dtype=dtype, device=_describe_device(device),
         num_threads=torch.get_num_threads(), context_length=context_length, warmup=warmup, repeats=repeats,
-        verify_head=verify_head,
+        verify_head=verify_head, architecture=architecture,
     )
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / profile.file_name
@@ -433,9 +454,7 @@ def choose_dtype(
     if not names or any(n not in TARGET_DTYPES for n in names):
         raise DSparkConfigError(f"candidates must be a non-empty subset of {TARGET_DTYPES}, got {names}")
     own = str(next(model.parameters()).dtype).removeprefix("torch.")
-    if model_name is None:
-        model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    measured: dict[str, dict[int, float]] = {}
+    measured: dict[str, dict[int, float]] = {}  # model_name=None: profile_latency names each copy by model_identity
     for name in names:
         candidate = model if name == own else copy.deepcopy(model).to(getattr(torch, name))
         profile = profile_latency(candidate, token_counts=sorted({1, verify_tokens}), context_length=context_length,
