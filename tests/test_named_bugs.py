@@ -253,3 +253,52 @@ def test_markov_sampling_loop_follows_a_hand_built_transition_table(target):
     assert tokens.tolist() == [[5, 7, 11]]
     torch.testing.assert_close(logits[0, 1], 2 * (base[0, 1] + 10.0 * torch.nn.functional.one_hot(torch.tensor(7), 96)))
     torch.testing.assert_close(conf, torch.tensor([[1.5, 4.5, 2.5]]))
+
+
+# ----------------------------------------------------------------------------- evaluation summaries
+def _records():
+    return [
+        {"dspark": {"new_tokens": 10, "seconds": 2.0, "rounds": 4, "accepted_tokens": 10,
+                    "position_attempted": [4, 3], "position_accepted": [3, 2], "matches_baseline": True},
+         "baseline": {"new_tokens": 10, "seconds": 4.0}, "baseline_fused": {"new_tokens": 10, "seconds": 2.5}},
+        {"dspark": {"new_tokens": 6, "seconds": 2.0, "rounds": 3, "accepted_tokens": 6,
+                    "position_attempted": [3, 1, 1], "position_accepted": [1, 1, 0], "matches_baseline": False,
+                    "divergence": {"position": 4, "margin_ulps": 2.0}},
+         "baseline": {"new_tokens": 6, "seconds": 1.0}, "baseline_fused": {"new_tokens": 6, "seconds": 1.5}},
+    ]
+
+
+def test_prompt_set_summary_on_hand_records():
+    from hf_dspark.evaluation.summary import summarize_prompt_set
+
+    s = summarize_prompt_set(_records())
+    # tokens per second pool tokens and seconds over prompts: 16 / 4 (dspark), 16 / 5 (plain), 16 / 4 (fused)
+    assert s["tokens_per_second"] == 4.0 and s["baseline_tokens_per_second"] == 3.2
+    assert s["baseline_fused_tokens_per_second"] == 4.0 and s["best_plain_tokens_per_second"] == 4.0
+    assert s["speedup"] == pytest.approx(1.25) and s["speedup_vs_best_plain"] == pytest.approx(1.0)
+    assert (s["new_tokens"], s["seconds"], s["rounds"], s["accepted_tokens"]) == (16, 4.0, 7, 16)
+    assert s["mean_accepted_length"] == pytest.approx(16 / 7)
+    # per position: accepted / attempted summed over prompts, rows of different lengths
+    assert s["per_position_acceptance"] == pytest.approx([4 / 7, 3 / 4, 0.0])
+    assert s["outputs_match_baseline"] is False and s["num_prompts"] == 2
+    assert s["greedy_agreement"] == {"identical_share": 0.5, "first_divergence_positions": [4],
+                                     "max_margin_ulps": 2.0, "all_divergences_near_ties": True}
+
+
+def test_prompt_set_summary_edge_cases():
+    from hf_dspark.evaluation.summary import summarize_prompt_set
+
+    records = _records()
+    records[0]["dspark"].update(matches_baseline=False, divergence={"position": 0})  # no margin measured
+    s = summarize_prompt_set(records)
+    assert s["greedy_agreement"] == {"identical_share": 0.0, "first_divergence_positions": [0, 4],
+                                     "max_margin_ulps": 2.0, "all_divergences_near_ties": False}
+    records[0]["dspark"]["divergence"]["margin_ulps"] = 2.5  # measured, and not a near tie
+    assert summarize_prompt_set(records)["greedy_agreement"]["all_divergences_near_ties"] is False
+    for r in records:
+        r["dspark"]["seconds"] = 0.0
+        del r["baseline_fused"]
+    s = summarize_prompt_set(records)
+    assert s["tokens_per_second"] is None and s["speedup"] is None and s["baseline_fused_tokens_per_second"] is None
+    s = summarize_prompt_set([{"dspark": {**_records()[0]["dspark"], "rounds": 0, "accepted_tokens": 0}}])
+    assert s["mean_accepted_length"] is None and "speedup" not in s
