@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-eval": ("hf_dspark.commands.eval", "Pool `hf-dspark eval` files measured on disjoint prompts (shards)."),
     "bench-batch": ("hf_dspark.commands.bench_batch", "Benchmark the batched speculative engine vs plain batched generate."),
     "bench-serve": ("hf_dspark.commands.bench_serve", "Benchmark the batched engine under Poisson arrivals (TPOT vs throughput)."),
+    "bench-oracle": ("hf_dspark.commands.bench_oracle", "Speed-up at an imposed acceptance (oracle proposals) vs the ideal: system cost alone."),
     "export": ("hf_dspark.commands.export", "Export a drafter as a Hub repo, or for DeepSpec / vLLM / SGLang / speculators."),
     "convert": ("hf_dspark.commands.convert", "Convert a DeepSpec or speculators DSpark checkpoint to the Hub layout."),
     "push": ("hf_dspark.commands.export", "Upload an exported drafter folder to the Hub."),

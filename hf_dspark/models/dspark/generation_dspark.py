@@ -832,7 +832,10 @@ def install_generate_hook() -> bool:
                                  assistant_model=None, target_tokenizer=None, assistant_tokenizer=None):
         if assistant_model is not None and is_dspark_drafter(assistant_model):
             _refuse_reused_cache(model_kwargs)
-            return DSparkCandidateGenerator(
+            # Public extension point: a drafter may name the generator class (a DSparkCandidateGenerator
+            # subclass taking the same arguments), e.g. the measuring oracle of `hf-dspark bench-oracle`.
+            generator_class = getattr(assistant_model, "candidate_generator_class", None) or DSparkCandidateGenerator
+            return generator_class(
                 target_model=self,
                 assistant_model=assistant_model,
                 generation_config=generation_config,
