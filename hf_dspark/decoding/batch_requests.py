@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterable
+
+import torch
 
 from transformers import LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-__all__ = ["SamplingSettings", "SpeculativeRequest", "prefill_groups"]
+from hf_dspark.errors import EngineRequestError
+
+__all__ = ["SamplingSettings", "SpeculativeRequest", "checked_prompt", "prefill_groups"]
 
 
 @dataclass
@@ -113,3 +118,28 @@ def prefill_groups(lengths: list[int], padding_slack: float = 0.25, min_tokens: 
         groups.append([index])
         tokens = length
     return groups
+
+
+def checked_prompt(prompt_ids, vocab_size: int, name: str = "prompt_ids") -> list[int]:
+    """``prompt_ids`` (a sequence or a 1-D / ``1 x n`` tensor) as a list of ints, refused with
+    ``EngineRequestError`` unless every id is an integer in ``[0, vocab_size)``: a bad id would fail inside
+    a round, half-way through the batch, and ``int()`` would truncate 3.7 to 3 and decode another prompt."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
+            prompt_ids = prompt_ids[0]
+        if prompt_ids.dim() != 1 or prompt_ids.is_floating_point() or prompt_ids.is_complex():
+            raise EngineRequestError(f"{name} must be a 1-D tensor of integer token ids, got shape "
+                                     f"{tuple(prompt_ids.shape)} and dtype {prompt_ids.dtype}")
+        prompt_ids = prompt_ids.tolist()
+    if isinstance(prompt_ids, (str, bytes)):
+        raise EngineRequestError(f"{name} is a string; tokenize it first (a list of token ids)")
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise EngineRequestError(f"{name} is empty; a request needs at least one prompt token")
+    for position, token in enumerate(prompt):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise EngineRequestError(f"{name}[{position}]={token!r} is not an integer token id")
+        if not 0 <= token < vocab_size:
+            raise EngineRequestError(f"{name}[{position}]={token} is outside the target's vocabulary "
+                                     f"(0..{vocab_size - 1}); was the prompt tokenized for another model?")
+    return [int(t) for t in prompt]

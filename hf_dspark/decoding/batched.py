@@ -95,7 +95,6 @@ the two agree row by row).
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from collections import deque
 from typing import Sequence
@@ -103,7 +102,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessorList
 
-from hf_dspark.decoding.batch_requests import SamplingSettings, SpeculativeRequest, prefill_groups
+from hf_dspark.decoding.batch_requests import SamplingSettings, SpeculativeRequest, checked_prompt, prefill_groups
 from hf_dspark.models.dspark.generation_dspark import (
     VOCAB_LOCAL_WARPERS,
     activate_verify_head,
@@ -388,29 +387,7 @@ class BatchedSpeculativeGenerator:
         return request.request_id
 
     def _checked_prompt(self, prompt_ids, name: str) -> list[int]:
-        """``prompt_ids`` as a list of ints, refused (``EngineRequestError``) unless every id is an integer
-        inside the target's vocabulary: a bad id would fail inside a round, half-way through the batch."""
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
-                prompt_ids = prompt_ids[0]
-            if prompt_ids.dim() != 1 or prompt_ids.is_floating_point() or prompt_ids.is_complex():
-                raise EngineRequestError(f"{name} must be a 1-D tensor of integer token ids, got shape "
-                                         f"{tuple(prompt_ids.shape)} and dtype {prompt_ids.dtype}")
-            prompt_ids = prompt_ids.tolist()
-        if isinstance(prompt_ids, (str, bytes)):
-            raise EngineRequestError(f"{name} is a string; tokenize it first (a list of token ids)")
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise EngineRequestError(f"{name} is empty; a request needs at least one prompt token")
-        vocab = self.target.get_input_embeddings().num_embeddings
-        for position, token in enumerate(prompt):
-            # int() would truncate 3.7 to 3 and decode another prompt than the one given
-            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
-                raise EngineRequestError(f"{name}[{position}]={token!r} is not an integer token id")
-            if not 0 <= token < vocab:
-                raise EngineRequestError(f"{name}[{position}]={token} is outside the target's vocabulary "
-                                         f"(0..{vocab - 1}); was the prompt tokenized for another model?")
-        return [int(t) for t in prompt]
+        return checked_prompt(prompt_ids, self.target.get_input_embeddings().num_embeddings, name)
 
     def has_unfinished(self) -> bool:
         return bool(self._active or self._queue)

@@ -56,9 +56,10 @@ class DevicePlacementError(HfDSparkError, ValueError):
     one device is needed); the message names the fix."""
 
 
-class OutputFolderError(HfDSparkError, FileExistsError):
+class OutputFolderError(HfDSparkError, FileExistsError, ValueError):
     """An ``--output`` would overwrite or delete something the command did not write (an input, another
-    command's output, a file of yours), or it holds results produced by something else."""
+    command's output, a file of yours). A ``FileExistsError`` for ``except OSError`` code and a
+    ``ValueError`` like the other refusals of a bad argument."""
 
 
 class EngineRequestError(HfDSparkError, ValueError):
