@@ -48,6 +48,26 @@ def apply_lora(draft: DSparkDraftModel, args: DSparkTrainingArguments):
     return get_peft_model(draft, config)
 
 
+def is_sharded(model) -> bool:
+    """True when FSDP (1 or 2) holds the model's parameters as shards spread over the ranks."""
+    from torch.distributed.tensor import DTensor
+
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        return True
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Whole, CPU copies of every tensor of an FSDP-sharded ``model``, on rank 0 (other ranks get ``{}``).
+
+    A collective: every rank must call it (the main process alone would wait forever). Keys are the
+    unwrapped module's own names, as ``save_pretrained`` and ``from_pretrained`` expect them.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def unwrap_drafter(model) -> DSparkDraftModel:
     """The ``DSparkDraftModel`` inside DDP / PEFT wrappers."""
     while hasattr(model, "module") and not isinstance(model, DSparkDraftModel):
@@ -202,15 +222,23 @@ class DSparkTrainer(Trainer):
         output_dir = Path(output_dir)
         merge_lora = self.args.merge_lora if merge_lora is None else merge_lora
         model = self.accelerator.unwrap_model(self.model)
-        if hasattr(model, "get_base_model") and not merge_lora:
+        # FSDP and DeepSpeed ZeRO-3 leave each rank a shard of every tensor: gather whole tensors first, on
+        # every rank (a collective), or the main process would write its shard (or nothing) as the drafter.
+        state_dict = None
+        if getattr(self, "is_deepspeed_enabled", False):
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+        elif getattr(self, "is_fsdp_enabled", False) or is_sharded(self.model_wrapped):
+            state_dict = full_state_dict(self.model_wrapped)
+        if hasattr(model, "get_base_model") and (not merge_lora or state_dict is not None):
+            # sharded LoRA weights cannot be merged in place; load_trained_drafter merges the saved adapter
             if self.args.should_save:
-                model.save_pretrained(output_dir / ADAPTER_DIR)
+                model.save_pretrained(output_dir / ADAPTER_DIR, state_dict=state_dict)
             return output_dir
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
             self.model = self.model_wrapped = model
         if self.args.should_save:
-            model.save_pretrained(output_dir)
+            model.save_pretrained(output_dir, state_dict=state_dict)
         return output_dir
 
 

@@ -186,6 +186,10 @@ def _check_anchor_config(training_args: DSparkTrainingArguments, dataset) -> Non
         )
 
 
+# Folders in which the Trainer saves weights that FSDP (``SHARDED_STATE_DICT``) or DeepSpeed keep as shards.
+SHARDED_CHECKPOINT_LAYOUTS = ("pytorch_model_fsdp_*", "global_step*")
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` is not a finished checkpoint, or None when it is.
 
@@ -199,7 +203,10 @@ def checkpoint_problem(folder: Path) -> str | None:
         json.loads(state.read_text())
     except (OSError, ValueError):
         return "its trainer_state.json is cut off (its save was interrupted)"
-    if not any((folder / name).is_file() for name in ("model.safetensors", "adapter_model.safetensors")):
+    weights = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", "adapter_model.bin")
+    sharded = [path for pattern in SHARDED_CHECKPOINT_LAYOUTS for path in folder.glob(pattern) if path.is_dir()]
+    if not any((folder / name).is_file() for name in weights) and not sharded:
         return "it holds no model weights"
     return None
 
