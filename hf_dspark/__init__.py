@@ -24,6 +24,7 @@ from hf_dspark.errors import (
     HfDSparkError,
     HubError,
     LatencyProfileError,
+    LosslessnessError,
     OutputFolderError,
     RegenerationServerError,
     TargetLoadError,

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from hf_dspark.commands import _args
+from hf_dspark.errors import LosslessnessError
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.targets import TARGET_DTYPES
 
@@ -57,8 +58,8 @@ MODES = ("generate", "engine")
 NEAR_TIE_ULPS = 2.0
 
 
-class OracleOutputMismatch(RuntimeError):
-    """An oracle run's greedy output differs from plain ``generate`` away from a numerical near-tie (a bug)."""
+# An oracle run's greedy output differs from plain ``generate`` away from a numerical near-tie (a bug).
+OracleOutputMismatch = LosslessnessError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -113,32 +113,13 @@ from hf_dspark.models.dspark.generation_dspark import (
 from hf_dspark.models.dspark.modeling_dspark import DSparkDraftCache
 from hf_dspark.decoding.packing import position_wise_modules, real_slots_only
 from hf_dspark.decoding.ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
+from hf_dspark.decoding.engine_target import SCHEDULERS, attention_settings, check_engine_arguments
 from hf_dspark.decoding.round_cost import RoundCost, measure_seconds, token_seconds
 from hf_dspark.decoding.round_plan import RoundPlanner
 from hf_dspark.decoding.verification import verify_block
-from hf_dspark.errors import DevicePlacementError, DSparkConfigError, EngineRequestError
+from hf_dspark.errors import DSparkConfigError, EngineRequestError
 
 logger = logging.getLogger(__name__)
-
-SCHEDULERS = ("algorithm1", "async", "full", "threshold", "plain")
-
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def refuse_dispatched_target(target) -> None:
-    """Raise ``DevicePlacementError`` for a target split over devices or offloaded by accelerate.
-
-    The engine keeps per-row caches, masks and features on one device and builds them once per round;
-    ``target.generate(assistant_model=draft)`` handles dispatched targets instead."""
-    devices = {p.device for p in target.parameters()}
-    if len(devices) > 1 or any(d.type == "meta" for d in devices):
-        placement = getattr(target, "hf_device_map", None) or sorted(str(d) for d in devices)
-        raise DevicePlacementError(
-            f"the batched engine needs the whole target on one device, found {placement}; load it with "
-            "device_map={'': 'cuda:0'} (or .to(device)), or use target.generate(assistant_model=draft), which "
-            "supports split and offloaded targets"
-        )
 
 __all__ = [
     "BatchedSpeculativeGenerator",
@@ -208,31 +189,13 @@ class BatchedSpeculativeGenerator:
         ngram_min_size: int = 2,
         round_cost: RoundCost | None = None,
     ):
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r} is not one of {SCHEDULERS}")
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
-        refuse_dispatched_target(target)
-        draft.bind_target(target)
-        if scheduler in ("algorithm1", "async", "threshold") and getattr(draft, "confidence_head", None) is None:
-            raise ValueError(
-                f"scheduler={scheduler!r} needs a drafter with a confidence head "
-                "(enable_confidence_head=True); use scheduler='full' with this drafter"
-            )
+        check_engine_arguments(target, draft, scheduler, max_batch_size, confidence_threshold)
         self.device = next(target.parameters()).device
-        draft_device = next(draft.parameters()).device
-        if draft_device != self.device:
-            raise ValueError(
-                f"the drafter is on {draft_device} but the target is on {self.device}; move the drafter with "
-                f"draft.to({str(self.device)!r})"
-            )
         self.target, self.draft = target, draft
         self.scheduler = scheduler
         self.latency_profile = latency_profile
         self.round_cost = round_cost
         self.max_batch_size = max_batch_size
-        if not 0.0 <= float(confidence_threshold) <= 1.0:  # a probability cut, as the generation config checks
-            raise DSparkConfigError(f"confidence_threshold={confidence_threshold!r} is invalid: use a value in [0, 1]")
         self.confidence_threshold = float(confidence_threshold)
         self.block_size = draft.config.block_size
         self.ngram_sizes = (int(ngram_max_size), int(ngram_min_size))
@@ -266,24 +229,7 @@ class BatchedSpeculativeGenerator:
 
     # ---------------------------------------------------------------- configuration
     def _configure_attention(self, target) -> None:
-        text_config = target.config.get_text_config()
-        implementation = getattr(target.config, "_attn_implementation", None) or "eager"
-        if implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"the target uses attn_implementation={implementation!r}; the batched engine passes its own ragged "
-                f"4-D masks, which need one of {SUPPORTED_ATTENTION}. Load the target with attn_implementation='sdpa'."
-            )
-        self._boolean_mask = implementation == "sdpa"
-        layer_types = getattr(text_config, "layer_types", None)
-        self._layer_types = list(layer_types) if layer_types else None
-        unknown = sorted(set(self._layer_types or ()) - set(SUPPORTED_LAYER_TYPES))
-        if unknown:
-            raise ValueError(
-                f"the target has layer types {unknown}; the batched engine supports {SUPPORTED_LAYER_TYPES} only"
-            )
-        window = getattr(text_config, "sliding_window", None)
-        uses_window = "sliding_attention" in (self._layer_types or ()) or (self._layer_types is None and window)
-        self._sliding_window = int(window) if uses_window and window else None
+        self._boolean_mask, self._layer_types, self._sliding_window = attention_settings(target)
 
     def set_sampling(self, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None) -> None:

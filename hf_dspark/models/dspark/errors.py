@@ -76,6 +76,11 @@ class UnsupportedGenerationError(HfDSparkError, ValueError):
     call, a target the installed transformers cannot verify); the message names what to do instead."""
 
 
+class LosslessnessError(HfDSparkError, RuntimeError):
+    """Speculative output differed from plain ``generate`` where it must be equal (fp32 greedy, or away from a
+    bf16 near-tie): a bug in hf-dspark, never a setting to change. Benchmarks check every output and raise it."""
+
+
 __all__ = [
     "HfDSparkError",
     "DSparkConfigError",
@@ -93,4 +98,5 @@ __all__ = [
     "EngineRequestError",
     "HubError",
     "UnsupportedGenerationError",
+    "LosslessnessError",
 ]
