@@ -54,7 +54,7 @@ TARGETS = [
     Target("verification", "hf_dspark/decoding/verification.py",
            ["accept_probabilities", "residual_distribution", "verify_block"],
            [["tests/test_batched.py", "-k", "greedy_keeps or exact_enumeration or draws_follow or nothing_submitted"]]),
-    Target("policies", "hf_dspark/models/dspark/generation_dspark.py",
+    Target("policies", "hf_dspark/models/dspark/policies_dspark.py",
            ["prefix_survival", "threshold_length", "prefix_length", "cost_length",
             "DSparkCandidateGenerator._submit_length"],
            [[NB, "tests/test_scheduling.py"]]),
