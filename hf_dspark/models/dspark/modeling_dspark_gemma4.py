@@ -23,11 +23,10 @@ How a Gemma 4 draft layer differs from a Qwen3 one:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .modeling_dspark_layers import apply_rope
+from .modeling_dspark_layers import GradientCheckpointingLayer, apply_rope, block_attention
 
 
 class DSparkGemma4RMSNorm(nn.Module):
@@ -65,10 +64,13 @@ class DSparkGemma4Attention(nn.Module):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
+        self.is_causal = False  # the block attends to itself both ways
         self.head_dim = config.attention_head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.attention_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.k_eq_v = config.attention_k_eq_v
         self.scaling = 1.0
         bias = config.attention_bias
@@ -104,18 +106,10 @@ class DSparkGemma4Attention(nn.Module):
         q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k, v = self.key_values(hidden_states, cos, sin)
-        if context_keys is not None:
-            k = torch.cat([context_keys, k], dim=2)
-            v = torch.cat([context_values, v], dim=2)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
-        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim))
+        return self.o_proj(block_attention(self, q, k, v, context_keys, context_values, attention_mask))
 
 
-class DSparkGemma4DecoderLayer(nn.Module):
+class DSparkGemma4DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         eps = config.rms_norm_eps

@@ -10,9 +10,10 @@ a docstring says otherwise.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_dspark import DSparkConfig
 
@@ -101,15 +102,68 @@ class DSparkMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def repeat_kv(hidden_states: torch.Tensor, groups: int) -> torch.Tensor:
+    """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * groups, seq, head_dim]; head ``h`` reads
+    key/value head ``h // groups`` (as transformers' ``repeat_kv``)."""
+    if groups == 1:
+        return hidden_states
+    b, kv_heads, seq, head_dim = hidden_states.shape
+    return hidden_states[:, :, None].expand(b, kv_heads, groups, seq, head_dim).reshape(b, kv_heads * groups, seq, head_dim)
+
+
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """Plain attention with the interface of transformers' attention functions; ``attention_mask`` is
+    boolean (True = attend) or additive. Returns ``([batch, q_len, heads, head_dim], weights)``."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def attention_function(config):
+    """The attention kernel ``config._attn_implementation`` names (``sdpa`` when unset), looked up at every
+    call as transformers' models do, so ``model.set_attn_implementation`` takes effect at once. The
+    drafter's masks are boolean and not causal (the block attends to itself both ways), so kernels that
+    take no arbitrary mask (``flash_attention_2``) serve decoding (no mask) but not the training forward."""
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation == "eager":
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def block_attention(module: nn.Module, q, k, v, context_keys, context_values, attention_mask) -> torch.Tensor:
+    """Attention of block queries ``q`` [batch, heads, q_len, head_dim] over ``[context ; block]`` keys and
+    values ([batch, kv_heads, ., head_dim]; grouped-query heads are never copied here: the kernel shares
+    them, e.g. sdpa's ``enable_gqa``). Returns [batch, q_len, heads * head_dim]."""
+    if context_keys is not None:
+        k = torch.cat([context_keys, k], dim=2)
+        v = torch.cat([context_values, v], dim=2)
+    out, _ = attention_function(module.config)(
+        module, q, k, v, attention_mask, dropout=0.0, scaling=module.scaling, is_causal=False
+    )
+    return out.reshape(q.shape[0], q.shape[2], -1)
+
+
 class DSparkAttention(nn.Module):
     """GQA attention whose keys/values are [injected context ; block tokens]; queries are block tokens only."""
 
     def __init__(self, config: DSparkConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
+        self.is_causal = False  # the block attends to itself both ways
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
@@ -141,19 +195,10 @@ class DSparkAttention(nn.Module):
         q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k, v = self.key_values(hidden_states, cos, sin)
-        if context_keys is not None:
-            k = torch.cat([context_keys, k], dim=2)
-            v = torch.cat([context_values, v], dim=2)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
-        out = out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return self.o_proj(block_attention(self, q, k, v, context_keys, context_values, attention_mask))
 
 
-class DSparkDecoderLayer(nn.Module):
+class DSparkDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DSparkConfig, layer_idx: int):
         super().__init__()
         self.self_attn = DSparkAttention(config, layer_idx)
@@ -248,6 +293,10 @@ class DSparkConfidenceHead(nn.Module):
 
 __all__ = [
     "apply_rope",
+    "attention_function",
+    "block_attention",
+    "eager_attention_forward",
+    "repeat_kv",
     "rotate_half",
     "DSparkRMSNorm",
     "DSparkRotaryEmbedding",
