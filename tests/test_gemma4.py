@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from _models import briefly_trained_drafter, tiny_drafter, tiny_gemma4_target
-from test_deepspec_fixtures import FIXTURES, ROOT
+from _fixtures import DEEPSPEC_FIXTURES as FIXTURES
+from _fixtures import DEEPSPEC_ROOT as ROOT
+from _fixtures import require_deepspec_fixtures
 
 from hf_dspark import DSparkConfig, DSparkDraftModel
 from hf_dspark.losses import dspark_loss
@@ -105,6 +107,12 @@ def test_training_changes_weights_lowers_loss_and_accepts_more(gemma4):
 
 
 GEMMA4_FIXTURES = [p for p in FIXTURES if json.loads((p / "config.json").read_text())["model_type"] == "gemma4_text"]
+
+
+def test_the_gemma4_reference_fixtures_are_present():
+    """The parametrized reference tests below would silently vanish without them."""
+    require_deepspec_fixtures()
+    assert GEMMA4_FIXTURES, f"no gemma4_text fixture under {ROOT}"
 
 
 def _fixture_target(fixture_dir: Path):
