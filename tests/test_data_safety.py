@@ -67,13 +67,13 @@ def test_prepare_data_refuses_to_overwrite_its_own_prompt_file(tmp_path, tiny_ta
 
 def test_prepare_data_refuses_a_folder_it_did_not_write(tmp_path, tiny_target_dir, capsys):
     prompts = write_jsonl(tmp_path / "in" / "p.jsonl", prompt_rows(3))
-    theirs = tmp_path / "theirs"
-    write_jsonl(theirs / "train.jsonl", [{"mine": True}])
+    theirs = tmp_path / "theirs"  # someone's folder holding a file prepare-data writes (not one of its inputs)
+    write_jsonl(theirs / "prompts.jsonl", [{"mine": True}])
     argv = ["prepare-data", "--target", str(tiny_target_dir), "--prompts", str(prompts), "--output", str(theirs),
             "--max-new-tokens", "3", "--greedy", "--num-prompts", "2", "--holdout", "0", "--no-progress"]
     assert main(argv) == 2
     assert "not empty" in one_error_line(capsys, "prepare-data")
-    assert json.loads((theirs / "train.jsonl").read_text()) == {"mine": True}
+    assert json.loads((theirs / "prompts.jsonl").read_text()) == {"mine": True}
     # its own earlier output (marker written on the first run) is resumed
     out = tmp_path / "out"
     argv[argv.index(str(theirs))] = str(out)
@@ -236,13 +236,13 @@ def plain_greedy(target, prompt: list[int], new_tokens: int) -> list[int]:
                          ids=["out_of_vocabulary", "empty", "float_id", "negative"])
 def test_a_bad_request_is_refused_and_the_engine_keeps_working(engine_models, bad):
     from hf_dspark import BatchedSpeculativeGenerator
-    from hf_dspark.errors import EngineRequestError
 
     target, draft = engine_models
     engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=2)
     good = [[1, 10, 11, 12], [1, 20, 21]]
-    with pytest.raises(EngineRequestError, match=r"prompts\[1\]"):
+    with pytest.raises(HfDSparkError, match=r"prompts\[1\]") as refused:
         engine.generate([good[0], bad, good[1]], 6, eos_token_id=[])
+    assert refused.type.__name__ == "EngineRequestError"
     assert engine.generate(good, 6, eos_token_id=[]) == [plain_greedy(target, p, 6) for p in good]
 
 
@@ -275,6 +275,25 @@ def test_the_engine_refuses_a_confidence_threshold_outside_0_1(engine_models):
     target, draft = engine_models
     with pytest.raises(DSparkConfigError, match="confidence_threshold=5.0"):
         BatchedSpeculativeGenerator(target, draft, scheduler="threshold", confidence_threshold=5.0)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_from_target_refuses_an_encoder_decoder_target(family):
+    """Item 14: from_target built a drafter for a T5/BART target, which generate() then refused misleadingly."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    from hf_dspark import DSparkDraftModel
+    from hf_dspark.errors import DraftTargetMismatchError
+
+    if family == "t5":
+        target = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                     num_heads=2))
+    else:
+        target = BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                         encoder_attention_heads=2, decoder_attention_heads=2,
+                                                         encoder_ffn_dim=32, decoder_ffn_dim=32))
+    with pytest.raises(DraftTargetMismatchError, match="encoder-decoder.*decoder-only causal language models"):
+        DSparkDraftModel.from_target(target)
 
 
 # ----------------------------------------------------------------------------- 4. eval resumes only the same drafter
@@ -327,6 +346,8 @@ FLAG_CASES = [
     ("bench-serve", ["--draft", "d", "--rates", "nan"], "finite"),  # 7: spun forever
     ("bench-serve", ["--draft", "d", "--load", "nan"], "finite"),
     ("prepare-data", ["--prompts", "p.jsonl", "--output", "o", "--top-k", "-1"], "--top-k must be >= 0"),
+    ("prepare-data", ["--prompts", "p.jsonl", "--output", "o", "--timeout", "0"], "--timeout must be > 0"),
+    ("prepare-data", ["--prompts", "p.jsonl", "--output", "o", "--retries", "-1"], "--retries must be >= 0"),
     ("train", ["--cache", "c", "--output", "o", "--learning-rate", "-1"], "learning_rate=-1.0 is invalid"),
     ("train", ["--cache", "c", "--output", "o", "--per-device-train-batch-size", "0"],
      "per_device_train_batch_size=0 is invalid"),
@@ -335,8 +356,11 @@ FLAG_CASES = [
 
 @pytest.mark.parametrize("command, flags, message", FLAG_CASES, ids=[f"{c}{f[-2]}={f[-1]}" for c, f, _ in FLAG_CASES])
 def test_bad_flags_are_one_line_errors_before_the_target_loads(tmp_path, monkeypatch, capsys, no_target_load,
-                                                               command, flags, message):
+                                                               drafter_dir, command, flags, message):
     monkeypatch.chdir(tmp_path)
+    # Real inputs: a missing file must not be what stops the command (the old code checked files first).
+    write_jsonl(tmp_path / "p.jsonl", prompt_rows(1))
+    (tmp_path / "d").symlink_to(drafter_dir, target_is_directory=True)
     assert main([command, "--target", "t", *flags]) == 2
     assert message in one_error_line(capsys, command)
 
@@ -357,6 +381,126 @@ def test_eval_refuses_a_drafter_folder_as_target(tmp_path, drafter_dir, capsys):
     assert "drafter" in one_error_line(capsys, "eval")
 
 
+# ----------------------------------------------------------------------------- 8. a server that never answers
+class SilentServer:
+    """A TCP server on 127.0.0.1 that answers its first ``answer_first`` requests and then only accepts.
+
+    Later connections are held open without a byte sent back (a stuck OpenAI-compatible server);
+    ``hanging`` is set once one of them has sent its whole request.
+    """
+
+    def __init__(self, answer_first: int = 0):
+        import socket
+        import threading
+
+        self.answer_first, self.requests = answer_first, 0
+        self.hanging, self.closing = threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while not self.closing.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += connection.recv(65536) or b"\r\n\r\n"
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += connection.recv(65536) or b" " * length
+        self.requests += 1
+        if self.requests <= self.answer_first:
+            choice = {"index": 0, "finish_reason": "stop", "text": "w5 w6", "message": {"content": "w5 w6"}}
+            answer = json.dumps({"choices": [choice]}).encode()
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                               + str(len(answer)).encode() + b"\r\nConnection: close\r\n\r\n" + answer)
+            connection.close()
+            return
+        self.hanging.set()
+        self.closing.wait()
+
+    def close(self):
+        self.closing.set()
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def server_argv(target, prompts, output, url, *flags) -> list[str]:
+    return ["prepare-data", "--target", str(target), "--prompts", str(prompts), "--output", str(output),
+            "--server-url", url, "--server-model", "m", "--greedy", "--holdout", "0", "--concurrency", "1",
+            "--no-progress", *flags]
+
+
+def test_prepare_data_gives_up_on_a_silent_server_after_its_timeout_and_retries(tmp_path, tiny_target_dir, capsys):
+    """Item 8: urlopen waited 600 s per try (5 retries, no --timeout); now --timeout/--retries bound the wait."""
+    import time
+
+    prompts = write_jsonl(tmp_path / "in" / "p.jsonl", prompt_rows(3))
+    server = SilentServer(answer_first=1)
+    try:
+        start = time.monotonic()
+        code = main(server_argv(tiny_target_dir, prompts, tmp_path / "out", server.url, "--timeout", "1",
+                                "--retries", "1"))
+        elapsed = time.monotonic() - start
+    finally:
+        server.close()
+    assert code == 2
+    line = one_error_line(capsys, "prepare-data")
+    assert "failed 2 times" in line and "timed out" in line and "--timeout" in line, line
+    assert elapsed < 15, elapsed  # two 1 s tries, about 1 s apart, plus loading the tokenizer
+    assert server.requests == 3  # the answered prompt, then one try and one retry of the next
+    rows = (tmp_path / "out" / "train.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["answer"] == "w5 w6"  # the answer already received is kept
+
+
+def test_ctrl_c_stops_prepare_data_blocked_on_a_silent_server(tmp_path, tiny_target_dir):
+    """Item 8: Ctrl-C while a request waits on a silent server exits 130 at once with the resume line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_failure_paths import REPO, last_line
+
+    prompts = write_jsonl(tmp_path / "in" / "p.jsonl", prompt_rows(3))
+    server = SilentServer(answer_first=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = server_argv(tiny_target_dir, prompts, tmp_path / "out", server.url)  # the default --timeout
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "hf_dspark.cli", *argv], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not server.hanging.wait(0.05):  # an event: the child has sent a request that gets no answer
+            if process.poll() is not None:
+                pytest.fail(f"prepare-data ended before reaching the server: {process.stderr.read()[-3000:]}")
+        start = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
+        server.close()
+    assert process.returncode == 130, err[-3000:]
+    assert elapsed < 10, elapsed  # was: until the 600 s urlopen timeout of every request in flight
+    assert "Traceback" not in err, err[-3000:]
+    assert last_line(err).startswith("hf-dspark prepare-data: interrupted; rerun the same command to resume")
+    rows = (tmp_path / "out" / "train.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["answer"] == "w5 w6"
+
+
 # ----------------------------------------------------------------------------- 11. settings recorded after validation
 def test_prepare_data_records_nothing_for_a_refused_run(tmp_path, tiny_target_dir, capsys):
     prompts = write_jsonl(tmp_path / "in" / "p.jsonl", prompt_rows(3))
@@ -364,9 +508,10 @@ def test_prepare_data_records_nothing_for_a_refused_run(tmp_path, tiny_target_di
     argv = ["prepare-data", "--target", str(tiny_target_dir), "--prompts", str(prompts), "--output", str(out),
             "--greedy", "--num-prompts", "2", "--holdout", "0", "--no-progress", "--max-new-tokens"]
     assert main(argv + ["-5"]) == 2
-    assert "--max-new-tokens must be >= 1" in one_error_line(capsys, "prepare-data")
+    refusal = one_error_line(capsys, "prepare-data")
     assert not (out / "data_config.json").exists()
     assert main(argv + ["3"]) == 0
+    assert "--max-new-tokens must be >= 1" in refusal
 
 
 # ----------------------------------------------------------------------------- 13. latency profile identity
@@ -384,12 +529,15 @@ def test_models_built_in_code_do_not_share_a_latency_profile(tmp_path, monkeypat
 
 def test_relative_target_paths_in_two_folders_do_not_share_a_latency_profile(tmp_path, monkeypatch):
     from _models import tiny_qwen3_target
-    from hf_dspark.decoding.latency import model_identity
+    from hf_dspark.decoding.latency import profile_latency
 
     model = tiny_qwen3_target()
-    names = []
+    kwargs = dict(token_counts=[1], context_length=4, warmup=0, repeats=1, cache_dir=tmp_path / "cache",
+                  verify_head=False, model_name="target")
+    keys = []
     for folder in ("a", "b"):
         (tmp_path / folder / "target").mkdir(parents=True)
         monkeypatch.chdir(tmp_path / folder)
-        names.append(model_identity(model, "target")[0])
-    assert names[0] != names[1]
+        keys.append(profile_latency(model, **kwargs).key)
+    assert keys[0] != keys[1]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2

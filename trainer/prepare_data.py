@@ -72,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OpenAI-compatible server running the target (e.g. http://localhost:8000).")
     parser.add_argument("--server-model", default=None, help="Model name to request from --server-url.")
     parser.add_argument("--concurrency", type=_args.positive_int, default=8, help="Parallel requests to the server.")
+    parser.add_argument("--timeout", type=_args.positive_float, default=120.0, metavar="SECONDS",
+                        help="Seconds to wait for the server before a request is retried (default 120; raise it "
+                             "for long answers from a slow server).")
+    parser.add_argument("--retries", type=_args.non_negative_int, default=5,
+                        help="Tries after the first for a request that timed out or failed (default 5, waiting "
+                             "1, 2, 4, ... s, at most 30 s, between them).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the shuffle, the split and sampling.")
     parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--dtype", default="float32", choices=TARGET_DTYPES,
@@ -273,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
         path = output / f"{name}.jsonl"
         if args.server_url:
             stats[name] = regenerate_openai(args.server_url, args.server_model, tokenizer, split_prompts, path,
-                                            concurrency=args.concurrency, **kwargs)
+                                            concurrency=args.concurrency, timeout=args.timeout,
+                                            max_retries=args.retries, **kwargs)
         else:
             stats[name] = regenerate_in_process(model, tokenizer, split_prompts, path,
                                                 batch_size=args.batch_size, **kwargs)

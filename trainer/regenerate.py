@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import http.client
 import json
 import os
+import queue
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -396,25 +398,86 @@ def _post_json(url: str, payload: dict[str, Any], timeout: float, api_key: str |
         return json.loads(response.read().decode("utf-8"))
 
 
-def _request_with_retries(url, payload, timeout, api_key, max_retries, backoff):
+# The longest wait between two tries of one request, whatever the attempt number.
+MAX_RETRY_WAIT = 30.0
+
+
+def _retry_wait(attempt: int, backoff: float) -> float:
+    """Seconds before try ``attempt + 2``: exponential, capped at :data:`MAX_RETRY_WAIT`, with 0-25% jitter."""
+    return min(backoff * 2**attempt, MAX_RETRY_WAIT) * (1 + 0.25 * random.random())
+
+
+def _request_with_retries(url, payload, timeout, api_key, max_retries, backoff, stop: threading.Event | None = None):
+    """POST ``payload``, retrying timeouts, lost connections and 408/409/425/429/5xx answers.
+
+    At most ``max_retries + 1`` tries, each waiting at most ``timeout`` seconds for the server (per
+    socket operation), with :func:`_retry_wait` between them. ``stop`` (set on Ctrl-C or when another
+    request failed) ends the waits between tries at once.
+    """
     last_error: Exception | None = None
     for attempt in range(max_retries + 1):
         try:
             return _post_json(url, payload, timeout, api_key)
         except urllib.error.HTTPError as error:
-            body = error.read().decode("utf-8", "replace")[:500]
+            body = " ".join(error.read().decode("utf-8", "replace")[:500].split())
             if error.code not in (408, 409, 425, 429) and error.code < 500:
                 raise RegenerationServerError(
                     f"{url} answered HTTP {error.code}: {body}. Check --server-model and the request settings."
                 ) from error
             last_error = RuntimeError(f"HTTP {error.code}: {body}")
-        except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as error:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
+                json.JSONDecodeError) as error:
             last_error = error
         if attempt < max_retries:
-            time.sleep(backoff * (2**attempt) * (1 + 0.25 * random.random()))
-    raise RegenerationServerError(
-        f"{url} failed {max_retries + 1} times; last error: {last_error}. Is the server running at that URL?"
-    )
+            wait_s = _retry_wait(attempt, backoff)
+            if stop is not None:
+                if stop.wait(wait_s):
+                    break
+            else:
+                time.sleep(wait_s)
+    if isinstance(last_error, (TimeoutError, urllib.error.URLError)) and "timed out" in str(last_error):
+        hint = "The server accepted but did not answer: is it overloaded or stuck? Raise --timeout for long answers."
+    else:
+        hint = "Is the server running at that URL?"
+    raise RegenerationServerError(f"{url} failed {attempt + 1} times; last error: {last_error}. {hint}")
+
+
+def _results_on_daemon_threads(function, jobs, concurrency: int, stop: threading.Event):
+    """Yield ``function(job)`` for every job (in completion order), ``concurrency`` at a time.
+
+    Daemon threads rather than a ``ThreadPoolExecutor``: a request blocked on a silent server must not
+    keep the process alive after Ctrl-C (an executor's threads are joined at exit, however they are
+    shut down). The first exception raised by a job, or a ``KeyboardInterrupt`` in the consumer,
+    sets ``stop``: no further job starts and waits between retries end; the exception propagates.
+    """
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def worker():
+        while not stop.is_set():
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((True, function(job)))
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                done.put((False, error))
+
+    threads = [threading.Thread(target=worker, name=f"regenerate-{index}", daemon=True)
+               for index in range(min(concurrency, len(jobs)))]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(len(jobs)):
+            ok, value = done.get()
+            if not ok:
+                raise value
+            yield value
+    finally:
+        stop.set()
 
 
 def regenerate_openai(
@@ -433,7 +496,7 @@ def regenerate_openai(
     use_chat_template: str | bool = "auto",
     seed: int = 0,
     max_prompt_tokens: int | None = None,
-    timeout: float = 600.0,
+    timeout: float = 120.0,
     api_key: str | None = None,
     retry_backoff: float = 1.0,
     show_progress: bool = True,
@@ -444,14 +507,20 @@ def regenerate_openai(
     the user turn goes to ``/v1/chat/completions``. The answer text is tokenized
     with ``tokenizer`` (the target's) and, when the server reports
     ``finish_reason == "stop"``, the tokenizer's EOS id is appended so the row
-    matches what in-process generation writes. Failed requests are retried with
-    exponential backoff (``retry_backoff * 2**attempt`` seconds).
+    matches what in-process generation writes. A request the server does not answer within
+    ``timeout`` seconds (per socket operation), a lost connection and HTTP 408/409/425/429/5xx are
+    retried up to ``max_retries`` times, ``retry_backoff * 2**attempt`` seconds apart (at most
+    :data:`MAX_RETRY_WAIT`); then :class:`RegenerationServerError` stops the run. Requests run on
+    daemon threads, so Ctrl-C (``KeyboardInterrupt``) stops at once, without waiting for requests
+    in flight; answers already written are kept.
 
     The output format, resume behaviour and returned counts are those of
     :func:`regenerate_in_process`.
     """
     if concurrency < 1:
         raise DataError(f"concurrency must be >= 1, got {concurrency}.")
+    if not timeout > 0 or max_retries < 0:
+        raise DataError(f"timeout must be > 0 and max_retries >= 0, got {timeout} and {max_retries}.")
     chat = resolve_chat_mode(tokenizer, use_chat_template)
     url = _endpoint(base_url, chat)
     output = Path(output_jsonl)
@@ -463,6 +532,7 @@ def regenerate_openai(
     if not jobs:
         return stats
     eos_id = tokenizer.eos_token_id
+    stop = threading.Event()
 
     def payload_for(prompt: dict[str, Any]) -> dict[str, Any]:
         text = _first_turn(prompt)
@@ -484,7 +554,8 @@ def regenerate_openai(
 
     def run_one(job):
         prompt, ids = job
-        response = _request_with_retries(url, payload_for(prompt), timeout, api_key, max_retries, retry_backoff)
+        response = _request_with_retries(url, payload_for(prompt), timeout, api_key, max_retries, retry_backoff,
+                                         stop)
         try:
             choice = response["choices"][0]
             text = choice["message"]["content"] if chat else choice["text"]
@@ -501,30 +572,14 @@ def regenerate_openai(
     start = time.time()
     bar = tqdm(total=len(jobs), unit="prompt", desc="regenerate (server)", disable=not show_progress,
                dynamic_ncols=True)
-    with output.open("a", encoding="utf-8") as handle, ThreadPoolExecutor(max_workers=concurrency) as pool:
-        pending = set()
-        queue = iter(jobs)
-        try:
-            for job in queue:
-                pending.add(pool.submit(run_one, job))
-                if len(pending) >= 2 * concurrency:
-                    break
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                rows = [future.result() for future in done]
-                _write_rows(handle, rows)
-                for row in rows:
-                    stats["generated_tokens"] += row["num_answer_tokens"]
-                stats["written"] += len(rows)
-                bar.update(len(rows))
-                bar.set_postfix_str(f"{stats['generated_tokens'] / max(time.time() - start, 1e-9):.1f} tok/s")
-                for job in queue:
-                    pending.add(pool.submit(run_one, job))
-                    if len(pending) >= 2 * concurrency:
-                        break
-        finally:
-            for future in pending:
-                future.cancel()
+    # Each answer is written (and flushed) as it arrives, so an interrupted run keeps every finished one.
+    with output.open("a", encoding="utf-8") as handle:
+        for row in _results_on_daemon_threads(run_one, jobs, concurrency, stop):
+            _write_rows(handle, [row])
+            stats["generated_tokens"] += row["num_answer_tokens"]
+            stats["written"] += 1
+            bar.update(1)
+            bar.set_postfix_str(f"{stats['generated_tokens'] / max(time.time() - start, 1e-9):.1f} tok/s")
     bar.close()
     stats["seconds"] = round(time.time() - start, 2)
     return stats

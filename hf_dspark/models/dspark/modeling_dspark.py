@@ -221,6 +221,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         target; ``overrides`` (any ``DSparkConfig`` field) win. The embedding table and LM head
         are borrowed from the target (not duplicated).
         """
+        if getattr(target_model.config, "is_encoder_decoder", False):  # else generate() refuses it, misleadingly
+            raise DraftTargetMismatchError(
+                f"{type(target_model).__name__} is an encoder-decoder model; DSpark drafters are built for "
+                "decoder-only causal language models (AutoModelForCausalLM targets such as Qwen3, Llama or Gemma).")
         tcfg = target_model.config.get_text_config()
         n_layers = tcfg.num_hidden_layers
         num_heads = getattr(tcfg, "num_attention_heads", 8)
