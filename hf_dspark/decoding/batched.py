@@ -235,7 +235,11 @@ class BatchedSpeculativeGenerator:
                      top_p: float | None = None, seed: int | None = None) -> None:
         """Decoding settings for all requests (only while no request is in flight).
 
-        ``seed`` seeds a private generator used for every random draw; ``None`` uses torch's global RNG."""
+        ``seed`` seeds a private generator used for every random draw; ``None`` uses torch's global RNG.
+        Sampled outputs always follow the target's distribution exactly, but a seed makes them
+        bit-reproducible only with ``scheduler="full"`` or ``"threshold"``: ``algorithm1`` and ``async``
+        choose how many draft tokens to verify from measured timings, which vary run to run, and each
+        verified token consumes a random draw (docs/serving.md, "Seeded sampling")."""
         if self._active or self._queue:
             raise RuntimeError("set_sampling() changes how every request decodes; call it while no request is in flight")
         changed = bool(do_sample) != self.sampling.do_sample
