@@ -399,6 +399,51 @@ def test_eval_refuses_a_drafter_folder_as_target(tmp_path, drafter_dir, capsys):
     assert "drafter" in one_error_line(capsys, "eval")
 
 
+class ScriptedClock:
+    """Stands in for ``time`` in hf_dspark.decoding.latency: each timed pass lasts the next scripted duration."""
+
+    def __init__(self, durations):
+        self.durations, self.now, self.started = list(durations), 0.0, False
+
+    def perf_counter(self):
+        if self.started:  # the end of a pass
+            self.now += self.durations.pop(0)
+        self.started = not self.started
+        return self.now
+
+
+@pytest.mark.parametrize("second_try, cached", [([0.010, 0.011, 0.012], True), ([0.100, 0.011, 0.012], False)],
+                         ids=["remeasured_then_cached", "still_implausible_not_cached"])
+def test_an_implausible_latency_row_is_measured_again_and_never_cached(tmp_path, monkeypatch, second_try, cached):
+    """Item 13: a row measured under a load spike (T(1) 10x T(2)) was cached and reused by every later run."""
+    import warnings
+
+    from _models import tiny_qwen3_target
+    from hf_dspark.decoding import latency
+
+    clock = ScriptedClock([0.100, 0.011, 0.012] + second_try)
+    monkeypatch.setattr(latency, "time", clock)
+    kwargs = dict(token_counts=[1, 2, 3], context_length=4, warmup=0, repeats=1, cache_dir=tmp_path,
+                  verify_head=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        profile = latency.profile_latency(tiny_qwen3_target(), **kwargs)
+    assert clock.durations == []  # measured exactly twice
+    assert profile.table[1] == pytest.approx(dict(zip([1, 2, 3], second_try)))
+    assert bool(list(tmp_path.glob("*.json"))) == cached
+    assert any("implausible" in str(w.message) for w in caught) != cached
+
+
+def test_latency_plausibility_rules():
+    from hf_dspark.decoding.latency import implausible_row
+
+    assert implausible_row({1: 0.010, 2: 0.011, 4: 0.013, 8: 0.020}) == []
+    assert implausible_row({1: 0.010, 2: 0.009, 3: 0.0105}) == []  # a small dip is noise, smoothed by the fit
+    assert "T(2)" in implausible_row({1: 0.010, 2: 0.004, 3: 0.012})[0]
+    assert any("T(3)" in reason for reason in implausible_row({1: 0.010, 2: 0.011, 3: 0.060, 4: 0.012, 5: 0.013}))
+    assert implausible_row({1: 0.010}, noisy={1}) == ["n=1: median 2x above the fastest repeat"]
+
+
 # ----------------------------------------------------------------------------- 8. a server that never answers
 class SilentServer:
     """A TCP server on 127.0.0.1 that answers its first ``answer_first`` requests and then only accepts.

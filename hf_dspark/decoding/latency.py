@@ -344,6 +344,10 @@ def profile_latency(
 
     ``verify_head=True`` measures with the LM-head layout a DSpark generation uses while verifying
     (see ``generation_dspark.activate_verify_head``: CPU fp32, 2-8 rows); it is recorded in the key.
+
+    A row that :func:`implausible_row` rejects (measured under load) is measured once more; if it is
+    still implausible the profile is returned with a warning and not cached, so one busy moment does
+    not set every later run's schedule.
     """
     counts = _positive_ints(list(token_counts), "token_counts")
     sizes = _positive_ints(list(batch_sizes), "batch_sizes")
@@ -382,6 +386,7 @@ def profile_latency(
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
+    implausible: list[str] = []
     try:
         with torch.inference_mode():
             for b in sizes:
@@ -391,28 +396,73 @@ def profile_latency(
                     continue
                 ids = torch.randint(0, vocab_size, (b, context_length + max(missing)), generator=generator)
                 ids = ids.to(device)
-                context = _ContextCache(model, ids[:, :context_length])
-                for n in missing:
-                    new_ids = ids[:, context_length:context_length + n]
-                    samples = []
-                    for i in range(warmup + repeats):
-                        cache = context.ready()
-                        _synchronize(device)
-                        start = time.perf_counter()
-                        model(input_ids=new_ids, cache=cache, use_cache=True)
-                        _synchronize(device)
-                        elapsed = time.perf_counter() - start
-                        context.rollback(n)
-                        if i >= warmup:
-                            samples.append(elapsed)
-                    row[n] = max(statistics.median(samples), _MIN_SECONDS)
+                context, new_ids = _ContextCache(model, ids[:, :context_length]), ids[:, context_length:]
+                for attempt in range(2):  # a row measured under a load spike is measured once more
+                    loaded = _time_passes(model, context, new_ids, missing, warmup, repeats, device)
+                    row.update({n: seconds for n, (seconds, _) in loaded.items()})
+                    reasons = implausible_row(row, {n for n, (_, spread) in loaded.items() if spread})
+                    if not reasons:
+                        break
+                if reasons:
+                    implausible.append(f"batch size {b}: " + "; ".join(reasons))
                 del context
     finally:
         model.train(was_training)
         del head_owner  # releases the verification head layout
 
+    if implausible:
+        warnings.warn(
+            f"latency profile of {profile.key!r} is implausible after measuring twice ({' | '.join(implausible)}); "
+            "is the machine busy? It is used for this run but not cached: measure again when the machine is idle.",
+            stacklevel=2)
+        return profile
     profile.to_json(path)
     return profile
+
+
+# A profile row is refused for the cache when a measurement is off the non-decreasing fit of its row by more than
+# this factor (either way), when a pass over n > 1 tokens took under half a one-token pass, or when the median of
+# a point's repeats is more than this factor above their fastest (most repeats slowed down: the machine was busy).
+IMPLAUSIBLE_FACTOR = 2.0
+
+
+def implausible_row(row: dict[int, float], noisy: Iterable[int] = ()) -> list[str]:
+    """Why the measured ``row`` (tokens -> seconds of one batch size) cannot be trusted; ``[]`` if it can.
+
+    A pass scoring more tokens never costs much less (:func:`nondecreasing_fit` smooths small dips), so
+    a point far off the row's non-decreasing fit, or a multi-token pass faster than half a one-token
+    pass, was measured while something else ran; ``noisy`` lists the token counts whose repeats spread
+    too much (see :data:`IMPLAUSIBLE_FACTOR`).
+    """
+    reasons = [f"n={n}: median {IMPLAUSIBLE_FACTOR:g}x above the fastest repeat" for n in sorted(noisy)]
+    points = sorted(row.items())
+    if 1 in row:
+        reasons += [f"T({n})={t * 1e3:.3g} ms < T(1)/2={row[1] * 1e3 / 2:.3g} ms"
+                    for n, t in points if n > 1 and t < 0.5 * row[1]]
+    for (n, measured), (_, fitted) in zip(points, nondecreasing_fit(points)):
+        if not fitted / IMPLAUSIBLE_FACTOR <= measured <= fitted * IMPLAUSIBLE_FACTOR:
+            reasons.append(f"T({n})={measured * 1e3:.3g} ms is off the non-decreasing fit {fitted * 1e3:.3g} ms")
+    return reasons
+
+
+def _time_passes(model, context, new_ids, counts, warmup, repeats, device) -> dict[int, tuple[float, bool]]:
+    """``{n: (median seconds, spread too large)}`` of ``warmup + repeats`` passes over ``n`` new tokens each."""
+    result = {}
+    for n in counts:
+        samples = []
+        for i in range(warmup + repeats):
+            cache = context.ready()
+            _synchronize(device)
+            start = time.perf_counter()
+            model(input_ids=new_ids[:, :n], cache=cache, use_cache=True)
+            _synchronize(device)
+            elapsed = time.perf_counter() - start
+            context.rollback(n)
+            if i >= warmup:
+                samples.append(elapsed)
+        median = max(statistics.median(samples), _MIN_SECONDS)
+        result[n] = (median, len(samples) >= 3 and median > IMPLAUSIBLE_FACTOR * max(min(samples), _MIN_SECONDS))
+    return result
 
 
 def format_table(profile: LatencyProfile) -> str:
