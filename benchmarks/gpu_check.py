@@ -422,7 +422,6 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, choices=[name for name, _, _ in CHECKS],
                         help="run only these checks")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "gpu_check.json"

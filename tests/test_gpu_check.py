@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
@@ -51,6 +53,7 @@ def test_a_failed_correctness_check_is_recorded_and_sets_the_exit_code(tmp_path,
 
     monkeypatch.setattr(gpu_check, "CHECKS", [("greedy_fp32", broken, True), ("host_syncs", fine, False)])
     assert gpu_check.main(["--device", "cpu", "--quick", "--output", str(tmp_path)]) == 1
+    assert torch.is_grad_enabled(), "main() must leave the caller's grad mode as it found it"
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["checks"]["greedy_fp32"]["status"] == "error" and "boom" in report["checks"]["greedy_fp32"]["error"]
     assert report["checks"]["host_syncs"]["status"] == "passed"  # the next check still ran

@@ -58,7 +58,8 @@ def test_the_pin_and_the_gate_agree():
 def test_a_later_release_gets_the_one_line_error_naming_the_range(monkeypatch):
     original = GenerationMixin._get_candidate_generator._dspark_original
     monkeypatch.setattr(GenerationMixin, "_get_candidate_generator", original)
-    monkeypatch.setattr(transformers, "__version__", "5.26.0")
+    # the module generation_dspark holds: transformers' lazy import machinery can swap sys.modules["transformers"]
+    monkeypatch.setattr(generation_dspark.transformers, "__version__", "5.26.0")
     with pytest.raises(UnsupportedTransformersError, match=r"transformers>=5\.24\.0,<5\.26\.0.*found 5\.26\.0"):
         generation_dspark.install_generate_hook()
     assert GenerationMixin._get_candidate_generator is original
@@ -197,11 +198,16 @@ def test_drafters_exported_before_and_after_5_25_support_on_this_release(tmp_pat
     new = export_drafter(tmp_path / "draft", tmp_path / "new")
     old = tmp_path / "old"
     shutil.copytree(new, old)
-    for name in REMOTE_CODE_FILES:
-        shown = subprocess.run(["git", "show", f"{LAST_COMMIT_BEFORE_5_25}:hf_dspark/models/dspark/{name}"],
-                               cwd=repository, capture_output=True)
-        assert shown.returncode == 0, f"needs the repository history (not a shallow clone): {shown.stderr[-300:]!r}"
-        (old / name).write_bytes(shown.stdout)
+    present = subprocess.run(["git", "cat-file", "-e", LAST_COMMIT_BEFORE_5_25], cwd=repository, capture_output=True)
+    assert present.returncode == 0, "needs the repository history (not a shallow clone)"
+    listed = subprocess.run(["git", "ls-tree", "--name-only", LAST_COMMIT_BEFORE_5_25, "hf_dspark/models/dspark/"],
+                            cwd=repository, capture_output=True, text=True, check=True).stdout.split()
+    for name in REMOTE_CODE_FILES:  # the old export: that commit's files, none of the ones added since
+        (old / name).unlink()
+        if f"hf_dspark/models/dspark/{name}" in listed:
+            (old / name).write_bytes(subprocess.run(
+                ["git", "show", f"{LAST_COMMIT_BEFORE_5_25}:hf_dspark/models/dspark/{name}"],
+                cwd=repository, capture_output=True, check=True).stdout)
 
     script = GENERATE_SCRIPT.format(target=str(tmp_path / "target"), draft=str(new))
     done = _run_without_hf_dspark(script, tmp_path, tmp_path / "modules_new")

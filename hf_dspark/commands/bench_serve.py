@@ -329,8 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-repeats", type=_args.positive_int, default=5, help="timed passes per latency point (default 5)")
     parser.add_argument("--output", default=None, help="write the results as JSON to this file (after every run)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output (same settings)")
-    parser.add_argument("--stop-after", type=_args.positive_float, default=None, metavar="MINUTES",
-                        help="start no new (rate, mode) run after this many minutes; --resume continues")
+    parser.add_argument("--stop-after", type=_args.non_negative_float, default=None, metavar="MINUTES",
+                        help="start no new (rate, mode) run after this many minutes (0: stop after the first); --resume continues")
     parser.add_argument("--plot", default=None, help="draw TPOT against throughput to this PNG")
 
 
