@@ -229,3 +229,43 @@ def test_drafters_exported_before_and_after_5_25_support_on_this_release(tmp_pat
     ids = torch.tensor([[5, 9, 14, 3, 22, 40, 41]])
     assert torch.equal(qwen.generate(ids, max_new_tokens=12, do_sample=False),
                        qwen.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=loaded))
+
+
+# ----------------------------------------------------------------------------- latency tables follow their device
+def test_a_latency_table_from_another_device_or_dtype_is_not_applied(qwen, draft):
+    from hf_dspark.models.dspark.generation_dspark import _table_fits
+
+    table = {"1": 0.010, "4": 0.012, "8": 0.020}
+    ids = torch.tensor([[5, 9, 14, 3, 22]])
+    draft.generation_config.verification_policy = "auto"
+    draft.generation_config.latency_table = table
+    try:
+        draft.generation_config.latency_profile_key = "tiny|float32|cpu|threads=1|ctx=128"
+        assert _table_fits(draft.generation_config.latency_profile_key, qwen)
+        qwen.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft)
+        assert draft.last_generation_stats["policy"] == "cost"
+        draft.generation_config.latency_profile_key = "tiny|bfloat16|cuda:0|threads=1|ctx=128"
+        assert not _table_fits(draft.generation_config.latency_profile_key, qwen)
+        with pytest.warns(UserWarning, match=r"measured on cuda/bfloat16, but the target runs on cpu/float32"):
+            plain = qwen.generate(ids, max_new_tokens=6, do_sample=False)
+            spec = qwen.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft)
+        assert torch.equal(plain, spec)
+        assert draft.last_generation_stats["policy"] == "full"
+        draft.generation_config.latency_profile_key = None  # a table without a key is trusted, as before
+        qwen.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft)
+        assert draft.last_generation_stats["policy"] == "cost"
+    finally:
+        draft.generation_config.latency_table = None
+        draft.generation_config.latency_profile_key = None
+
+
+def test_the_profile_key_survives_save_and_load(tmp_path, qwen, draft):
+    draft.generation_config.latency_table = {"1": 0.01, "8": 0.02}
+    draft.generation_config.latency_profile_key = "tiny|float32|cpu|threads=2|ctx=128"
+    try:
+        draft.save_pretrained(tmp_path)
+        loaded = hf_dspark.DSparkDraftModel.from_pretrained(tmp_path)
+        assert loaded.generation_config.latency_profile_key == "tiny|float32|cpu|threads=2|ctx=128"
+    finally:
+        draft.generation_config.latency_table = None
+        draft.generation_config.latency_profile_key = None

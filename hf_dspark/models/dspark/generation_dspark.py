@@ -57,6 +57,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 import weakref
 from typing import Any
 
@@ -93,6 +94,7 @@ DEFAULT_DSPARK_GENERATION = {
     "confidence_threshold": 0.3,
     "min_draft_tokens": 1,
     "latency_table": None,  # {"1": seconds, "2": seconds, ...}: T_verify(n tokens) of the target
+    "latency_profile_key": None,  # where latency_table was measured: "model|dtype|device|threads=..|..."
     "fast_verify_head": True,  # skinny-product layout for the target's LM head during verification (CPU fp32)
     "fast_warpers": True,  # top-k followed by top-p: sort only the k survivors (same result, ~10x cheaper)
     "ngram_lookup_tokens": 0,  # > 0: propose up to this many tokens copied after an earlier n-gram match
@@ -257,6 +259,8 @@ def check_dspark_generation_setting(name: str, value: Any) -> None:
         fix = "use an integer >= 1"
     elif name in ("fast_verify_head", "fast_warpers") and not isinstance(value, bool):
         fix = "use true or false"
+    elif name == "latency_profile_key" and not isinstance(value, str):
+        fix = 'use the key of the profile the table came from (LatencyProfile.key, "model|dtype|device|..."), or None'
     elif name == "latency_table":
         try:
             points = latency_points(value) if isinstance(value, dict) else None
@@ -290,6 +294,37 @@ def default_dspark_generation_config(**overrides) -> DSparkGenerationConfig:
     settings = dict(DEFAULT_DSPARK_GENERATION)
     settings.update(overrides)
     return DSparkGenerationConfig(**settings)
+
+
+# ----------------------------------------------------------------------------- where a latency table applies
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _key_place(key: str | None) -> str:
+    """``device_type/dtype`` of a ``LatencyProfile.key`` ("model|dtype|device|threads=..|ctx=..")."""
+    parts = (key or "").split("|")
+    if len(parts) < 3:
+        return "an unknown setup"
+    return f"{parts[2].split(':')[0]}/{parts[1]}"
+
+
+def _target_place(target_model) -> str:
+    head = target_model.get_output_embeddings() if hasattr(target_model, "get_output_embeddings") else None
+    weight = next(iter(head.parameters()), None) if head is not None else None
+    weight = weight if weight is not None else next(target_model.parameters())
+    device = getattr(target_model, "device", weight.device)
+    return f"{torch.device(device).type}/{str(weight.dtype).removeprefix('torch.')}"
+
+
+def _table_fits(key: str | None, target_model) -> bool:
+    """A table without a key (set by hand, or saved before keys were kept) is trusted as before."""
+    return key is None or _key_place(key) == _target_place(target_model)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -385,6 +420,16 @@ class DSparkCandidateGenerator(CandidateGenerator):
             raise ValueError(
                 f"draft.generation_config.verification_policy={policy!r} is not one of {POLICIES}"
             )
+        if settings["latency_table"] and not _table_fits(settings["latency_profile_key"], target_model):
+            # a table measured on another device or dtype would pick verification lengths for other costs
+            _warn_once(
+                f"the drafter's latency_table was measured on {_key_place(settings['latency_profile_key'])}, but the "
+                f"target runs on {_target_place(target_model)}: it is not used (verification_policy "
+                f"{policy!r} -> 'full'). Profile this setup: hf-dspark profile --target ... --draft ... --device "
+                f"{_target_place(target_model).split('/')[0]} --dtype {_target_place(target_model).split('/')[1]}"
+            )
+            settings["latency_table"] = None
+            policy = "full" if policy in ("auto", "cost") else policy
         if policy == "auto":
             policy = "cost" if settings["latency_table"] else "full"
         if policy == "cost" and not settings["latency_table"]:
