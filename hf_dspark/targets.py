@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from hf_dspark.errors import DraftNotFoundError, TargetLoadError
+from hf_dspark.errors import DraftNotFoundError, DSparkConfigError, TargetLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -237,21 +237,48 @@ def load_target_tokenizer(name_or_path: str):
         ) from error
 
 
-def load_target(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the first CUDA device when there is one, else Apple's ``mps``, else the CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def dtype_name(model) -> str:
+    """``"float32"``, ``"bfloat16"``, ... of ``model``'s first parameter."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def load_target(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
     """Load a target model and its tokenizer.
 
     Args:
         name_or_path: a Hub id, a local folder written by ``save_pretrained``, or
             the alias ``"gemma-3-270m"`` (the bundled Gemma 3 270M; the first call
             converts it to a float copy in the cache, later calls take seconds).
-        dtype: the model's parameter dtype.
-        device: where to put the model.
+        dtype: the model's parameter dtype, a name from ``TARGET_DTYPES``, or ``"auto"``: bfloat16 on an
+            accelerator; on a CPU the dtype whose verification pass is fastest there, measured once per
+            machine and cached (``hf_dspark.decoding.latency.choose_dtype``: bf16 only where the CPU has
+            native bf16 products).
+        device: where to put the model, or ``"auto"`` (:func:`resolve_device`).
 
     Returns:
         ``(model, tokenizer)`` with the model in eval mode.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    choose = isinstance(dtype, str) and dtype == "auto"
+    if choose:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    elif isinstance(dtype, str):
+        if dtype not in TARGET_DTYPES:
+            raise DSparkConfigError(f"dtype={dtype!r} is not one of {('auto', *TARGET_DTYPES)}")
+        dtype = getattr(torch, dtype)
     source = resolve_target_source(str(name_or_path))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -270,6 +297,11 @@ def load_target(name_or_path: str, dtype: torch.dtype = torch.float32, device: s
         ) from error
     model.to(device)
     model.eval()
+    if choose and device.type == "cpu":
+        from hf_dspark.decoding.latency import choose_dtype
+
+        best, _ = choose_dtype(model, model_name=str(name_or_path))
+        model.to(getattr(torch, best))
     return model, tokenizer
 
 

@@ -524,7 +524,9 @@ def test_prepare_data_gives_up_on_a_silent_server_after_its_timeout_and_retries(
     line = one_error_line(capsys, "prepare-data")
     assert "failed 2 times" in line and "timed out" in line and "--timeout" in line, line
     assert elapsed < 15, elapsed  # two 1 s tries, about 1 s apart, plus loading the tokenizer
-    assert server.requests == 3  # the answered prompt, then one try and one retry of the next
+    # the answered prompt, then one try and one retry of the next; the third prompt's request may already be
+    # on its way when the failure stops the run (seen under load), but never more tries than --retries allows
+    assert 3 <= server.requests <= 4, server.requests
     rows = (tmp_path / "out" / "train.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["answer"] == "w5 w6"  # the answer already received is kept
 

@@ -227,7 +227,8 @@ def test_cli(tiny_model, tmp_path, monkeypatch, capsys):
         "--output", str(out),
     ])
     assert run(args) == 0
-    assert loaded == {"name": "tiny/qwen3-random", "dtype": torch.float32, "device": "cpu"}
+    # --dtype unset: float32 on the CPU ("auto" device resolves there on this machine)
+    assert loaded == {"name": "tiny/qwen3-random", "dtype": "float32", "device": "auto"}
     text = capsys.readouterr().out
     assert "B=1 ms" in text and "B=2 ms" in text and "tiny/qwen3-random" in text
     profile = LatencyProfile.from_json(out)

@@ -15,6 +15,7 @@ import math
 import re
 
 from hf_dspark.errors import DSparkConfigError
+from hf_dspark.targets import TARGET_DTYPES, resolve_device
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -135,7 +136,30 @@ def device(text: str) -> str:
     return text
 
 
+def add_target_placement(parser, what: str = "target") -> None:
+    """``--device`` and ``--dtype`` of a command that loads a target, the same in every command.
+
+    ``--device auto`` (the default): CUDA when there is one, else the CPU. ``--dtype`` unset: bfloat16 on an
+    accelerator, float32 on a CPU (exact greedy output, the reference); ``--dtype auto`` also picks on a CPU
+    the dtype whose verification pass is fastest there (measured once per machine and cached).
+    Resolve both with :func:`resolve_target_dtype` after the device is known.
+    """
+    parser.add_argument("--device", type=device, default="auto",
+                        help=f"where the {what} runs: 'auto' (default: cuda if available, else cpu), 'cpu', 'cuda:0', ...")
+    parser.add_argument("--dtype", choices=("auto", *TARGET_DTYPES), default=None,
+                        help=f"{what} dtype (default: bfloat16 on a GPU, float32 on a CPU; 'auto': also on a CPU the "
+                             "faster dtype, measured once and cached)")
+
+
+def resolve_target_dtype(dtype: str | None, device_arg) -> str:
+    """What to pass to ``load_target``: the ``--dtype`` given, or its default for the device."""
+    if dtype is not None:
+        return dtype
+    return "float32" if resolve_device(device_arg).type == "cpu" else "bfloat16"
+
+
 __all__ = [
+    "add_target_placement", "resolve_target_dtype",
     "CommandParser", "finite_float", "positive_float", "non_negative_float", "positive_int", "non_negative_int",
     "temperature", "top_p", "top_k", "fraction", "device",
 ]

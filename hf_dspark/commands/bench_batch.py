@@ -55,7 +55,6 @@ from hf_dspark.errors import DSparkConfigError
 from hf_dspark.commands import _args
 from hf_dspark.evaluation.measure import fused_plain_kwargs
 from hf_dspark.models.dspark.generation_dspark import activate_verify_head
-from hf_dspark.targets import TARGET_DTYPES
 
 METHODS = ("plain", "full", "scheduler", "async")
 EXTRA_METHODS = ("plain_engine", "oracle")
@@ -379,8 +378,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ngram-lookup", type=_args.non_negative_int, default=None, metavar="N",
                         help="n-gram rounds in both speculative runs: copy up to N tokens after an earlier match of "
                              "the last tokens instead of the drafted block (0 = off; default: the drafter's setting)")
-    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype")
-    parser.add_argument("--device", type=_args.device, default="cuda" if torch.cuda.is_available() else "cpu", help="device (default cuda if available)")
+    _args.add_target_placement(parser)
     parser.add_argument("--latency-profile", default=None, help="a latency profile JSON (default: measure, cached)")
     parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder (default ~/.cache/hf_dspark/latency)")
     parser.add_argument("--profile-repeats", type=_args.positive_int, default=5, help="timed passes per latency point (default 5)")
@@ -495,13 +493,15 @@ class BenchSetup:
 def load_setup(args: argparse.Namespace, batch_sizes: Sequence[int]) -> BenchSetup:
     """Threads, target (``--dtype``), drafter (``--draft-dtype``), latency profile up to ``batch_sizes``."""
     from hf_dspark.decoding.latency import LatencyProfile, format_table, profile_latency
-    from hf_dspark.targets import load_target
+    from hf_dspark.targets import dtype_name, load_target
 
     if args.threads is not None:
         if args.threads < 1:
             raise DSparkConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
+    target, tokenizer = load_target(args.target, dtype=_args.resolve_target_dtype(args.dtype, args.device),
+                                    device=args.device)
+    args.dtype = dtype_name(target)  # what ran (recorded in the settings of the result file)
     draft = _load_draft(args.draft, target, args.target, target.device)
     if args.draft_dtype != "saved":
         # CPUs without bf16 instructions run a bf16 drafter several times slower than an fp32 one

@@ -49,7 +49,6 @@ import torch
 from hf_dspark.commands import _args
 from hf_dspark.errors import LosslessnessError
 from hf_dspark.errors import DSparkConfigError
-from hf_dspark.targets import TARGET_DTYPES
 
 RESULT_KEYS = ("mode", "batch_size", "tau", "tau_measured", "tokens_per_second", "plain_tokens_per_second", "speedup",
                "ideal_speedup", "efficiency", "draft_ms", "verify_ms", "oracle_ms", "other_ms", "round_ms", "prefill_ms",
@@ -83,9 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="generate and/or engine (default both)")
     parser.add_argument("--batch-sizes", type=_args.positive_int, nargs="+", default=[1, 8],
                         help="requests in flight in the engine (default 1 8)")
-    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target and drafter dtype (default float32)")
-    parser.add_argument("--device", type=_args.device, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (default cuda if available)")
+    _args.add_target_placement(parser, what="target and drafter")
     parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile-repeats", type=_args.positive_int, default=5, help="timed passes per latency point (default 5)")
     parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder (default ~/.cache/hf_dspark/latency)")
@@ -132,18 +129,29 @@ def fresh_drafter(target, layers: int = 5, block_size: int = 7, seed: int = 0):
 
 def load_models(args):
     """(target, drafter, tokenizer or None, target name)."""
-    dtype = getattr(torch, args.dtype)
+    from hf_dspark.targets import dtype_name, resolve_device
+
+    device = resolve_device(args.device)
+    requested = _args.resolve_target_dtype(args.dtype, device)
     tokenizer = None
     if args.target_config:
+        from hf_dspark.decoding.latency import choose_dtype
         from hf_dspark.random_target import random_target_from_config
 
-        target = random_target_from_config(args.target_config, dtype=dtype, device=args.device, seed=args.seed)
+        build = torch.float32 if requested == "auto" else getattr(torch, requested)
+        target = random_target_from_config(args.target_config, dtype=build, device=device, seed=args.seed)
+        if requested == "auto" and device.type == "cpu":
+            target.to(getattr(torch, choose_dtype(target)[0]))
+        elif requested == "auto":
+            target.to(torch.bfloat16)
         name = target.config._name_or_path
     else:
         from hf_dspark.targets import load_target
 
-        target, tokenizer = load_target(args.target, dtype=dtype, device=args.device)
+        target, tokenizer = load_target(args.target, dtype=requested, device=device)
         name = args.target
+    args.dtype = dtype_name(target)  # what ran, as the results record it
+    dtype = getattr(torch, args.dtype)
     if args.draft:
         from hf_dspark.commands.bench_batch import _load_draft
 

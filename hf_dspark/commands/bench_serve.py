@@ -55,7 +55,6 @@ from hf_dspark.commands.bench_batch import _prompt_ids, check_prompt_sources, lo
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.commands import _args
-from hf_dspark.targets import TARGET_DTYPES
 
 MODES = {"plain": "plain", "full": "full", "algorithm1": "algorithm1", "async": "async"}
 
@@ -319,10 +318,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of sampling (default 0)")
     parser.add_argument("--ngram-lookup", type=_args.non_negative_int, default=None, metavar="N",
                         help="n-gram rounds in the speculative modes (0 = off; default: the drafter's setting)")
-    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype")
     parser.add_argument("--draft-dtype", choices=("auto", "saved", "float32", "bfloat16", "float16"), default="auto",
                         help="drafter dtype: auto = the target's --dtype (default), saved = as stored")
-    parser.add_argument("--device", type=_args.device, default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    _args.add_target_placement(parser)
     parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--latency-profile", default=None, help="a latency profile JSON (default: measure, cached)")
     parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder")

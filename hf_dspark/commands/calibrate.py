@@ -25,7 +25,6 @@ from hf_dspark.decoding.calibration import (
 )
 from hf_dspark.errors import DataError, DSparkConfigError
 from hf_dspark.commands import _args
-from hf_dspark.targets import TARGET_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", default=None,
                         help="JSONL of recorded rounds, one line per prompt, appended as it goes; "
                              "prompts already in it are not generated again")
-    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype (default float32)")
-    parser.add_argument("--device", type=_args.device, default="cpu", help="device (default cpu)")
+    _args.add_target_placement(parser)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -95,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     grid = default_grid(args.grid[0], args.grid[1], int(args.grid[2]))
-    target, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
-    draft = load_drafter(args.draft, device=args.device, target=target)
+    target, tokenizer = load_target(args.target, dtype=_args.resolve_target_dtype(args.dtype, args.device),
+                                    device=args.device)
+    draft = load_drafter(args.draft, target=target)  # placed where the target's embedding computes
     if args.output is None and draft.checkpoint_format != "hf-dspark":
         raise DSparkConfigError(
             f"--draft {args.draft} is a {draft.checkpoint_format} checkpoint; calibrating it in place would mix "

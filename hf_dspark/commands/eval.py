@@ -76,7 +76,6 @@ from hf_dspark.evaluation.prompt_sets import (
     read_prompt_file,
 )
 from hf_dspark.evaluation.summary import DRAFT_CHECKSUMS_KEY, DSPARK, EvalResults, _write_json_atomic, merge_results
-from hf_dspark.targets import TARGET_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,8 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Results JSON (rewritten after every prompt; resumed if present).")
     parser.add_argument("--overwrite", action="store_true", help="Start --output afresh instead of resuming it.")
     parser.add_argument("--plots", default=None, metavar="DIR", help="Write PNG plots to this folder.")
-    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32")
-    parser.add_argument("--device", type=_args.device, default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ...")
+    _args.add_target_placement(parser)
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
 
 
@@ -356,16 +354,23 @@ def evaluate_drafters(args) -> dict[str, Any]:
 
     if args.max_new_tokens < 1:
         raise DataError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    from hf_dspark.targets import dtype_name, resolve_device
+
+    device = resolve_device(args.device)
+    requested = _args.resolve_target_dtype(args.dtype, device)
     drafts = _named_drafts(args)
     sets = _prompt_sets(args)
-    results = EvalResults(Path(args.output) if args.output else None, _settings(args, drafts, device, dtype),
-                          overwrite=args.overwrite)
-    target, tokenizer = load_target(args.target, dtype=dtype, device=device)
+
+    def open_results(dtype):
+        return EvalResults(Path(args.output) if args.output else None, _settings(args, drafts, device, dtype),
+                           overwrite=args.overwrite)
+
+    if requested != "auto":  # the result file is checked before the target loads
+        results = open_results(getattr(torch, requested))
+    target, tokenizer = load_target(args.target, dtype=requested, device=device)
+    dtype = getattr(torch, dtype_name(target))
+    if requested == "auto":  # the dtype is known once it has been measured on the loaded target
+        results = open_results(dtype)
     drafters = {}
     for name, source, under_test in drafts:
         drafters[name] = _load_drafter(source, target, device, dtype)

@@ -6,12 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
 
 from hf_dspark.decoding.latency import LatencyProfile, format_table, profile_latency
 from hf_dspark.errors import DSparkConfigError, LatencyProfileError
 from hf_dspark.commands import _args
-from hf_dspark.targets import TARGET_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=_args.positive_int, default=16, help="profile 1..N tokens per row (default 16)")
     parser.add_argument("--batch-sizes", type=_args.positive_int, nargs="+", default=[1], help="rows per pass (default 1)")
     parser.add_argument("--context-length", type=_args.non_negative_int, default=128, help="tokens already in the KV cache (default 128)")
-    parser.add_argument("--dtype", choices=TARGET_DTYPES, default="float32", help="target dtype (default float32)")
-    parser.add_argument("--device", type=_args.device, default="cpu", help="device to load the target on (default cpu)")
+    _args.add_target_placement(parser)
     parser.add_argument("--warmup", type=_args.non_negative_int, default=2, help="untimed passes per point (default 2)")
     parser.add_argument("--repeats", type=_args.positive_int, default=5, help="timed passes per point, median kept (default 5)")
     parser.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/hf_dspark/latency)")
@@ -44,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise DSparkConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     from hf_dspark.targets import load_target  # lazy: heavy, and owned by another module
 
-    model, _tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
+    model, _tokenizer = load_target(args.target, dtype=_args.resolve_target_dtype(args.dtype, args.device),
+                                    device=args.device)
     profile = profile_latency(
         model,
         token_counts=range(1, args.max_tokens + 1),

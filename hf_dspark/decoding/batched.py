@@ -117,7 +117,7 @@ from hf_dspark.decoding.engine_target import SCHEDULERS, attention_settings, che
 from hf_dspark.decoding.round_cost import RoundCost, measure_seconds, token_seconds
 from hf_dspark.decoding.round_plan import RoundPlanner
 from hf_dspark.decoding.verification import verify_block
-from hf_dspark.errors import DSparkConfigError, EngineRequestError
+from hf_dspark.errors import EngineRequestError
 
 logger = logging.getLogger(__name__)
 
