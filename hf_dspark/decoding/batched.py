@@ -289,7 +289,8 @@ class BatchedSpeculativeGenerator:
             return lambda: self._target_forward(_TargetKV(rows, self.device), ids, positions, valid, logits_for=valid)
 
         every, first = positions >= 0, positions == 0
-        saved = (measure_seconds(forward(every)) - measure_seconds(forward(first))) / (rows * (width - 1))
+        saved = (measure_seconds(forward(every), device=self.device)
+                 - measure_seconds(forward(first), device=self.device)) / (rows * (width - 1))
         return max(min(saved, token_seconds(self.latency_profile)), 0.0)
 
     @torch.no_grad()
@@ -310,7 +311,7 @@ class BatchedSpeculativeGenerator:
             if confidence is not None:
                 torch.cumprod(draft.calibrated_confidence(confidence).float(), dim=-1).tolist()
 
-        return measure_seconds(call)
+        return measure_seconds(call, device=self.device)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from hf_dspark.models.dspark.generation_dspark import interpolate
 from hf_dspark.decoding.latency import LatencyProfile
 
@@ -168,17 +170,26 @@ ADAPT_RANGE = (0.25, 4.0)
 HURDLE_RANGE = (0.8, 2.0)
 
 
-def measure_seconds(call: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+def measure_seconds(call: Callable[[], object], repeats: int = 5, warmup: int = 1, device=None) -> float:
     """Fastest wall time of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones.
 
     The fastest, not the median: on a shared machine other jobs only ever add time, and the target's
-    latency profile these times are combined with is an uncontended estimate too."""
+    latency profile these times are combined with is an uncontended estimate too. On a CUDA ``device``
+    each run is bracketed by synchronizations, so the time is the kernels' and not their launch."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         call()
     samples = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         call()
+        sync()
         samples.append(time.perf_counter() - start)
     return min(samples)
 

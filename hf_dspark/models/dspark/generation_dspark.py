@@ -454,6 +454,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._pending: list[torch.Tensor] = []  # target features not yet handed to the drafter (n-gram rounds)
         self._ngram_round = False
         self.draft_time_ema: float | None = None
+        self._draft_blocks = 0
         # Released when this generator is garbage collected, i.e. when generate() returns.
         handle = activate_verify_head(target_model, self) if settings["fast_verify_head"] else None
         self.fast_verify_head = handle is not None
@@ -598,8 +599,13 @@ class DSparkCandidateGenerator(CandidateGenerator):
             block.base_logits, block.hidden_states, anchor, choose=self._chooser(input_ids, drafted), num_tokens=n_max
         )
         length = self._submit_length(confidence, n_max)
+        # the policies' .tolist() above already waited for the drafter's kernels, so on an accelerator this
+        # wall time is the drafter's and not its launch time; the first block (allocator, kernel warm-up) is
+        # not a sample of the steady cost and stays out of the estimate
         elapsed = time.perf_counter() - start
-        self.draft_time_ema = elapsed if self.draft_time_ema is None else 0.8 * self.draft_time_ema + 0.2 * elapsed
+        self._draft_blocks += 1
+        if self._draft_blocks > 1:
+            self.draft_time_ema = elapsed if self.draft_time_ema is None else 0.8 * self.draft_time_ema + 0.2 * elapsed
         self.stats["draft_seconds"] += elapsed
 
         self._submitted = length
