@@ -848,13 +848,13 @@ def test_bench_batch_gives_plain_generate_the_fast_head_layout_unless_told_not_t
     from transformers import AutoModelForCausalLM, GenerationMixin
 
     from hf_dspark.cli import main
-    from hf_dspark.models.dspark import generation_dspark
+    from hf_dspark.models.dspark import verify_head_dspark
 
     target = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
     tiny_drafter(target, target_layer_ids=[0, 1]).save_pretrained(tmp_path / "draft")
     in_generate, skinny_rows = [], []  # rows of the skinny products computed inside transformers' generate
-    original_skinny = generation_dspark.skinny_linear
-    monkeypatch.setattr(generation_dspark, "skinny_linear", lambda x, w, b=None: (
+    original_skinny = verify_head_dspark.skinny_linear
+    monkeypatch.setattr(verify_head_dspark, "skinny_linear", lambda x, w, b=None: (
         skinny_rows.append(x.numel() // x.shape[-1]) if in_generate else None) or original_skinny(x, w, b))
     original_generate = GenerationMixin.generate
 
