@@ -538,7 +538,7 @@ def test_ctrl_c_stops_prepare_data_blocked_on_a_silent_server(tmp_path, tiny_tar
     import sys
     import time
 
-    from test_failure_paths import REPO, last_line
+    from test_failure_paths import REPO, ctrl_c_reaches_the_child, last_line
 
     prompts = write_jsonl(tmp_path / "in" / "p.jsonl", prompt_rows(3))
     server = SilentServer(answer_first=1)
@@ -546,7 +546,8 @@ def test_ctrl_c_stops_prepare_data_blocked_on_a_silent_server(tmp_path, tiny_tar
     argv = server_argv(tiny_target_dir, prompts, tmp_path / "out", server.url)  # the default --timeout
     try:
         process = subprocess.Popen([sys.executable, "-m", "hf_dspark.cli", *argv], cwd=REPO, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=ctrl_c_reaches_the_child)
         while not server.hanging.wait(0.05):  # an event: the child has sent a request that gets no answer
             if process.poll() is not None:
                 pytest.fail(f"prepare-data ended before reaching the server: {process.stderr.read()[-3000:]}")

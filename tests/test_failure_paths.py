@@ -85,6 +85,13 @@ def cache_dir(work, tiny_target_dir, data_dir):
     return work / "cache"
 
 
+def ctrl_c_reaches_the_child() -> None:
+    """``preexec_fn`` of a child that a test interrupts: a shell runs background jobs (``pytest ... &``) with
+    SIGINT ignored, children inherit that, and an ignoring hf-dspark rightly keeps ignoring it; the tests
+    play a user at a terminal, whose Ctrl-C arrives."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def last_line(stream: str) -> str:
     """The last line written (progress bars redraw with carriage returns)."""
     return stream.replace("\r", "\n").strip().splitlines()[-1]
@@ -238,7 +245,8 @@ def test_sigint_during_training_then_the_same_command_finishes(work, tiny_target
     cli_args = train_argv(tiny_target_dir, cache_dir, output, "--max_steps", "6", "--save_steps", "2")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-c", _BLOCK_AFTER_FIRST_SAVE, str(marker), *cli_args], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_reaches_the_child)
     while not marker.exists():  # an event, not a deadline: the child blocks until signalled
         if process.poll() is not None:
             pytest.fail(f"the run ended before its first checkpoint: {process.stderr.read()[-3000:]}")
@@ -268,6 +276,7 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_training_at_the_step_end(
             time.sleep(0.5)  # the handler runs here, and its KeyboardInterrupt is swallowed
 
     before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, even under `pytest &`
     guard = InterruptGuard()
     guard.on_step_end(None, None, None)  # nothing arrived: training goes on
     with guard:
@@ -275,7 +284,7 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_training_at_the_step_end(
         assert guard.interrupted
         with pytest.raises(KeyboardInterrupt):
             guard.on_step_end(None, None, None)
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a process started in the background by a script
     try:
         with InterruptGuard() as ignoring:
