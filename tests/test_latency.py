@@ -15,6 +15,7 @@ import transformers
 
 from hf_dspark.commands.profile import add_arguments, run
 from hf_dspark.decoding.latency import LatencyProfile, LatencyProfileError, format_table, profile_latency
+from hf_dspark.decoding import latency
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,10 @@ def make_profile(table, **overrides):
     return LatencyProfile(**fields)
 
 
-def test_profile_runs_and_caches(tiny_model, tmp_path):
+def test_profile_runs_and_caches(tiny_model, tmp_path, monkeypatch):
+    # a row measured while other jobs run may be judged implausible and measured again (tested below, with a
+    # scripted timer); here every row is taken as measured, so the count of passes is exact
+    monkeypatch.setattr(latency, "implausible_row", lambda row, noisy=(): [])
     calls, handle = count_forwards(tiny_model)
     try:
         start = time.perf_counter()
