@@ -28,7 +28,9 @@ def _copies_in_repository() -> list[Path]:
     found = []
     for path in ROOT.rglob("*.py"):
         relative = path.relative_to(ROOT)
-        if path.name in REMOTE_CODE_FILES and not SKIP_DIRS & set(relative.parts) and path.parent != REMOTE_CODE_DIR:
+        environment = any(part.startswith(".venv") or part == "site-packages" for part in relative.parts)
+        if (path.name in REMOTE_CODE_FILES and not SKIP_DIRS & set(relative.parts) and not environment
+                and path.parent != REMOTE_CODE_DIR):
             if path == PUBLIC_ERRORS and "class " not in path.read_text():
                 continue  # hf_dspark.errors: the public import path of the classes, it defines none
             found.append(path)
