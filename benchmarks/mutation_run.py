@@ -20,7 +20,10 @@ mutated anywhere. Results: ``--out`` (JSON: score, counts, every mutant with its
     OMP_NUM_THREADS=1 python benchmarks/mutation_run.py --only losses --list   # just list the mutants
 
 ``--named`` runs only the curated mutants of issue 34 (the bugs the audit named), each of which the
-tests in ``tests/test_named_bugs.py`` must kill. Results and survivors: docs/mutation.md.
+tests in ``tests/test_named_bugs.py`` must kill. ``--survivors-of earlier.json`` reruns only the mutants
+that survived an earlier run (matched by line and text, so only while the library code is unchanged),
+e.g. after adding tests: the others stay killed, since a selection that only grew still fails where it
+failed. Results and survivors: docs/mutation.md.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ NB = "tests/test_named_bugs.py"
 TARGETS = [
     Target("verification", "hf_dspark/decoding/verification.py",
            ["accept_probabilities", "residual_distribution", "verify_block"],
-           [["tests/test_batched.py", "-k", "greedy_keeps or exact_enumeration or draws_follow or nothing_submitted"]]),
+           [[NB, "-k", "residual"],
+            ["tests/test_batched.py", "-k", "greedy_keeps or exact_enumeration or draws_follow or nothing_submitted"]]),
     Target("policies", "hf_dspark/models/dspark/policies_dspark.py",
            ["prefix_survival", "threshold_length", "prefix_length", "cost_length"],
            [[NB, "tests/test_scheduling.py"]]),
@@ -65,13 +69,13 @@ TARGETS = [
            [["tests/test_scheduling.py"]]),
     Target("round_plan", "hf_dspark/decoding/round_plan.py",
            ["RoundPlanner.draft_length"],
-           [["tests/test_batched.py", "-k", "planner_reads or greedy_schedule_looks"]]),
+           [["tests/test_batched.py", "-k", "planner_reads or planner_draft_length or greedy_schedule_looks"]]),
     Target("calibration", "hf_dspark/decoding/calibration.py",
            ["_ece_rows", "expected_calibration_error", "prefix_survival_probabilities"],
            [["tests/test_calibration.py"]]),
     Target("losses", "hf_dspark/losses.py",
            ["l1_to_dense_target", "l1_to_topk_target", "dspark_loss"],
-           [[NB, "-k", "l1 or ce_"], ["tests/test_deepspec_fixtures.py", "-k", "training_path"]]),
+           [[NB, "-k", "l1 or ce_ or dspark_loss"], ["tests/test_deepspec_fixtures.py", "-k", "training_path"]]),
     Target("loading", "hf_dspark/checkpoints/loading.py",
            ["_check_tensor_names", "_needs_layout_conversion", "load_drafter"],
            [[NB, "-k", "load_drafter"],
@@ -285,6 +289,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="target names (default: all)")
     parser.add_argument("--named", action="store_true", help="only the curated mutants of issue 34")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--survivors-of", metavar="JSON",
+                        help="only the mutants that survived in this earlier report (after adding tests: the "
+                             "others stay killed, since selections only grow)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="do not first check that each selection passes unmutated (only right after a run that did)")
@@ -295,6 +302,10 @@ def main() -> None:
         mutants = [m for m in named_mutants() if m.target in targets]
     else:
         mutants = [m for t in targets.values() for m in generate_mutants(t)]
+    if args.survivors_of:
+        key = lambda r: (r["target"], r["function"], r["line"], r["kind"], r["original"], r["mutated"])  # noqa: E731
+        earlier = {key(r) for r in json.loads(Path(args.survivors_of).read_text())["survivors"]}
+        mutants = [m for m in mutants if key(vars(m)) in earlier]
     if args.list:
         for m in mutants:
             print(f"{m.target:12s} {m.function}:{m.line} {m.kind:12s} {m.original!r} -> {m.mutated!r}")

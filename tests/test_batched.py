@@ -637,6 +637,26 @@ def test_ngram_survival_starts_from_the_prior_and_learns(qwen, qwen_drafter):
     assert engine.stats["ngram_position_attempted"][:3] == [40, 40, 0]
 
 
+def test_planner_draft_length_stops_at_the_plan_widest_request():
+    """``async`` drafts up to the plan's widest request, ``algorithm1`` one token more (never past the
+    limit); a plan that gave nobody a token (a probe round) and the other schedulers draft the limit."""
+    planner = RoundPlanner("async", block_size=5, cost=lambda: None, confidence_threshold=0.3)
+    planner.plan_counts = [2, 0, 1]
+    assert (planner.draft_length(5), planner.draft_length(1)) == (2, 1)
+    planner.plan_counts = [1, 0]
+    assert planner.draft_length(5) == 1
+    for probe in ([0, 0], []):
+        planner.plan_counts = probe
+        assert planner.draft_length(5) == 5
+    planner = RoundPlanner("algorithm1", block_size=5, cost=lambda: None, confidence_threshold=0.3)
+    planner.plan_counts = [2, 0, 1]
+    assert (planner.draft_length(5), planner.draft_length(2)) == (3, 2)
+    for scheduler in ("full", "threshold"):
+        planner = RoundPlanner(scheduler, block_size=5, cost=lambda: None, confidence_threshold=0.3)
+        planner.plan_counts = [2, 0, 1]  # left over: these schedulers do not plan
+        assert planner.draft_length(5) == 5
+
+
 def test_planner_reads_predictions_two_rounds_old_and_falls_back_on_a_monotone_prior():
     planner = RoundPlanner("async", block_size=3, cost=lambda: None, confidence_threshold=0.3)
     request = SpeculativeRequest(0, [1, 2], 10, frozenset())

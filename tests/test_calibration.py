@@ -56,6 +56,9 @@ def test_ece_by_hand():
     assert expected_calibration_error([1.0, 0.0], [1, 0]) == pytest.approx(0.0)
     assert expected_calibration_error([0.3, 0.3], [0, 1], n_bins=1) == pytest.approx(0.2)
     assert math.isnan(expected_calibration_error([], []))
+    assert expected_calibration_error([0.7], [1]) == pytest.approx(0.3)  # one prediction is enough
+    # 0.9 falls in bin 13 and 0.95 in bin 14 (the last): two bins, (0.1 + 0.95) / 2
+    assert expected_calibration_error([0.9, 0.95], [1, 0]) == pytest.approx(0.525)
 
 
 def test_auroc_by_hand():

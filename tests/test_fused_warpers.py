@@ -42,6 +42,13 @@ def test_fused_path_is_the_one_running_on_ordinary_rows(monkeypatch):
     assert (torch.isfinite(out).sum(-1) <= 16).all()
 
 
+def test_off_the_cpu_the_pair_runs_without_reading_on_the_host():
+    # the meta device stands for an accelerator: reading a value there fails, as a host sync would cost
+    fused = FusedTopKTopPWarper(*pair(4, 0.9))
+    out = fused(IDS.to("meta"), torch.randn(2, 50).to("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 50)
+
+
 @pytest.mark.parametrize("case", ["ties_at_kth", "fewer_finite_than_k", "k_not_below_vocab"])
 def test_edge_cases_match_the_pair(case):
     if case == "ties_at_kth":

@@ -17,6 +17,7 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from hf_dspark import load_drafter
+from hf_dspark.decoding.verification import residual_distribution
 from hf_dspark.errors import CheckpointError
 from hf_dspark.losses import dspark_loss, l1_to_dense_target, l1_to_topk_target
 from hf_dspark.models.dspark.generation_dspark import (
@@ -120,6 +121,22 @@ def test_cost_policy_submits_the_best_expected_rate_prefix(target):
 def test_full_policy_submits_the_block(target):
     gen = generator_with(target, "full")
     assert gen._submit_length(confidence_logits([0.01] * 5), 5) == 5
+    gen.draft_time_ema = 0.5  # timed rounds do not make the full policy weigh costs
+    assert gen._submit_length(confidence_logits([0.01] * 5), 5) == 5
+
+
+def test_threshold_policy_without_confidence_submits_the_block(target):
+    # a drafter without a confidence head gives no confidence: nothing to cut on
+    assert generator_with(target, "threshold", confidence_threshold=0.45)._submit_length(None, 4) == 4
+
+
+# ----------------------------------------------------------------------------- verification
+def test_residual_distribution_of_equal_laws_is_the_target_law():
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    q = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    # row 0: p == q, nothing to reject, p itself; row 1: max(p - q, 0) = (0.25, 0, 0) normalized
+    torch.testing.assert_close(residual_distribution(p, q), torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]],
+                                                                         dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -172,6 +189,32 @@ def test_ce_averages_over_positions_whose_target_is_in_the_draft_vocabulary():
     torch.testing.assert_close(out.ce_loss, torch.tensor((w0 * ce0 + w2 * ce2) / (w0 + w2)))
 
 
+def test_dspark_loss_metrics_by_hand():
+    """Two blocks of two positions over a 2-token vocabulary, the last position unsupervised.
+
+    p_draft / p_target: (0.5, 0.5) / (0.5, 0.5), (0.75, 0.25) / (0.25, 0.75), (0.5, 0.5) / (0.75, 0.25):
+    L1 = 0, 1, 0.5 and accept = 1 - L1 / 2 = 1, 0.5, 0.75."""
+    log = lambda *p: torch.log(torch.tensor(p))  # noqa: E731
+    draft_logits = torch.stack([log(0.5, 0.5), log(0.75, 0.25), log(0.5, 0.5), log(0.5, 0.5)]).view(1, 2, 2, 2)
+    target_logits = torch.stack([log(0.5, 0.5), log(0.25, 0.75), log(0.75, 0.25), log(0.5, 0.5)]).view(1, 2, 2, 2)
+    eval_mask = torch.tensor([[[True, True], [True, False]]])
+    # sigmoid 0.75, 0.5, 0.5 and 0.9 on the unsupervised position (accept 1 there: a gap it must not count)
+    confidence_logits = torch.logit(torch.tensor([[[0.75, 0.5], [0.5, 0.9]]], dtype=torch.float64)).float()
+    target_ids = torch.tensor([[[0, 1], [0, 1]]])  # token 0 is a target like any other
+    out = dspark_loss(draft_logits, confidence_logits, target_ids, eval_mask, torch.ones(1, 2, dtype=torch.bool),
+                      target_logits=target_logits, loss_decay_gamma=1.0)
+    w1 = math.exp(-1.0)  # w_k = exp(-k / decay): 1, e^-1
+    ln2, ln4 = math.log(2.0), math.log(4.0)
+    torch.testing.assert_close(out.ce_loss, torch.tensor((ln2 + w1 * ln4 + ln2) / (2 + w1)))
+    torch.testing.assert_close(out.l1_loss, torch.tensor((w1 * 1.0 + 0.5) / (2 + w1)))
+    # mean |sigmoid - accept| over supervised positions: (0.25 + 0 + 0.25) / 3
+    torch.testing.assert_close(out.confidence_error, torch.tensor(1 / 6))
+    torch.testing.assert_close(out.acceptance, torch.tensor([(1.0 + 0.75) / 2, 0.5]))  # per position
+    torch.testing.assert_close(out.position_counts, torch.tensor([2.0, 1.0]))
+    # 1 + mean over blocks of sum_k prod_{i<=k} accept_i: blocks (1 + 0.5) and 0.75
+    torch.testing.assert_close(out.expected_tau, torch.tensor(1 + (1.5 + 0.75) / 2))
+
+
 # ----------------------------------------------------------------------------- anchors
 def test_anchors_are_only_positions_whose_next_token_is_supervised():
     loss_mask = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0, 0, 0]])
@@ -199,6 +242,13 @@ def test_load_drafter_refuses_an_unexpected_tensor(tmp_path, target):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"unexpected \['extra_head.weight'\], missing \[\]"):
         load_drafter(tmp_path)
+
+
+def test_load_drafter_casts_to_dtype_without_a_device(tmp_path, target):
+    tiny_drafter(target).save_pretrained(tmp_path)
+    assert next(load_drafter(tmp_path).parameters()).dtype == torch.float32
+    assert {p.dtype for p in load_drafter(tmp_path, dtype=torch.float64).parameters()} == {torch.float64}
+    assert {p.dtype for p in load_drafter(tmp_path, dtype="bfloat16").parameters()} == {torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- fused warper
@@ -255,6 +305,13 @@ def test_markov_sampling_loop_follows_a_hand_built_transition_table(target):
     torch.testing.assert_close(conf, torch.tensor([[1.5, 4.5, 2.5]]))
 
 
+def test_markov_embed_previous_zeroes_only_tokens_outside_the_draft_vocabulary(target):
+    head = tiny_drafter(target, markov_rank=4, markov_head_type="vanilla").markov_head
+    w1 = head.markov_w1.weight.detach()
+    rows = head.embed_previous(torch.tensor([[0, -1, 2]]))  # draft id 0 is a token like any other
+    torch.testing.assert_close(rows, torch.stack([w1[0], torch.zeros(4), w1[2]])[None])
+
+
 # ----------------------------------------------------------------------------- evaluation summaries
 def _records():
     return [
@@ -302,3 +359,17 @@ def test_prompt_set_summary_edge_cases():
     assert s["tokens_per_second"] is None and s["speedup"] is None and s["baseline_fused_tokens_per_second"] is None
     s = summarize_prompt_set([{"dspark": {**_records()[0]["dspark"], "rounds": 0, "accepted_tokens": 0}}])
     assert s["mean_accepted_length"] is None and "speedup" not in s
+
+
+def test_prompt_set_summary_short_runs_sampling_and_tau_interval():
+    from hf_dspark.evaluation.summary import summarize_prompt_set
+
+    records = _records()
+    for r in records:  # a short run: 0.5 s in all is still a speed
+        r["dspark"]["seconds"], r["baseline"]["seconds"] = 0.25, 0.5
+        del r["dspark"]["matches_baseline"]  # sampling: no agreement to measure
+    s = summarize_prompt_set(records)
+    assert s["tokens_per_second"] == 32.0 and s["baseline_tokens_per_second"] == 16.0
+    assert "greedy_agreement" not in s and s["outputs_match_baseline"] is None
+    # tau per prompt: 10 / 4 = 2.5 and 6 / 3 = 2; the 90% bootstrap interval spans both
+    assert s["mean_accepted_length_ci90"] == [2.0, 2.5]

@@ -424,6 +424,23 @@ def test_cost_policy_with_draft_time_and_min_tokens():
         cost_policy_length(survival, lambda n: 0.0)
 
 
+def test_a_zero_survival_token_ends_the_prefix_even_when_longer_rounds_are_cheaper():
+    # a measured latency table can be noisy: here rounds get cheaper with length (1 / (L + 1) s),
+    # so tokens/s keeps rising, but a token with survival 0 is never submitted, nor any after it
+    survival = [0.9, 0.0, 0.0]
+    assert single_request_prefix_length(survival, lambda length: 1 / (length + 1)) == 1
+    assert cost_policy_length(survival, lambda n: 1 / n) == 1
+    assert single_request_prefix_length([0.0, 0.0], lambda length: 1 / (length + 1)) == 0
+
+
+def test_min_tokens_must_be_a_non_negative_int():
+    times = lambda length: 1.0 + length  # noqa: E731
+    for bad in (-1, True, 1.0, "1"):
+        with pytest.raises(ValueError, match="min_tokens must be an int >= 0"):
+            single_request_prefix_length([0.9, 0.5], times, min_tokens=bad)
+    assert single_request_prefix_length([0.9, 0.5], times, min_tokens=2) == 2
+
+
 # ----------------------------------------------------------------------------- errors
 
 
