@@ -56,7 +56,7 @@ NB = "tests/test_named_bugs.py"
 TARGETS = [
     Target("verification", "hf_dspark/decoding/verification.py",
            ["accept_probabilities", "residual_distribution", "verify_block"],
-           [[NB, "-k", "residual"],
+           [[NB, "-k", "residual or verify_block"],
             ["tests/test_batched.py", "-k", "greedy_keeps or exact_enumeration or draws_follow or nothing_submitted"]]),
     Target("policies", "hf_dspark/models/dspark/policies_dspark.py",
            ["prefix_survival", "threshold_length", "prefix_length", "cost_length"],

@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from hf_dspark import load_drafter
-from hf_dspark.decoding.verification import residual_distribution
+from hf_dspark.decoding.verification import residual_distribution, verify_block
 from hf_dspark.errors import CheckpointError
 from hf_dspark.losses import dspark_loss, l1_to_dense_target, l1_to_topk_target
 from hf_dspark.models.dspark.generation_dspark import (
@@ -139,6 +139,18 @@ def test_residual_distribution_of_equal_laws_is_the_target_law():
                                                                          dtype=torch.float64))
 
 
+def test_verify_block_never_accepts_a_token_the_target_cannot_produce(monkeypatch):
+    # u ~ U[0, 1) can be exactly 0: a token with p(x) = 0 must still be rejected (u < 0 is false),
+    # while one with p(x) = q(x) is accepted
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.zeros(n, dtype=kw.get("dtype")))
+    q = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    p = torch.tensor([[0.5, 0.0, 0.5], [1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    n_accepted, token = verify_block(torch.tensor([1, 1]), q, p, 2, torch.Generator().manual_seed(0))
+    assert n_accepted == 0 and token in (0, 2)  # the replacement comes from max(p - q, 0): never token 1
+    p[0] = torch.tensor([0.0, 1.0, 0.0])  # now p_1 = q_1: accepted; p_2(1) = 1/3 < 1 = q_2(1), u = 0 accepts
+    assert verify_block(torch.tensor([1, 1]), q, p, 2, torch.Generator().manual_seed(0))[0] == 2
+
+
 # ----------------------------------------------------------------------------- losses
 def test_topk_l1_equals_the_dense_l1_when_k_is_the_vocabulary():
     gen = torch.Generator().manual_seed(0)
@@ -231,6 +243,13 @@ def test_anchors_are_only_positions_whose_next_token_is_supervised():
     assert seen == allowed  # every allowed anchor can be drawn
     anchors, keep = sample_anchor_positions(loss_mask, 10)  # more anchors than positions: all of them
     assert anchors[0][keep[0]].tolist() == [1, 4, 5] and keep.shape == (3, 10)
+
+
+def test_anchors_are_decided_by_the_mask_not_by_the_draw(monkeypatch):
+    # a valid position whose random score is exactly 0 (torch.rand draws from [0, 1)) is still a candidate
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape))
+    anchors, keep = sample_anchor_positions(torch.tensor([[1, 1, 1, 0, 1, 1]]), 3)
+    assert anchors[keep].tolist() == [0, 1, 4] and keep.tolist() == [[True, True, True]]
 
 
 # ----------------------------------------------------------------------------- loading
