@@ -100,15 +100,9 @@ def machine_info(device: torch.device) -> dict:
     """What the figures were measured on."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "gpu": None, "device": str(device), "torch": torch.__version__,
+    from hf_dspark.evaluation.measure import cpu_model_name
+
+    info = {"cpu": cpu_model_name(), "gpu": None, "device": str(device), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

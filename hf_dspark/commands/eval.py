@@ -123,15 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _hardware(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu} ({os.cpu_count()} CPUs)"
+    from hf_dspark.evaluation.measure import cpu_model_name
+
+    text = f"{cpu_model_name()} ({os.cpu_count()} CPUs)"
     if device.type == "cuda":
         text += f", {torch.cuda.get_device_name(device)}"
     return text

@@ -22,6 +22,21 @@ class Measurement:
     stats: dict[str, Any] | None = field(default=None)
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name as ``/proc/cpuinfo`` gives it (Linux), else what ``platform`` knows; every
+    figure names the machine it was measured on."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
