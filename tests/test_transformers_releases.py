@@ -233,7 +233,7 @@ def test_drafters_exported_before_and_after_5_25_support_on_this_release(tmp_pat
 
 # ----------------------------------------------------------------------------- latency tables follow their device
 def test_a_latency_table_from_another_device_or_dtype_is_not_applied(qwen, draft):
-    from hf_dspark.models.dspark.generation_dspark import _table_fits
+    from hf_dspark.models.dspark.generation_dspark import latency_table_fits
 
     table = {"1": 0.010, "4": 0.012, "8": 0.020}
     ids = torch.tensor([[5, 9, 14, 3, 22]])
@@ -241,11 +241,11 @@ def test_a_latency_table_from_another_device_or_dtype_is_not_applied(qwen, draft
     draft.generation_config.latency_table = table
     try:
         draft.generation_config.latency_profile_key = "tiny|float32|cpu|threads=1|ctx=128"
-        assert _table_fits(draft.generation_config.latency_profile_key, qwen)
+        assert latency_table_fits(draft.generation_config.latency_profile_key, qwen)
         qwen.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft)
         assert draft.last_generation_stats["policy"] == "cost"
         draft.generation_config.latency_profile_key = "tiny|bfloat16|cuda:0|threads=1|ctx=128"
-        assert not _table_fits(draft.generation_config.latency_profile_key, qwen)
+        assert not latency_table_fits(draft.generation_config.latency_profile_key, qwen)
         with pytest.warns(UserWarning, match=r"measured on cuda/bfloat16, but the target runs on cpu/float32"):
             plain = qwen.generate(ids, max_new_tokens=6, do_sample=False)
             spec = qwen.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft)

@@ -146,10 +146,10 @@ def apply_policy(draft, policy: str | None, target) -> None:
     if policy is None:
         return
     draft.generation_config.verification_policy = policy
-    from hf_dspark.models.dspark.generation_dspark import _table_fits
+    from hf_dspark.models.dspark.generation_dspark import latency_table_fits
 
     config = draft.generation_config
-    if policy == "cost" and (not config.latency_table or not _table_fits(config.latency_profile_key, target)):
+    if policy == "cost" and (not config.latency_table or not latency_table_fits(config.latency_profile_key, target)):
         from hf_dspark.decoding.latency import profile_latency
 
         profile = profile_latency(target, token_counts=range(1, draft.config.block_size + 2))

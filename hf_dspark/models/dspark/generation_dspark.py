@@ -245,7 +245,7 @@ def _target_place(target_model) -> str:
     return f"{torch.device(device).type}/{str(weight.dtype).removeprefix('torch.')}"
 
 
-def _table_fits(key: str | None, target_model) -> bool:
+def latency_table_fits(key: str | None, target_model) -> bool:
     """A table without a key (set by hand, or saved before keys were kept) is trusted as before."""
     return key is None or _key_place(key) == _target_place(target_model)
 
@@ -343,7 +343,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
             raise ValueError(
                 f"draft.generation_config.verification_policy={policy!r} is not one of {POLICIES}"
             )
-        if settings["latency_table"] and not _table_fits(settings["latency_profile_key"], target_model):
+        if settings["latency_table"] and not latency_table_fits(settings["latency_profile_key"], target_model):
             # a table measured on another device or dtype would pick verification lengths for other costs
             _warn_once(
                 f"the drafter's latency_table was measured on {_key_place(settings['latency_profile_key'])}, but the "
@@ -733,6 +733,7 @@ __all__ = [
     "interpolate",
     "nondecreasing_fit",
     "latency_from_table",
+    "latency_table_fits",
     "prefix_survival",
     "HOOKED_INTERNAL",
     "CHECKED_INTERNAL",
