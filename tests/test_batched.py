@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from _fixtures import mixed_prompts, plain, repetitive_prompts, synthetic_cost, synthetic_profile, train_prompts
 from _models import briefly_trained_drafter, target_features, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
 from test_generate import chi_square_rejects, exact_joint
 
@@ -155,45 +156,6 @@ def test_ragged_slots_compaction_keeps_valid_slots_in_order():
 
 
 # ============================================================================ greedy: lossless on ragged batches
-def train_prompts(seed=5, n=3, length=7):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 90, (1, length), generator=gen) for _ in range(n)]
-
-
-def mixed_prompts(target, train) -> list[list[int]]:
-    """Different lengths: training prompts (long acceptances), their prefixes, a prompt extended
-    by its own continuation, a one-token prompt, and random prompts longer than Gemma's window."""
-    gen = torch.Generator().manual_seed(9)
-    first = train[0][0].tolist()
-    extended = target.generate(train[1], max_new_tokens=5, do_sample=False)[0].tolist()
-    return [
-        first, train[1][0].tolist(), first[:4], extended, [first[0]], train[2][0].tolist()[:6],
-        torch.randint(3, 90, (12,), generator=gen).tolist(), torch.randint(3, 90, (3,), generator=gen).tolist(),
-    ]
-
-
-
-def plain(target, prompt, max_new_tokens, eos=None):
-    ids = torch.tensor([prompt])
-    kwargs = {} if eos is None else {"eos_token_id": eos}
-    out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-    return out[0, ids.shape[1]:].tolist()
-
-
-def synthetic_profile(max_batch=64, per_token=0.06):
-    """A made-up latency curve: a pass costs more with more rows and tokens (no timing in tests)."""
-    table = {b: {n: 0.004 * (1 + 0.05 * b) * (1 + per_token * n) for n in range(1, 9)} for b in (1, 4, 16, max_batch)}
-    return LatencyProfile(model_name="synthetic", dtype="float32", device="cpu", num_threads=1, context_length=128,
-                          table=table)
-
-
-def synthetic_cost(max_batch=64, per_token=0.3, draft_seconds=0.002, per_row=0.0):
-    """A made-up round-time model: the curve above (steeper by default) and a drafter costing
-    ``draft_seconds + per_row`` per row; nothing is timed, so schedules are deterministic."""
-    return RoundCost(synthetic_profile(max_batch, per_token),
-                     draft_seconds={1: draft_seconds + per_row, 2: draft_seconds + 2 * per_row})
-
-
 @pytest.fixture(scope="module")
 def qwen():
     return tiny_qwen3_target()
@@ -580,15 +542,6 @@ def test_appendix_a_selection_bias_in_the_engine(small_vocab, monkeypatch, sched
 
 
 # ---------------------------------------------------------------------------- n-gram rounds
-def repetitive_prompts(seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for length in (4, 3, 5):
-        motif = torch.randint(3, 90, (length,), generator=gen).tolist()
-        out.append(motif + torch.randint(3, 90, (2,), generator=gen).tolist() + motif + motif[:2])
-    return out
-
-
 @pytest.mark.parametrize("target_name", ["qwen", "gemma"])
 def test_greedy_batched_with_ngram_rounds_equals_per_request_generate(request, target_name):
     target = request.getfixturevalue(target_name)

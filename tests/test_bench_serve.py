@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
+from _fixtures import plain, synthetic_cost, train_prompts
 from _models import briefly_trained_drafter, tiny_drafter, tiny_qwen3_target
-from test_batched import plain, synthetic_cost, train_prompts
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.commands.bench_serve import Workload, reference_outputs, serve, summarize

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from _fixtures import mixed_prompts, plain, repetitive_prompts, train_prompts
 from _models import briefly_trained_drafter, tiny_drafter, tiny_qwen3_target
-from test_batched import mixed_prompts, plain, repetitive_prompts, train_prompts
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.decoding.oracle import OracleSchedule
