@@ -1,6 +1,6 @@
 """Helpers shared by several test modules (no test module imports another one).
 
-Where the DeepSpec reference fixtures live, for the tests that read them, and the prompts,
+Where the DeepSpec reference fixtures live, for the tests that read them; :func:`write_jsonl`; the prompts,
 plain-``generate`` reference and made-up round costs of the batched-engine tests (used by
 ``test_batched``, ``test_bench_serve`` and ``test_oracle``).
 
@@ -12,6 +12,7 @@ vanish unnoticed; outside CI, ``HF_DSPARK_ALLOW_MISSING_SHARED=1`` turns that in
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def require_deepspec_fixtures() -> None:
     if missing_shared_may_skip():
         pytest.skip(message, allow_module_level=True)
     pytest.fail(message, pytrace=False)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Write ``rows`` to ``path`` as JSON Lines; returns ``path``."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 # ----------------------------------------------------------------------------- batched-engine helpers

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _fixtures import write_jsonl
 from _models import briefly_trained_drafter, tiny_drafter
 from conftest import BOS_ID
 
@@ -27,11 +28,6 @@ CODE_ROWS = [
     {"turns": ["write python code to sum a list", "and now the final answer"]},
     {"turns": ["please write code : the list of number and the sum"]},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +76,13 @@ def test_eval_fields_are_present_and_consistent(greedy_results):
         assert 1.0 <= entry["mean_accepted_length"] <= BLOCK_SIZE + 1
         acceptance = entry["per_position_acceptance"]
         assert len(acceptance) == BLOCK_SIZE
-        assert acceptance[0] is not None
-        assert all(v is None or 0.0 <= v <= 1.0 for v in acceptance)
+        # accepted / attempted at each draft position, over the set's records; every round tries position 1
+        drafts = [r["dspark"] for r in entry["prompts"]]
+        assert sum(d["position_attempted"][0] for d in drafts) == sum(d["rounds"] for d in drafts) > 0
+        for k, value in enumerate(acceptance):
+            tried = sum(d["position_attempted"][k] for d in drafts if k < len(d["position_attempted"]))
+            hits = sum(d["position_accepted"][k] for d in drafts if k < len(d["position_accepted"]))
+            assert value == (pytest.approx(hits / tried) if tried else None), k
         assert entry["speedup"] == pytest.approx(entry["tokens_per_second"] / entry["baseline_tokens_per_second"])
         # greedy: no fused plain run (no top-k / top-p), so the best plain setup is plain generate itself
         assert entry["baseline_fused_tokens_per_second"] is None
@@ -413,9 +414,22 @@ def test_eval_sampling_reports_the_fused_plain_baseline_and_the_best_plain_speed
                      "--baseline")
     assert main(args) == 0
     results = json.loads(output.read_text())
-    for entry in results["datasets"].values():
+    # The fused run samples the same distribution with the same seed, so it generates what plain generate
+    # does: rerun both for each record and check the counts the record holds.
+    from hf_dspark.trainer.regenerate import encode_prompt
+
+    target, tokenizer = load_target(workspace["target"])
+    sampling = {"max_new_tokens": 20, "do_sample": True, "temperature": 1.0, "top_k": 20, "top_p": 0.9}
+    rows = {"gsm8k-mini": GSM8K_ROWS, "code": CODE_ROWS}
+    for name, entry in results["datasets"].items():
         for record in entry["prompts"]:
-            assert record["baseline_fused"]["new_tokens"] > 0 and record["baseline_fused"]["seconds"] > 0
+            input_ids = torch.tensor([encode_prompt(tokenizer, rows[name][record["index"]]["turns"][0], False)])
+            assert input_ids.shape[1] == record["prompt_tokens"]
+            plain_run = evaluation.measure_generate(target, input_ids, sampling, record["seed"])
+            fused_run = evaluation.measure_generate(target, input_ids, evaluation.fused_plain_kwargs(sampling),
+                                                    record["seed"])
+            assert torch.equal(fused_run.output_ids, plain_run.output_ids), record["index"]
+            assert record["baseline_fused"]["new_tokens"] == record["baseline"]["new_tokens"] == plain_run.new_tokens
         plain, fused = entry["baseline_tokens_per_second"], entry["baseline_fused_tokens_per_second"]
         assert fused == pytest.approx(sum(r["baseline_fused"]["new_tokens"] for r in entry["prompts"])
                                       / sum(r["baseline_fused"]["seconds"] for r in entry["prompts"]))

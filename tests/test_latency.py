@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 import types
@@ -42,18 +43,45 @@ def make_profile(table, **overrides):
     return LatencyProfile(**fields)
 
 
+class ScriptedPassClock:
+    """Stands in for ``latency.time``: the clock moves only inside a forward pass of ``model`` (or of a copy of
+    it), by ``cost(dtype, batch, tokens, index)``, ``index`` counting the earlier passes of that dtype and shape."""
+
+    def __init__(self, model, monkeypatch, cost=None):
+        self.now, self.seen = 0.0, {}
+        self.cost = cost or (lambda dtype, batch, tokens, index: 1e-3 * batch * tokens * (1 + index))
+
+        def advance(module, args, kwargs):  # a closure, not a bound method: a deepcopy of the model shares it
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            key = (next(module.parameters()).dtype, *ids.shape)
+            index = self.seen.get(key, 0)
+            self.seen[key] = index + 1
+            self.now += self.cost(*key, index)
+
+        self.handle = model.register_forward_pre_hook(advance, with_kwargs=True)
+        monkeypatch.setattr(latency, "time", self)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def remove(self):
+        self.handle.remove()
+
+
 def test_profile_runs_and_caches(tiny_model, tmp_path, monkeypatch):
     # a row measured while other jobs run may be judged implausible and measured again (tested below, with a
     # scripted timer); here every row is taken as measured, so the count of passes is exact
     monkeypatch.setattr(latency, "implausible_row", lambda row, noisy=(): [])
+    clock = ScriptedPassClock(tiny_model, monkeypatch)
     calls, handle = count_forwards(tiny_model)
     try:
-        start = time.perf_counter()
         profile = profile_latency(
             tiny_model, token_counts=[1, 2, 4], batch_sizes=(1, 2), context_length=8,
             warmup=1, repeats=2, cache_dir=tmp_path,
         )
-        wall = time.perf_counter() - start
         # per batch size: one prefill + 3 token counts x (1 warmup + 2 timed)
         assert len(calls) == 2 * (1 + 3 * 3)
         assert profile.model_name == "tiny/qwen3-random"
@@ -61,9 +89,13 @@ def test_profile_runs_and_caches(tiny_model, tmp_path, monkeypatch):
         assert profile.num_threads == torch.get_num_threads() and profile.context_length == 8
         assert sorted(profile.table) == [1, 2]
         assert all(sorted(row) == [1, 2, 4] for row in profile.table.values())
-        # each entry times its own passes, all of them inside this call
-        timings = [s for row in profile.table.values() for s in row.values()]
-        assert all(s > 0 for s in timings) and sum(timings) <= wall
+        # each entry is the median of its own timed passes (the 2nd and 3rd: the 1st is the warmup)
+        dtype = next(tiny_model.parameters()).dtype
+        expected = {b: {n: statistics.median([clock.cost(dtype, b, n, 1), clock.cost(dtype, b, n, 2)])
+                        for n in (1, 2, 4)} for b in (1, 2)}
+        assert profile.table.keys() == expected.keys()
+        for b, row in expected.items():
+            assert profile.table[b] == pytest.approx(row, rel=1e-9), b
         files = list(tmp_path.glob("*.json"))
         assert [f.name for f in files] == [profile.file_name]
 
@@ -90,6 +122,7 @@ def test_profile_runs_and_caches(tiny_model, tmp_path, monkeypatch):
         assert len(calls) == 2 and len(list(tmp_path.glob("*.json"))) == 2
     finally:
         handle.remove()
+        clock.remove()
     assert tiny_model.training  # mode restored (a freshly built model is in training mode)
 
 
@@ -266,18 +299,23 @@ def test_choose_dtype_keeps_the_dtype_with_the_cheaper_verification_pass(monkeyp
         latency.choose_dtype(target, candidates=("int8",))
 
 
-def test_choose_dtype_measures_both_dtypes_on_a_tiny_model(tmp_path):
+def test_choose_dtype_measures_both_dtypes_on_a_tiny_model(tmp_path, monkeypatch):
     from hf_dspark.decoding.latency import choose_dtype
     from _models import tiny_qwen3_target
 
-    start = time.perf_counter()
-    best, measured = choose_dtype(tiny_qwen3_target(seed=0), cache_dir=tmp_path, repeats=1, context_length=8)
-    wall = time.perf_counter() - start
-    assert best in ("float32", "bfloat16") and set(measured) == {"float32", "bfloat16"}
-    assert all(sorted(t) == [1, 8] for t in measured.values())
-    timings = [t[n] for t in measured.values() for n in (1, 8)]
-    assert all(s > 0 for s in timings) and sum(timings) <= wall  # separate passes, all inside this call
-    assert best == min(measured, key=lambda n: measured[n][8])
+    # scripted pass times: bf16 is slower for one token but faster for the 8-token pass a round is made of
+    per_pass = {(torch.float32, 1): 1e-3, (torch.float32, 8): 4e-3, (torch.bfloat16, 1): 2e-3, (torch.bfloat16, 8): 3e-3}
+    model = tiny_qwen3_target(seed=0)
+    clock = ScriptedPassClock(model, monkeypatch, cost=lambda dtype, batch, tokens, index: per_pass.get((dtype, tokens), 0.0))
+    try:
+        best, measured = choose_dtype(model, cache_dir=tmp_path, repeats=1, context_length=8)
+    finally:
+        clock.remove()
+    assert measured.keys() == {"float32", "bfloat16"}  # each dtype's table holds its own passes
+    assert measured["float32"] == pytest.approx({1: 1e-3, 8: 4e-3}, rel=1e-9)
+    assert measured["bfloat16"] == pytest.approx({1: 2e-3, 8: 3e-3}, rel=1e-9)
+    assert best == "bfloat16"  # chosen by the 8-token pass
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is not converted
 
 
 def test_queries_read_a_non_decreasing_fit_of_noisy_medians():
