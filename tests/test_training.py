@@ -439,7 +439,17 @@ def test_online_and_cached_training_give_the_same_loss(work, target, cache_dir, 
     # Evaluation reuses compute_loss; its metrics are logged with the eval_ prefix.
     trainer, dataset = trainers[False]
     metrics = trainer.evaluate(eval_dataset=torch.utils.data.Subset(dataset, range(8)))
-    assert metrics["eval_loss"] > 0 and 1 < metrics["eval_expected_tau"] < 6 and "eval_acceptance_1" in metrics
+    assert 1 < metrics["eval_expected_tau"] < 6 and "eval_acceptance_1" in metrics
+    # eight sequences are one evaluation batch: its loss and metrics are compute_loss's on that batch, in eval
+    # mode, with the anchors of the step's first evaluation call
+    trainer._anchor_calls = {}
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator([dataset[i] for i in range(8)]))
+    assert metrics["eval_loss"] == pytest.approx(float(loss), rel=1e-5)
+    recomputed = {name: values[-1] for name, values in trainer._metrics["eval"].items()}
+    for name in ("expected_tau", "l1_loss", "acceptance_1"):
+        assert metrics[f"eval_{name}"] == pytest.approx(recomputed[name], abs=2e-6), name
     # The target is frozen and stays out of the optimizer.
     trainer = trainers[True][0]
     trainer.create_optimizer()

@@ -7,7 +7,9 @@ The pipeline behind ``hf-dspark prepare-data`` -> ``build-cache`` -> ``train`` (
 * ``OnlineDataset`` (target features computed on the fly) and ``CachedFeatureDataset`` /
   ``FeatureCaches`` (memory-mapped shards written by ``build-cache``), batched by
   ``DSparkDataCollator``;
-* ``target_features``: the target pass whose hidden states feed the drafter.
+* ``target_features``: the target pass whose hidden states feed the drafter;
+* ``load_target_parts`` / ``TargetParts``: the target's embedding and LM head alone, all that
+  training from a cache needs of it.
 
 Names are imported on first use, so ``hf-dspark prepare-data`` does not pay for ``Trainer``.
 """
@@ -29,6 +31,8 @@ _EXPORTS = {
     "load_cache_manifest": "data",
     "read_data_rows": "data",
     "target_features": "feature_cache",
+    "TargetParts": "target_parts",
+    "load_target_parts": "target_parts",
     "load_prompts": "prompts",
     "holdout_split": "prompts",
 }

@@ -161,6 +161,12 @@ def verify_shard(cache_dir: str | os.PathLike, shard: dict[str, Any]) -> None:
         )
 
 
+def verify_cache(cache_dir: str | os.PathLike) -> None:
+    """Check every shard of a finished cache against its manifest (size and sha256); see :func:`verify_shard`."""
+    for shard in load_cache_manifest(cache_dir)["shards"]:
+        verify_shard(cache_dir, shard)
+
+
 def check_cache_matches(manifest: dict[str, Any], target_config, target_layer_ids=None, where: str = "--cache") -> None:
     """Raise :class:`CheckpointError` if the cache was built for another target geometry or layer set."""
     tcfg = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
@@ -397,5 +403,6 @@ __all__ = [
     "read_data_rows",
     "sha256_file",
     "token_frequencies",
+    "verify_cache",
     "verify_shard",
 ]

@@ -5,7 +5,8 @@ drafter borrows its embedding table and LM head. Batches come either from a feat
 (target hidden states + top-k distribution already stored) or, with ``args.online``, as token
 ids only: then the target runs inside the step under ``no_grad`` through the very function the
 cache builder uses, so both modes see the same features and give the same loss for the same
-batch and anchors.
+batch and anchors. From a cache, the target never runs: only its embedding and LM head
+(:class:`~hf_dspark.trainer.target_parts.TargetParts`) go to the training device.
 
 Anchors are drawn from a generator seeded by (seed, global step, process, micro-batch), so
 a run resumed from a checkpoint draws the same anchors as an uninterrupted one.
@@ -24,6 +25,7 @@ from hf_dspark.losses import dspark_loss
 from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel
 from .data import DSparkDataCollator
 from .feature_cache import target_features
+from .target_parts import TargetParts
 from .training_args import DSparkTrainingArguments
 
 # Modules that stay fully trainable (and are saved with the adapter) in LoRA mode.
@@ -90,7 +92,8 @@ class DSparkTrainer(Trainer):
 
     Args:
         draft_model: a drafter built with ``DSparkDraftModel.from_target`` (or loaded and bound).
-        target_model: the target; frozen here, moved to the training device, never saved.
+        target_model: the target; frozen here, never saved. Online, it is moved to the training device;
+            from a cache only its input embedding and LM head are (a :class:`TargetParts` is enough there).
         args: [`DSparkTrainingArguments`]; ``args.use_lora`` wraps the drafter with PEFT.
         Other arguments are passed to ``transformers.Trainer``; the default collator is
         [`DSparkDataCollator`] padding with the target's pad token.
@@ -108,6 +111,10 @@ class DSparkTrainer(Trainer):
             pad = getattr(target_model.config.get_text_config(), "pad_token_id", None)
             data_collator = DSparkDataCollator(pad_token_id=pad if isinstance(pad, int) else 0)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        if not args.online and not isinstance(target_model, TargetParts):
+            # the decoder layers never run on cached features: leave them where they are
+            target_model = TargetParts(target_model.config, target_model.get_input_embeddings(),
+                                       target_model.get_output_embeddings())
         self.target_model = target_model.to(self.args.device)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._anchor_calls: dict = {}

@@ -38,13 +38,21 @@ from typing import get_type_hints
 import torch
 from transformers import TrainerCallback
 
-from hf_dspark.errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError
+from hf_dspark.errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError, HfDSparkError
 from hf_dspark.commands import _args
 from hf_dspark.outputs import claim_output_folder
 from hf_dspark.targets import TARGET_DTYPES
-from .data import CachedFeatureDataset, FeatureCaches, OnlineDataset, check_cache_matches, choose_draft_vocab
+from .data import (
+    CachedFeatureDataset,
+    FeatureCaches,
+    OnlineDataset,
+    check_cache_matches,
+    choose_draft_vocab,
+    verify_cache,
+)
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
 from .feature_cache import data_chat_template, resolve_layer_ids
+from .target_parts import load_target_parts
 from .training_args import DSparkTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -85,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Start from this drafter (domain adaptation) instead of a fresh one.")
     main.add_argument("--resume", default="auto", metavar="auto|no|CHECKPOINT_DIR",
                       help="auto: continue from the latest checkpoint in --output if any (default); no: start over.")
-    main.add_argument("--target-dtype", default="float32", choices=TARGET_DTYPES,
-                      help="dtype of the frozen target (online mode and borrowed embeddings / LM head).")
+    main.add_argument("--target-dtype", default=None, choices=TARGET_DTYPES,
+                      help="dtype of the frozen target (online mode) or of its borrowed embeddings / LM head (cache "
+                           "mode); default: bfloat16 when training on an accelerator, float32 on a CPU.")
     main.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's).")
 
     group = parser.add_argument_group(
@@ -133,10 +142,9 @@ def _load_dataset(args, training_args: DSparkTrainingArguments, target):
                 "truncated when it is built (`hf-dspark build-cache --max-seq-len`)."
             )
         dirs = [args.cache] if isinstance(args.cache, (str, os.PathLike)) else list(args.cache)
-        if len(dirs) == 1:
-            dataset = CachedFeatureDataset(dirs[0], verify=training_args.verify_cache)
-        else:
-            dataset = FeatureCaches(dirs, verify=training_args.verify_cache)
+        if training_args.verify_cache:
+            verify_caches_once(dirs, training_args)
+        dataset = CachedFeatureDataset(dirs[0], verify=False) if len(dirs) == 1 else FeatureCaches(dirs, verify=False)
         for part in getattr(dataset, "parts", [dataset]):
             check_cache_matches(part.manifest, target.config, training_args.target_layer_ids,
                                 where=f"--cache {part.cache_dir}")
@@ -145,6 +153,33 @@ def _load_dataset(args, training_args: DSparkTrainingArguments, target):
         return dataset, list(dataset.manifest["target_layer_ids"])
     dataset = OnlineDataset(args.data, "train", training_args.max_seq_len)
     return dataset, resolve_layer_ids(training_args.target_layer_ids, num_layers)
+
+
+def verify_caches_once(cache_dirs, training_args) -> None:
+    """Check every shard's sha256 on one process per machine, and give every rank its verdict.
+
+    Hashing reads the whole cache; done by every rank it would multiply that read by the number of
+    GPUs. The machine's first process (``local_process_index == 0``) hashes, the others wait for its
+    verdict; a collective, so every rank must call it. A failed check raises the same error (its
+    message names the shard and how to rebuild it) on every rank, so none of them trains.
+    """
+    problem = None
+    if training_args.local_process_index == 0:
+        try:
+            for cache_dir in cache_dirs:
+                verify_cache(cache_dir)
+        except Exception as error:  # any failure must reach the collective below, or the other ranks wait forever
+            problem = error
+    if training_args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        verdicts = [None] * training_args.world_size
+        torch.distributed.all_gather_object(verdicts, None if problem is None else (type(problem), str(problem)))
+        found = next((verdict for verdict in verdicts if verdict is not None), None)
+        if problem is None and found is not None:
+            kind, message = found
+            kind = kind if isinstance(kind, type) and issubclass(kind, HfDSparkError) else CheckpointError
+            raise kind(f"{message} (found by the process that checked the cache for its machine)")
+    if problem is not None:
+        raise problem
 
 
 def _prompt_chat_template(args, dataset) -> bool | None:
@@ -442,7 +477,11 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
                   *[("--cache", cache) for cache in args.cache or []]]
         claim_output_folder(output, "train", inputs=inputs, written=WRITTEN_FILES,
                             legacy_files=(SETTINGS_NAME, SUMMARY_NAME, "checkpoint-*"))
-    target, tokenizer = targets.load_target(args.target, dtype=getattr(torch, args.target_dtype))
+    target_dtype = getattr(torch, _args.resolve_target_dtype(args.target_dtype, training_args.device))
+    if training_args.online:  # the target computes the features in every step
+        target, tokenizer = targets.load_target(args.target, dtype=target_dtype)
+    else:  # features come from the cache: only the borrowed embedding and LM head are loaded
+        target, tokenizer = load_target_parts(args.target, dtype=target_dtype)
     target_name = targets.resolve_target_name(args.target)
     dataset, layer_ids = _load_dataset(args, training_args, target)
     _check_anchor_config(training_args, dataset)

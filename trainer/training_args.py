@@ -87,7 +87,8 @@ class DSparkTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Online mode: truncate sequences to this many tokens (unset = no limit)."}
     )
     verify_cache: bool = field(
-        default=True, metadata={"help": "Check every cache shard's sha256 before training (reads the cache once)."}
+        default=True, metadata={"help": "Check every cache shard's sha256 before training (reads the cache once, on "
+                                "the first process of each machine; the other ranks get its verdict)."}
     )
     # ------------------------------------------------------------------ LoRA
     use_lora: bool = field(
