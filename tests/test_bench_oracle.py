@@ -15,11 +15,16 @@ from hf_dspark.commands.bench_oracle import (
     OracleOutputMismatch,
     benchmark_oracle,
     check_outputs,
+    oracle_engine,
     oracle_generate,
     plain_generate,
 )
 from hf_dspark.decoding.latency import profile_latency
-from hf_dspark.decoding.oracle_proposals import oracle_block
+from hf_dspark.decoding.oracle_proposals import (
+    departure,
+    greedy_continuation,
+    oracle_block,
+)
 from hf_dspark.errors import DSparkConfigError
 
 TINY_CONFIG = {"model_type": "qwen3", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
@@ -84,6 +89,59 @@ def test_the_drafter_runs_every_round_and_its_policy_is_restored():
     assert len(calls) >= run["rounds"] > 0  # one drafted block per round (plus the warm-up's)
     assert draft.generation_config.verification_policy == "threshold"
     assert draft.candidate_generator_class is None
+
+
+def test_departure_is_the_first_position_the_committed_tokens_leave_the_reference():
+    assert departure([4, 5, 6], [4, 5, 6, 7]) is None
+    assert departure([], [4]) is None
+    assert departure([4, 9, 6], [4, 5, 6, 7]) == 1
+    assert departure([4, 5, 6], [4, 5]) == 2  # ran past a reference that stopped
+
+
+def _branched_references(target, prompts, references, at: int, vocab: int = 96):
+    """What a bf16 near-tie does to the oracle: each reference takes another token at ``at`` and then
+    follows the target's greedy continuation of that other prefix, which the run never commits."""
+    branched = []
+    for prompt, reference in zip(prompts, references):
+        other = (reference[at] + 1) % vocab
+        head = reference[:at] + [other]
+        branched.append(head + greedy_continuation(target, prompt + head, len(reference) - len(head)))
+    return branched
+
+
+@pytest.mark.parametrize("mode", ["generate", "engine"])
+def test_the_oracle_resynchronises_where_the_run_leaves_its_reference(mode):
+    target = tiny_qwen3_target(seed=2)  # no EOS within 40 tokens of these prompts
+    draft = tiny_drafter(target, seed=3, block_size=5)
+    prompts = _prompts(2)
+    references, _ = plain_generate(target, prompts, 40)
+    assert all(len(r) == 40 for r in references)
+    branched = _branched_references(target, prompts, references, at=6)
+    # the branch is a different continuation from there on: without resynchronising tau would collapse
+    assert all(sum(a == b for a, b in zip(r[7:], b[7:])) <= 10 for r, b in zip(references, branched))
+    tau, memo = 4, {}
+    if mode == "generate":
+        run = oracle_generate(target, draft, prompts, branched, tau, 40, continuations=memo)
+    else:
+        run = oracle_engine(target, draft, prompts, branched, tau, 40, batch_size=2, continuations=memo)
+    assert run["outputs"] == references  # verification keeps the target's own output (float32)
+    # one short round per prompt at the branch (and possibly a short last one); otherwise tau - 1 drafts
+    assert tau - 0.6 <= run["tau_measured"] <= tau, run["tau_measured"]
+    assert run["resyncs"] == len(prompts)  # one departure per prompt, at the branch
+    assert run["resync_seconds"] > 0
+    # the memo holds each recomputed continuation: the plain continuation of the committed prefix
+    for prompt, reference in zip(prompts, references):
+        key = (tuple(prompt + reference[:7]), 40 - 7)
+        assert memo[key] == reference[7:]
+
+
+def test_without_a_departure_there_is_no_resync():
+    target = tiny_qwen3_target(seed=0)
+    draft = tiny_drafter(target, seed=3, block_size=5)
+    prompts = _prompts(2)
+    references, _ = plain_generate(target, prompts, 30)
+    run = oracle_generate(target, draft, prompts, references, 4, 30)
+    assert run["resyncs"] == 0 and run["resync_seconds"] == 0.0
 
 
 def test_a_float32_output_that_differs_from_plain_fails_the_run():

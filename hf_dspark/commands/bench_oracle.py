@@ -12,14 +12,23 @@ For each tau and each mode (``generate`` at batch 1; the batched engine at each 
 a row of ``results`` reports:
 
 * ``tau_measured``; ``tokens_per_second`` and ``plain_tokens_per_second`` (plain ``generate``; at
-  batch B > 1 transformers' batched ``generate`` over chunks of B prompts); ``speedup``;
+  batch B > 1 transformers' batched ``generate`` over chunks of B prompts), plain being timed again
+  beside every run (for ``generate`` just before each prompt's oracle run) so that ``speedup`` is a
+  side-by-side ratio on a machine whose speed drifts;
 * ``ideal_speedup`` = tau x T(1) / T_verify(1 + block_size): a round that cost only its verification
   pass, from :func:`~hf_dspark.decoding.latency.profile_latency` on the same target (same dtype,
-  device and threads; batch B's row for the engine at batch B), and ``efficiency`` = speedup / ideal;
+  device and threads, a context of the mean prompt plus half the new tokens, the verification LM-head
+  layout the run uses; batch B's row for the engine at batch B), and ``efficiency`` = speedup / ideal;
+  the two profiled times are in the row (``profile_one_token_ms``, ``profile_verify_ms``) to compare
+  with ``verify_ms``;
 * the split of a mean round in ms: ``draft_ms`` (drafter block + Markov loop), ``verify_ms`` (the
-  target pass; for ``generate`` also transformers' acceptance), ``oracle_ms`` (overwriting the
-  proposals: the instrument's own cost), ``other_ms`` (everything else, per-call setup included),
-  ``round_ms`` (their sum), and ``prefill_ms`` per prompt.
+  target pass; for ``generate`` also transformers' acceptance), ``oracle_ms`` (checking the
+  committed tokens against the reference and overwriting the proposals: the instrument's own cost), ``other_ms`` (everything else, per-call setup included),
+  ``round_ms`` (their sum), and ``prefill_ms`` per prompt;
+* ``resyncs``: how often the committed tokens left the reference (a bf16/fp16 near-tie, below) and the
+  reference was recomputed by plain greedy ``generate`` from the committed prefix, so that tau stays
+  imposed; ``resync_seconds``, the time of those recomputations, is left out of ``tokens_per_second``
+  and of the round split.
 
 Every oracle run's output is compared with plain ``generate``'s: in float32 they must be identical
 (else the command fails); in bf16/fp16 a divergence is accepted only at a numerical near-tie
@@ -47,12 +56,12 @@ from pathlib import Path
 import torch
 
 from hf_dspark.commands import _args
-from hf_dspark.errors import LosslessnessError
-from hf_dspark.errors import DSparkConfigError
+from hf_dspark.errors import DSparkConfigError, LosslessnessError
 
 RESULT_KEYS = ("mode", "batch_size", "tau", "tau_measured", "tokens_per_second", "plain_tokens_per_second", "speedup",
                "ideal_speedup", "efficiency", "draft_ms", "verify_ms", "oracle_ms", "other_ms", "round_ms", "prefill_ms",
-               "rounds", "new_tokens", "output_equals_plain")
+               "rounds", "new_tokens", "output_equals_plain", "resyncs", "resync_seconds", "profile_one_token_ms",
+               "profile_verify_ms")
 MODES = ("generate", "engine")
 NEAR_TIE_ULPS = 2.0
 
@@ -213,15 +222,30 @@ def plain_batched(target, prompts, batch_size: int, max_new_tokens: int, pad_id:
 
 
 def _split(totals: dict, rounds: int, prompts: int) -> dict:
+    """Mean round split in ms, prefill per prompt, and the resynchronisation time (left out of the timed run)."""
     per_round = {f"{k}_ms": 1e3 * totals.get(k, 0.0) / max(rounds, 1) for k in ("draft", "verify", "oracle", "other")}
     per_round["round_ms"] = sum(per_round.values())
     per_round["prefill_ms"] = 1e3 * totals.get("prefill", 0.0) / max(prompts, 1)
+    per_round["resync_seconds"] = totals.get("resync", 0.0)
     return per_round
 
 
+def _timed_plain(target, prompt, max_new_tokens: int) -> float:
+    ids = torch.tensor([prompt], device=target.device)
+    synchronize(target.device)
+    start = time.perf_counter()
+    target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    synchronize(target.device)
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
-def oracle_generate(target, draft, prompts, references, tau: int, max_new_tokens: int) -> dict:
-    """``generate(assistant_model=draft)`` with oracle proposals at ``tau`` for every prompt (one untimed warm-up)."""
+def oracle_generate(target, draft, prompts, references, tau: int, max_new_tokens: int, continuations=None,
+                    time_plain: bool = False) -> dict:
+    """``generate(assistant_model=draft)`` with oracle proposals at ``tau`` for every prompt (one untimed warm-up).
+
+    ``time_plain``: also time plain ``generate`` of each prompt just before its oracle run (``plain_seconds``),
+    so that the two are measured side by side on a machine whose speed drifts."""
     from hf_dspark.decoding.oracle_proposals import OracleCandidateGenerator, RoundClock
 
     device = target.device
@@ -230,15 +254,17 @@ def oracle_generate(target, draft, prompts, references, tau: int, max_new_tokens
     try:
         def run(prompt, reference, new_tokens, clock=None):
             draft.candidate_generator_class = functools.partial(OracleCandidateGenerator, reference=reference, tau=tau,
-                                                                clock=clock)
+                                                                clock=clock, continuations=continuations)
             ids = torch.tensor([prompt], device=device)
             out = target.generate(ids, max_new_tokens=new_tokens, do_sample=False, assistant_model=draft)
             return _new_tokens(out, ids.shape[1]), draft.last_generation_stats
 
         run(prompts[0], references[0], min(2 * draft.config.block_size, max_new_tokens))  # warm-up
         clock = RoundClock(device)
-        outputs, rounds, accepted, seconds = [], 0, 0, 0.0
+        outputs, rounds, accepted, resyncs, seconds, plain_seconds = [], 0, 0, 0, 0.0, 0.0
         for prompt, reference in zip(prompts, references):
+            if time_plain:
+                plain_seconds += _timed_plain(target, prompt, max_new_tokens)
             synchronize(device)
             start = time.perf_counter()
             clock.mark("other")
@@ -249,24 +275,28 @@ def oracle_generate(target, draft, prompts, references, tau: int, max_new_tokens
             outputs.append(tokens)
             rounds += stats["rounds"]
             accepted += sum(stats["accepted_lengths"])
+            resyncs += stats["oracle_resyncs"]
     finally:
         draft.candidate_generator_class = None
         draft.generation_config.verification_policy = saved_policy
-    return dict(outputs=outputs, seconds=seconds, rounds=rounds, tau_measured=accepted / max(rounds, 1),
-                **_split(clock.totals(), rounds, len(prompts)))
+    split = _split(clock.totals(), rounds, len(prompts))
+    return dict(outputs=outputs, seconds=seconds - split["resync_seconds"], rounds=rounds, resyncs=resyncs,
+                tau_measured=accepted / max(rounds, 1), plain_seconds=plain_seconds if time_plain else None, **split)
 
 
 @torch.no_grad()
-def oracle_engine(target, draft, prompts, references, tau: int, max_new_tokens: int, batch_size: int) -> dict:
+def oracle_engine(target, draft, prompts, references, tau: int, max_new_tokens: int, batch_size: int,
+                  continuations=None) -> dict:
     """The batched engine with oracle proposals at ``tau``, ``batch_size`` requests in flight (warm-up first)."""
     from hf_dspark.decoding.oracle_proposals import OracleProposalEngine, RoundClock
 
     device = target.device
-    warm = OracleProposalEngine(target, draft, tau=tau, max_batch_size=batch_size)
+    warm = OracleProposalEngine(target, draft, tau=tau, max_batch_size=batch_size, continuations=continuations)
     warm.generate(prompts[:batch_size], min(2 * draft.config.block_size, max_new_tokens), references[:batch_size])
     warm.close()
     clock = RoundClock(device)
-    engine = OracleProposalEngine(target, draft, tau=tau, max_batch_size=batch_size, clock=clock)
+    engine = OracleProposalEngine(target, draft, tau=tau, max_batch_size=batch_size, clock=clock,
+                                  continuations=continuations)
     synchronize(device)
     start = time.perf_counter()
     clock.mark("other")
@@ -277,9 +307,10 @@ def oracle_engine(target, draft, prompts, references, tau: int, max_new_tokens: 
     engine.close()
     stats = engine.stats
     request_rounds = max(stats["request_rounds"], 1)
-    return dict(outputs=outputs, seconds=seconds, rounds=stats["rounds"],
-                tau_measured=(stats["accepted_draft_tokens"] + stats["request_rounds"]) / request_rounds,
-                **_split(clock.totals(), stats["rounds"], len(prompts)))
+    split = _split(clock.totals(), stats["rounds"], len(prompts))
+    return dict(outputs=outputs, seconds=seconds - split["resync_seconds"], rounds=stats["rounds"],
+                resyncs=engine.resyncs,
+                tau_measured=(stats["accepted_draft_tokens"] + stats["request_rounds"]) / request_rounds, **split)
 
 
 def check_outputs(target, prompts, references, outputs, where: str) -> dict:
@@ -334,20 +365,30 @@ def benchmark_oracle(target, draft, prompts, max_new_tokens: int, taus, modes=MO
     runs = [("generate", 1)] if "generate" in modes else []
     runs += [("engine", b) for b in batch_sizes]
     results = []
+    continuations: dict = {}  # resync continuations by prefix, shared by every run (the same near-ties recur)
     for tau in taus:
         for mode, b in runs:
+            # plain is timed again beside every run (per prompt for generate): the speed-up is a side-by-side ratio
             if mode == "generate":
-                run = oracle_generate(target, draft, prompts, references, tau, max_new_tokens)
+                run = oracle_generate(target, draft, prompts, references, tau, max_new_tokens, continuations,
+                                      time_plain=True)
+                plain_seconds = run["plain_seconds"]
             else:
-                run = oracle_engine(target, draft, prompts, references, tau, max_new_tokens, b)
+                plain_seconds = (sum(_timed_plain(target, p, max_new_tokens) for p in prompts) if b == 1 else
+                                 plain_batched(target, prompts, b, max_new_tokens, pad_id))
+                run = oracle_engine(target, draft, prompts, references, tau, max_new_tokens, b, continuations)
             check = check_outputs(target, prompts, references, run["outputs"], f"{mode} batch {b} tau {tau}")
             tps = sum(len(o) for o in run["outputs"]) / run["seconds"]
             ideal = ideal_speedup(profile, tau, block, b)
-            speedup = tps / plain_tps[b]
+            plain_row_tps = tokens_total / plain_seconds
+            speedup = tps / plain_row_tps
             row = dict(mode=mode, batch_size=b, tau=tau, tau_measured=run["tau_measured"], tokens_per_second=tps,
-                       plain_tokens_per_second=plain_tps[b], speedup=speedup, ideal_speedup=ideal,
+                       plain_tokens_per_second=plain_row_tps, speedup=speedup, ideal_speedup=ideal,
                        efficiency=speedup / ideal, rounds=run["rounds"], new_tokens=sum(len(o) for o in run["outputs"]),
-                       **{k: run[k] for k in ("draft_ms", "verify_ms", "oracle_ms", "other_ms", "round_ms", "prefill_ms")},
+                       profile_one_token_ms=1e3 * profile.verify_seconds(1, b),
+                       profile_verify_ms=1e3 * profile.verify_seconds(1 + block, b),
+                       **{k: run[k] for k in ("draft_ms", "verify_ms", "oracle_ms", "other_ms", "round_ms", "prefill_ms",
+                                              "resyncs", "resync_seconds")},
                        **check)
             results.append(row)
             progress(format_row(row))
@@ -359,7 +400,8 @@ def format_row(row: dict) -> str:
     return (f"{row['mode']:>8} B={row['batch_size']:<2} tau {row['tau']} (measured {row['tau_measured']:.2f}): "
             f"{row['tokens_per_second']:.2f} tok/s = {row['speedup']:.2f}x plain, ideal {row['ideal_speedup']:.2f}x, "
             f"efficiency {row['efficiency']:.2f}; round {row['round_ms']:.2f} ms = draft {row['draft_ms']:.2f} + "
-            f"verify {row['verify_ms']:.2f} + oracle {row['oracle_ms']:.2f} + other {row['other_ms']:.2f}")
+            f"verify {row['verify_ms']:.2f} + oracle {row['oracle_ms']:.2f} + other {row['other_ms']:.2f}; "
+            f"{row['resyncs']} resyncs")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,17 @@ the implementation costs at that tau.
 Both verify every proposal with the target as usual, so the output is still the target's greedy
 output whatever the references say (``bench-oracle`` checks it equals plain ``generate``).
 
+Resynchronisation. In bf16/fp16 a multi-token verification pass can round differently from plain
+``generate``'s one-token pass, so at a near-tie the committed sequence may take another token than the
+reference. From there the reference continues a prefix that was not committed, its tokens are no longer
+what the target predicts, and tau would collapse to 1 for the rest of the sequence. So before each draft
+the committed tokens are compared with the reference; where they differ, the reference is recomputed by
+plain greedy ``generate`` from the committed prefix (:func:`greedy_continuation`). That time is marked
+``resync`` on the clock, so the benchmark can leave it out of the timed run, and :attr:`resyncs` counts
+the recomputations. The check reads the committed tokens on the host once per round in ``generate``
+(transformers' assisted loop has already waited for the device by then: it sliced the accepted tokens by
+a count it read back); the engine keeps them on the host anyway.
+
 :class:`RoundClock` splits the time of a run into drafting, verification, prefill and the rest
 without adding host synchronisations: on CUDA it records events on the current stream and reads
 them once at the end, elsewhere it reads ``time.perf_counter``.
@@ -22,14 +33,22 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.models.dspark.generation_dspark import DSparkCandidateGenerator
 
-__all__ = ["RoundClock", "OracleCandidateGenerator", "OracleProposalEngine", "oracle_block", "padded_references"]
+__all__ = [
+    "OracleCandidateGenerator",
+    "OracleProposalEngine",
+    "RoundClock",
+    "departure",
+    "greedy_continuation",
+    "oracle_block",
+    "padded_references",
+]
 
 
 class RoundClock:
@@ -61,9 +80,9 @@ class RoundClock:
         return dict(out)
 
 
-def padded_references(references: Sequence[Sequence[int]], pad: int, device) -> torch.Tensor:
-    """``[R, max_len + pad]`` long tensor of the references, right-padded with -1 (never a token)."""
-    width = max((len(r) for r in references), default=0) + pad
+def padded_references(references: Sequence[Sequence[int]], pad: int, device, min_width: int = 0) -> torch.Tensor:
+    """``[R, max(max_len + pad, min_width)]`` long tensor of the references, right-padded with -1 (never a token)."""
+    width = max(max((len(r) for r in references), default=0) + pad, min_width)
     out = torch.full((len(references), width), -1, dtype=torch.long)
     for row, ref in enumerate(references):
         out[row, : len(ref)] = torch.tensor(list(ref), dtype=torch.long)
@@ -83,6 +102,36 @@ def oracle_block(reference: torch.Tensor, positions: torch.Tensor, length: int, 
     return torch.where(offsets < tau - 1, true.clamp(min=0), wrong)
 
 
+def departure(committed: Sequence[int], reference: Sequence[int]) -> int | None:
+    """First position where ``committed`` (the new tokens so far) leaves ``reference``, or None if it follows it.
+
+    Running past the reference's end counts as leaving it at the end (the reference stopped there)."""
+    for position, (token, expected) in enumerate(zip(committed, reference)):
+        if token != expected:
+            return position
+    return len(reference) if len(committed) > len(reference) else None
+
+
+@torch.no_grad()
+def greedy_continuation(target, prefix: Sequence[int], max_new_tokens: int, memo: dict | None = None) -> list[int]:
+    """The target's plain greedy ``generate`` continuation of ``prefix`` (the same call as the reference run).
+
+    ``memo`` (a dict, optional) keeps continuations by prefix: runs at several tau usually part from the
+    reference at the same near-tie, and the continuation of the same prefix is the same."""
+    if max_new_tokens <= 0:
+        return []
+    key = (tuple(prefix), max_new_tokens)
+    if memo is not None and key in memo:
+        return list(memo[key])
+    device = next(target.parameters()).device
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    continuation = out[0, ids.shape[1]:].tolist()
+    if memo is not None:
+        memo[key] = continuation
+    return list(continuation)
+
+
 class OracleCandidateGenerator(DSparkCandidateGenerator):
     """:class:`DSparkCandidateGenerator` whose proposals are replaced by an oracle block after drafting.
 
@@ -92,31 +141,59 @@ class OracleCandidateGenerator(DSparkCandidateGenerator):
                                                              tau=4, clock=RoundClock(device))
 
     ``reference`` holds the target's greedy new tokens for the prompt that ``generate`` receives next.
-    The drafter's policy should be ``full`` so that every round submits the whole block."""
+    The drafter's policy should be ``full`` so that every round submits the whole block. When the
+    committed tokens leave the reference, it is recomputed from the committed prefix (clock label
+    ``resync``); :attr:`resyncs` counts those recomputations. ``continuations``: an optional memo shared
+    between runs (see :func:`greedy_continuation`)."""
 
-    def __init__(self, *args, reference: Sequence[int], tau: int, clock: RoundClock | None = None, **kwargs):
+    def __init__(self, *args, reference: Sequence[int], tau: int, clock: RoundClock | None = None,
+                 continuations: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if tau < 1:
             raise ValueError(f"tau={tau} must be >= 1 (1 = every draft token rejected)")
         self.tau = int(tau)
         self.clock = clock
-        device = kwargs.get("input_ids").device if kwargs.get("input_ids") is not None else self.draft.device
-        self.reference = padded_references([reference], self.block_size + 1, device)
-        self.prompt_length = None if kwargs.get("input_ids") is None else kwargs["input_ids"].shape[1]
+        self.target = kwargs.get("target_model", args[0] if args else None)
+        input_ids = kwargs.get("input_ids")
+        self.reference_device = input_ids.device if input_ids is not None else self.draft.device
+        self._set_reference(list(reference))
+        self.prompt_length = None if input_ids is None else input_ids.shape[1]
+        self.continuations = continuations
+        self.resyncs = 0
+        self.stats["oracle_resyncs"] = 0
+
+    def _set_reference(self, reference: list[int]) -> None:
+        self.reference_ids = reference  # host copy, for the departure check
+        self.reference = padded_references([reference], self.block_size + 1, self.reference_device)
 
     def _mark(self, label: str) -> None:
         if self.clock is not None:
             self.clock.mark(label)
 
+    def _resync_if_departed(self, input_ids: torch.LongTensor) -> None:
+        """Recompute the reference from the committed prefix if the committed tokens have left it."""
+        ids = input_ids[0].tolist()  # the instrument's one host read per round
+        committed = ids[self.prompt_length:]
+        if departure(committed, self.reference_ids) is None:
+            return
+        self._mark("resync")
+        continuation = greedy_continuation(self.target, ids, self.max_length - len(ids), self.continuations)
+        self._set_reference(committed + continuation)
+        self.resyncs += 1
+        self.stats["oracle_resyncs"] = self.resyncs
+
     @torch.no_grad()
     def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False,
                        n_last_matches=0, **kwargs):
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        if not is_first_iteration:
+            self._mark("oracle")
+            self._resync_if_departed(input_ids)
         self._mark("other" if is_first_iteration else "draft")
         candidates, logits = super().get_candidates(input_ids, model_kwargs=model_kwargs, model_outputs=model_outputs,
                                                     is_first_iteration=is_first_iteration,
                                                     n_last_matches=n_last_matches, **kwargs)
-        if self.prompt_length is None:
-            self.prompt_length = input_ids.shape[1]
         length = candidates.shape[1] - input_ids.shape[1]
         if length > 0:
             self._mark("oracle")
@@ -136,10 +213,13 @@ class OracleProposalEngine(BatchedSpeculativeGenerator):
 
     Every row with room runs the drafter, then its block is replaced by :func:`oracle_block` of its
     reference, and the whole block is verified. ``clock`` (a :class:`RoundClock`) is marked around
-    prefill, drafting, the oracle overwrite and the verification forward. Takes
+    prefill, drafting, the oracle overwrite and the verification forward, and ``resync`` around the
+    recomputation of a reference its request's committed tokens have left (:attr:`resyncs` counts them;
+    ``continuations`` is an optional memo, see :func:`greedy_continuation`). Takes
     :class:`BatchedSpeculativeGenerator`'s arguments except ``scheduler``."""
 
-    def __init__(self, target, draft, tau: int, clock: RoundClock | None = None, **kwargs):
+    def __init__(self, target, draft, tau: int, clock: RoundClock | None = None, continuations: dict | None = None,
+                 **kwargs):
         if "scheduler" in kwargs:
             raise ValueError("OracleProposalEngine verifies whole blocks; do not pass scheduler=")
         if tau < 1:
@@ -148,6 +228,9 @@ class OracleProposalEngine(BatchedSpeculativeGenerator):
         self.tau = int(tau)
         self.clock = clock
         self._reference_rows: dict[int, torch.Tensor] = {}
+        self._reference_ids: dict[int, list[int]] = {}  # host copies, for the departure check
+        self.continuations = continuations
+        self.resyncs = 0
 
     def _mark(self, label: str) -> None:
         if self.clock is not None:
@@ -160,11 +243,13 @@ class OracleProposalEngine(BatchedSpeculativeGenerator):
         if len(references) != len(prompts):
             raise ValueError(f"got {len(references)} references for {len(prompts)} prompts; give one per prompt")
         self.set_sampling(False)
-        padded = padded_references(references, self.block_size + 1, self.device)
+        # wide enough for a recomputed reference of max_new_tokens (see _resync_departed)
+        padded = padded_references(references, self.block_size + 1, self.device, max_new_tokens + self.block_size + 1)
         ids = []
         for row, prompt in enumerate(prompts):
             request_id = self.add_request(prompt, max_new_tokens, eos_token_id)
             self._reference_rows[request_id] = padded[row]
+            self._reference_ids[request_id] = list(references[row])
             ids.append(request_id)
         while self.has_unfinished():
             self.step()
@@ -180,7 +265,26 @@ class OracleProposalEngine(BatchedSpeculativeGenerator):
         super()._prefill(joining)
         self._mark("other")
 
+    def _resync_departed(self) -> None:
+        """Recompute the reference of every active request whose committed tokens have left it."""
+        for request in self._active:
+            reference = self._reference_ids[request.request_id]
+            if departure(request.output_ids, reference) is None:
+                continue
+            self._mark("resync")
+            continuation = greedy_continuation(self.target, request.prompt_ids + request.output_ids, request.remaining,
+                                               self.continuations)
+            reference = request.output_ids + continuation
+            self._reference_ids[request.request_id] = reference
+            # every row keeps the width of the others (rows are stacked); room for max_new_tokens was made
+            width = self._reference_rows[request.request_id].shape[0]
+            self._reference_rows[request.request_id] = padded_references([reference], 0, self.device, width)[0]
+            self.resyncs += 1
+            self._mark("oracle")
+
     def _draft(self, draft_rows: list[int], limits: list[int]):
+        self._mark("oracle")
+        self._resync_departed()
         self._mark("draft")
         tokens, draft_probs, survival, limits = super()._draft(draft_rows, limits)
         self._mark("oracle")
@@ -200,4 +304,5 @@ class OracleProposalEngine(BatchedSpeculativeGenerator):
     def pop(self, request_id: int):
         request = super().pop(request_id)
         self._reference_rows.pop(request_id, None)
+        self._reference_ids.pop(request_id, None)
         return request
