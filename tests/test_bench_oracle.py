@@ -71,6 +71,7 @@ def test_the_drafter_runs_every_round_and_its_policy_is_restored():
     target = tiny_qwen3_target(seed=0)
     draft = tiny_drafter(target, seed=3, block_size=5)
     draft.generation_config.verification_policy = "threshold"
+    draft.generation_config.ngram_lookup_tokens = 5  # n-gram rounds would skip the drafter (repetitive output here)
     calls = []
     original = draft.sample_block
 
@@ -88,6 +89,7 @@ def test_the_drafter_runs_every_round_and_its_policy_is_restored():
     assert run["outputs"] == references
     assert len(calls) >= run["rounds"] > 0  # one drafted block per round (plus the warm-up's)
     assert draft.generation_config.verification_policy == "threshold"
+    assert draft.generation_config.ngram_lookup_tokens == 5
     assert draft.candidate_generator_class is None
 
 

@@ -249,8 +249,12 @@ def oracle_generate(target, draft, prompts, references, tau: int, max_new_tokens
     from hf_dspark.decoding.oracle_proposals import OracleCandidateGenerator, RoundClock
 
     device = target.device
-    saved_policy = draft.generation_config.verification_policy
-    draft.generation_config.verification_policy = "full"
+    config = draft.generation_config
+    saved = (config.verification_policy, getattr(config, "ngram_lookup_tokens", None))
+    # every round drafts and verifies the whole block: no confidence cut, and no n-gram rounds (those skip the
+    # drafter, whose cost the oracle must pay every round)
+    config.verification_policy = "full"
+    config.ngram_lookup_tokens = 0
     try:
         def run(prompt, reference, new_tokens, clock=None):
             draft.candidate_generator_class = functools.partial(OracleCandidateGenerator, reference=reference, tau=tau,
@@ -278,7 +282,7 @@ def oracle_generate(target, draft, prompts, references, tau: int, max_new_tokens
             resyncs += stats["oracle_resyncs"]
     finally:
         draft.candidate_generator_class = None
-        draft.generation_config.verification_policy = saved_policy
+        config.verification_policy, config.ngram_lookup_tokens = saved
     split = _split(clock.totals(), rounds, len(prompts))
     return dict(outputs=outputs, seconds=seconds - split["resync_seconds"], rounds=rounds, resyncs=resyncs,
                 tau_measured=accepted / max(rounds, 1), plain_seconds=plain_seconds if time_plain else None, **split)
@@ -418,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
     out["settings"] = dict(target=name, target_config=args.target_config, draft=args.draft or
                            f"random ({draft.config.num_hidden_layers} layers)", block_size=draft.config.block_size,
                            dtype=args.dtype, num_prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                           taus=list(args.tau), modes=list(args.modes), batch_sizes=list(args.batch_sizes))
+                           taus=list(args.tau), modes=list(args.modes),
+                           batch_sizes=list(args.batch_sizes) if "engine" in args.modes else [])
     if args.output:
         path = Path(args.output)
         path.parent.mkdir(parents=True, exist_ok=True)
