@@ -163,14 +163,15 @@ def verify_caches_once(cache_dirs, training_args) -> None:
     verdict; a collective, so every rank must call it. A failed check raises the same error (its
     message names the shard and how to rebuild it) on every rank, so none of them trains.
     """
+    shared = training_args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     problem = None
-    if training_args.local_process_index == 0:
+    if training_args.local_process_index == 0 or not shared:  # without a process group, each rank checks itself
         try:
             for cache_dir in cache_dirs:
                 verify_cache(cache_dir)
         except Exception as error:  # any failure must reach the collective below, or the other ranks wait forever
             problem = error
-    if training_args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if shared:
         verdicts = [None] * training_args.world_size
         torch.distributed.all_gather_object(verdicts, None if problem is None else (type(problem), str(problem)))
         found = next((verdict for verdict in verdicts if verdict is not None), None)
