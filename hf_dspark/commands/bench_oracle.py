@@ -16,8 +16,8 @@ a row of ``results`` reports:
   beside every run (for ``generate`` just before each prompt's oracle run) so that ``speedup`` is a
   side-by-side ratio on a machine whose speed drifts;
 * ``ideal_speedup`` = tau x T(1) / T_verify(1 + block_size): a round that cost only its verification
-  pass, from :func:`~hf_dspark.decoding.latency.profile_latency` on the same target (same dtype,
-  device and threads, a context of the mean prompt plus half the new tokens, the verification LM-head
+  pass, from :func:`~hf_dspark.decoding.latency.profile_latency` on the same target, measured again
+  just before each row (same dtype, device and threads, a context of the mean prompt plus half the new tokens, the verification LM-head
   layout the run uses; batch B's row for the engine at batch B), and ``efficiency`` = speedup / ideal;
   the two profiled times are in the row (``profile_one_token_ms``, ``profile_verify_ms``) to compare
   with ``verify_ms``;
@@ -354,10 +354,17 @@ def benchmark_oracle(target, draft, prompts, max_new_tokens: int, taus, modes=MO
         raise DSparkConfigError(f"--tau {too_long} exceeds block_size + 1 = {block + 1}: a round accepts at most the "
                                 "whole block plus one token")
     batch_sizes = sorted(set(batch_sizes)) if "engine" in modes else []
-    if profile is None:
-        context = int(sum(len(p) for p in prompts) / len(prompts) + max_new_tokens / 2)
-        profile = profile_latency(target, token_counts=[1, block + 1], batch_sizes=sorted({1, *batch_sizes}),
-                                  context_length=context, repeats=profile_repeats, cache_dir=cache_dir, force=True)
+    given = profile
+    context = int(sum(len(p) for p in prompts) / len(prompts) + max_new_tokens / 2)
+
+    def profile_beside(b: int):
+        # measured again just before every row (a few seconds), like plain: on a machine whose speed drifts a
+        # profile taken once at the start can be off by more than the overheads this benchmark looks for
+        if given is not None:
+            return given
+        return profile_latency(target, token_counts=[1, block + 1], batch_sizes=[b], context_length=context,
+                               repeats=profile_repeats, cache_dir=cache_dir, force=True)
+
     references, plain_seconds = plain_generate(target, prompts, max_new_tokens)
     tokens_total = sum(len(r) for r in references)
     plain_tps = {1: tokens_total / plain_seconds}
@@ -368,10 +375,12 @@ def benchmark_oracle(target, draft, prompts, max_new_tokens: int, taus, modes=MO
             progress(f"plain batched generate, batch {b}: {plain_tps[b]:.2f} tokens/s")
     runs = [("generate", 1)] if "generate" in modes else []
     runs += [("engine", b) for b in batch_sizes]
-    results = []
+    results, first_profile = [], given
     continuations: dict = {}  # resync continuations by prefix, shared by every run (the same near-ties recur)
     for tau in taus:
         for mode, b in runs:
+            profile = profile_beside(b)
+            first_profile = first_profile or profile
             # plain is timed again beside every run (per prompt for generate): the speed-up is a side-by-side ratio
             if mode == "generate":
                 run = oracle_generate(target, draft, prompts, references, tau, max_new_tokens, continuations,
@@ -396,7 +405,7 @@ def benchmark_oracle(target, draft, prompts, max_new_tokens: int, taus, modes=MO
                        **check)
             results.append(row)
             progress(format_row(row))
-    return {"results": results, "profile": profile.to_dict(),
+    return {"results": results, "profile": None if first_profile is None else first_profile.to_dict(),
             "plain": {"tokens_per_second": {str(b): v for b, v in plain_tps.items()}, "new_tokens": tokens_total}}
 
 
