@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default=None, help="JSONL prompt file ({'turns': [...]}); default: 3 gsm8k")
     parser.add_argument("--num-prompts", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--ngram-lookup", type=int, default=0)
+    parser.add_argument("--ngram-lookup", type=lambda v: v if v == "auto" else int(v), default=0)
     parser.add_argument("--policy", default="full")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModel
 from hf_dspark import errors
 from hf_dspark.checkpoints.loading import load_drafter
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
-from hf_dspark.decoding.latency import LatencyProfile, profile_latency
+from hf_dspark.decoding.latency import LatencyProfile, cached_latency_table, profile_latency
+from hf_dspark.models.dspark.generation_dspark import LATENCY_SOURCES
 from hf_dspark.errors import (
     CheckpointError,
     CorruptFileError,
@@ -48,6 +49,10 @@ __version__ = "0.1.0"
 AutoConfig.register("dspark", DSparkConfig, exist_ok=True)
 AutoModel.register(DSparkConfig, DSparkDraftModel, exist_ok=True)
 install_generate_hook()
+# generate(assistant_model=drafter) with verification_policy / ngram_lookup_tokens "auto" reads this machine's
+# cached latency profile of the target when the drafter carries no cost curve for its device and dtype.
+if cached_latency_table not in LATENCY_SOURCES:
+    LATENCY_SOURCES.append(cached_latency_table)
 
 __all__ = [
     "DSparkConfig",

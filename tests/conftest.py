@@ -108,6 +108,21 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_latency_cache(tmp_path_factory):
+    """Latency profiles measured by tests stay in a folder of this run: generate's "auto" settings read the
+    cache, so a profile left by another run (or by the user) must not change what a test decodes."""
+    import os
+
+    previous = os.environ.get("HF_DSPARK_CACHE")
+    os.environ["HF_DSPARK_CACHE"] = str(tmp_path_factory.mktemp("hf_dspark_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("HF_DSPARK_CACHE", None)
+    else:
+        os.environ["HF_DSPARK_CACHE"] = previous
+
+
 def pytest_report_header(config):
     """Which releases this run tests (CI runs the suite on two transformers releases)."""
     import transformers

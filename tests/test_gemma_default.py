@@ -25,7 +25,7 @@ def test_shipped_drafter_is_lossless_and_accepts_on_gemma():
     draft = AutoModel.from_pretrained(resolve_draft("default", GEMMA_ALIAS)).eval()  # the package class; no code shipped
     assert draft.config.block_size == 7
     shipped_ngram = draft.generation_config.ngram_lookup_tokens
-    assert shipped_ngram == 7  # the shipped generation_config.json turns n-gram rounds on
+    assert shipped_ngram == "auto"  # the shipped generation_config.json: n-gram rounds with lengths from the curve
     tau = {}
     for name, ngram in (("drafter only", 0), ("shipped settings", shipped_ngram)):
         draft.generation_config.ngram_lookup_tokens = ngram
@@ -42,7 +42,7 @@ def test_shipped_drafter_is_lossless_and_accepts_on_gemma():
             copied += stats["ngram_rounds"]
         tau[name] = accepted / rounds
         print(f"{name}: mean accepted length {tau[name]:.3f}, {copied} of {rounds} rounds copied an n-gram")
-        assert (copied > 0) == (ngram > 0)
+        assert (copied > 0) == (ngram != 0)
     # The evaluation issue asks for > 2.0. The drafter alone (6,040 CPU training steps) measured 1.42 on these
     # two prompts (2.43 on 10 gsm8k eval prompts): this guards "draft tokens do get accepted" (a broken drafter
     # gives exactly 1.0) and the last training stage's gain over the previous drafter's 1.33.

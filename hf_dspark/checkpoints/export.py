@@ -56,7 +56,8 @@ DEEPSPEC_LAYOUT_FORMATS = ("deepspec", "vllm", "sglang")
 # The remote code of a hub export: these package files, written from the package at export time
 # (the package is their one source; tests/test_remote_code.py keeps every shipped copy equal to it).
 REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_layers.py", "modeling_dspark_gemma4.py",
-                     "generation_dspark.py", "policies_dspark.py", "verify_head_dspark.py", "warpers_dspark.py",
+                     "generation_dspark.py", "generation_config_dspark.py", "policies_dspark.py", "verify_head_dspark.py",
+                     "warpers_dspark.py",
                      "errors.py")
 REMOTE_CODE_DIR = Path(__file__).resolve().parents[1] / "models" / "dspark"  # the one source of the remote code
 CARD_INPUTS_FILE = "dspark_card.json"

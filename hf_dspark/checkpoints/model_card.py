@@ -188,8 +188,8 @@ def _results_section(eval_results: Sequence[Mapping]) -> str:
         "τ counts the tokens committed per verification round, the target's bonus token included. "
         "Speed-ups are wall-clock ratios measured side by side in one run on the hardware named above."
     )
-    if any(isinstance(r.get("settings"), Mapping) and isinstance(r["settings"].get("ngram_lookup_tokens"), int)
-           and r["settings"]["ngram_lookup_tokens"] > 0 for r in eval_results):
+    if any(isinstance(r.get("settings"), Mapping) and r["settings"].get("ngram_lookup_tokens") not in (None, 0, False)
+           for r in eval_results):
         footnote += (" In runs with n-gram lookup tokens, τ covers every round, n-gram rounds included, and the "
                      "per-position acceptance covers the drafter's own rounds only.")
     return "\n\n".join(blocks + [footnote])
@@ -320,7 +320,11 @@ def _policy_description(generation_config) -> str:
     if table:
         text += f"; `generation_config.json` holds a target latency table ({len(table)} entries)"
     ngram = get("ngram_lookup_tokens")
-    if ngram:
+    if ngram == "auto":
+        text += ("; n-gram rounds on with lengths from the cost curve (`ngram_lookup_tokens=\"auto\"`: copies, and "
+                 "continuations of a drafted block, as long as the target's measured verification cost says they "
+                 "pay; `draft.generation_config.ngram_lookup_tokens = 0` uses the drafter alone)")
+    elif ngram:
         text += (f"; n-gram rounds on (`ngram_lookup_tokens={ngram}`: when the last tokens occurred before, "
                  "the tokens that followed them are verified instead of a drafted block; "
                  "`draft.generation_config.ngram_lookup_tokens = 0` uses the drafter alone)")

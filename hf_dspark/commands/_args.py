@@ -80,6 +80,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def ngram_tokens(text: str) -> int | str:
+    """``--ngram-lookup``: an integer >= 0 (0 = off) or ``auto`` (copy lengths from the target's cost curve)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return non_negative_int(text)
+
+
 def temperature(text: str) -> float:
     """Sampling temperature: finite and >= 0 (0 = greedy where a command allows it)."""
     value = finite_float(text)

@@ -515,7 +515,9 @@ def load_setup(args: argparse.Namespace, batch_sizes: Sequence[int]) -> BenchSet
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ngram = args.ngram_lookup
     if ngram is None:
-        ngram = int(getattr(draft.generation_config, "ngram_lookup_tokens", 0) or 0)
+        from hf_dspark.models.dspark.generation_dspark import fixed_ngram_tokens
+
+        ngram = fixed_ngram_tokens(getattr(draft.generation_config, "ngram_lookup_tokens", 0), draft.config.block_size)
     return BenchSetup(target, tokenizer, draft, profile, pad_id, ngram)
 
 

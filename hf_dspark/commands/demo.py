@@ -28,6 +28,7 @@ import sys
 
 import torch
 
+from hf_dspark.commands import _args
 from hf_dspark.errors import HfDSparkError
 from hf_dspark.evaluation.measure import apply_policy, measure_generate
 
@@ -47,12 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Drafter folder / Hub id, or 'default' (the drafter shipped for the target).")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt (default 128).")
     parser.add_argument("--policy", choices=["full", "threshold", "cost", "auto"], default=None,
-                        help="Verification policy (default: 'cost' on a real target: the target's verify latency is "
-                             "profiled on this machine once, cached, and each round verifies the draft prefix with the "
-                             "best expected tokens/s; 'full' with --tiny).")
-    parser.add_argument("--ngram-lookup", type=int, default=None, metavar="N",
+                        help="Verification policy (default: the drafter's saved one; the shipped drafter's is 'auto': "
+                             "the target's verification cost curve is profiled on this machine once, cached, and each "
+                             "round verifies the draft prefix with the best expected tokens/s; 'full' with --tiny).")
+    parser.add_argument("--ngram-lookup", type=_args.ngram_tokens, default=None, metavar="N|auto",
                         help="n-gram rounds: copy up to N tokens after an earlier match of the last tokens instead of "
-                             "drafting (0 = off; default: the drafter's saved setting).")
+                             "drafting (0 = off; auto: lengths from the cost curve; default: the drafter's saved "
+                             "setting).")
     parser.add_argument("--modes", nargs="+", choices=["greedy", "sampling"], default=["greedy", "sampling"],
                         help="Decoding modes to show (default both; sampling: T=1, top-k 64, top-p 0.95).")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -217,23 +219,17 @@ def run(args) -> int:
     target, dtype_note = _pick_dtype(args, target)
     draft = draft.to(target.dtype)  # the drafter runs in the target's dtype (fastest on both CPU kinds measured)
     label = "tiny random target + fresh drafter" if args.tiny else f"{args.target} + drafter {args.draft}"
-    policy = args.policy or ("full" if args.tiny else "cost")
+    policy = args.policy or ("full" if args.tiny else draft.generation_config.verification_policy)
     if args.ngram_lookup is not None:
-        if args.ngram_lookup < 0:
-            print(f"hf-dspark demo: error: --ngram-lookup must be >= 0 (0 = off), got {args.ngram_lookup}",
-                  file=sys.stderr)
-            return 2
         draft.generation_config.ngram_lookup_tokens = args.ngram_lookup
-    ngram = int(getattr(draft.generation_config, "ngram_lookup_tokens", 0) or 0)
+    ngram = getattr(draft.generation_config, "ngram_lookup_tokens", 0) or 0
     dtype = str(target.dtype).removeprefix("torch.")
     if dtype_note:
         print(dtype_note)
     results = []
     for mode in args.modes:
-        # Greedy uses the cost policy (a verified prefix is worth its price); sampling verifies the whole
-        # block, the shipped drafter's sampling setting (its confidences are calibrated on greedy rounds).
-        mode_policy = policy if mode == "greedy" or args.policy else "full"
-        if mode_policy == "cost" and not draft.generation_config.latency_table:
+        mode_policy = policy
+        if mode_policy in ("cost", "auto") or ngram == "auto":
             print("profiling the target's verification latency on this machine (cached for later runs)...", flush=True)
         try:
             apply_policy(draft, mode_policy, target)
@@ -242,7 +238,7 @@ def run(args) -> int:
             return 2
         print(f"DSpark demo: {label}, {mode}{' (T=1, top-k 64, top-p 0.95)' if mode == 'sampling' else ''}, {dtype}, "
               f"{args.max_new_tokens} new tokens per prompt, verification policy {mode_policy!r}, "
-              f"n-gram rounds {f'on ({ngram} tokens)' if ngram else 'off'}\n")
+              f"n-gram rounds {'off' if not ngram else 'auto (lengths from the cost curve)' if ngram == 'auto' else f'on ({ngram} tokens)'}\n")
         results.append(_run_mode(target, draft, codec, mode, args))
 
     print(f"{'mode':<10}{'tau':>6}{'plain tok/s':>13}{'best plain':>12}{'DSpark tok/s':>14}{'speed-up':>10}")

@@ -102,10 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Verification policy of the drafter(s) under test (default: the saved one); "
                              "'cost' without a saved latency table profiles the target first. "
                              "--compare-draft drafters keep their saved policy.")
-    parser.add_argument("--ngram-lookup", type=_args.non_negative_int, default=None, metavar="N",
+    parser.add_argument("--ngram-lookup", type=_args.ngram_tokens, default=None, metavar="N|auto",
                         help="Drafter(s) under test also copy up to N tokens after an earlier match of the last "
-                             "2-3 tokens instead of drafting when one exists (ngram_lookup_tokens; 0 = off; "
-                             "default: the saved setting). --compare-draft drafters keep their saved setting.")
+                             "2-3 tokens instead of drafting when one exists (ngram_lookup_tokens; 0 = off; auto: "
+                             "lengths from the target's measured cost curve; default: the saved setting). "
+                             "--compare-draft drafters keep their saved setting.")
     parser.add_argument("--baseline", action="store_true", help="Also run plain generate (speed-up, output check).")
     parser.add_argument("--prompt-lookup", action="store_true", help="Also run transformers' prompt lookup decoding.")
     parser.add_argument("--prompt-lookup-tokens", type=_args.positive_int, default=10,
@@ -224,9 +225,11 @@ def drafter_checksum(source: str) -> str | None:
     return digest.hexdigest()
 
 
-def _ngram_setting(args, source: str) -> int:
+def _ngram_setting(args, source: str) -> int | str:
     """The n-gram lookup length the drafter under test will use: ``--ngram-lookup``, else its saved setting."""
     value = getattr(args, "ngram_lookup", None)
+    if value == "auto":
+        return value
     if value is not None:
         if value < 0:
             raise DataError(f"--ngram-lookup must be >= 0 (0 = off), got {value}.")
@@ -237,7 +240,8 @@ def _ngram_setting(args, source: str) -> int:
         saved = GenerationConfig.from_pretrained(source)
     except (OSError, ValueError):  # no generation_config.json: the drafter's default, off
         return 0
-    return int(getattr(saved, "ngram_lookup_tokens", 0) or 0)
+    value = getattr(saved, "ngram_lookup_tokens", 0) or 0
+    return value if value == "auto" else int(value)
 
 
 def _named_drafts(args) -> list[tuple[str, str, bool]]:
@@ -369,9 +373,9 @@ def evaluate_drafters(args) -> dict[str, Any]:
     for name, source, under_test in drafts:
         drafters[name] = _load_drafter(source, target, device, dtype)
         if under_test:
-            apply_policy(drafters[name], args.policy, target)
             if getattr(args, "ngram_lookup", None) is not None:
                 drafters[name].generation_config.ngram_lookup_tokens = args.ngram_lookup
+            apply_policy(drafters[name], args.policy, target)
     from hf_dspark.trainer.regenerate import resolve_chat_mode
 
     trained_with = getattr(drafters[drafts[0][0]].config, "prompt_chat_template", None)

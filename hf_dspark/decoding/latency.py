@@ -40,6 +40,8 @@ __all__ = [
     "profile_latency",
     "choose_dtype",
     "default_cache_dir",
+    "find_cached_profile",
+    "cached_latency_table",
     "format_table"]
 
 _FORMAT = "hf_dspark.latency_profile"
@@ -420,6 +422,41 @@ def profile_latency(
     return profile
 
 
+def find_cached_profile(model, cache_dir: str | os.PathLike | None = None, min_points: int = 2) -> LatencyProfile | None:
+    """The cached profile measured for ``model``'s architecture, dtype and device with this process's CPU
+    thread count (whatever name it was profiled under), with a batch-1 row of at least ``min_points``
+    token counts; the one with the most points when several qualify. ``None`` when there is none."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not folder.is_dir():
+        return None
+    _, architecture = model_identity(model)
+    if not architecture:
+        return None
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return None
+    dtype = str(parameter.dtype).removeprefix("torch.")
+    device = _describe_device(parameter.device)
+    best = None
+    for path in sorted(folder.glob("*.json")):
+        try:
+            profile = LatencyProfile.from_json(path)
+        except (LatencyProfileError, OSError):
+            continue
+        fits = (profile.architecture == architecture and profile.dtype == dtype and profile.device == device
+                and profile.num_threads == torch.get_num_threads() and len(profile.table.get(1, {})) >= min_points)
+        if fits and (best is None or (len(profile.table[1]), profile.verify_head) > (len(best.table[1]), best.verify_head)):
+            best = profile
+    return best
+
+
+def cached_latency_table(model) -> dict[str, float] | None:
+    """``{tokens: seconds}`` of :func:`find_cached_profile`'s batch-1 row: the latency source hf-dspark
+    registers for ``generate`` (``generation_dspark.LATENCY_SOURCES``)."""
+    profile = find_cached_profile(model)
+    return None if profile is None else {str(n): s for n, s in sorted(profile.table[1].items())}
+
+
 # A profile row is refused for the cache when a measurement is off the non-decreasing fit of its row by more than
 # this factor (either way), when a pass over n > 1 tokens took under half a one-token pass, or when the median of
 # a point's repeats is more than this factor above their fastest (most repeats slowed down: the machine was busy).
@@ -446,22 +483,34 @@ def implausible_row(row: dict[int, float], noisy: Iterable[int] = ()) -> list[st
 
 
 def _time_passes(model, context, new_ids, counts, warmup, repeats, device) -> dict[int, tuple[float, bool]]:
-    """``{n: (median seconds, spread too large)}`` of ``warmup + repeats`` passes over ``n`` new tokens each."""
-    result = {}
+    """``{n: (median seconds, spread too large)}`` of ``repeats`` timed passes over ``n`` new tokens each,
+    after ``warmup`` untimed ones.
+
+    The timed passes go round robin over the token counts (1, 2, .., N, 1, 2, ..), so a slow spell of the
+    machine lands on every count alike and the shape of the curve, which is what the length rules read,
+    survives it."""
+
+    def one_pass(n: int) -> float:
+        cache = context.ready()
+        _synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=new_ids[:, :n], cache=cache, use_cache=True)
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        context.rollback(n)
+        return elapsed
+
     for n in counts:
-        samples = []
-        for i in range(warmup + repeats):
-            cache = context.ready()
-            _synchronize(device)
-            start = time.perf_counter()
-            model(input_ids=new_ids[:, :n], cache=cache, use_cache=True)
-            _synchronize(device)
-            elapsed = time.perf_counter() - start
-            context.rollback(n)
-            if i >= warmup:
-                samples.append(elapsed)
-        median = max(statistics.median(samples), _MIN_SECONDS)
-        result[n] = (median, len(samples) >= 3 and median > IMPLAUSIBLE_FACTOR * max(min(samples), _MIN_SECONDS))
+        for _ in range(warmup):
+            one_pass(n)
+    samples: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(repeats):
+        for n in counts:
+            samples[n].append(one_pass(n))
+    result = {}
+    for n, timed in samples.items():
+        median = max(statistics.median(timed), _MIN_SECONDS)
+        result[n] = (median, len(timed) >= 3 and median > IMPLAUSIBLE_FACTOR * max(min(timed), _MIN_SECONDS))
     return result
 
 

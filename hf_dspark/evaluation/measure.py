@@ -135,23 +135,31 @@ def _drafter_record(m: Measurement) -> dict[str, Any]:
         "policy": stats.get("policy"),
         "ngram_rounds": stats.get("ngram_rounds", 0),
         "ngram_accepted_tokens": stats.get("ngram_accepted", 0),
+        "ngram_submitted_tokens": stats.get("ngram_submitted", 0),
+        "extended_rounds": stats.get("extended_rounds", 0),
+        "extension_accepted_tokens": stats.get("extension_accepted", 0),
     }
 
 
 # ----------------------------------------------------------------------------- summaries
 
 
+CURVE_TOKENS = 16  # the cost-curve settings read verification passes of up to this many tokens
+
+
 def apply_policy(draft, policy: str | None, target) -> None:
-    """Set the drafter's verification policy; ``cost`` without a latency table profiles the target first."""
-    if policy is None:
-        return
-    draft.generation_config.verification_policy = policy
+    """Set the drafter's verification policy (``None``: keep the saved one) and give the settings that read
+    the target's cost curve one: ``cost``, an explicit ``auto`` or ``ngram_lookup_tokens="auto"`` without a
+    latency table measured where the target runs profile the target first (cached once per machine)."""
     from hf_dspark.models.dspark.generation_dspark import latency_table_fits
 
     config = draft.generation_config
-    if policy == "cost" and (not config.latency_table or not latency_table_fits(config.latency_profile_key, target)):
+    if policy is not None:
+        config.verification_policy = policy
+    wants_curve = policy in ("cost", "auto") or getattr(config, "ngram_lookup_tokens", None) == "auto"
+    if wants_curve and (not config.latency_table or not latency_table_fits(config.latency_profile_key, target)):
         from hf_dspark.decoding.latency import profile_latency
 
-        profile = profile_latency(target, token_counts=range(1, draft.config.block_size + 2))
-        config.latency_table = {str(n): s for n, s in profile.table[1].items()}
+        profile = profile_latency(target, token_counts=range(1, max(draft.config.block_size + 2, CURVE_TOKENS + 1)))
+        config.latency_table = {str(n): s for n, s in sorted(profile.table[1].items())}
         config.latency_profile_key = profile.key

@@ -75,6 +75,11 @@ def _drafter_summary(entries: list[dict[str, Any]], baseline_tps: float | None,
     if ngram_rounds:  # per_position_acceptance above covers the drafter's rounds only
         summary["ngram_rounds"] = ngram_rounds
         summary["ngram_accepted_tokens"] = sum(e.get("ngram_accepted_tokens", 0) for e in entries)
+        summary["ngram_submitted_tokens"] = sum(e.get("ngram_submitted_tokens", 0) for e in entries)
+    extended_rounds = sum(e.get("extended_rounds", 0) for e in entries)
+    if extended_rounds:  # drafter rounds whose block was continued by an n-gram continuation
+        summary["extended_rounds"] = extended_rounds
+        summary["extension_accepted_tokens"] = sum(e.get("extension_accepted_tokens", 0) for e in entries)
     if baseline_tps is not None:
         summary["speedup"] = _ratio(tps, baseline_tps)
         summary["speedup_vs_best_plain"] = _ratio(tps, best_plain_tps or baseline_tps)
@@ -167,7 +172,8 @@ def summarize_prompt_set(records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-_SUMMED = {"num_prompts", "new_tokens", "seconds", "rounds", "accepted_tokens", "ngram_rounds", "ngram_accepted_tokens"}
+_SUMMED = {"num_prompts", "new_tokens", "seconds", "rounds", "accepted_tokens", "ngram_rounds", "ngram_accepted_tokens",
+           "ngram_submitted_tokens", "extended_rounds", "extension_accepted_tokens"}
 # Intervals of different sets do not average into an interval of the macro average.
 _NOT_AVERAGED = {"quality", "policy", "mean_accepted_length_ci90", "dspark_tau_ratio_ci90", "greedy_agreement"}
 

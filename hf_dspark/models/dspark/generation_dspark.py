@@ -37,7 +37,9 @@ Verification policies (``draft.generation_config.verification_policy``)
   ``T_draft`` is measured during the call. Deciding on token ``k`` only ever looks at
   ``a_k``, which depends on the tokens before ``k`` and not on token ``k`` itself, so the cut is
   non-anticipating and the output distribution stays exact.
-``policy="auto"`` (default) means ``cost`` when a latency table is set and ``full`` otherwise.
+``policy="auto"`` (default) means ``cost`` when a cost curve is known for the target's device and dtype
+(the drafter's ``latency_table``, else a registered latency source: with hf-dspark installed, a profile
+of this target cached on this machine) and ``full`` otherwise.
 
 N-gram rounds (``draft.generation_config.ngram_lookup_tokens``, off by default)
 ------------------------------------------------------------------------------
@@ -49,15 +51,18 @@ the drafter with the next block it drafts. Otherwise the drafter drafts as usual
 depends only on the committed tokens, never on the tokens being proposed, so greedy output
 still equals plain ``generate`` and sampled output still follows the target distribution.
 It pays off where the target repeats itself (loops, code, quoting the prompt).
+
+With ``ngram_lookup_tokens = "auto"`` and a cost curve, the copy length, whether a round copies or drafts,
+and an n-gram continuation appended to a fully submitted drafter block all come from one model of a
+round's time (drafting, the curve's ``T_verify``, the measured rest of the round) and the acceptance
+copied tokens have had in this call (docs/decoding.md, "Lengths from the cost curve").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
-import warnings
 from typing import Any
 
 import torch
@@ -66,7 +71,7 @@ from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
-from .errors import DSparkConfigError, UnsupportedGenerationError, UnsupportedTransformersError
+from .errors import UnsupportedGenerationError, UnsupportedTransformersError
 from .verify_head_dspark import (  # noqa: F401  (re-exported)
     FAST_HEAD_MAX_ROWS,
     _use_skinny,
@@ -74,6 +79,19 @@ from .verify_head_dspark import (  # noqa: F401  (re-exported)
     skinny_linear,
 )
 from .warpers_dspark import VOCAB_LOCAL_WARPERS, FusedTopKTopPWarper, fuse_top_k_top_p
+from .generation_config_dspark import (  # noqa: F401  (re-exported)
+    DEFAULT_DSPARK_GENERATION,
+    LATENCY_SOURCES,
+    POLICIES,
+    DSparkGenerationConfig,
+    DSparkGenerationStats,
+    _key_place,
+    _target_place,
+    _warn_once,
+    check_dspark_generation_setting,
+    default_dspark_generation_config,
+    latency_table_fits,
+)
 from .policies_dspark import (  # noqa: F401  (re-exported: the rest of hf-dspark imports them from here)
     prefix_survival,
     threshold_length,
@@ -86,27 +104,17 @@ from .policies_dspark import (  # noqa: F401  (re-exported: the rest of hf-dspar
     cost_length,
     check_ngram_settings,
     ngram_continuation,
+    ProposalAcceptance,
+    fixed_ngram_tokens,
+    curve_tokens,
+    copy_length,
+    expected_rate,
 )
 
 SUPPORTED_TRANSFORMERS = ("5.24.0", "5.26.0")  # [min, max) tested range: 5.24.x and 5.25.x
 HOOKED_INTERNAL = "transformers.generation.utils.GenerationMixin._get_candidate_generator"
 CHECKED_INTERNAL = "transformers.generation.utils.GenerationMixin._validate_generation_mode"
 CHECKED_INTERNAL_PARAMETERS = ["self", "generation_mode", "generation_config", "generation_mode_kwargs"]
-POLICIES = ("auto", "full", "threshold", "cost")
-
-DEFAULT_DSPARK_GENERATION = {
-    "verification_policy": "auto",
-    "confidence_threshold": 0.3,
-    "min_draft_tokens": 1,
-    "latency_table": None,  # {"1": seconds, "2": seconds, ...}: T_verify(n tokens) of the target
-    "latency_profile_key": None,  # where latency_table was measured: "model|dtype|device|threads=..|..."
-    "fast_verify_head": True,  # skinny-product layout for the target's LM head during verification (CPU fp32)
-    "fast_warpers": True,  # top-k followed by top-p: sort only the k survivors (same result, ~10x cheaper)
-    "ngram_lookup_tokens": 0,  # > 0: propose up to this many tokens copied after an earlier n-gram match
-    "ngram_max_size": 3,  # longest suffix n-gram searched for
-    "ngram_min_size": 2,  # shortest suffix n-gram accepted as a match
-}
-
 # ----------------------------------------------------------------------------- supported releases
 # Every difference between the supported transformers releases that hf-dspark depends on is decided
 # here, from what the installed release offers, never from its version string (the version only gates
@@ -156,138 +164,6 @@ def transformers_supported(version: str | None = None) -> bool:
 def is_dspark_drafter(model: Any) -> bool:
     """Duck-typed so that drafters loaded from remote code (a different class object) qualify."""
     return bool(getattr(model, "is_dspark_drafter", False))
-
-
-def check_dspark_generation_setting(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` when ``value`` is not a valid DSpark decoding setting.
-
-    ``None`` means "the default" for every setting.
-    """
-    if value is None or name not in DEFAULT_DSPARK_GENERATION:
-        return
-
-    def integer(minimum: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-    fix = None
-    if name == "verification_policy" and value not in POLICIES:
-        fix = f"choose one of {POLICIES}"
-    elif name == "confidence_threshold" and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0
-    ):
-        fix = "use a prefix-survival probability in [0, 1]"
-    elif name in ("min_draft_tokens", "ngram_lookup_tokens") and not integer(0):
-        fix = "use an integer >= 0" + (" (0 = off)" if name == "ngram_lookup_tokens" else "")
-    elif name in ("ngram_max_size", "ngram_min_size") and not integer(1):
-        fix = "use an integer >= 1"
-    elif name in ("fast_verify_head", "fast_warpers") and not isinstance(value, bool):
-        fix = "use true or false"
-    elif name == "latency_profile_key" and not isinstance(value, str):
-        fix = 'use the key of the profile the table came from (LatencyProfile.key, "model|dtype|device|..."), or None'
-    elif name == "latency_table":
-        try:
-            points = latency_points(value) if isinstance(value, dict) else None
-        except (TypeError, ValueError):
-            points = None
-        if not points or any(n < 1 or not math.isfinite(t) or t < 0 for n, t in points):
-            fix = ('use {"tokens": seconds, ...} with tokens >= 1 and finite seconds >= 0, as '
-                   "hf_dspark.profile_latency(target) measures it, or None")
-    if fix is not None:
-        raise DSparkConfigError(f"generation_config.{name}={value!r} is invalid: {fix}")
-
-
-class DSparkGenerationConfig(GenerationConfig):
-    """``GenerationConfig`` of a DSpark drafter: the DSpark decoding settings (``DEFAULT_DSPARK_GENERATION``)
-    are checked when they are set, when the config is built or loaded, and when it is saved."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        check_dspark_generation_setting(name, value)
-        super().__setattr__(name, value)
-
-    def validate(self, *args, **kwargs) -> None:
-        super().validate(*args, **kwargs)
-        for name in DEFAULT_DSPARK_GENERATION:
-            check_dspark_generation_setting(name, getattr(self, name, None))
-        sizes = [getattr(self, name, None) for name in ("ngram_lookup_tokens", "ngram_max_size", "ngram_min_size")]
-        if None not in sizes:
-            check_ngram_settings(*sizes)
-
-
-def default_dspark_generation_config(**overrides) -> DSparkGenerationConfig:
-    settings = dict(DEFAULT_DSPARK_GENERATION)
-    settings.update(overrides)
-    return DSparkGenerationConfig(**settings)
-
-
-# ----------------------------------------------------------------------------- where a latency table applies
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def _key_place(key: str | None) -> str:
-    """``device_type/dtype`` of a ``LatencyProfile.key`` ("model|dtype|device|threads=..|ctx=..")."""
-    parts = (key or "").split("|")
-    if len(parts) < 3:
-        return "an unknown setup"
-    return f"{parts[2].split(':')[0]}/{parts[1]}"
-
-
-def _target_place(target_model) -> str:
-    head = target_model.get_output_embeddings() if hasattr(target_model, "get_output_embeddings") else None
-    weight = next(iter(head.parameters()), None) if head is not None else None
-    weight = weight if weight is not None else next(target_model.parameters())
-    device = getattr(target_model, "device", weight.device)
-    return f"{torch.device(device).type}/{str(weight.dtype).removeprefix('torch.')}"
-
-
-def latency_table_fits(key: str | None, target_model) -> bool:
-    """A table without a key (set by hand, or saved before keys were kept) is trusted as before."""
-    return key is None or _key_place(key) == _target_place(target_model)
-
-
-# ----------------------------------------------------------------------------- statistics
-class DSparkGenerationStats(dict):
-    """Per-call statistics (``draft.last_generation_stats``), a plain dict for easy JSON dumps."""
-
-    def __init__(self, block_size: int):
-        super().__init__(
-            rounds=0,
-            accepted_lengths=[],
-            submitted_lengths=[],
-            mean_accepted_length=0.0,
-            position_attempted=[0] * block_size,
-            position_accepted=[0] * block_size,
-            draft_seconds=0.0,
-            verify_seconds=0.0,
-            prefill_seconds=0.0,
-            policy=None,
-            ngram_rounds=0,
-            ngram_submitted=0,
-            ngram_accepted=0,
-        )
-
-    def record_round(self, submitted: int, matches: int, ngram: bool = False) -> None:
-        """One verified round. Per-position acceptance counts drafter rounds only (n-gram rounds are
-        counted in ``ngram_*``); ``mean_accepted_length`` covers every round."""
-        matches = min(matches, submitted)
-        self["rounds"] += 1
-        self["submitted_lengths"].append(submitted)
-        self["accepted_lengths"].append(matches + 1)
-        self["mean_accepted_length"] = sum(self["accepted_lengths"]) / self["rounds"]
-        if ngram:
-            self["ngram_rounds"] += 1
-            self["ngram_submitted"] += submitted
-            self["ngram_accepted"] += matches
-            return
-        for j in range(min(matches + 1, submitted)):
-            self["position_attempted"][j] += 1
-        for j in range(matches):
-            self["position_accepted"][j] += 1
 
 
 # ----------------------------------------------------------------------------- generator
@@ -343,19 +219,12 @@ class DSparkCandidateGenerator(CandidateGenerator):
             raise ValueError(
                 f"draft.generation_config.verification_policy={policy!r} is not one of {POLICIES}"
             )
-        if settings["latency_table"] and not latency_table_fits(settings["latency_profile_key"], target_model):
-            # a table measured on another device or dtype would pick verification lengths for other costs
-            _warn_once(
-                f"the drafter's latency_table was measured on {_key_place(settings['latency_profile_key'])}, but the "
-                f"target runs on {_target_place(target_model)}: it is not used (verification_policy "
-                f"{policy!r} -> 'full'). Profile this setup: hf-dspark profile --target ... --draft ... --device "
-                f"{_target_place(target_model).split('/')[0]} --dtype {_target_place(target_model).split('/')[1]}"
-            )
-            settings["latency_table"] = None
-            policy = "full" if policy in ("auto", "cost") else policy
+        curve, refused = self._latency_curve(settings, target_model, policy)
+        if refused and policy == "cost" and curve is None:
+            policy = "full"
         if policy == "auto":
-            policy = "cost" if settings["latency_table"] else "full"
-        if policy == "cost" and not settings["latency_table"]:
+            policy = "cost" if curve else "full"
+        if policy == "cost" and not curve:
             raise ValueError(
                 "verification_policy='cost' needs draft.generation_config.latency_table; measure it with "
                 "hf_dspark.profile_latency(target) (or `hf-dspark profile`) and set it, or use 'full'/'threshold'."
@@ -368,10 +237,23 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.logits_processor = logits_processor
         self.threshold = float(settings["confidence_threshold"])
         self.min_tokens = int(settings["min_draft_tokens"])
-        self.latency_points = latency_points(settings["latency_table"]) if policy == "cost" else None
-        self.ngram_tokens = int(settings["ngram_lookup_tokens"] or 0)
+        self.latency_points = curve
         self.ngram_sizes = (int(settings["ngram_max_size"]), int(settings["ngram_min_size"]))
+        # "auto" with a cost curve: every copy length, block extension and n-gram-or-drafter choice comes from
+        # the curve (lengths up to the longest measured pass); without one, fixed copies of one block.
+        self.adaptive = settings["ngram_lookup_tokens"] == "auto" and curve is not None
+        if settings["ngram_lookup_tokens"] == "auto":
+            self.ngram_tokens = max(self.block_size, curve_tokens(curve) - 1) if self.adaptive else self.block_size
+        else:
+            self.ngram_tokens = int(settings["ngram_lookup_tokens"] or 0)
         check_ngram_settings(self.ngram_tokens, *self.ngram_sizes)
+        # per-position acceptance of copied tokens, from a prior of 0.9 worth 4 attempts (as the batched engine)
+        self.ngram_acceptance = ProposalAcceptance(prior=0.9, prior_weight=4.0)  # n-gram rounds
+        self.extension_acceptance = ProposalAcceptance(prior=0.9, prior_weight=4.0)  # continuations of full blocks
+        self.overhead_ema = 0.0  # round wall time the cost curve and the drafter timing do not explain
+        self.drafter_rate_ema: float | None = None  # committed tokens per modelled second of drafter rounds
+        self._round_model: tuple[float, float] | None = None  # (round begin, modelled seconds) of the last round
+        self._extension = 0
         # How many tokens a round may propose; 5.25+ sizes the target's recurrent-state history by it.
         self.max_proposal_tokens = max(self.block_size, self.ngram_tokens)
         self._pending: list[torch.Tensor] = []  # target features not yet handed to the drafter (n-gram rounds)
@@ -392,6 +274,34 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._last_confidence: torch.Tensor | None = None  # raw confidence logits of the submitted tokens
         self._draft_space_logits = False  # set per block by _chooser
         self._round_start = time.perf_counter()
+
+    @staticmethod
+    def _latency_curve(settings: dict, target_model, policy: str) -> tuple[list | None, bool]:
+        """The target's verification cost curve ``[(tokens, seconds), ...]`` on its device and dtype, and
+        whether a saved table was refused for being measured elsewhere.
+
+        The drafter's own ``latency_table`` when it was measured where the target runs; else the first
+        registered latency source's (with hf-dspark installed: a profile of this target cached on this
+        machine by ``hf_dspark.profile_latency``); else ``None``.
+        """
+        table, key = settings["latency_table"], settings["latency_profile_key"]
+        refused = bool(table) and not latency_table_fits(key, target_model)
+        if table and not refused:
+            return latency_points(table), False
+        if policy in ("auto", "cost"):
+            for source in LATENCY_SOURCES:
+                found = source(target_model)
+                if found:
+                    return latency_points(found), refused
+        if refused:
+            # a table measured on another device or dtype would pick verification lengths for other costs
+            place = _target_place(target_model)
+            _warn_once(
+                f"the drafter's latency_table was measured on {_key_place(key)}, but the target runs on {place}: "
+                f"it is not used (verification_policy {policy!r} -> 'full'). Profile this setup: hf-dspark profile "
+                f"--target ... --device {place.split('/')[0]} --dtype {place.split('/')[1]}"
+            )
+        return None, refused
 
     @property
     def num_drafting_tokens(self) -> int:
@@ -463,17 +373,62 @@ class DSparkCandidateGenerator(CandidateGenerator):
 
         return choose
 
-    def _submit_length(self, confidence: torch.Tensor | None, n_max: int) -> int:
+    def _survival(self, confidence: torch.Tensor | None, n_max: int) -> list[float] | None:
+        """Calibrated prefix survival of the first ``n_max`` drafted tokens (``None`` without confidences)."""
+        if confidence is None:
+            return None
+        return prefix_survival(self.draft.calibrated_confidence(confidence[0, :n_max])).tolist()
+
+    def _submit_length(self, confidence: torch.Tensor | None, n_max: int, survival: list[float] | None = None) -> int:
         if self.policy == "full" or confidence is None:
             return n_max
-        conf = self.draft.calibrated_confidence(confidence[0, :n_max])
-        survival = prefix_survival(conf).tolist()
+        survival = survival if survival is not None else self._survival(confidence, n_max)
         if self.policy == "threshold":
             return threshold_length(survival, self.threshold, self.min_tokens)
         if self.draft_time_ema is None:  # no draft timing yet: verify the whole block once
             return n_max
-        verify = functools.partial(interpolate_latency, self.latency_points)
-        return cost_length(survival, self.draft_time_ema, verify, self.min_tokens)
+        return prefix_length(survival, lambda n: self._round_seconds(n, self.draft_time_ema),
+                             min(self.min_tokens, len(survival)))
+
+    def _pass_seconds(self, proposed: int) -> float:
+        """The verification pass over the anchor and ``proposed`` tokens, from the cost curve."""
+        return interpolate_latency(self.latency_points, 1 + proposed)
+
+    def _round_seconds(self, proposed: int, draft_seconds: float = 0.0) -> float:
+        """Modelled wall time of a round proposing ``proposed`` tokens: drafting, the verification pass and
+        the measured rest of the round (``overhead_ema``)."""
+        return draft_seconds + self._pass_seconds(proposed) + self.overhead_ema
+
+    def _copy_length(self, available: int) -> int:
+        """How many of ``available`` looked-up tokens an n-gram round submits (0: draft instead)."""
+        if not self.adaptive:
+            return available
+        survival = self.ngram_acceptance.survival(available)
+        length = copy_length(survival, self._round_seconds)
+        if self.drafter_rate_ema is not None and (
+                expected_rate(survival[:length], self._round_seconds(length)) < self.drafter_rate_ema):
+            return 0  # the drafter is expected to commit more per second than this copy
+        return length
+
+    def _extend(self, sequence: torch.Tensor, survival: list[float] | None, length: int, room: int):
+        """An n-gram continuation appended to a fully submitted drafter block, as long as the cost curve says
+        its expected tokens pay for the wider pass (``None``: no extension)."""
+        space = min(self.max_proposal_tokens, room) - length
+        if not self.adaptive or survival is None or length < len(survival) or space <= 0 or survival[-1] <= 0:
+            return None
+        lookup = ngram_continuation(sequence, space, *self.ngram_sizes)
+        if lookup is None:
+            return None
+        extended = survival + self.extension_acceptance.survival(space, start=survival[-1])
+        draft_seconds = self.draft_time_ema or 0.0
+        total = prefix_length(extended, lambda n: self._round_seconds(n, draft_seconds), length)
+        return lookup[: total - length] if total > length else None
+
+    def _one_hot(self, tokens: torch.Tensor, device) -> torch.Tensor:
+        """[1, n, V] logits of deterministic proposals: q = 1 at each proposed token."""
+        logits = torch.full((1, tokens.shape[0], self.vocab_size), float("-inf"), device=device)
+        logits[0, torch.arange(tokens.shape[0], device=device), tokens.to(device)] = 0.0
+        return logits
 
     # -- protocol ----------------------------------------------------------------------
     @torch.no_grad()
@@ -493,16 +448,26 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return input_ids, None
         if self._is_prefill:
             self.stats["prefill_seconds"] += now - self._round_start
+        elif self._round_model is not None:
+            # what the last round cost beyond the model of it: the loop around the passes, learnt per call
+            begin, modelled = self._round_model
+            surplus = max(0.0, (now - begin) - modelled)
+            self.overhead_ema = 0.8 * self.overhead_ema + 0.2 * surplus
+        self._round_model = None
 
         context = self._new_context(model_outputs, input_ids, n_last_matches)
         self._is_prefill = False
         room = self.max_length - input_ids.shape[1]
         n_max = min(self.block_size, room)
         self._ngram_round = False
+        self._extension = 0
         if room > 0 and self.ngram_tokens > 0:
             lookup = ngram_continuation(input_ids[0], min(self.ngram_tokens, room), *self.ngram_sizes)
-            if lookup is not None:
-                return self._ngram_candidates(input_ids, lookup, context)
+            length = 0 if lookup is None else self._copy_length(lookup.shape[0])
+            if length > 0:
+                if self.adaptive:
+                    self._round_model = (now, self._pass_seconds(length))
+                return self._ngram_candidates(input_ids, lookup[:length], context)
         if self._pending:
             context = torch.cat(self._pending + [context], dim=1)
             self._pending = []
@@ -521,8 +486,9 @@ class DSparkCandidateGenerator(CandidateGenerator):
         tokens, logits, confidence = self.draft.sample_block(
             block.base_logits, block.hidden_states, anchor, choose=self._chooser(input_ids, drafted), num_tokens=n_max
         )
-        length = self._submit_length(confidence, n_max)
-        # the policies' .tolist() above already waited for the drafter's kernels, so on an accelerator this
+        survival = self._survival(confidence, n_max) if self.policy != "full" or self.adaptive else None
+        length = self._submit_length(confidence, n_max, survival)
+        # the survival's .tolist() above already waited for the drafter's kernels, so on an accelerator this
         # wall time is the drafter's and not its launch time; the first block (allocator, kernel warm-up) is
         # not a sample of the steady cost and stays out of the estimate
         elapsed = time.perf_counter() - start
@@ -531,16 +497,23 @@ class DSparkCandidateGenerator(CandidateGenerator):
             self.draft_time_ema = elapsed if self.draft_time_ema is None else 0.8 * self.draft_time_ema + 0.2 * elapsed
         self.stats["draft_seconds"] += elapsed
 
-        self._submitted = length
+        proposal = tokens[:, :length].to(input_ids.device)
+        extension = self._extend(torch.cat([input_ids[0], proposal[0]]), survival, length, room)
+        self._extension = 0 if extension is None else extension.shape[0]
+        self._submitted = length + self._extension
         self._last_confidence = None if confidence is None else confidence[0, :length]
+        if self.adaptive and self._draft_blocks > 1:
+            self._round_model = (now, elapsed + self._pass_seconds(self._submitted))
         self._round_start = time.perf_counter()
-        candidates = torch.cat([input_ids, tokens[:, :length].to(input_ids.device)], dim=1)
+        candidates = torch.cat([input_ids, proposal] + ([extension[None]] if self._extension else []), dim=1)
         candidate_logits = None
         if self.do_sample:
             candidate_logits = logits[:, :length]
             if self._draft_space_logits:
                 candidate_logits = self._full_vocab(candidate_logits)
             candidate_logits = candidate_logits.to(input_ids.device)
+            if self._extension:
+                candidate_logits = torch.cat([candidate_logits, self._one_hot(extension, input_ids.device)], dim=1)
         return candidates, candidate_logits
 
     def _ngram_candidates(self, input_ids: torch.LongTensor, lookup: torch.Tensor, context: torch.Tensor):
@@ -554,26 +527,32 @@ class DSparkCandidateGenerator(CandidateGenerator):
         if not self.do_sample:
             return candidates, None
         # A deterministic proposal is the one-hot distribution q = 1 at the copied token.
-        logits = torch.full((1, lookup.shape[0], self.vocab_size), float("-inf"), device=input_ids.device)
-        logits[0, torch.arange(lookup.shape[0]), lookup.to(input_ids.device)] = 0.0
-        return candidates, logits
+        return candidates, self._one_hot(lookup, input_ids.device)
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         elapsed = time.perf_counter() - self._round_start
         if self._is_prefill:
             return
+        matches = min(int(num_matches), self._submitted)
         self.stats["verify_seconds"] += elapsed
-        self.stats.record_round(self._submitted, int(num_matches), ngram=self._ngram_round)
+        self.stats.record_round(self._submitted, matches, ngram=self._ngram_round, extension=self._extension)
         if self._ngram_round:
+            self.ngram_acceptance.record(self._submitted, matches)
             return
+        drafted = self._submitted - self._extension
+        if self._extension and matches >= drafted:  # the extension was reached
+            self.extension_acceptance.record(self._extension, matches - drafted)
+        if self._round_model is not None:
+            rate = (1 + matches) / (self._round_model[1] + self.overhead_ema)
+            self.drafter_rate_ema = rate if self.drafter_rate_ema is None else 0.8 * self.drafter_rate_ema + 0.2 * rate
         # Opt-in per-round record for calibration (hf_dspark.decoding.calibration): set draft.record_rounds = [].
         rounds = getattr(self.draft, "record_rounds", None)
         if isinstance(rounds, list):
             conf = self._last_confidence
             rounds.append({
                 "confidence_logits": [] if conf is None else conf.float().tolist(),
-                "submitted": self._submitted,
-                "accepted": min(int(num_matches), self._submitted),
+                "submitted": drafted,
+                "accepted": min(matches, drafted),
             })
 
 

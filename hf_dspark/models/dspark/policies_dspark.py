@@ -111,6 +111,11 @@ def check_ngram_settings(lookup_tokens: int, max_size: int, min_size: int) -> No
         )
 
 
+def fixed_ngram_tokens(value, block_size: int) -> int:
+    """A fixed n-gram copy length for code without a cost curve: ``"auto"`` copies one block."""
+    return block_size if value == "auto" else int(value or 0)
+
+
 def ngram_continuation(tokens: torch.Tensor, num_tokens: int, max_size: int = 3, min_size: int = 2) -> torch.Tensor | None:
     """``num_tokens`` tokens that followed the latest earlier occurrence of the sequence's last n tokens.
 
@@ -132,3 +137,63 @@ def ngram_continuation(tokens: torch.Tensor, num_tokens: int, max_size: int = 3,
         period = length - begin
         return tokens[begin + torch.arange(num_tokens, device=tokens.device) % period]
     return None
+
+
+class ProposalAcceptance:
+    """Running per-position acceptance of deterministic proposals (n-gram copies, block extensions).
+
+    ``record(submitted, accepted)`` after each verified proposal; position ``j`` was attempted when
+    every earlier one was accepted. :meth:`survival` estimates the probability that the first ``j``
+    proposed tokens are all accepted: per position, the observed conditional rate shrunk towards the
+    rate pooled over all positions (itself shrunk towards ``prior``), so a position seldom reached
+    borrows the pooled rate. Estimates come from finished rounds only, which keeps every length
+    chosen from them non-anticipating.
+    """
+
+    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, shrink: float = 2.0):
+        self.prior, self.prior_weight, self.shrink = prior, prior_weight, shrink
+        self.attempted: list[int] = []
+        self.accepted: list[int] = []
+
+    def record(self, submitted: int, accepted: int) -> None:
+        accepted = max(0, min(accepted, submitted))
+        reached = min(accepted + 1, submitted)
+        if len(self.attempted) < reached:
+            grow = reached - len(self.attempted)
+            self.attempted += [0] * grow
+            self.accepted += [0] * grow
+        for j in range(reached):
+            self.attempted[j] += 1
+        for j in range(accepted):
+            self.accepted[j] += 1
+
+    def pooled_rate(self) -> float:
+        return (sum(self.accepted) + self.prior * self.prior_weight) / (sum(self.attempted) + self.prior_weight)
+
+    def survival(self, length: int, start: float = 1.0) -> list[float]:
+        """``[start * r_1, start * r_1 * r_2, ...]`` for ``length`` positions."""
+        pooled = self.pooled_rate()
+        out, alive = [], start
+        for j in range(length):
+            seen = self.attempted[j] if j < len(self.attempted) else 0
+            hits = self.accepted[j] if j < len(self.accepted) else 0
+            alive *= (hits + pooled * self.shrink) / (seen + self.shrink)
+            out.append(alive)
+        return out
+
+
+def curve_tokens(points: list[tuple[int, float]]) -> int:
+    """The most tokens a verification pass of the latency curve was measured at."""
+    return max(n for n, _ in points)
+
+
+def copy_length(survival: list[float], round_seconds) -> int:
+    """Tokens worth submitting from a deterministic proposal: :func:`prefix_length` with at least one.
+
+    ``round_seconds(L)`` is the time of the round that verifies ``L`` proposed tokens."""
+    return prefix_length(survival, round_seconds, min(1, len(survival)))
+
+
+def expected_rate(survival: list[float], seconds: float) -> float:
+    """Expected committed tokens per second of a round: ``(1 + sum(survival)) / seconds``."""
+    return (1.0 + sum(survival)) / max(seconds, 1e-12)
