@@ -581,10 +581,10 @@ def test_greedy_schedule_looks_along_the_whole_path_and_sampling_stops_early(qwe
 
 def test_ngram_survival_starts_from_the_prior_and_learns(qwen, qwen_drafter):
     engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=4)
-    assert engine._ngram_survival(3) == pytest.approx([0.9, 0.81, 0.729])
+    assert engine.ngram.survival(3) == pytest.approx([0.9, 0.81, 0.729])
     for _ in range(40):
-        engine._record_ngram(submitted=4, n_accepted=1)  # position 1 always survives, position 2 never
-    survival = engine._ngram_survival(3)
+        engine.ngram.record(submitted=4, n_accepted=1)  # position 1 always survives, position 2 never
+    survival = engine.ngram.survival(3)
     assert survival[0] == pytest.approx((40 + 3.6) / 44)
     assert survival[1] == pytest.approx(survival[0] * 3.6 / 44)
     assert engine.stats["ngram_position_attempted"][:3] == [40, 40, 0]
@@ -655,7 +655,7 @@ def test_a_wrong_ngram_proposal_law_is_caught(small_vocab, monkeypatch):
 
     def uniform_q(self, tokens, draft_probs, survival, limits):
         tokens, draft_probs, survival, limits = original(self, tokens, draft_probs, survival, limits)
-        for row, copied in enumerate(self._ngram_rows):
+        for row, copied in enumerate(self.ngram.rows):
             if copied:
                 draft_probs[row] = torch.full_like(draft_probs[row], 1.0 / draft_probs[row].shape[-1])
         return tokens, draft_probs, survival, limits

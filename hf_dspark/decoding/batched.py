@@ -108,7 +108,6 @@ from hf_dspark.models.dspark.generation_dspark import (
     activate_verify_head,
     check_ngram_settings,
     fuse_top_k_top_p,
-    ngram_continuation,
 )
 from hf_dspark.models.dspark.modeling_dspark import DSparkDraftCache
 from hf_dspark.decoding.packing import position_wise_modules, real_slots_only
@@ -116,7 +115,8 @@ from hf_dspark.decoding.ragged import PendingFeatures, RaggedSlots, _DraftKV, _T
 from hf_dspark.decoding.engine_target import SCHEDULERS, attention_settings, check_engine_arguments
 from hf_dspark.decoding.round_cost import RoundCost, measure_seconds, token_seconds
 from hf_dspark.decoding.round_plan import RoundPlanner
-from hf_dspark.decoding.verification import verify_block
+from hf_dspark.decoding.ngram_rounds import NgramRounds
+from hf_dspark.decoding.verification import verify_rows_greedy, verify_rows_sampled
 from hf_dspark.errors import EngineRequestError
 
 logger = logging.getLogger(__name__)
@@ -201,8 +201,6 @@ class BatchedSpeculativeGenerator:
         self.ngram_sizes = (int(ngram_max_size), int(ngram_min_size))
         check_ngram_settings(int(ngram_lookup_tokens), *self.ngram_sizes)
         self.ngram_lookup_tokens = 0 if scheduler == "plain" else min(int(ngram_lookup_tokens), self.block_size)
-        self._ngram_rows: list[bool] = []
-        self._ngram_found: list[torch.Tensor | None] = []
         self.planner = RoundPlanner(scheduler, self.block_size, self._cost, self.confidence_threshold)
         self.hidden_state_ids = [i + 1 for i in draft.config.target_layer_ids]
         self._configure_attention(target)
@@ -220,6 +218,7 @@ class BatchedSpeculativeGenerator:
         self._next_id = 0
         self._reset_state()
         self.stats = self._empty_stats()
+        self.ngram = NgramRounds(self.ngram_lookup_tokens, self.ngram_sizes, self.stats)
 
     def close(self) -> None:
         """Give the target's LM head back its default layout now (also happens when the engine is collected)."""
@@ -276,6 +275,7 @@ class BatchedSpeculativeGenerator:
         return self.round_cost
 
     _measured_cost = False
+    _forward_seconds = 0.0  # the last verification forward's own time (for the time model)
 
     @torch.no_grad()
     def _time_padding(self, rows: int = 4, width: int = 8) -> float:
@@ -407,9 +407,11 @@ class BatchedSpeculativeGenerator:
         start = time.perf_counter()
         # a round commits at most (verified drafts + 1) tokens: never draft past max_new_tokens
         limits = [max(0, min(self.block_size, r.remaining - 1)) for r in self._active]
-        self._ngram_lookups(limits)
+        self.ngram.lookup(self._active, limits)
         draft_rows = self._plan(limits)
+        drafter_start = time.perf_counter()
         tokens, draft_probs, survival, limits = self._draft(draft_rows, limits)
+        drafter_seconds = time.perf_counter() - drafter_start if draft_rows else 0.0
         if self.ngram_lookup_tokens > 0:
             tokens, draft_probs, survival, limits = self._ngram_proposals(tokens, draft_probs, survival, limits)
         drafted = time.perf_counter()
@@ -427,14 +429,17 @@ class BatchedSpeculativeGenerator:
         stats["draft_seconds"] += drafted - start
         stats["verify_seconds"] += now - drafted
         if self.round_cost is not None:  # what the schedulers' time model expected this round to take
-            cost, rows = self.round_cost, len(counts)
-            modelled = cost.verify_seconds(rows, 1 + max(counts), rows + sum(counts)) + cost.drafter_seconds(len(draft_rows))
+            cost, rows, width = self.round_cost, len(counts), 1 + max(counts)
+            modelled = (cost.verify_seconds(rows, width, rows + sum(counts)) + cost.drafter_seconds(len(draft_rows))
+                        + cost.overhead_seconds(width, len(draft_rows)))
             stats["model_seconds"] += modelled
             stats["modelled_round_seconds"] += now - start
             if sum(counts) > 0:  # the plan's expected tokens, on the survival it scheduled with
                 expected = rows + sum(sum(row[:count]) for row, count in zip(survival, counts))
                 cost.observe_gain(expected, modelled, stats["committed_tokens"] - committed_before, now - start)
-            cost.observe(rows, 1 + max(counts), rows + sum(counts), len(draft_rows), drafted - start, now - drafted)
+            overhead = now - start - self._forward_seconds - drafter_seconds  # the engine's own work
+            cost.observe(rows, width, rows + sum(counts), len(draft_rows), drafter_seconds, self._forward_seconds,
+                         overhead=overhead)
         stats["max_active"] = max(stats["max_active"], len(counts))
         return finished
 
@@ -461,60 +466,17 @@ class BatchedSpeculativeGenerator:
                     ngram_request_rounds=0, ngram_verified_tokens=0, ngram_accepted_tokens=0,
                     ngram_position_attempted=[0] * self.block_size, ngram_position_accepted=[0] * self.block_size)
 
-    # Before any evidence an n-gram proposal is believed to survive each position with probability 0.9 (on
-    # Gemma 3 270M copied tokens were accepted 0.93 per position at greedy), worth 4 observed attempts. A low
-    # prior would make the scheduler never verify copied tokens, and so never learn better.
-    NGRAM_PRIOR_ACCEPTANCE = 0.9
-    NGRAM_PRIOR_WEIGHT = 4.0
-
-    def _ngram_survival(self, length: int) -> list[float]:
-        """Prefix survival of an n-gram proposal from past n-gram rounds only (per position, with a prior)."""
-        attempted, accepted = self.stats["ngram_position_attempted"], self.stats["ngram_position_accepted"]
-        prior, weight = self.NGRAM_PRIOR_ACCEPTANCE, self.NGRAM_PRIOR_WEIGHT
-        survival, running = [], 1.0
-        for k in range(length):
-            running *= (accepted[k] + prior * weight) / (attempted[k] + weight)
-            survival.append(running)
-        return survival
-
-    def _ngram_lookups(self, limits: list[int]) -> None:
-        """Before drafting: which rows copy the tokens that followed an earlier match of their last tokens."""
-        found = [None] * len(limits)
-        if self.ngram_lookup_tokens > 0:
-            for row, request in enumerate(self._active):
-                if limits[row] > 0:
-                    sequence = torch.tensor(request.prompt_ids + request.output_ids)
-                    found[row] = ngram_continuation(sequence, min(self.ngram_lookup_tokens, limits[row]),
-                                                    *self.ngram_sizes)
-        self._ngram_found = found
-        self._ngram_rows = [f is not None for f in found]
-
     def _ngram_proposals(self, tokens, draft_probs, survival, limits):
-        """Put the copied tokens of the rows with an n-gram match in place of a drafted block."""
-        if not any(self._ngram_rows):
-            return tokens, draft_probs, survival, limits
-        limits, survival = list(limits), [list(row) for row in survival]
-        width = max(found.shape[0] for found in self._ngram_found if found is not None)
-        if tokens.shape[1] < width:
-            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], width - tokens.shape[1])], 1)
-        for row, found in enumerate(self._ngram_found):
-            if found is None:
-                continue
-            n, found = found.shape[0], found.to(tokens.device)
-            limits[row] = n
-            tokens[row, :n] = found
-            if draft_probs is not None:  # q is one-hot at the copied token
-                q = torch.zeros(n, self.draft.config.vocab_size, device=tokens.device)
-                q[torch.arange(n, device=tokens.device), found] = 1
-                draft_probs[row] = q
-            survival[row] = self._ngram_survival(n)
-        return tokens, draft_probs, survival, limits
+        """Rows with an n-gram copy submit it instead of a drafted block (:class:`NgramRounds`)."""
+        return self.ngram.proposals(tokens, draft_probs, survival, limits, self.draft.config.vocab_size)
 
     # ---------------------------------------------------------------- planning (before the drafter runs)
     def _plan(self, limits: list[int]) -> list[int]:
         """Rows that run the drafter this round (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.plan`)."""
-        ngram_survival = [None if found is None else self._ngram_survival(found.shape[0]) for found in self._ngram_found]
-        return self.planner.plan(self._active, limits, ngram_survival, self.stats["rounds"], self.stats)
+        draft_rows = self.planner.plan(self._active, limits, self.ngram.planned(), self.stats["rounds"], self.stats)
+        if self.scheduler in ("algorithm1", "async"):  # the plan's count is the copy's length, as for a draft
+            self.ngram.keep(self.planner.plan_counts)
+        return draft_rows
 
     # ---------------------------------------------------------------- drafting
     def _draft(self, draft_rows: list[int], limits: list[int]):
@@ -625,15 +587,17 @@ class BatchedSpeculativeGenerator:
         """Score ``[anchor, x_1 .. x_l]`` of every row in one target forward (right-padded); logits come
         back for the real tokens only, packed row after row ([sum(1 + counts), V])."""
         width = 1 + max(counts)
-        anchors = torch.tensor([r.anchor for r in self._active], device=self.device)
-        ids = anchors[:, None].repeat(1, width)
-        if width > 1:
-            ids[:, 1:] = tokens[:, : width - 1]  # columns past a row's count are padding (masked)
+        # the round's per-row values reach the device in one copy: anchor, its position, the count
+        packed = torch.tensor([[r.anchor, r.anchor_position, count] for r, count in zip(self._active, counts)],
+                              device=self.device)
+        ids = packed[:, :1] if width == 1 else torch.cat([packed[:, :1], tokens[:, : width - 1]], 1)
         offsets = torch.arange(width, device=self.device)
-        positions = torch.tensor([r.anchor_position for r in self._active], device=self.device)[:, None] + offsets
-        valid = offsets < (1 + torch.tensor(counts, device=self.device))[:, None]
+        positions = packed[:, 1:2] + offsets
+        valid = offsets < 1 + packed[:, 2:3]  # columns past a row's count are padding (masked)
         first_new_slot = self._target_kv.slots.length
+        start = time.perf_counter()
         logits, features = self._target_forward(self._target_kv, ids, positions, valid, logits_for=valid)
+        self._forward_seconds = time.perf_counter() - start
         return logits, features, first_new_slot
 
     def _target_forward(self, kv: _TargetKV, input_ids, positions, query_valid, logits_for=None):
@@ -707,14 +671,19 @@ class BatchedSpeculativeGenerator:
         self.stats["prefill_forwards"] += width > 0
 
     def _accept(self, tokens, draft_probs, logits, features, counts, first_new_slot) -> list[SpeculativeRequest]:
-        width = 1 + max(counts)
+        """Verify every row (:mod:`hf_dspark.decoding.verification`), commit the results, keep the slots and
+        target features of the committed tokens."""
+        width, count_tensor = 1 + max(counts), torch.tensor(counts, device=self.device)
         if self.sampling.do_sample:
-            accepted, next_tokens = self._accept_sampled(tokens, draft_probs, logits, counts)
+            target_probs = torch.softmax(self._warpers(None, logits.float()), dim=-1)
+            accepted, next_tokens = verify_rows_sampled(tokens, draft_probs, target_probs, counts, self._generator)
+            n_kept = 1 + torch.tensor(accepted, device=self.device)
         else:
-            accepted, next_tokens = self._accept_greedy(tokens, logits, counts, width)
-        token_lists = tokens.tolist()
-        finished = []
-        now = time.perf_counter()
+            kept, chosen = verify_rows_greedy(tokens[:, : width - 1], logits, count_tensor)
+            n_kept = 1 + kept
+            accepted, next_tokens = kept.tolist(), chosen.tolist()
+        token_lists = tokens[:, : width - 1].tolist() if width > 1 else [[] for _ in counts]
+        finished, now, stats, ngram_rows = [], time.perf_counter(), self.stats, self.ngram.rows
         for row, request in enumerate(self._active):
             n_accepted, next_token = accepted[row], next_tokens[row]
             committed = request._commit(token_lists[row][:n_accepted] + [next_token])
@@ -725,65 +694,23 @@ class BatchedSpeculativeGenerator:
             request.committed.append(committed)
             request.anchor = next_token
             request.anchor_position += 1 + n_accepted
-            if self._ngram_rows[row]:
-                self._record_ngram(counts[row], n_accepted)
-            self.stats["accepted_draft_tokens"] += n_accepted
-            self.stats["accepted_histogram"][n_accepted] += 1
-            self.stats["committed_tokens"] += committed
+            if ngram_rows and ngram_rows[row]:
+                self.ngram.record(counts[row], n_accepted)
+            stats["accepted_histogram"][n_accepted] += 1
+            stats["committed_tokens"] += committed
             if request.finished:
                 request.finished_at = now
                 finished.append(request)
+        stats["accepted_draft_tokens"] += sum(accepted)
         if len(set(accepted)) > 1:
-            self.stats["ragged_rounds"] += 1  # rows kept different numbers of slots this round
-        # the anchor and the accepted drafts are committed: keep their slots, drop the rest
-        n_kept = 1 + torch.tensor(accepted, device=self.device)
-        keep = torch.arange(width, device=self.device)[None, :] < n_kept[:, None]
-        self._target_kv.slots.valid[:, first_new_slot:] &= keep
+            stats["ragged_rounds"] += 1  # rows kept different numbers of slots this round
+        if width > 1:  # the anchor and the accepted drafts are committed: keep their slots, drop the rest
+            keep = torch.arange(width, device=self.device)[None, :] < n_kept[:, None]
+            self._target_kv.slots.valid[:, first_new_slot:] &= keep
         # their target features are the drafter's context when the row drafts next
         if features is not None:
             self._pending.append(features, n_kept)
         return finished
-
-    def _accept_greedy(self, tokens, logits, counts, width):
-        """Argmax matching for every row at once (``verify_block``'s greedy rule, vectorised)."""
-        rows = len(counts)
-        choice = torch.full((rows, width), -1, dtype=torch.long, device=self.device)
-        offsets = torch.arange(width, device=self.device)
-        choice[offsets[None, :] < (1 + torch.tensor(counts, device=self.device))[:, None]] = logits.argmax(-1)
-        if width > 1:
-            submitted = offsets[None, : width - 1] < torch.tensor(counts, device=self.device)[:, None]
-            matches = (tokens[:, : width - 1] == choice[:, : width - 1]) & submitted
-            n_accepted = matches.long().cumprod(1).sum(1)
-        else:
-            n_accepted = torch.zeros(rows, dtype=torch.long, device=self.device)
-        next_tokens = choice.gather(1, n_accepted[:, None]).squeeze(1)
-        return n_accepted.tolist(), next_tokens.tolist()
-
-    def _accept_sampled(self, tokens, draft_probs, logits, counts):
-        """Exact speculative sampling per row (``verify_block``) on the packed target distributions."""
-        scores = self._warpers(None, logits.float())
-        target_probs = torch.softmax(scores, dim=-1)
-        accepted, next_tokens, start = [], [], 0
-        vocab = target_probs.shape[-1]
-        for row, count in enumerate(counts):
-            q = draft_probs[row] if draft_probs is not None and draft_probs[row] is not None else \
-                target_probs.new_zeros(0, vocab)
-            n_accepted, next_token = verify_block(tokens[row], q, target_probs[start : start + count + 1], count,
-                                                  self._generator)
-            accepted.append(n_accepted)
-            next_tokens.append(next_token)
-            start += count + 1
-        return accepted, next_tokens
-
-    def _record_ngram(self, submitted: int, n_accepted: int) -> None:
-        stats = self.stats
-        stats["ngram_request_rounds"] += 1
-        stats["ngram_verified_tokens"] += submitted
-        stats["ngram_accepted_tokens"] += n_accepted
-        for k in range(min(n_accepted + 1, submitted)):
-            stats["ngram_position_attempted"][k] += 1
-        for k in range(n_accepted):
-            stats["ngram_position_accepted"][k] += 1
 
     def _retire(self, finished: list[SpeculativeRequest]) -> None:
         if finished:

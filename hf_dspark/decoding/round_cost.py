@@ -69,6 +69,14 @@ class RoundCost:
     width_scales: dict[int, float] = field(default_factory=dict)
     observed: dict = field(default_factory=dict)  # rounds seen per scale ("verify", "draft", "gain", widths)
     hurdle: float = 1.0  # factor on the price of rounds that draft or verify drafts (observe_gain)
+    # the engine's own seconds per round beyond the target forward and the drafter call (planning, n-gram
+    # lookups, verification, commits, cache bookkeeping): learnt per kind of round, "plain" (one slot per
+    # row, no drafter) and "speculative" (anything else)
+    overhead: dict[str, float] = field(default_factory=dict)
+
+    def overhead_seconds(self, width: int, drafted_rows: int) -> float:
+        """The engine's learnt overhead of a round of this shape (0 until a round of its kind was seen)."""
+        return self.overhead.get("plain" if width <= 1 and drafted_rows == 0 else "speculative", 0.0)
 
     def verify_scale_at(self, width: int) -> float:
         """The learnt scale of rounds ``width`` slots wide (the all-widths scale until one was seen)."""
@@ -90,11 +98,13 @@ class RoundCost:
         return max(_interpolate(sorted(self.draft_seconds.items()), rows), 0.0)
 
     def observe(self, rows: int, width: int, tokens: int, drafted_rows: int, draft_elapsed: float,
-                verify_elapsed: float) -> None:
-        """Learn from one finished round (only with ``adapt``): how its two parts compare with the model.
+                verify_elapsed: float, overhead: float | None = None) -> None:
+        """Learn from one finished round (only with ``adapt``): how its parts compare with the model.
 
         The profile and the drafter timings price the target forward and the drafter call alone; a real
-        round also plans, verifies row by row and updates the ragged caches. Each part's measured time
+        round also plans, verifies and updates the ragged caches. The engine passes the forward's and the
+        drafter call's own times and, as ``overhead``, the rest of the round, which is learnt per kind of
+        round (:meth:`overhead_seconds`; same averaging as the scales, in seconds). Each part's measured time
         over its modelled time feeds a running average that scales the model from then on: the plain
         mean over a scale's first rounds, then an exponential average (weight ``ADAPT_WEIGHT``), kept
         in ``[1/4, 4]``. A round width may come up only a few times in a run, so its scale must learn
@@ -116,6 +126,10 @@ class RoundCost:
         modelled = self._drafter_seconds(drafted_rows)
         if drafted_rows > 0 and draft_elapsed > 0 and modelled > 0:
             self.draft_scale = self._blend("draft", self.draft_scale, draft_elapsed / modelled)
+        if overhead is not None:
+            kind = "plain" if width <= 1 and drafted_rows == 0 else "speculative"
+            self.overhead[kind] = self._blend(kind, self.overhead.get(kind, 0.0), max(overhead, 0.0),
+                                              bounds=(0.0, float("inf")), prior=False)
 
     def observe_gain(self, expected_tokens: float, model_seconds: float, committed_tokens: int, elapsed: float) -> None:
         """Learn from one finished round that verified draft tokens (only with ``adapt``) whether such
@@ -135,11 +149,12 @@ class RoundCost:
         ratio = (expected_tokens / model_seconds) / max(realized, _FLOOR)
         self.hurdle = self._blend("gain", self.hurdle, ratio, bounds=HURDLE_RANGE)
 
-    def _blend(self, key, scale: float, ratio: float, bounds=None) -> float:
+    def _blend(self, key, scale: float, ratio: float, bounds=None, prior: bool = True) -> float:
         """``scale`` after one more observed ``ratio``: the running mean while fewer than 1 / ADAPT_WEIGHT
-        rounds were seen (starting from the model's own 1.0 as one observation), then the EMA."""
+        rounds were seen (starting from the model's own value as one observation unless ``prior`` is
+        False), then the EMA."""
         seen = self.observed[key] = self.observed.get(key, 0) + 1
-        weight = max(ADAPT_WEIGHT, 1 / (seen + 1))
+        weight = max(ADAPT_WEIGHT, 1 / (seen + prior))
         low, high = bounds or ADAPT_RANGE
         return min(max((1 - weight) * scale + weight * ratio, low), high)
 
@@ -154,13 +169,15 @@ class RoundCost:
         draft = [self.drafter_seconds(m) for m in range(rows + 1)]
         discount, hurdle = self.padding_discount, self.hurdle
         scales = [self.verify_scale_at(w) for w in range(max_width + 1)]
+        plain_overhead, overhead = self.overhead_seconds(1, 0), self.overhead_seconds(2, 1)
 
         def seconds(width: int, tokens: int, drafted_rows: int) -> float:
             verify = scales[width] * max(padded[width] - discount * (rows * width - tokens), _FLOOR)
             if sunk_draft_seconds is not None:  # the drafter ran: only verifying drafts is a bet
-                return (verify * hurdle if width > 1 else verify) + sunk_draft_seconds
-            total = verify + draft[drafted_rows]
-            return total * hurdle if width > 1 or drafted_rows > 0 else total
+                return (verify * hurdle if width > 1 else verify) + sunk_draft_seconds + overhead
+            if width <= 1 and drafted_rows == 0:  # a plain decoding step
+                return verify + plain_overhead
+            return (verify + draft[drafted_rows] + overhead) * hurdle
 
         return seconds
 

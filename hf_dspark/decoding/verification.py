@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accept_probabilities", "residual_distribution", "verify_block"]
+__all__ = ["accept_probabilities", "residual_distribution", "verify_block", "verify_rows_greedy", "verify_rows_sampled"]
 
 
 def accept_probabilities(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -89,3 +89,74 @@ def verify_block(
         law = p[n]
     next_token = torch.multinomial(law, 1, generator=generator)
     return n_accepted, int(next_token)
+
+
+def verify_rows_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor, counts: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`verify_block`'s greedy rule for every row of a right-padded round at once.
+
+    Args:
+        draft_tokens: [R, >= W - 1] draft tokens (columns past a row's count are ignored).
+        target_logits: [sum_r (1 + counts[r]), V] the target's scores of the real slots, packed row
+            after row (row ``r``'s anchor first), as the engine's verification forward returns them.
+        counts: [R] long, draft tokens each row submitted; ``W = 1 + max(counts)``.
+
+    Returns ``(n_accepted, next_token)``, both [R] long: one argmax over the packed block, then one
+    compare / cumulative product over the padded [R, W - 1] block."""
+    rows, width = counts.shape[0], int(draft_tokens.shape[1]) + 1
+    offsets = torch.arange(width, device=counts.device)
+    real = offsets[None, :] < (1 + counts)[:, None]
+    # the argmax of the fp32 scores, as generate() takes it (an argmax over bf16 scores is slower on CPU)
+    choice = torch.full((rows, width), -1, dtype=torch.long, device=counts.device)
+    choice[real] = target_logits.float().argmax(-1)
+    matches = (draft_tokens[:, : width - 1] == choice[:, : width - 1]) & real[:, 1:]
+    n_accepted = matches.long().cumprod(1).sum(1)
+    return n_accepted, choice.gather(1, n_accepted[:, None]).squeeze(1)
+
+
+def verify_rows_sampled(
+    draft_tokens: torch.Tensor,
+    draft_probs: list,
+    target_probs: torch.Tensor,
+    counts: list[int],
+    generator: torch.Generator | None = None,
+) -> tuple[list[int], list[int]]:
+    """:func:`verify_block` for every row of a round: the accept/reject test of all rows in one step,
+    then the one law each row draws its next token from, drawn in one batched call.
+
+    Args:
+        draft_tokens: [R, >= max(counts)] draft tokens.
+        draft_probs: per row, its [>= counts[r], V] proposal laws ``q`` (or None for a row that submits nothing).
+        target_probs: [sum_r (1 + counts[r]), V] the target's processed laws of the real slots, packed row
+            after row.
+        counts: draft tokens each row submitted.
+
+    Every draft token gets its own uniform draw (those after a row's first rejection are unused), so the
+    rows are independent and each follows :func:`verify_block`'s law exactly."""
+    device, rows = target_probs.device, len(counts)
+    starts = [0] * rows
+    for row in range(1, rows):
+        starts[row] = starts[row - 1] + counts[row - 1] + 1
+    width = max(counts, default=0)
+    n_accepted = [0] * rows
+    if width > 0:
+        x = draft_tokens[:, :width]
+        q_x = torch.ones(rows, width, dtype=torch.float64, device=device)  # 1 where nothing was submitted
+        for row, count in enumerate(counts):  # q at the submitted tokens (the laws are per row)
+            if count:
+                q_x[row, :count] = draft_probs[row][torch.arange(count, device=device), x[row, :count]].double()
+        offsets = torch.arange(width, device=device)
+        submitted = offsets[None, :] < torch.tensor(counts, device=device)[:, None]
+        slots = (torch.tensor(starts, device=device)[:, None] + offsets).clamp(max=target_probs.shape[0] - 1)
+        p_x = target_probs[slots, x].double()
+        # accept x_j with probability min(1, p_j(x_j) / q_j(x_j)), left to right; the first rejection ends a row
+        u = torch.rand(rows, width, generator=generator, device=device, dtype=torch.float64)
+        accepted = (u < torch.clamp(p_x / q_x, max=1.0)) & submitted
+        n_accepted = accepted.long().cumprod(1).sum(1).tolist()
+    laws = target_probs[[start + k for start, k in zip(starts, n_accepted)]].double()
+    for row, (count, k) in enumerate(zip(counts, n_accepted)):
+        if k < count:  # rejected at x_{k+1}: its replacement comes from normalize(max(p_{k+1} - q_{k+1}, 0))
+            laws[row] = residual_distribution(laws[row], draft_probs[row][k].double())
+    # otherwise every submitted token survived: the bonus token comes from p_{n+1}
+    next_tokens = torch.multinomial(laws, 1, generator=generator).squeeze(1)
+    return n_accepted, next_tokens.tolist()
