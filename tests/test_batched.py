@@ -141,6 +141,53 @@ def test_verify_block_draws_follow_the_rule():
     assert not rejects, f"chi2={stat:.1f} > {crit:.1f}"
 
 
+def test_all_rows_verified_at_once_follow_the_rule_of_each_row():
+    """verify_rows_sampled (one accept/reject step for every row, one batched draw) gives each row the law
+    of (accepted count, next token) that verify_block's rule states, rows of different counts side by side;
+    verify_rows_greedy equals verify_block row by row."""
+    vocab, counts = 4, [3, 0, 1, 2]
+    gen = torch.Generator().manual_seed(0)
+    p_rows = [torch.softmax(torch.randn(n + 1, vocab, generator=gen, dtype=torch.float64), -1) for n in counts]
+    q_rows = [torch.softmax(2 * torch.randn(max(n, 1), vocab, generator=gen, dtype=torch.float64), -1) for n in counts]
+    tokens = torch.tensor([[1, 2, 0], [0, 0, 0], [3, 0, 0], [2, 1, 0]])
+    packed = torch.cat(p_rows).float()
+    draft_probs = [q.float() if n else None for q, n in zip(q_rows, counts)]
+    laws = []
+    for row, n in enumerate(counts):
+        p, q = packed[sum(counts[:row]) + row:][: n + 1].double(), q_rows[row].float().double()
+        accept = accept_probabilities(tokens[row, :n], q, p[:n]).tolist() if n else []
+        law, survive = torch.zeros(n + 1, vocab, dtype=torch.float64), 1.0
+        for k in range(n + 1):
+            if k < n:
+                law[k] = survive * (1 - accept[k]) * residual_distribution(p[k], q[k])
+                survive *= accept[k]
+            else:
+                law[k] = survive * p[n]
+        laws.append(law)
+    observed = [torch.zeros(n + 1, vocab, dtype=torch.long) for n in counts]
+    draws = torch.Generator().manual_seed(1)
+    for _ in range(5000):
+        accepted, next_tokens = verification.verify_rows_sampled(tokens, draft_probs, packed, counts, draws)
+        for row, (k, y) in enumerate(zip(accepted, next_tokens)):
+            observed[row][k, y] += 1
+    for row in range(len(counts)):
+        rejects, stat, crit = chi_square_rejects(observed[row], laws[row])
+        assert not rejects, f"row {row}: chi2={stat:.1f} > {crit:.1f}"
+    logits = torch.randn(sum(counts) + len(counts), vocab, generator=gen)
+    logits[0, 1] = logits[1, 2] = 9.0  # row 0 keeps its first two drafts
+    kept, chosen = verification.verify_rows_greedy(tokens, logits, torch.tensor(counts))
+    starts = [sum(counts[:row]) + row for row in range(len(counts))]
+    expected = [verify_block(tokens[row], None, logits[start:], n) for row, (start, n) in enumerate(zip(starts, counts))]
+    assert list(zip(kept.tolist(), chosen.tolist())) == expected and expected[0][0] >= 2
+
+
+def test_a_broken_residual_in_the_row_step_is_caught(monkeypatch):
+    """Negative control for the test above: the replacement drawn from p instead of max(p - q, 0)."""
+    monkeypatch.setattr(verification, "residual_distribution", lambda p, q: p)
+    with pytest.raises(AssertionError, match="chi2"):
+        test_all_rows_verified_at_once_follow_the_rule_of_each_row()
+
+
 def test_nothing_submitted_samples_from_the_target():
     p = torch.tensor([[0.0, 1.0, 0.0]])
     assert verify_block(torch.tensor([2]), torch.tensor([[0.0, 0.0, 1.0]]), p, 0, torch.Generator()) == (0, 1)
@@ -867,6 +914,38 @@ def test_rounds_that_realize_less_than_expected_raise_the_hurdle_for_drafting():
     fixed = synthetic_cost()
     fixed.observe_gain(12.0, 1.0, 1, 1.0)
     assert fixed.hurdle == 1.0  # adapt=False: the tests' fixed models never move
+
+
+def test_the_engines_own_overhead_is_learnt_per_kind_of_round_and_can_make_a_round_plain():
+    """RoundCost.observe(overhead=...) learns the engine's seconds beyond the forward and the drafter, one
+    value for plain steps and one for speculative rounds, and round_seconds prices it in: a round whose
+    drafting and verification pay only before that overhead is planned plain."""
+    base, cost = synthetic_cost(), synthetic_cost()
+    cost.adapt = True
+    predictions = [[0.9, 0.8, 0.6]] * 4
+    assert best_padded_allocation(predictions, base.round_seconds(4, 6)) != [0, 0, 0, 0]
+    plain_step = base.round_seconds(4, 6)(1, 4, 0)
+    for _ in range(12):
+        cost.observe(4, 1, 4, 0, 0.0, base.verify_seconds(4, 1, 4), overhead=0.01)
+        cost.observe(4, 3, 12, 4, base.drafter_seconds(4), base.verify_seconds(4, 3, 12), overhead=2.0)
+    assert cost.overhead_seconds(1, 0) == pytest.approx(0.01) and cost.overhead_seconds(3, 4) == pytest.approx(2.0)
+    seconds = cost.round_seconds(4, 6)
+    assert seconds(1, 4, 0) == pytest.approx(plain_step + 0.01)
+    assert seconds(3, 12, 4) == pytest.approx(base.round_seconds(4, 6)(3, 12, 4) + 2.0)
+    assert best_padded_allocation(predictions, seconds) == [0, 0, 0, 0]
+    base.observe(4, 1, 4, 0, 0.0, 1.0, overhead=5.0)
+    assert base.overhead_seconds(1, 0) == 0.0  # adapt=False: the tests' fixed models never move
+
+
+def test_a_plan_that_gives_an_ngram_row_nothing_makes_it_copy_nothing(qwen, qwen_drafter):
+    """Under algorithm1 the n-gram copy is cut to the plan's count: a round where nothing pays is plain."""
+    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="algorithm1", ngram_lookup_tokens=4,
+                                         round_cost=synthetic_cost())
+    engine.round_cost.overhead["speculative"] = 1e3  # no speculative round can pay
+    prompts = repetitive_prompts()
+    outputs = engine.generate(prompts, max_new_tokens=12)
+    assert outputs == [plain(qwen, p, 12) for p in prompts]
+    assert engine.stats["ngram_request_rounds"] == 0 and engine.stats["verified_draft_tokens"] == 0
 
 
 def test_pending_features_grow_in_place_and_keep_every_row_in_order():
