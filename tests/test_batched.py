@@ -11,9 +11,9 @@ from collections import defaultdict
 
 import pytest
 import torch
-from _fixtures import mixed_prompts, plain, repetitive_prompts, synthetic_cost, synthetic_profile, train_prompts
+from _fixtures import (chi_square_rejects, exact_joint, mixed_prompts, plain, repetitive_prompts, synthetic_cost,
+                       synthetic_profile, train_prompts)
 from _models import briefly_trained_drafter, target_features, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
-from test_generate import chi_square_rejects, exact_joint
 
 import hf_dspark.decoding.verification as verification
 from hf_dspark import DSparkDraftCache

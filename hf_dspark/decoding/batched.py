@@ -11,9 +11,10 @@ serves many requests with continuous batching. Each round:
 3. the scheduler chooses how many draft tokens each request verifies;
 4. ONE target forward scores ``[anchor, x_1 .. x_l]`` of every request, right-padded to the
    longest row (logits only for the real tokens);
-5. :func:`hf_dspark.decoding.verification.verify_block` accepts/rejects per request (exact speculative
-   sampling, or argmax matching for greedy decoding); the target features of the anchor and the
-   accepted tokens wait for the request's next drafter call;
+5. every row is verified in one vectorized step (:func:`hf_dspark.decoding.verification.verify_rows_greedy`:
+   one argmax and compare over the padded block; :func:`~hf_dspark.decoding.verification.verify_rows_sampled`:
+   exact speculative sampling, the accept/reject of all rows at once and one batched draw); the target
+   features of the anchor and the accepted tokens wait for the request's next drafter call;
 6. requests that produced EOS or reached ``max_new_tokens`` (possibly in the middle of a
    block: the tokens after that point are dropped) leave; queued requests join (their prompt
    is prefilled in one extra forward) before the next round.
@@ -29,8 +30,9 @@ Schedulers
   request's prediction from the previous round (:meth:`~BatchedSpeculativeGenerator._plan`)
   decides who drafts: a request it gives no token skips the drafter, and when no allocation beats
   a plain decoding step nobody drafts (so a round is never planned slower than plain decoding).
-  The engine's own time model learns from finished rounds, including how far drafting rounds fell
-  short of what the plan expected, and asks drafting to beat a plain step by that much.
+  The engine's own time model learns from finished rounds: the forward's and the drafter's own times,
+  the engine's overhead beyond them (per kind of round, plain or speculative), and how far drafting
+  rounds fell short of what the plan expected, which drafting must then beat a plain step by.
   After drafting, greedy decoding takes the best allocation over every width cap
   (:func:`hf_dspark.decoding.scheduling.best_padded_allocation`: greedy output does not depend on the
   counts), sampling walks the admission path with Algorithm 1's early stop
@@ -51,8 +53,9 @@ drafter call reads all of them, so its drafter context is complete again (the ca
 the projection and keys/values of those few tokens, inside that call).
 
 With ``ngram_lookup_tokens > 0`` a request whose last tokens occurred earlier in its prompt or
-output submits the tokens that followed them instead of a drafted block (n-gram rounds, as in
-:mod:`hf_dspark.models.dspark.generation_dspark`; a one-hot proposal when sampling). The schedulers see, for
+output submits the tokens that followed them instead of a drafted block (n-gram rounds,
+:mod:`hf_dspark.decoding.ngram_rounds`; a one-hot proposal when sampling); under ``algorithm1`` and
+``async`` it copies as many as the plan gives it, none when copying does not pay. The schedulers see, for
 such a row, the acceptance n-gram proposals had so far at each position (a running estimate from
 past rounds only, so the cut stays non-anticipating).
 
@@ -596,20 +599,24 @@ class BatchedSpeculativeGenerator:
         valid = offsets < 1 + packed[:, 2:3]  # columns past a row's count are padding (masked)
         first_new_slot = self._target_kv.slots.length
         start = time.perf_counter()
-        logits, features = self._target_forward(self._target_kv, ids, positions, valid, logits_for=valid)
+        logits, features = self._target_forward(self._target_kv, ids, positions, valid, logits_for=valid,
+                                                padded=min(counts) < max(counts))
         self._forward_seconds = time.perf_counter() - start
         return logits, features, first_new_slot
 
-    def _target_forward(self, kv: _TargetKV, input_ids, positions, query_valid, logits_for=None):
+    def _target_forward(self, kv: _TargetKV, input_ids, positions, query_valid, logits_for=None, padded=True):
         """One target pass appending ``W`` slots per row; returns (logits of the ``logits_for`` slots,
         packed [N, V], or None; selected features [rows, W, C], or None for the plain scheduler).
 
         The LM head only sees the hidden states of the ``logits_for`` slots (a prefill needs none) and
         the target's per-slot layers only its ``query_valid`` slots
-        (:func:`hf_dspark.decoding.packing.real_slots_only`): padding costs attention only."""
+        (:func:`hf_dspark.decoding.packing.real_slots_only`): padding costs attention only. ``padded=False``
+        says the caller knows every slot is real."""
         masks = self._attention_masks(kv.slots, query_valid, positions)
         keep = query_valid.new_zeros(query_valid.shape) if logits_for is None else logits_for
-        with real_slots_only(self.target.get_output_embeddings(), keep, query_valid, self._position_wise):
+        # ``padded=False`` (known on the host): no padding slot to skip, and no mask to read back
+        real = query_valid if padded else None
+        with real_slots_only(self.target.get_output_embeddings(), keep, real, self._position_wise):
             out = self.target(
                 input_ids=input_ids, attention_mask=masks, position_ids=positions, cache=kv.cache, use_cache=True,
                 output_hidden_states=None if self.scheduler == "plain" else self.hidden_state_ids, logits_to_keep=0,

@@ -35,9 +35,9 @@ class RoundPlanner:
     (exponential average, weight ``DRAFT_PRIOR_WEIGHT`` for the newest), starting at
     ``DRAFT_PRIOR_ACCEPTANCE ** j``. The start is optimistic on purpose: a prior that never drafts
     would never learn otherwise. When the plan kept every request off the drafter for
-    ``PROBE_INTERVAL`` rounds, every request that could draft drafts once (one drafter call), so
-    that predictions and prior follow text that became easier to draft; when drafting never pays
-    this costs one drafter call per ``PROBE_INTERVAL`` rounds.
+    ``PROBE_INTERVAL`` rounds, ``PROBE_ROWS`` of the requests that could draft (taking turns) draft
+    once, so that predictions and prior follow text that became easier to draft; when drafting never
+    pays this costs one small drafter call per ``PROBE_INTERVAL`` rounds, whatever the batch size.
     """
 
     # A request's survival one or two blocks later is only loosely tied to its prediction for this block:
@@ -48,6 +48,7 @@ class RoundPlanner:
     PREDICTION_LAG = {"algorithm1": 1, "async": 2}
     PREDICTION_TTL = 8
     PROBE_INTERVAL = 16
+    PROBE_ROWS = 2
     DRAFT_PRIOR_ACCEPTANCE = 0.8
     DRAFT_PRIOR_WEIGHT = 1 / 16
 
@@ -120,8 +121,9 @@ class RoundPlanner:
         self.plan_counts = plan
         draft_rows = [row for row in candidates if plan[row] > 0]
         if not draft_rows and candidates and now - self.last_draft_round >= self.PROBE_INTERVAL:
-            draft_rows = candidates
-            stats["probe_request_rounds"] += len(candidates)
+            first = (now // self.PROBE_INTERVAL) * self.PROBE_ROWS % len(candidates)  # take turns
+            draft_rows = sorted((candidates[first:] + candidates[:first])[: self.PROBE_ROWS])
+            stats["probe_request_rounds"] += len(draft_rows)
         stats["draft_skipped_request_rounds"] += len(candidates) - len(draft_rows)
         stats["draft_skipped_rounds"] += bool(candidates) and not draft_rows
         return draft_rows
