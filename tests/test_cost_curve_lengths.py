@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from _fixtures import chi_square_rejects
 from _models import tiny_drafter, tiny_qwen3_target
-from test_generate import chi_square_rejects
 
 import hf_dspark  # noqa: F401  (installs the hook and registers the latency cache as a latency source)
 from hf_dspark.errors import DSparkConfigError
@@ -110,6 +110,28 @@ def test_a_steep_curve_copies_less_than_a_flat_one(pair):
         stats = draft.last_generation_stats
         lengths[name] = stats["ngram_submitted"] / max(stats["ngram_rounds"], 1)
     assert lengths["steep"] < lengths["flat"]
+
+
+def test_rounds_where_the_drafter_does_not_pay_are_plain_rounds(pair):
+    """A steep curve and a drafter whose tokens are seldom accepted: plain decoding commits more per second,
+    so most rounds skip the drafter (its features wait for its next block); every few skipped rounds it
+    drafts again, and greedy output still equals plain generate."""
+    from hf_dspark.models.dspark.generation_dspark import DRAFTER_RETRY
+
+    target, draft = pair
+    configure(draft, STEEP, ngram="auto")
+    draft.generation_config.ngram_min_size = 3  # keep n-gram rounds out of this random prompt
+    ids = torch.tensor([[5, 17, 40, 3, 61, 22, 9, 33]])
+    try:
+        plain = target.generate(ids, max_new_tokens=40, do_sample=False)
+        spec = target.generate(ids, max_new_tokens=40, do_sample=False, assistant_model=draft)
+    finally:
+        draft.generation_config.ngram_min_size = 2
+    stats = draft.last_generation_stats
+    assert torch.equal(plain, spec)
+    drafted_rounds = stats["rounds"] - stats["plain_rounds"] - stats["ngram_rounds"]
+    assert stats["plain_rounds"] > drafted_rounds > 0
+    assert stats["plain_rounds"] <= DRAFTER_RETRY * (drafted_rounds + 1)  # the drafter is retried
 
 
 def test_a_cached_profile_of_this_target_is_found(pair, tmp_path, monkeypatch):

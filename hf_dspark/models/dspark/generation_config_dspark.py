@@ -149,12 +149,14 @@ class DSparkGenerationStats(dict):
             ngram_rounds=0,
             ngram_submitted=0,
             ngram_accepted=0,
+            plain_rounds=0,
             extended_rounds=0,
             extension_submitted=0,
             extension_accepted=0,
         )
 
-    def record_round(self, submitted: int, matches: int, ngram: bool = False, extension: int = 0) -> None:
+    def record_round(self, submitted: int, matches: int, ngram: bool = False, extension: int = 0,
+                     plain: bool = False) -> None:
         """One verified round. Per-position acceptance counts drafted tokens only (n-gram rounds are
         counted in ``ngram_*``, n-gram continuations of a drafted block in ``extension_*``);
         ``mean_accepted_length`` covers every round."""
@@ -167,6 +169,9 @@ class DSparkGenerationStats(dict):
         self["submitted_lengths"].append(submitted)
         self["accepted_lengths"].append(matches + 1)
         self["mean_accepted_length"] = sum(self["accepted_lengths"]) / self["rounds"]
+        if plain:  # the drafter was skipped: the target decoded one token
+            self["plain_rounds"] += 1
+            return
         if ngram:
             self["ngram_rounds"] += 1
             self["ngram_submitted"] += submitted

@@ -52,8 +52,9 @@ depends only on the committed tokens, never on the tokens being proposed, so gre
 still equals plain ``generate`` and sampled output still follows the target distribution.
 It pays off where the target repeats itself (loops, code, quoting the prompt).
 
-With ``ngram_lookup_tokens = "auto"`` and a cost curve, the copy length, whether a round copies or drafts,
-and an n-gram continuation appended to a fully submitted drafter block all come from one model of a
+With ``ngram_lookup_tokens = "auto"`` and a cost curve, the copy length, whether a round without a match
+drafts or decodes plainly, and an n-gram continuation appended to a fully submitted drafter block all
+come from one model of a
 round's time (drafting, the curve's ``T_verify``, the measured rest of the round) and the acceptance
 copied tokens have had in this call (docs/decoding.md, "Lengths from the cost curve").
 """
@@ -167,6 +168,9 @@ def is_dspark_drafter(model: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- generator
+DRAFTER_RETRY = 4  # with lengths from the cost curve: draft again after this many rounds skipped the drafter
+
+
 class DSparkCandidateGenerator(CandidateGenerator):
     """Candidate generator driving a DSpark drafter inside transformers' assisted decoding.
 
@@ -254,6 +258,8 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.drafter_rate_ema: float | None = None  # committed tokens per modelled second of drafter rounds
         self._round_model: tuple[float, float] | None = None  # (round begin, modelled seconds) of the last round
         self._extension = 0
+        self._skipped = 0  # consecutive rounds that skipped the drafter because plain decoding paid more
+        self._plain_round = False
         # How many tokens a round may propose; 5.25+ sizes the target's recurrent-state history by it.
         self.max_proposal_tokens = max(self.block_size, self.ngram_tokens)
         self._pending: list[torch.Tensor] = []  # target features not yet handed to the drafter (n-gram rounds)
@@ -400,15 +406,18 @@ class DSparkCandidateGenerator(CandidateGenerator):
         return draft_seconds + self._pass_seconds(proposed) + self.overhead_ema
 
     def _copy_length(self, available: int) -> int:
-        """How many of ``available`` looked-up tokens an n-gram round submits (0: draft instead)."""
+        """How many of ``available`` looked-up tokens an n-gram round submits (at least one)."""
         if not self.adaptive:
             return available
-        survival = self.ngram_acceptance.survival(available)
-        length = copy_length(survival, self._round_seconds)
-        if self.drafter_rate_ema is not None and (
-                expected_rate(survival[:length], self._round_seconds(length)) < self.drafter_rate_ema):
-            return 0  # the drafter is expected to commit more per second than this copy
-        return length
+        return copy_length(self.ngram_acceptance.survival(available), self._round_seconds)
+
+    def _plain_pays(self) -> bool:
+        """Whether a round without drafting (the target decodes one token) is expected to commit more tokens per
+        second than the drafter's rounds have in this call. Every ``DRAFTER_RETRY``-th skipped round drafts
+        anyway, so the drafter's estimate keeps learning."""
+        if not self.adaptive or self.drafter_rate_ema is None or self._skipped >= DRAFTER_RETRY:
+            return False
+        return 1.0 / self._round_seconds(0) > self.drafter_rate_ema
 
     def _extend(self, sequence: torch.Tensor, survival: list[float] | None, length: int, room: int):
         """An n-gram continuation appended to a fully submitted drafter block, as long as the cost curve says
@@ -459,15 +468,26 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._is_prefill = False
         room = self.max_length - input_ids.shape[1]
         n_max = min(self.block_size, room)
-        self._ngram_round = False
+        self._ngram_round = self._plain_round = False
         self._extension = 0
         if room > 0 and self.ngram_tokens > 0:
             lookup = ngram_continuation(input_ids[0], min(self.ngram_tokens, room), *self.ngram_sizes)
-            length = 0 if lookup is None else self._copy_length(lookup.shape[0])
-            if length > 0:
+            if lookup is not None:
+                length = self._copy_length(lookup.shape[0])
                 if self.adaptive:
                     self._round_model = (now, self._pass_seconds(length))
                 return self._ngram_candidates(input_ids, lookup[:length], context)
+        if n_max > 0 and self._plain_pays():
+            # the drafter has been committing fewer tokens per second than plain decoding: a plain round
+            self._skipped += 1
+            self._pending.append(context)
+            self._plain_round = True
+            self._submitted = 0
+            self._last_confidence = None
+            self._round_model = (now, self._pass_seconds(0))
+            self._round_start = time.perf_counter()
+            return input_ids, None
+        self._skipped = 0
         if self._pending:
             context = torch.cat(self._pending + [context], dim=1)
             self._pending = []
@@ -535,7 +555,10 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return
         matches = min(int(num_matches), self._submitted)
         self.stats["verify_seconds"] += elapsed
-        self.stats.record_round(self._submitted, matches, ngram=self._ngram_round, extension=self._extension)
+        self.stats.record_round(self._submitted, matches, ngram=self._ngram_round, extension=self._extension,
+                                plain=self._plain_round)
+        if self._plain_round:
+            return
         if self._ngram_round:
             self.ngram_acceptance.record(self._submitted, matches)
             return
