@@ -105,6 +105,7 @@ from .policies_dspark import (  # noqa: F401  (re-exported: the rest of hf-dspar
     cost_length,
     check_ngram_settings,
     ngram_continuation,
+    ngram_match,
     ProposalAcceptance,
     fixed_ngram_tokens,
     curve_tokens,
@@ -251,8 +252,11 @@ class DSparkCandidateGenerator(CandidateGenerator):
         else:
             self.ngram_tokens = int(settings["ngram_lookup_tokens"] or 0)
         check_ngram_settings(self.ngram_tokens, *self.ngram_sizes)
-        # per-position acceptance of copied tokens, from a prior of 0.9 worth 4 attempts (as the batched engine)
-        self.ngram_acceptance = ProposalAcceptance(prior=0.9, prior_weight=4.0)  # n-gram rounds
+        # per-position acceptance of copied tokens, from a prior of 0.9 worth 4 attempts (as the batched engine),
+        # kept per size of the matched suffix n-gram (a one-token match predicts less than a three-token one)
+        self.ngram_acceptance = {size: ProposalAcceptance(prior=0.9, prior_weight=4.0)
+                                 for size in range(1, self.ngram_sizes[0] + 1)}
+        self._match_size = 0
         self.extension_acceptance = ProposalAcceptance(prior=0.9, prior_weight=4.0)  # continuations of full blocks
         self.overhead_ema = 0.0  # round wall time the cost curve and the drafter timing do not explain
         self.drafter_rate_ema: float | None = None  # committed tokens per modelled second of drafter rounds
@@ -405,11 +409,11 @@ class DSparkCandidateGenerator(CandidateGenerator):
         the measured rest of the round (``overhead_ema``)."""
         return draft_seconds + self._pass_seconds(proposed) + self.overhead_ema
 
-    def _copy_length(self, available: int) -> int:
-        """How many of ``available`` looked-up tokens an n-gram round submits (at least one)."""
+    def _copy_length(self, available: int, size: int) -> int:
+        """How many of ``available`` tokens looked up after a ``size``-token match an n-gram round submits (>= 1)."""
         if not self.adaptive:
             return available
-        return copy_length(self.ngram_acceptance.survival(available), self._round_seconds)
+        return copy_length(self.ngram_acceptance[size].survival(available), self._round_seconds)
 
     def _plain_pays(self) -> bool:
         """Whether a round without drafting (the target decodes one token) is expected to commit more tokens per
@@ -471,9 +475,10 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._ngram_round = self._plain_round = False
         self._extension = 0
         if room > 0 and self.ngram_tokens > 0:
-            lookup = ngram_continuation(input_ids[0], min(self.ngram_tokens, room), *self.ngram_sizes)
-            if lookup is not None:
-                length = self._copy_length(lookup.shape[0])
+            found = ngram_match(input_ids[0], min(self.ngram_tokens, room), *self.ngram_sizes)
+            if found is not None:
+                lookup, self._match_size = found
+                length = self._copy_length(lookup.shape[0], self._match_size)
                 if self.adaptive:
                     self._round_model = (now, self._pass_seconds(length))
                 return self._ngram_candidates(input_ids, lookup[:length], context)
@@ -560,7 +565,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         if self._plain_round:
             return
         if self._ngram_round:
-            self.ngram_acceptance.record(self._submitted, matches)
+            self.ngram_acceptance[self._match_size].record(self._submitted, matches)
             return
         drafted = self._submitted - self._extension
         if self._extension and matches >= drafted:  # the extension was reached

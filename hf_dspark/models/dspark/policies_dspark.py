@@ -125,6 +125,12 @@ def ngram_continuation(tokens: torch.Tensor, num_tokens: int, max_size: int = 3,
     the two occurrences), so when they run out the continuation keeps repeating them: a loop is
     proposed for the full length. ``None`` when no suffix n-gram occurred before.
     """
+    found = ngram_match(tokens, num_tokens, max_size, min_size)
+    return None if found is None else found[0]
+
+
+def ngram_match(tokens: torch.Tensor, num_tokens: int, max_size: int = 3, min_size: int = 2):
+    """:func:`ngram_continuation` and the size of the suffix n-gram that matched: ``(tokens, size)`` or ``None``."""
     length = tokens.shape[0]
     if num_tokens <= 0:
         return None
@@ -135,7 +141,7 @@ def ngram_continuation(tokens: torch.Tensor, num_tokens: int, max_size: int = 3,
             continue
         begin = int(starts[-1]) + size
         period = length - begin
-        return tokens[begin + torch.arange(num_tokens, device=tokens.device) % period]
+        return tokens[begin + torch.arange(num_tokens, device=tokens.device) % period], size
     return None
 
 
