@@ -321,7 +321,7 @@ def _check_resume_settings(output: Path, checkpoint: str, settings: dict) -> Non
 def _float32_master_weights(draft, source):
     """The drafter to train, in float32. A drafter shipped in bf16 (as the Gemma 3 one is) would
     otherwise train bf16 weights: an update below half a weight's rounding step is lost, and on CPUs
-    without native bf16 matrix products each step runs ~30x slower. ``--bf16`` still gives mixed precision."""
+    without native bf16 matrix products each step runs many times slower (docs/benchmarks.md). ``--bf16`` still gives mixed precision."""
     dtypes = {p.dtype for p in draft.parameters() if p.is_floating_point()}
     if dtypes and dtypes != {torch.float32}:
         logger.info("--init-draft %s holds %s weights; training them in float32", source,

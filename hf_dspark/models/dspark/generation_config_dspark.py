@@ -26,7 +26,7 @@ DEFAULT_DSPARK_GENERATION = {
     "latency_table": None,  # {"1": seconds, "2": seconds, ...}: T_verify(n tokens) of the target
     "latency_profile_key": None,  # where latency_table was measured: "model|dtype|device|threads=..|..."
     "fast_verify_head": True,  # skinny-product layout for the target's LM head during verification (CPU fp32)
-    "fast_warpers": True,  # top-k followed by top-p: sort only the k survivors (same result, ~10x cheaper)
+    "fast_warpers": True,  # top-k followed by top-p: sort only the k survivors (same result, far cheaper over a large vocabulary)
     "ngram_lookup_tokens": 0,  # > 0: copy up to this many tokens after an earlier n-gram match; "auto": lengths from the cost curve
     "ngram_max_size": 3,  # longest suffix n-gram searched for
     "ngram_min_size": 2,  # shortest suffix n-gram accepted as a match

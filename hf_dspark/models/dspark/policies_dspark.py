@@ -39,7 +39,7 @@ def nondecreasing_fit(points: list[tuple[float, float]]) -> list[tuple[float, fl
     """The least-squares non-decreasing fit of sorted ``(x, y)`` points (pool adjacent violators).
 
     A pass scoring more tokens never costs less, but medians of timed passes on a busy CPU can dip
-    (one measured here: 100 ms for 5 tokens, 126 ms for 6, 104 ms for 7). Left as measured, such a
+    (one count measured slower than both its neighbours). Left as measured, such a
     bump ends the early-stopping scheduler's search at the bump. Points that already rise stay as they are.
     """
     blocks: list[list[float]] = []  # [sum of y, count], means non-decreasing from left to right
