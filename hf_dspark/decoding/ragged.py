@@ -272,8 +272,8 @@ class PendingFeatures:
 
         Rows that skip the drafter append every round, so the buffer grows geometrically and new
         features are written in place (one scatter): re-allocating and copying everything pending
-        each round cost the engine 7% of its round time at 32 requests that seldom draft (Gemma 3
-        270M, fp32, prompt features of ~100 tokens x 1,920 values pending per row)."""
+        each round was a visible part of the round time with many requests that seldom draft, whose
+        prompt features stay pending (docs/serving.md)."""
         features = features.to(self.features.dtype)
         lengths = self.lengths + counts
         if not bool(self.lengths.any()):  # nothing carried over (every row drafted): no copy

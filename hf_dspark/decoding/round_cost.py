@@ -110,9 +110,7 @@ class RoundCost:
         in ``[1/4, 4]``. A round width may come up only a few times in a run, so its scale must learn
         from its first rounds, not move a tenth of the way at each. Verification has one such scale
         per round width besides the all-widths one: the profile's error is not the same for a
-        one-slot plain step as for an eight-slot verification (Gemma 3 270M, fp32, 32 rows: x0.99
-        over the engine's plain steps, x1.11 over algorithm1's mix of plain and wide rounds), and one
-        shared scale prices plain steps too high and wide rounds too low: drafting when it does not
+        one-slot plain step as for an eight-slot verification, and one shared scale prices plain steps too high and wide rounds too low: drafting when it does not
         pay. A width not seen yet uses the all-widths scale.
         Only finished rounds are used, so a round's plan never depends on its own tokens.
         """
@@ -141,8 +139,8 @@ class RoundCost:
         where the model looked best). ``hurdle`` is the running mean (then EMA) of expected over
         realized rate, kept in ``HURDLE_RANGE``: a round that verifies drafts must beat a plain step by
         that factor in the model, so rounds that realize less than a plain step stop being chosen
-        (measured before it: Gemma 3 270M, fp32, 32 requests, algorithm1 committed 10% fewer tokens
-        per second than the engine without drafting). Past rounds only, like the time scales."""
+        (before it, algorithm1 at many requests committed fewer tokens per second than the engine
+        without drafting; docs/serving.md). Past rounds only, like the time scales."""
         if not self.adapt or expected_tokens <= 0 or model_seconds <= 0 or elapsed <= 0:
             return
         realized = committed_tokens / elapsed
