@@ -147,3 +147,17 @@ def briefly_trained_drafter(target, prompts, steps: int = 40, seed: int = 0, new
         loss.backward()
         opt.step()
     return draft.eval()
+
+
+def small_vocab_pair(**draft_overrides):
+    """A 6-token target and a drafter whose distribution is clearly different from the target's
+    (verification policy "full"), for the chi-square tests of exact sampling."""
+    target = tiny_qwen3_target(seed=7, vocab_size=6, num_layers=4, eos_token_id=None)
+    target.generation_config.eos_token_id = None
+    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5, **draft_overrides)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.is_floating_point():
+                p.mul_(3.0)
+    draft.generation_config.verification_policy = "full"
+    return target, draft

@@ -20,6 +20,7 @@ from hf_dspark.trainer.regenerate import (
     resolve_chat_mode,
 )
 
+from _fixtures import write_jsonl
 from conftest import EOS_ID, TINY_CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = [
@@ -34,11 +35,6 @@ PROMPTS = [
     "final answer please",
     "list of three w30 w31",
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture

@@ -19,13 +19,16 @@ import torch
 from hf_dspark.cli import main, run_command
 from hf_dspark.errors import DSparkConfigError, HfDSparkError, OutputFolderError
 
-from conftest import BOS_ID
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+from _fixtures import (
+    REPO,
+    build_cache_argv,
+    ctrl_c_reaches_the_child,
+    data_rows,
+    last_line,
+    make_data,
+    train_argv,
+    write_jsonl,
+)
 
 
 def prompt_rows(count: int) -> list[dict]:
@@ -134,7 +137,6 @@ def test_export_overwrite_deletes_only_what_the_export_wrote(tmp_path, drafter_d
 # ----------------------------------------------------------------------------- 3. train --output = --target
 def test_train_refuses_to_write_into_the_target_folder(tmp_path, capsys):
     from conftest import save_tiny_target
-    from test_failure_paths import build_cache_argv, data_rows, make_data, train_argv
 
     target = save_tiny_target(tmp_path / "target")
     cache = tmp_path / "cache"
@@ -384,8 +386,6 @@ def test_bad_flags_are_one_line_errors_before_the_target_loads(tmp_path, monkeyp
 
 
 def test_build_cache_refuses_a_top_k_larger_than_the_vocabulary(tmp_path, tiny_target_dir, capsys, no_target_load):
-    from test_failure_paths import build_cache_argv, data_rows, make_data
-
     argv = build_cache_argv(tiny_target_dir, make_data(tmp_path / "data", data_rows(4)), tmp_path / "cache")
     argv[argv.index("--target-topk") + 1] = "100000"
     assert main(argv) == 2
@@ -537,8 +537,6 @@ def test_ctrl_c_stops_prepare_data_blocked_on_a_silent_server(tmp_path, tiny_tar
     import subprocess
     import sys
     import time
-
-    from test_failure_paths import REPO, ctrl_c_reaches_the_child, last_line
 
     prompts = write_jsonl(tmp_path / "in" / "p.jsonl", prompt_rows(3))
     server = SilentServer(answer_first=1)

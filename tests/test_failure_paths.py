@@ -23,50 +23,16 @@ from hf_dspark import errors
 from hf_dspark.cli import main, run_command
 from hf_dspark.errors import CheckpointError, DataError
 
-from conftest import BOS_ID
-
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_FLAGS = ["--num_anchors", "8", "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--threads", "1",
-               "--report_to", "none", "--block_size", "4", "--markov_rank", "8", "--logging_steps", "5"]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
-    return path
-
-
-def data_rows(count: int, seed: int = 0) -> list[dict]:
-    """Rows in the prepare-data format (random token ids; 6 prompt tokens, then the answer)."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for index in range(count):
-        length = 16 + index % 9
-        ids = torch.randint(6, 128, (length,), generator=gen).tolist()
-        ids[0] = BOS_ID
-        rows.append({"id": f"r{seed}-{index}", "input_ids": ids, "loss_mask": [0] * 6 + [1] * (length - 6),
-                     "num_prompt_tokens": 6, "num_answer_tokens": length - 6})
-    return rows
-
-
-def make_data(folder: Path, rows: list[dict], status: str | None = "complete") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "train.jsonl", rows)
-    config = {"format_version": 1, "chat_template": False}
-    if status is not None:
-        config.update(status=status, num_prompts={"train": len(rows), "holdout": 0})
-    (folder / "data_config.json").write_text(json.dumps(config))
-    return folder
-
-
-def build_cache_argv(target_dir, data_dir, output, *extra) -> list[str]:
-    return ["build-cache", "--target", str(target_dir), "--data", str(data_dir), "--output", str(output),
-            "--target-layer-ids", "0", "1", "--target-topk", "8", "--shard-tokens", "200", "--no-progress",
-            *map(str, extra)]
-
-
-def train_argv(target_dir, cache_dir, output, *extra) -> list[str]:
-    return ["train", "--target", str(target_dir), "--cache", str(cache_dir), "--output", str(output), *TRAIN_FLAGS,
-            *map(str, extra)]
+from _fixtures import (
+    REPO,
+    build_cache_argv,
+    ctrl_c_reaches_the_child,
+    data_rows,
+    last_line,
+    make_data,
+    train_argv,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +49,6 @@ def data_dir(work):
 def cache_dir(work, tiny_target_dir, data_dir):
     assert run_command(build_cache_argv(tiny_target_dir, data_dir, work / "cache")) == 0
     return work / "cache"
-
-
-def ctrl_c_reaches_the_child() -> None:
-    """``preexec_fn`` of a child that a test interrupts: a shell runs background jobs (``pytest ... &``) with
-    SIGINT ignored, children inherit that, and an ignoring hf-dspark rightly keeps ignoring it; the tests
-    play a user at a terminal, whose Ctrl-C arrives."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def last_line(stream: str) -> str:
-    """The last line written (progress bars redraw with carriage returns)."""
-    return stream.replace("\r", "\n").strip().splitlines()[-1]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -228,7 +228,7 @@ def test_sampling_with_a_gemma4_drafter_follows_the_target_distribution(monkeypa
     """Sampled outputs keep the target's distribution (chi-square against the exact joint of two tokens),
     and the same test rejects a generator that misreports the draft distribution (negative control)."""
     import hf_dspark
-    from test_generate import chi_square_rejects, exact_joint, sample_counts
+    from _fixtures import chi_square_rejects, exact_joint, sample_counts
 
     target = tiny_gemma4_target(seed=7, vocab_size=6)
     target.generation_config.eos_token_id = None

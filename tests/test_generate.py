@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import types
 
 import pytest
 import torch
-from _models import briefly_trained_drafter, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
+from _fixtures import POLICIES, chi_square_rejects, exact_joint, sample_counts, set_policy
+from _models import briefly_trained_drafter, small_vocab_pair, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
 from transformers.generation.streamers import BaseStreamer
 
 import hf_dspark  # noqa: F401  (installs the hook)
@@ -20,17 +20,6 @@ VARIANTS = {
     "rnn": dict(markov_head_type="rnn"),
     "reduced_vocab": dict(draft_vocab_size=48, draft_token_ids=list(range(40, 88))),
 }
-POLICIES = {
-    "full": dict(verification_policy="full"),
-    "threshold": dict(verification_policy="threshold", confidence_threshold=0.4),
-    "cost": dict(verification_policy="cost", latency_table={1: 0.010, 4: 0.012, 8: 0.020}),
-}
-
-
-def set_policy(draft, **settings):
-    for key, value in settings.items():
-        setattr(draft.generation_config, key, value)
-    return draft
 
 
 def prompts(n, vocab=90, length=7, seed=0):
@@ -177,68 +166,7 @@ def test_incremental_draft_cache_equals_drafting_from_scratch(qwen):
 
 
 # ------------------------------------------------------------------------- sampling exactness
-def exact_joint(target, ids, warp):
-    """Exact P(x2, x3) of plain sampling (x1 marginalised), with the target's own processors."""
-
-    def step_probs(prefix):
-        # explicit mask: a generated pad-id token must not be masked out as padding
-        out = target.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=1, do_sample=True,
-                              output_scores=True, return_dict_in_generate=True, **warp)
-        return torch.softmax(out.scores[0][0].double(), -1)
-
-    V = target.config.vocab_size
-    joint = torch.zeros(V, V, dtype=torch.float64)
-    p1 = step_probs(ids)
-    for x1 in torch.nonzero(p1 > 0).flatten().tolist():
-        pre1 = torch.cat([ids, torch.tensor([[x1]])], 1)
-        p2 = step_probs(pre1)
-        for x2 in torch.nonzero(p2 > 0).flatten().tolist():
-            p3 = step_probs(torch.cat([pre1, torch.tensor([[x2]])], 1))
-            joint[x2] += p1[x1] * p2[x2] * p3
-    return joint
-
-
-def chi_square_rejects(counts: torch.Tensor, expected_p: torch.Tensor, alpha_z: float = 3.09) -> tuple[bool, float, float]:
-    n = counts.sum().item()
-    exp = expected_p.flatten() * n
-    obs = counts.flatten().double()
-    if (obs[exp == 0] > 0).any():
-        return True, math.inf, 0.0  # an impossible outcome was produced
-    big = exp >= 5
-    stat = (((obs[big] - exp[big]) ** 2) / exp[big]).sum().item()
-    rest_e, rest_o = exp[~big & (exp > 0)].sum().item(), obs[~big & (exp > 0)].sum().item()
-    df = int(big.sum().item()) - 1
-    if rest_e > 0:
-        stat += (rest_o - rest_e) ** 2 / rest_e
-        df += 1
-    # Wilson-Hilferty approximation of the chi-square quantile
-    crit = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
-    return stat > crit, stat, crit
-
-
-def sample_counts(target, draft, ids, warp, runs, seed0=0):
-    V = target.config.vocab_size
-    counts = torch.zeros(V, V, dtype=torch.long)
-    L = ids.shape[1]
-    for s in range(runs):
-        torch.manual_seed(seed0 + s)
-        out = target.generate(ids, max_new_tokens=3, do_sample=True, assistant_model=draft, **warp)
-        counts[out[0, L + 1], out[0, L + 2]] += 1
-    return counts
-
-
-def small_vocab_pair(**draft_overrides):
-    """A 6-token target and a drafter whose distribution is clearly different from the target's."""
-    target = tiny_qwen3_target(seed=7, vocab_size=6, num_layers=4, eos_token_id=None)
-    target.generation_config.eos_token_id = None
-    draft = tiny_drafter(target, seed=3, block_size=4, markov_rank=4, mask_token_id=5, **draft_overrides)
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.is_floating_point():
-                p.mul_(3.0)
-    return target, set_policy(draft, verification_policy="full")
-
-
+# (exact_joint, sample_counts and chi_square_rejects live in tests/_fixtures.py, small_vocab_pair in tests/_models.py)
 @pytest.fixture(scope="module")
 def small_vocab():
     return small_vocab_pair()

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
-from test_generate import (
-    POLICIES,
-    chi_square_rejects,
-    exact_joint,
-    sample_counts,
-    set_policy,
-    small_vocab_pair,
-)
+from _fixtures import POLICIES, chi_square_rejects, exact_joint, sample_counts, set_policy
+from _models import small_vocab_pair, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
 
 import hf_dspark  # noqa: F401  (installs the hook)
 from hf_dspark.models.dspark.generation_dspark import DSparkCandidateGenerator, ngram_continuation

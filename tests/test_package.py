@@ -134,3 +134,24 @@ def test_every_command_lives_in_the_commands_package_or_the_trainer():
 
     for command, (module, _) in COMMANDS.items():
         assert module.startswith(("hf_dspark.commands.", "hf_dspark.trainer.")), (command, module)
+
+
+def test_no_test_module_imports_another_test_module():
+    """Shared test helpers live in tests/_fixtures.py (tiny models in tests/_models.py, pytest fixtures in
+    tests/conftest.py): importing a test_* module runs its module-level code (fixture checks, skips) in the
+    importer and ties the two modules together, so no module under tests/ imports one, at module level or
+    inside a function. The helper modules _fixtures, _models, _sync_counter and conftest may be imported."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module else [alias.name for alias in node.names]  # `from . import x`
+            else:
+                continue
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {name}" for name in names
+                          if name.split(".")[0].startswith("test_")]
+    assert not offenders, f"move what they share into tests/_fixtures.py (or _models.py): {offenders}"

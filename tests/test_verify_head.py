@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -78,12 +79,23 @@ def test_nested_owners_release_in_any_order():
     target = tiny_qwen3_target()
     head = target.get_output_embeddings()
     first, second = type("Owner", (), {})(), type("Owner", (), {})()
-    assert activate_verify_head(target, first) is not None and activate_verify_head(target, second) is not None
+    first_handle = activate_verify_head(target, first)
+    state = head.__dict__["_dspark_verify_head"]
+    assert isinstance(first_handle, weakref.finalize) and first_handle.alive and state.owners == 1
+    second_handle = activate_verify_head(target, second)
+    # one shared layout with two owners, each with its own release handle
+    assert head.__dict__["_dspark_verify_head"] is state and state.owners == 2
+    assert second_handle.alive and second_handle is not first_handle
+    x = torch.randn(1, 3, head.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # 3 rows, CPU fp32: the skinny product runs
+        assert torch.equal(head(x), skinny_linear(x, head.weight, head.bias))
     del first
     gc.collect()
-    assert "_dspark_verify_head" in head.__dict__  # the second generation still runs
+    assert not first_handle.alive and second_handle.alive and state.owners == 1
+    assert head.__dict__.get("_dspark_verify_head") is state  # the second generation still runs
     del second
     gc.collect()
+    assert not second_handle.alive and state.owners == 0
     assert "forward" not in head.__dict__ and "_dspark_verify_head" not in head.__dict__
 
 
@@ -114,7 +126,9 @@ def test_a_deep_copy_of_an_active_head_runs_its_own_weights():
 
     target = tiny_qwen3_target()
     owner = type("Owner", (), {})()
-    assert activate_verify_head(target, owner) is not None
+    handle = activate_verify_head(target, owner)
+    assert isinstance(handle, weakref.finalize) and handle.alive
+    assert target.get_output_embeddings().__dict__["_dspark_verify_head"].owners == 1
     clone = copy.deepcopy(target).to(torch.bfloat16)
     head = clone.get_output_embeddings()
     x = torch.randn(1, 3, head.in_features, dtype=torch.bfloat16)
@@ -122,6 +136,7 @@ def test_a_deep_copy_of_an_active_head_runs_its_own_weights():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, torch.nn.functional.linear(x, head.weight))
     assert "_dspark_verify_head" in target.get_output_embeddings().__dict__  # the original is still active
+    assert clone.get_output_embeddings().__dict__["_dspark_verify_head"].owners == 0  # the copy's own, inactive
     del owner
     gc.collect()
-    assert "forward" not in target.get_output_embeddings().__dict__
+    assert not handle.alive and "forward" not in target.get_output_embeddings().__dict__
