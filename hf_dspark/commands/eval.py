@@ -324,8 +324,10 @@ def _fmt(value, spec=".2f", suffix="") -> str:
     return f"{value:{spec}}{suffix}"
 
 
-def print_summary(results: dict[str, Any], out=sys.stdout) -> None:
-    """A table of tau, tokens/s and speed-up per prompt set (compare drafters and prompt lookup indented)."""
+def print_summary(results: dict[str, Any], out=None) -> None:
+    """A table of tau, tokens/s and speed-up per prompt set (compare drafters and prompt lookup indented);
+    ``out`` defaults to the ``sys.stdout`` of the call (not of the import: a test may have swapped it since)."""
+    out = out if out is not None else sys.stdout
     print(f"{'prompt set':<24}{'prompts':>8}{'tau':>7}{'tok/s':>9}{'best plain':>12}{'speed-up':>10}"
           f"{'vs best':>9}{'lossless':>10}", file=out)
     for key, entry in [*results["datasets"].items(), ("macro average", results)]:
