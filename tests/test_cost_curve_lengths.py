@@ -134,6 +134,24 @@ def test_rounds_where_the_drafter_does_not_pay_are_plain_rounds(pair):
     assert stats["plain_rounds"] <= DRAFTER_RETRY * (drafted_rounds + 1)  # the drafter is retried
 
 
+def test_a_copy_is_passed_over_when_the_drafter_pays_more_and_retried(pair):
+    """Copies whose tokens are seldom accepted lose to a drafter committing more per second; every
+    DRAFTER_RETRY-th match is copied anyway, so the copies' estimate keeps learning."""
+    from hf_dspark.models.dspark.generation_dspark import DRAFTER_RETRY
+
+    target, draft = pair
+    configure(draft, FLAT)
+    generator = DSparkCandidateGenerator(target, draft, target.generation_config, input_ids=LOOPING)
+    assert generator._copy_pays(3, 2)  # no drafter rate yet: copy
+    for _ in range(6):
+        generator.ngram_acceptance[2].record(submitted=3, accepted=0)
+    generator.drafter_rate_ema = 2.5 / generator._round_seconds(4)  # 2.5 tokens per drafter round
+    decisions = [generator._copy_pays(1, 2) for _ in range(2 * (DRAFTER_RETRY + 1))]
+    assert decisions == ([False] * DRAFTER_RETRY + [True]) * 2
+    generator.drafter_rate_ema = 0.5 / generator._round_seconds(4)  # a drafter worse than any copy
+    assert generator._copy_pays(1, 2)
+
+
 def test_a_cached_profile_of_this_target_is_found(pair, tmp_path, monkeypatch):
     """No table in the drafter: generate reads the profile cached for this target, dtype and device."""
     from hf_dspark.decoding.latency import cached_latency_table, profile_latency

@@ -169,7 +169,7 @@ def is_dspark_drafter(model: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- generator
-DRAFTER_RETRY = 4  # with lengths from the cost curve: draft again after this many rounds skipped the drafter
+DRAFTER_RETRY = 4  # with lengths from the cost curve: draft (copy) again after this many rounds passed it over
 
 
 class DSparkCandidateGenerator(CandidateGenerator):
@@ -263,6 +263,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._round_model: tuple[float, float] | None = None  # (round begin, modelled seconds) of the last round
         self._extension = 0
         self._skipped = 0  # consecutive rounds that skipped the drafter because plain decoding paid more
+        self._copies_skipped = 0  # consecutive n-gram matches passed over because the drafter paid more
         self._plain_round = False
         # How many tokens a round may propose; 5.25+ sizes the target's recurrent-state history by it.
         self.max_proposal_tokens = max(self.block_size, self.ngram_tokens)
@@ -415,6 +416,20 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return available
         return copy_length(self.ngram_acceptance[size].survival(available), self._round_seconds)
 
+    def _copy_pays(self, length: int, size: int) -> bool:
+        """Whether a copy of ``length`` tokens is expected to commit at least as many tokens per second as the
+        drafter's rounds have in this call (always without a curve). Every ``DRAFTER_RETRY``-th copy passed
+        over is taken anyway, so the copies' estimate keeps learning."""
+        if not self.adaptive or self.drafter_rate_ema is None or self._copies_skipped >= DRAFTER_RETRY:
+            self._copies_skipped = 0
+            return True
+        survival = self.ngram_acceptance[size].survival(length)
+        if expected_rate(survival, self._round_seconds(length)) >= self.drafter_rate_ema:
+            self._copies_skipped = 0
+            return True
+        self._copies_skipped += 1
+        return False
+
     def _plain_pays(self) -> bool:
         """Whether a round without drafting (the target decodes one token) is expected to commit more tokens per
         second than the drafter's rounds have in this call. Every ``DRAFTER_RETRY``-th skipped round drafts
@@ -479,9 +494,10 @@ class DSparkCandidateGenerator(CandidateGenerator):
             if found is not None:
                 lookup, self._match_size = found
                 length = self._copy_length(lookup.shape[0], self._match_size)
-                if self.adaptive:
-                    self._round_model = (now, self._pass_seconds(length))
-                return self._ngram_candidates(input_ids, lookup[:length], context)
+                if self._copy_pays(length, self._match_size):
+                    if self.adaptive:
+                        self._round_model = (now, self._pass_seconds(length))
+                    return self._ngram_candidates(input_ids, lookup[:length], context)
         if n_max > 0 and self._plain_pays():
             # the drafter has been committing fewer tokens per second than plain decoding: a plain round
             self._skipped += 1
