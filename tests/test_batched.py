@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from _fixtures import (chi_square_rejects, exact_joint, mixed_prompts, plain, repetitive_prompts, synthetic_cost,
+from _fixtures import (chi_square_rejects, mixed_prompts, plain, repetitive_prompts, synthetic_cost,
                        synthetic_profile, train_prompts)
 from _models import briefly_trained_drafter, target_features, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
 
@@ -116,6 +116,19 @@ def test_exact_enumeration_catches_a_broken_rule():
     assert worst > 1e-3
 
 
+def round_law(tokens, q, p, n: int, vocab: int) -> torch.Tensor:
+    """Exact law of (accepted count k, next token) of one verified round of ``n`` drafted ``tokens``."""
+    accept = accept_probabilities(tokens, q, p[:n]).tolist() if n else []
+    law, survive = torch.zeros(n + 1, vocab, dtype=torch.float64), 1.0
+    for k in range(n + 1):
+        if k < n:
+            law[k] = survive * (1 - accept[k]) * residual_distribution(p[k], q[k])
+            survive *= accept[k]
+        else:
+            law[k] = survive * p[n]
+    return law
+
+
 def test_verify_block_draws_follow_the_rule():
     """The sampler realises the stated law of (accepted count, next token) for fixed drafts."""
     vocab, n = 4, 3
@@ -123,15 +136,7 @@ def test_verify_block_draws_follow_the_rule():
     p = torch.softmax(torch.randn(n + 1, vocab, generator=gen, dtype=torch.float64), -1)
     q = torch.softmax(2 * torch.randn(n, vocab, generator=gen, dtype=torch.float64), -1)
     x = torch.tensor([1, 2, 0])
-    accept = accept_probabilities(x, q, p[:n]).tolist()
-    law = torch.zeros(n + 1, vocab, dtype=torch.float64)
-    survive = 1.0
-    for k in range(n + 1):
-        if k < n:
-            law[k] = survive * (1 - accept[k]) * residual_distribution(p[k], q[k])
-            survive *= accept[k]
-        else:
-            law[k] = survive * p[n]
+    law = round_law(x, q, p, n, vocab)
     counts = torch.zeros(n + 1, vocab, dtype=torch.long)
     draws = torch.Generator().manual_seed(1)
     for _ in range(6000):
@@ -155,15 +160,7 @@ def test_all_rows_verified_at_once_follow_the_rule_of_each_row():
     laws = []
     for row, n in enumerate(counts):
         p, q = packed[sum(counts[:row]) + row:][: n + 1].double(), q_rows[row].float().double()
-        accept = accept_probabilities(tokens[row, :n], q, p[:n]).tolist() if n else []
-        law, survive = torch.zeros(n + 1, vocab, dtype=torch.float64), 1.0
-        for k in range(n + 1):
-            if k < n:
-                law[k] = survive * (1 - accept[k]) * residual_distribution(p[k], q[k])
-                survive *= accept[k]
-            else:
-                law[k] = survive * p[n]
-        laws.append(law)
+        laws.append(round_law(tokens[row, :n], q, p, n, vocab))
     observed = [torch.zeros(n + 1, vocab, dtype=torch.long) for n in counts]
     draws = torch.Generator().manual_seed(1)
     for _ in range(5000):

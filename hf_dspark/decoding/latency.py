@@ -437,6 +437,19 @@ def find_cached_profile(model, cache_dir: str | os.PathLike | None = None, min_p
         return None
     dtype = str(parameter.dtype).removeprefix("torch.")
     device = _describe_device(parameter.device)
+    # generate() asks on every call: the folder is read again only when a profile was written to it since
+    key = (str(folder), folder.stat().st_mtime_ns, len(os.listdir(folder)), architecture, dtype, device,
+           torch.get_num_threads(), min_points)
+    if key not in _FOUND:
+        _FOUND.clear()
+        _FOUND[key] = _best_profile(folder, architecture, dtype, device, min_points)
+    return _FOUND[key]
+
+
+_FOUND: dict[tuple, LatencyProfile | None] = {}
+
+
+def _best_profile(folder: Path, architecture: str, dtype: str, device: str, min_points: int) -> LatencyProfile | None:
     best = None
     for path in sorted(folder.glob("*.json")):
         try:
