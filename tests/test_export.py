@@ -226,6 +226,58 @@ def test_card_shows_compare_drafters(exported):
     assert card.count("| ↳ ") == 1
 
 
+
+def test_card_shows_speedups_against_the_best_plain_run(exported):
+    """Under sampling the fused-warper plain run can beat plain `generate` as called: the card's speed-ups are
+    against the faster of the two, prompt lookup's beside DSpark's, and never against the slower baseline."""
+    from hf_dspark.checkpoints.model_card import render_model_card
+
+    _, target, _ = exported
+    config = tiny_drafter(target, target_model_name=TARGET_NAME).config
+    alone = {"mean_accepted_length": 1.5, "tokens_per_second": 12.0, "speedup": 1.2, "speedup_vs_best_plain": 1.06}
+    gsm8k = {"num_prompts": 8, "mean_accepted_length": 1.69, "tokens_per_second": 14.6,
+             "baseline_tokens_per_second": 10.2, "baseline_fused_tokens_per_second": 11.3,
+             "best_plain_tokens_per_second": 11.3, "speedup": 1.43, "speedup_vs_best_plain": 1.29,
+             "prompt_lookup_speedup": 0.53, "prompt_lookup_speedup_vs_best_plain": 0.47,
+             "compare": {"drafter_alone": alone}}
+    sampling = {"settings": dict(EVAL["settings"], temperature=1.0, top_k=64, top_p=0.95), "gsm8k": gsm8k,
+                "speedup": 1.43, "speedup_vs_best_plain": 1.29}
+    card = render_model_card(config, {"verification_policy": "full"}, [sampling])
+    header = next(line for line in card.splitlines() if line.startswith("| Dataset |"))
+    titles = [cell.strip() for cell in header.strip("|").split("|")]
+    assert titles[3:7] == ["Speed-up vs best plain `generate`", "Prompt lookup, vs best plain", "Tokens/s (DSpark)",
+                           "Tokens/s (best plain)"]
+    assert "| gsm8k | 8 | 1.69 | 1.29× | 0.47× | 14.6 | 11.3 |" in card
+    assert "| ↳ gsm8k, `drafter_alone` | 8 | 1.50 | 1.06× | — | 12.0 |" in card
+    assert "1.43×" not in card and "0.53×" not in card and "1.20×" not in card and "10.2" not in card
+    assert "whichever was faster" in card and "Prompt lookup is transformers'" in card
+    # a fused-warper run without the figures against it: no speed-up shown rather than one against plain as called
+    unranked_gsm8k = {k: v for k, v in gsm8k.items() if "best_plain" not in k and k != "compare"}
+    unranked = dict(sampling, gsm8k=unranked_gsm8k, mt_bench=dict(unranked_gsm8k, speedup=1.5), mean_accepted_length=1.7)
+    unranked.pop("speedup_vs_best_plain")
+    unranked_card = render_model_card(config, {"verification_policy": "full"}, [unranked])
+    assert "| **macro average** |" in unranked_card
+    assert "1.43×" not in unranked_card and "1.50×" not in unranked_card and "Speed-up vs best plain" not in unranked_card
+    # an older file that timed plain `generate` only: its speed-up against plain is the one against the best plain
+    assert "| gsm8k | 12 | 2.87 | 1.93× | 41.5 | 21.5 |" in render_model_card(config, {"verification_policy": "full"}, [EVAL])
+
+
+def test_shipped_card_is_rendered_from_its_inputs():
+    """hf_dspark/assets/gemma-3-270m-dspark/README.md is what the renderer makes of the drafter's config, generation
+    config and dspark_card.json (re-render it as this test does after changing the template or the renderer)."""
+    from hf_dspark.checkpoints.model_card import render_model_card
+    from hf_dspark.models.dspark.configuration_dspark import DSparkConfig
+
+    folder = REPO_ROOT / "hf_dspark" / "assets" / "gemma-3-270m-dspark"
+    inputs = json.loads((folder / "dspark_card.json").read_text())
+    card = render_model_card(DSparkConfig.from_pretrained(folder),
+                             json.loads((folder / "generation_config.json").read_text()),
+                             inputs.get("eval_results", []), recipe=inputs.get("recipe"), license=inputs.get("license"),
+                             serving=inputs.get("serving", []))
+    assert (folder / "README.md").read_text() == card, f"{folder}/README.md is stale: re-render it from dspark_card.json"
+    sampling_gsm8k = inputs["eval_results"][1]["gsm8k"]
+    assert f"| {sampling_gsm8k['speedup_vs_best_plain']:.2f}× | {sampling_gsm8k['prompt_lookup_speedup_vs_best_plain']:.2f}× |" in card
+
 BENCH_BATCH = {"settings": {"dtype": "float32", "device": "cpu", "threads": 1, "num_prompts": 4, "max_new_tokens": 16,
                             "do_sample": False, "ngram_lookup_tokens": 7},
                "results": [{"concurrency": c, "method": m, "tokens_per_second": tps,

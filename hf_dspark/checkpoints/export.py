@@ -19,7 +19,7 @@ Formats
   it (engine-specific tensors and restrictions).
 * ``speculators``: vLLM speculators' DSpark format (``speculators_model_type: "dspark"``), see
   :mod:`hf_dspark.checkpoints.speculators_format`.
-  The field mapping, its sources and what is assumed are in ``docs/serving.md``.
+  The field mapping, its sources and what is assumed are in ``docs/formats.md``.
 
 Every export first loads the drafter with ``DSparkDraftModel.from_pretrained`` and refuses
 (:class:`~hf_dspark.errors.CheckpointError`) a checkpoint without ``target_model_name`` or whose
@@ -210,7 +210,7 @@ def _engine_error(field: str, value, engine: str, fix: str) -> DSparkConfigError
 
 
 def check_engine_support(config: DSparkConfig, engine: str, expand_draft_vocab: bool = False) -> None:
-    """Refuse drafters the engine's DSpark loader (as documented in docs/serving.md) cannot represent."""
+    """Refuse drafters the engine's DSpark loader (as documented in docs/formats.md) cannot represent."""
     if engine == "speculators":
         from hf_dspark.checkpoints.speculators_format import check_speculators_support
 
@@ -229,7 +229,7 @@ def check_engine_support(config: DSparkConfig, engine: str, expand_draft_vocab: 
         return
     if config.backbone_type != "qwen3":
         raise _engine_error("backbone_type", config.backbone_type, engine,
-                            f"{engine}'s DSpark loader read for docs/serving.md builds Qwen3DSparkModel drafters only; "
+                            f"{engine}'s DSpark loader read for docs/formats.md builds Qwen3DSparkModel drafters only; "
                             "use --format deepspec for DeepSpec's Gemma4DSparkModel layout")
     if config.markov_rank <= 0:
         raise _engine_error("markov_rank", config.markov_rank, engine,
@@ -534,7 +534,7 @@ def export_drafter(
         target: target folder / Hub id, read for a vLLM / speculators export of a reduced-vocabulary
             drafter that borrows the target's LM head (those rows must be in the checkpoint), and for a
             DeepSpec export, which then stores the target's embedding table and LM head.
-        expand_draft_vocab: allow an SGLang export of a reduced-vocabulary drafter (see docs/serving.md).
+        expand_draft_vocab: allow an SGLang export of a reduced-vocabulary drafter (see docs/formats.md).
         overwrite: replace an existing export in ``output_dir``.
         ngram_lookup_tokens: hub format: store this ``ngram_lookup_tokens`` in the exported
             ``generation_config.json`` (n-gram rounds, see :mod:`hf_dspark.models.dspark.generation_dspark`;

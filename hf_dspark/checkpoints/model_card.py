@@ -11,8 +11,10 @@ Evaluation JSON shape (every key optional, unknown keys ignored)::
     {"settings": {"target", "draft", "policy", "temperature", "top_k", "top_p",
                   "max_new_tokens", "hardware", ...},
      "<dataset>": {"num_prompts", "mean_accepted_length", "per_position_acceptance",
-                   "tokens_per_second", "baseline_tokens_per_second", "speedup",
-                   "outputs_match_baseline", "prompt_lookup_speedup", ...},
+                   "tokens_per_second", "baseline_tokens_per_second", "baseline_fused_tokens_per_second",
+                   "best_plain_tokens_per_second", "speedup", "speedup_vs_best_plain",
+                   "outputs_match_baseline", "prompt_lookup_speedup",
+                   "prompt_lookup_speedup_vs_best_plain", ...},
      ...,
      "<metric>": <macro average over datasets>, ...}
 """
@@ -29,14 +31,15 @@ TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "assets" / "model_card_tem
 CARD_TAGS = ("speculative-decoding", "dspark", "draft-model", "hf-dspark")
 DEFAULT_LICENSE = "apache-2.0"
 
-# (eval JSON key, column title, formatter); a column appears when any row has a value.
+# (eval JSON key, column title, formatter); a column appears when any row has a value. Speed-ups are
+# against the best plain run (see _against_best_plain), prompt lookup's beside DSpark's.
 _METRIC_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("num_prompts", "Prompts", lambda v: f"{int(v)}"),
     ("mean_accepted_length", "τ (mean accepted length)", lambda v: f"{float(v):.2f}"),
-    ("speedup", "Speed-up vs target alone", lambda v: f"{float(v):.2f}×"),
+    ("speedup_vs_best_plain", "Speed-up vs best plain `generate`", lambda v: f"{float(v):.2f}×"),
+    ("prompt_lookup_speedup_vs_best_plain", "Prompt lookup, vs best plain", lambda v: f"{float(v):.2f}×"),
     ("tokens_per_second", "Tokens/s (DSpark)", lambda v: f"{float(v):.1f}"),
-    ("baseline_tokens_per_second", "Tokens/s (target alone)", lambda v: f"{float(v):.1f}"),
-    ("prompt_lookup_speedup", "Speed-up of prompt lookup", lambda v: f"{float(v):.2f}×"),
+    ("best_plain_tokens_per_second", "Tokens/s (best plain)", lambda v: f"{float(v):.1f}"),
     ("outputs_match_baseline", "Outputs match target", lambda v: "yes" if v else "**no**"),
     ("per_position_acceptance", "Per-position acceptance", lambda v: " / ".join("n/a" if x is None else f"{float(x):.2f}" for x in v)),
 )
@@ -133,6 +136,31 @@ def _has(value) -> bool:
     return value is not None and not (isinstance(value, (list, tuple)) and not value)
 
 
+# (figure against the best plain run, the same figure against plain `generate` as called)
+_BEST_PLAIN_KEYS = (("speedup_vs_best_plain", "speedup"),
+                    ("prompt_lookup_speedup_vs_best_plain", "prompt_lookup_speedup"),
+                    ("best_plain_tokens_per_second", "baseline_tokens_per_second"))
+
+
+def _against_best_plain(row: Mapping, fused_baseline=None) -> dict:
+    """``row`` with its speed-ups against the best plain run: plain ``generate`` as called and, where the run
+    also timed it (sampling with top-k/top-p), plain ``generate`` with the fused warper, whichever was faster.
+
+    ``hf-dspark eval`` writes those figures (``speedup_vs_best_plain`` ...). A file without them that never
+    timed the fused-warper run (``baseline_fused_tokens_per_second`` absent or null, in the row and in
+    ``fused_baseline``: the dataset's value for a compare row, any dataset's for the macro average) had plain
+    ``generate`` as its only plain run,
+    so its figures against plain are the figures against the best plain run. A file that timed the fused
+    run but lacks the figures gets none, rather than a speed-up against a slower baseline."""
+    row = dict(row)
+    fused = row.get("baseline_fused_tokens_per_second")
+    fused = fused if _has(fused) else fused_baseline
+    for best, as_called in _BEST_PLAIN_KEYS:
+        if not _has(row.get(best)) and not _has(fused) and _has(row.get(as_called)):
+            row[best] = row[as_called]
+    return row
+
+
 # ----------------------------------------------------------------------------- sections
 def _results_section(eval_results: Sequence[Mapping]) -> str:
     if not eval_results:
@@ -142,8 +170,10 @@ def _results_section(eval_results: Sequence[Mapping]) -> str:
         )
     blocks = []
     for index, result in enumerate(eval_results):
-        rows = _dataset_rows(result)
-        macro = {key: result.get(key) for key, _, _ in _METRIC_COLUMNS}
+        rows = [(name, _against_best_plain(row)) for name, row in _dataset_rows(result)]
+        fused = [r.get("baseline_fused_tokens_per_second") for _, r in rows if _has(r.get("baseline_fused_tokens_per_second"))]
+        averages = _against_best_plain(result, fused[0] if fused else None)
+        macro = {key: averages.get(key) for key, _, _ in _METRIC_COLUMNS}
         if any(_has(v) for v in macro.values()) and len(rows) != 1:
             rows.append(("**macro average**", macro))
         columns = [c for c in _METRIC_COLUMNS if any(_has(r.get(c[0])) for _, r in rows)]
@@ -166,7 +196,8 @@ def _results_section(eval_results: Sequence[Mapping]) -> str:
             for name, row in rows:
                 lines.append(table_row(name, row))
                 for other, entry in _compare_rows(row):
-                    entry = {"num_prompts": row.get("num_prompts"), **entry}
+                    entry = _against_best_plain({"num_prompts": row.get("num_prompts"), **entry},
+                                                row.get("baseline_fused_tokens_per_second"))
                     lines.append(table_row(f"↳ {name}, `{other}`", entry))
                     if _has(entry.get("dspark_tau_ratio")):
                         ci = entry.get("dspark_tau_ratio_ci90")
@@ -186,8 +217,13 @@ def _results_section(eval_results: Sequence[Mapping]) -> str:
         blocks.append("\n".join(lines))
     footnote = (
         "τ counts the tokens committed per verification round, the target's bonus token included. "
-        "Speed-ups are wall-clock ratios measured side by side in one run on the hardware named above."
+        "Speed-ups are wall-clock ratios measured side by side in one run on the hardware named above, against "
+        "the best plain run: plain `generate` as called and, where the run also timed it (sampling with top-k "
+        "and top-p), plain `generate` with a fused top-k/top-p warper, whichever was faster."
     )
+    if any(_has(r.get("prompt_lookup_speedup")) or _has(r.get("prompt_lookup_speedup_vs_best_plain"))
+           for result in eval_results for _, r in [("", result), *_dataset_rows(result)]):
+        footnote += " Prompt lookup is transformers' (`prompt_lookup_num_tokens`), timed in the same run."
     if any(isinstance(r.get("settings"), Mapping) and r["settings"].get("ngram_lookup_tokens") not in (None, 0, False)
            for r in eval_results):
         footnote += (" In runs with n-gram lookup tokens, τ covers every round, n-gram rounds included, and the "
@@ -444,7 +480,7 @@ def render_engine_card(config, engine: str, license: str = DEFAULT_LICENSE) -> s
         f"# DSpark drafter for {target} ({engine} layout)\n\n"
         f"Written by `hf-dspark export --format {engine}` for {engine}'s native DSpark loader "
         "(`architectures: [\"Qwen3DSparkModel\"]`, `model_type: \"qwen3\"`, so no remote code is needed). "
-        "The field mapping and its sources are in hf-dspark's `docs/serving.md`.\n\n"
+        "The field mapping and its sources are in hf-dspark's `docs/formats.md`.\n\n"
         f"```bash\n{serve}\n```\n\n"
         "For `transformers` (`generate(assistant_model=...)`), use the `hub` export of the same drafter.\n"
     )
@@ -464,7 +500,7 @@ def _layout_card(config, layout: str, license: str) -> str:
     body = (
         f"# DSpark drafter for {target} ({layout} layout)\n\n"
         f"Written by `hf-dspark export --format {layout}`: {what}. The field mapping and what was verified are in "
-        "hf-dspark's `docs/serving.md`.\n\n"
+        "hf-dspark's `docs/formats.md`.\n\n"
         f"`hf_dspark.load_drafter(<this folder>)` loads it back; `hf-dspark convert --from {layout} <this folder> "
         "--output OUT` writes the `transformers` (Hub, remote code) layout.\n"
     )
