@@ -3,7 +3,7 @@
 Runs in at most 8 minutes on one H100 and writes ONE JSON file, ``<--output DIR>/gpu_check.json``::
 
     python benchmarks/gpu_check.py --output results/gpu_check            # CUDA if available
-    python benchmarks/gpu_check.py --device cpu --quick --output /tmp/gc  # tiny models, < 3 minutes (CI)
+    python benchmarks/gpu_check.py --device cpu --quick --output /tmp/gc  # tiny models (CI)
 
 Checks (each wrapped: a failure is recorded with its traceback and the others still run):
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,28 @@ def test_readme_code_names_the_real_api():
                 assert hasattr(importlib.import_module("hf_dspark"), node.attr), f"README uses hf_dspark.{node.attr}"
                 checked += 1
     assert checked >= 3  # load_target, resolve_draft, load_drafter, BatchedSpeculativeGenerator
+
+
+MEASURED = re.compile(r"\d+(?:\.\d+)? ?(?:ms|tok/s|tokens/s)\b|\d+(?:\.\d+)? ?(?:x|×|%) (?:faster|slower|cheaper|dearer)\b",
+                      re.I)
+
+
+def comments_and_docstrings(path: Path):
+    source = path.read_text()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.start[0], token.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                yield node.body[0].lineno, doc
+
+
+def test_measured_figures_live_in_the_docs_not_in_code_comments():
+    assert MEASURED.search("a pass costs 206 ms") and MEASURED.search("about 2.1x faster")
+    assert not MEASURED.search("block of 7 tokens, 2 x [batch, seq]")
+    found = [f"{path.relative_to(ROOT)}:{line}: {match.group(0)}"
+             for folder in ("hf_dspark", "trainer", "benchmarks") for path in sorted((ROOT / folder).rglob("*.py"))
+             for line, text in comments_and_docstrings(path) for match in [MEASURED.search(text)] if match]
+    assert not found, f"measured figures in comments/docstrings (link docs/benchmarks.md instead): {found}"

@@ -6,7 +6,7 @@ For every concurrency ``C`` the same prompts are decoded, in one process, by eac
 * ``plain``: transformers' batched ``generate`` (left-padded batches of ``C`` prompts), given the
   engine's exact speed-ups that do not draft: the LM head's skinny layout for 2-8 rows on CPU fp32
   (``generation_dspark.activate_verify_head``, faster than transformers' layout for a few rows; see
-  docs/benchmarks.md; ``--plain-head transformers`` turns it off) and,
+  docs/experiments.md, "The verification head on CPU"; ``--plain-head transformers`` turns it off) and,
   when sampling with top-k and top-p, the fused warper (the same distribution at a fraction of the cost);
 * ``full``: :class:`~hf_dspark.decoding.batched.BatchedSpeculativeGenerator` with ``C`` requests in flight,
   every request verifying its whole draft block;

@@ -101,8 +101,8 @@ class SpeculativeRequest:
 def prefill_groups(lengths: list[int], padding_slack: float = 0.25, min_tokens: int = 256) -> list[list[int]]:
     """Split requests joining together (their prefill ``lengths``) into groups prefilled by one forward each.
 
-    A long prompt in the same forward pads every shorter one to its length (measured: 32 gsm8k prompts
-    of 47-167 tokens padded to 5,344 slots for 2,674 tokens). Shortest first, a group grows while its
+    A long prompt in the same forward pads every shorter one to its length (a measured case is in
+    docs/experiments.md, "the engine against transformers' own LM head"). Shortest first, a group grows while its
     padded size stays within ``padding_slack`` of its tokens, or while it holds fewer than
     ``min_tokens`` tokens (each forward has a fixed cost). Returns indices into ``lengths``."""
     groups: list[list[int]] = []

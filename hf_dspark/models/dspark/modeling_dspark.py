@@ -357,7 +357,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         else:
             weight = self._draft_head_weight()
             x = hidden_states.to(weight.dtype)
-            # One block is a few rows: on CPU fp32 the untransposed product is ~30% cheaper (see generation_dspark).
+            # One block is a few rows: on CPU fp32 the untransposed product is cheaper (see verify_head_dspark).
             logits = skinny_linear(x, weight) if _use_skinny(x, weight) else F.linear(x, weight)
         cap = self.config.final_logit_softcapping
         if cap:

@@ -12,11 +12,13 @@ import torch
 
 # On CPU the target's LM head dominates a small model's forward (Gemma 3 270M: 262,144 x 640). For one
 # row PyTorch uses a matrix-vector kernel that streams the weight once; for 2..8 rows ``x @ W.T`` goes to a
-# GEMM that repacks the whole transposed weight and costs about 2x the one-row pass. ``W @ x.T`` (the
+# GEMM that repacks the whole transposed weight and costs several one-row passes (figures: docs/experiments.md,
+# "The verification head on CPU"). ``W @ x.T`` (the
 # same products, the big operand untransposed) stays close to the one-row cost for a few rows. That is
 # exactly the verification pass of speculative decoding (1 + k rows), so while a DSpark generation is
 # running the target's output embedding uses that layout for 2..FAST_HEAD_MAX_ROWS rows on CPU fp32.
-# Values are the same dot products summed in a different order (on Gemma 3 270M logits differ by <= 5e-5);
+# Values are the same dot products summed in a different order (rounding-level differences, bounded in
+# tests/test_verify_head.py);
 # every other call (one row, prefill, other devices/dtypes) goes to nn.Linear unchanged.
 FAST_HEAD_MAX_ROWS = 8
 

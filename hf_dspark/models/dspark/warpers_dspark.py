@@ -15,8 +15,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-# transformers' TopPLogitsWarper sorts the whole vocabulary (Gemma: 262,144 entries; docs/benchmarks.md has the
-# cost) even when a TopKLogitsWarper just left only k finite scores. Assisted decoding runs the
+# transformers' TopPLogitsWarper sorts the whole vocabulary (Gemma: 262,144 entries; docs/experiments.md,
+# "Sampling warpers", has the cost) even when a TopKLogitsWarper just left only k finite scores. Assisted decoding runs the
 # processors once per verified position, so at sampling time a round of 8 positions spent more time
 # sorting than in the draft. After top-k only its survivors can pass top-p, so the fused warper sorts
 # just those. Top-k keeps every score tied with the k-th one; such ties are rare in fp32 logits but common
