@@ -77,7 +77,7 @@ TARGETS = [
            ["l1_to_dense_target", "l1_to_topk_target", "dspark_loss"],
            [[NB, "-k", "l1 or ce_ or dspark_loss"], ["tests/test_deepspec_fixtures.py", "-k", "training_path"]]),
     Target("loading", "hf_dspark/checkpoints/loading.py",
-           ["_check_tensor_names", "_needs_layout_conversion", "load_drafter"],
+           ["_check_tensor_names", "load_drafter"],
            [[NB, "-k", "load_drafter"],
             ["tests/test_formats.py", "-k", "non_dspark or reduced_vocabulary or deepspec_folder_loads"]]),
     Target("markov", "hf_dspark/models/dspark/modeling_dspark.py",

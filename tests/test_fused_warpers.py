@@ -131,3 +131,57 @@ def test_tie_at_the_top_p_boundary_cuts_the_higher_token_id_first():
     out = fused(IDS, scores.clone())
     assert torch.isfinite(out[0]).tolist() == [True, True, False, False, False, False]
     assert torch.equal(out, tie_rule_reference(4, 0.6, scores))
+
+
+def _counted_topk(monkeypatch) -> list:
+    """The k of every torch.topk call from now on, the fused warper's and transformers' TopKLogitsWarper's alike."""
+    calls, real = [], torch.topk
+
+    def topk(input, k, *args, **kwargs):
+        calls.append(k)
+        return real(input, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", topk)
+    return calls
+
+
+def test_the_fused_warper_sorts_no_more_than_the_class_states(monkeypatch):
+    """One top-k of k; a second of the tied width only when scores tie with the k-th; where k covers the
+    vocabulary, no top-k of its own: the pair runs alone, exactly as often as without the fused warper."""
+    untied = torch.tensor([[5.0, 4.0, 3.0, 2.5, 2.0, 1.0, 0.0, -1.0]])
+    tied = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0, -1.0]])  # top-3 keeps five entries
+    calls = _counted_topk(monkeypatch)
+    FusedTopKTopPWarper(*pair(3, 0.9))(IDS, untied.clone())
+    assert calls == [3]
+    calls.clear()
+    FusedTopKTopPWarper(*pair(3, 0.9))(IDS, tied.clone())
+    assert calls == [3, 5]
+    for k in (8, 9):  # k == vocab and k > vocab
+        calls.clear()
+        expected = reference(k, 0.9, untied)
+        pair_calls = list(calls)
+        calls.clear()
+        out = FusedTopKTopPWarper(*pair(k, 0.9))(IDS, untied.clone())
+        assert calls == pair_calls == [8] and torch.equal(out, expected)
+
+
+def test_when_every_score_ties_with_the_kth_the_pair_runs(monkeypatch):
+    # top-2 keeps all five tokens (four tie with the 2nd score): a fused sort would save nothing, so the pair runs
+    # and its result comes back as is, its own order among the tied tokens included
+    scores = torch.tensor([[2.0, 1.0, 1.0, 1.0, 1.0]])
+    ran = []
+    monkeypatch.setattr(FusedTopKTopPWarper, "_reference",
+                        lambda self, ids, s: ran.append(1) or self.top_p_warper(ids, self.top_k_warper(ids, s)))
+    out = FusedTopKTopPWarper(*pair(2, 0.6))(IDS, scores.clone())
+    assert ran == [1] and torch.equal(out, reference(2, 0.6, scores))
+
+
+def test_min_tokens_to_keep_above_k_stays_on_the_fused_path(monkeypatch):
+    # top-p must keep 10 tokens but top-k left 4: every top-k survivor stays, which the fused path computes too
+    scores = torch.randn(3, 2000, generator=torch.Generator().manual_seed(3)) * 3
+    scores[1, :100] = -float("inf")
+    top_k, top_p = TopKLogitsWarper(4), TopPLogitsWarper(0.3, min_tokens_to_keep=10)
+    expected = top_p(IDS, top_k(IDS, scores.clone()))
+    monkeypatch.setattr(FusedTopKTopPWarper, "_reference", lambda *a: pytest.fail("fell back to the pair"))
+    out = FusedTopKTopPWarper(top_k, top_p)(IDS, scores.clone())
+    assert torch.equal(out, expected) and torch.isfinite(out).sum(-1).tolist() == [4, 4, 4]

@@ -17,6 +17,7 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from hf_dspark import load_drafter
+from hf_dspark.checkpoints.export import export_drafter
 from hf_dspark.decoding.verification import residual_distribution, verify_block
 from hf_dspark.errors import CheckpointError
 from hf_dspark.losses import dspark_loss, l1_to_dense_target, l1_to_topk_target
@@ -268,6 +269,20 @@ def test_load_drafter_casts_to_dtype_without_a_device(tmp_path, target):
     assert next(load_drafter(tmp_path).parameters()).dtype == torch.float32
     assert {p.dtype for p in load_drafter(tmp_path, dtype=torch.float64).parameters()} == {torch.float64}
     assert {p.dtype for p in load_drafter(tmp_path, dtype="bfloat16").parameters()} == {torch.bfloat16}
+
+
+def test_load_drafter_records_the_folder_for_every_layout(tmp_path, target):
+    # every layout loads under the folder's name, as from_pretrained records it for our own layout
+    draft = tiny_drafter(target, target_model_name="tiny-org/tiny-target", context_input_norm=False)
+    draft.config.prompt_chat_template = False
+    draft.save_pretrained(tmp_path / "ours")
+    folders = {"hf-dspark": tmp_path / "ours"}
+    for fmt in ("deepspec", "speculators"):
+        folders[fmt] = export_drafter(tmp_path / "ours", tmp_path / fmt, format=fmt)
+    for fmt, folder in folders.items():
+        loaded = load_drafter(folder)
+        assert loaded.checkpoint_format == fmt, fmt
+        assert loaded.name_or_path == loaded.config.name_or_path == str(folder), fmt
 
 
 # ----------------------------------------------------------------------------- fused warper

@@ -178,12 +178,6 @@ def _draft_rows_of_w1(w1: torch.Tensor, draft_to_target: torch.Tensor) -> torch.
 
 
 # ----------------------------------------------------------------------------- loader
-def _needs_layout_conversion(config: dict, stored: set[str]) -> bool:
-    """A DeepSpec-layout folder that ``DSparkDraftModel.from_pretrained`` cannot read as is: vLLM's
-    reduced-vocabulary tensors, or tables dropped without saying so (SGLang exports)."""
-    return "t2d" in stored or ("embed_tokens.weight" not in stored and "embeddings_from_target" not in config)
-
-
 def drafter_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], where: str = "the checkpoint"):
     """Build a :class:`DSparkDraftModel` from a DSparkConfig dict and a complete state dict (strict)."""
     from hf_dspark.models.dspark.configuration_dspark import DSparkConfig
@@ -248,8 +242,9 @@ def load_drafter(
     from hf_dspark.checkpoints.verify import verify_checksums
 
     verify_checksums(folder)  # the sha256 hf-dspark export recorded for each weight file, if any
-    stored = stored_tensor_names(folder)
-    if fmt == "speculators" or (fmt == "deepspec" and _needs_layout_conversion(config_dict, stored)):
+    stored = stored_tensor_names(folder)  # also names a truncated or corrupt weight file (CorruptFileError)
+    if fmt != "hf-dspark":
+        # other layouts become our config and state dict first (a DeepSeek checkpoint passes through unchanged)
         if fmt == "speculators":
             from hf_dspark.checkpoints.speculators_format import dspark_from_speculators
 
@@ -258,12 +253,12 @@ def load_drafter(
             config_dict, tensors = deepspec_layout_to_dspark(config_dict, read_tensors(folder))
         model = drafter_from_tensors(config_dict, tensors, where)
         model.generation_config = _load_dspark_generation_config(folder, {})
+        model.name_or_path = model.config.name_or_path = str(folder)  # as from_pretrained records it
     else:
         from hf_dspark.models.dspark.configuration_dspark import DSparkConfig
 
         try:
-            # The config is built here: a DeepSpec model_type ("qwen3") would otherwise make transformers
-            # warn that a qwen3 checkpoint is loaded into another architecture.
+            # built here, so that an invalid config is refused as a CheckpointError that names the folder
             config = DSparkConfig(**config_dict)
         except ValueError as exc:
             raise CheckpointError(f"{where}: config.json is not a valid DSpark config: {exc}") from exc

@@ -66,27 +66,28 @@ def verify_block(
     if draft_probs is None:
         # Greedy: the target would emit argmax p_j at every place; keep the draft while it agrees,
         # then emit the target's own choice (its correction, or the bonus after a full match).
-        choice = target_probs[: n + 1].argmax(-1)
-        n_accepted = int((x == choice[:n]).long().cumprod(0).sum()) if n else 0
-        return n_accepted, int(choice[n_accepted])
+        n_accepted = int((x == target_probs[:n].argmax(-1)).long().cumprod(0).sum())
+        return n_accepted, int(target_probs[n_accepted].argmax())
 
-    p, q = target_probs[: n + 1].double(), draft_probs[:n].double()
+    q = draft_probs[:n].double()
     if n:
         # Accept x_j with probability min(1, p_j(x_j) / q_j(x_j)) (u_j ~ U[0, 1) falls below it),
-        # left to right; the first rejection ends the round.
-        u = torch.rand(n, generator=generator, device=p.device, dtype=p.dtype)
-        accepted = u < accept_probabilities(x, q, p[:n])
+        # left to right; the first rejection ends the round. accept_probabilities reads rows 0 .. n - 1
+        # of target_probs only; its ratio is computed in float64 (q's dtype).
+        u = torch.rand(n, generator=generator, device=target_probs.device, dtype=q.dtype)
+        accepted = u < accept_probabilities(x, q, target_probs)
         n_accepted = int(accepted.long().cumprod(0).sum())
     else:
         n_accepted = 0
+    p = target_probs[n_accepted].double()  # p_{k+1}: the law at the first rejection, or p_{n+1} after a full match
     if n_accepted < n:
         # First rejection at x_{k+1}: draw its replacement from normalize(max(p_{k+1} - q_{k+1}, 0)).
         # Then P(token y at k+1) = min(p, q)(y) + (1 - sum min(p, q)) * max(p - q, 0)(y) / sum max(p - q, 0)
         # = min(p, q)(y) + max(p - q, 0)(y) = p_{k+1}(y), since sum max(p - q, 0) = 1 - sum min(p, q).
-        law = residual_distribution(p[n_accepted], q[n_accepted])
+        law = residual_distribution(p, q[n_accepted])
     else:
         # Every admitted token survived: the bonus token is drawn from p_{n+1}.
-        law = p[n]
+        law = p
     next_token = torch.multinomial(law, 1, generator=generator)
     return n_accepted, int(next_token)
 

@@ -674,17 +674,12 @@ def sample_anchor_positions(
     scores = scores.to(valid.device).masked_fill(~valid, -1.0)
     take = min(num_anchors, seq_len)
     top = scores.topk(take, dim=1)
-    keep = top.values >= 0
-    anchors = torch.where(keep, top.indices, torch.zeros_like(top.indices))
-    # sort kept anchors ascending, dummies last
-    sort_key = torch.where(keep, anchors, torch.full_like(anchors, seq_len + 1))
-    order = sort_key.argsort(dim=1)
-    anchors, keep = anchors.gather(1, order), keep.gather(1, order)
-    if take < num_anchors:
-        pad = num_anchors - take
-        anchors = torch.cat([anchors, anchors.new_zeros(bsz, pad)], dim=1)
-        keep = torch.cat([keep, keep.new_zeros(bsz, pad)], dim=1)
-    return anchors, keep
+    # a pick with score -1 is no valid position: it becomes seq_len, so the ascending sort puts it last
+    picked = top.indices.masked_fill(top.values < 0, seq_len).sort(dim=1).values
+    keep = picked < seq_len
+    pad = num_anchors - take  # sequences shorter than num_anchors: dummy blocks up to num_anchors
+    anchors = torch.cat([picked.masked_fill(~keep, 0), picked.new_zeros(bsz, pad)], dim=1)
+    return anchors, torch.cat([keep, keep.new_zeros(bsz, pad)], dim=1)
 
 
 def default_target_layer_ids(num_target_layers: int, num_layers: int = 5) -> list[int]:

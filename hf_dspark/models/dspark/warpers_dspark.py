@@ -27,7 +27,10 @@ from transformers.generation.logits_process import (
 class FusedTopKTopPWarper(LogitsProcessor):
     """Drop-in replacement for ``[TopKLogitsWarper(k), TopPLogitsWarper(p)]`` applied in that order.
 
-    A CPU fast path: on other devices it runs the pair itself, which makes the host wait for nothing."""
+    A CPU fast path: one top-k of ``k`` scores, and a second one of the tied count only when scores tie
+    with the k-th. It runs the pair itself, with no top-k of its own, where fusing saves no sort: on other
+    devices (the host would wait for two reads) and when ``k`` covers the vocabulary; after its top-k, when
+    fewer than ``k`` scores are finite or every score ties with the k-th (top-k keeps the whole vocabulary)."""
 
     @staticmethod
     def can_fuse(first, second) -> bool:
@@ -53,7 +56,7 @@ class FusedTopKTopPWarper(LogitsProcessor):
         k = min(self.top_k, vocab)
         # The fused path reads two values on the host (any score left? how many ties?): free on the CPU, a
         # stall per call on an accelerator, where the pair's full sort is cheap and needs no such read.
-        if k >= vocab or self.min_tokens_to_keep > k or scores.device.type != "cpu":
+        if k >= vocab or scores.device.type != "cpu":
             return self._reference(input_ids, scores)
         values, indices = torch.topk(scores, k, dim=-1)  # descending
         kth = values[..., -1:]
