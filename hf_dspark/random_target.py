@@ -59,10 +59,9 @@ def random_target_from_config(name_or_path: str | os.PathLike, dtype: torch.dtyp
         config = AutoConfig.for_model(model_type, **settings)
     except (ValueError, KeyError, TypeError) as error:
         raise DSparkConfigError(f"--target-config {path}: {error}") from error
-    config._name_or_path = f"random:{path.stem}"
-    config._attn_implementation = attn_implementation
+    config.name_or_path = f"random:{path.stem}"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.to_empty(device=device)
     torch.manual_seed(seed)
     with torch.no_grad():

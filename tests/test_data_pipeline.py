@@ -10,15 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from hf_dspark.data import encode_prompt, holdout_split, load_prompts, prompt_id, resolve_chat_mode
 from hf_dspark.errors import DataError
-from hf_dspark.trainer.prompts import holdout_split, load_prompts, prompt_id
-from hf_dspark.trainer.regenerate import (
-    encode_prompt,
-    read_finished,
-    regenerate_in_process,
-    regenerate_openai,
-    resolve_chat_mode,
-)
+from hf_dspark.trainer.regenerate import read_finished, regenerate_in_process, regenerate_openai
 
 from _fixtures import write_jsonl
 from conftest import EOS_ID, TINY_CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer

@@ -259,7 +259,7 @@ def test_eval_encodes_prompts_as_the_drafter_was_trained(workspace, tiny_chat_ta
 
     from conftest import build_tiny_tokenizer
 
-    from hf_dspark.trainer.regenerate import encode_prompt
+    from hf_dspark.data import encode_prompt
 
     raw_draft = tmp_path / "raw_draft"
     shutil.copytree(workspace["root"] / "draft", raw_draft)
@@ -416,7 +416,7 @@ def test_eval_sampling_reports_the_fused_plain_baseline_and_the_best_plain_speed
     results = json.loads(output.read_text())
     # The fused run samples the same distribution with the same seed, so it generates what plain generate
     # does: rerun both for each record and check the counts the record holds.
-    from hf_dspark.trainer.regenerate import encode_prompt
+    from hf_dspark.data import encode_prompt
 
     target, tokenizer = load_target(workspace["target"])
     sampling = {"max_new_tokens": 20, "do_sample": True, "temperature": 1.0, "top_k": 20, "top_p": 0.9}

@@ -263,7 +263,7 @@ UNUSABLE_ROWS = ['{"turns": ["what is two and two"]}', '{"turns": []}', '{"turns
 
 
 def test_load_prompts_reports_the_rows_it_skips(tmp_path):
-    from hf_dspark.trainer.prompts import load_prompts
+    from hf_dspark.data import load_prompts
 
     path = write_jsonl(tmp_path / "prompts.jsonl", UNUSABLE_ROWS)
     skipped = []

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 
+from hf_dspark.deprecation import moved_names
+
 _EXPORTS = {
     "DSparkTrainer": "dspark_trainer",
     "load_trained_drafter": "dspark_trainer",
@@ -33,16 +35,16 @@ _EXPORTS = {
     "target_features": "feature_cache",
     "TargetParts": "target_parts",
     "load_target_parts": "target_parts",
-    "load_prompts": "prompts",
-    "holdout_split": "prompts",
 }
+# Reading prompts moved to hf_dspark.data (the commands read prompts too): old names warn for one release.
+_moved = moved_names(__name__, dict.fromkeys(("holdout_split", "load_prompts"), "hf_dspark.data"))
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'hf_dspark.trainer' has no attribute {name!r}")
+        return _moved(name)  # a name that moved (with a FutureWarning), else AttributeError
     value = getattr(importlib.import_module(f"hf_dspark.trainer.{_EXPORTS[name]}"), name)
     globals()[name] = value
     return value

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 from transformers import Trainer
 
 from hf_dspark.losses import dspark_loss
@@ -196,7 +197,7 @@ class DSparkTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # The drafter returns no loss by itself; evaluation reuses compute_loss (metrics land in "eval").
-        inputs = self._prepare_inputs(inputs)
+        inputs = send_to_device(inputs, self.args.device)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

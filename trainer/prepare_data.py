@@ -32,8 +32,9 @@ from hf_dspark.errors import DataError
 from hf_dspark.outputs import claim_output_folder
 from hf_dspark.commands import _args
 from hf_dspark.targets import TARGET_DTYPES
-from .prompts import holdout_split, load_prompts
-from .regenerate import encode_prompt, regenerate_in_process, regenerate_openai, resolve_chat_mode
+from hf_dspark.data import encode_prompt, holdout_split, load_prompts, resolve_chat_mode
+
+from .regenerate import regenerate_in_process, regenerate_openai
 
 DATA_FORMAT_VERSION = 1
 FALLBACK_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": None}

@@ -41,54 +41,26 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from hf_dspark.data import encoding
+from hf_dspark.deprecation import moved_names
 from hf_dspark.errors import DataError, RegenerationServerError
 
 __all__ = [
     "RegenerationServerError",
     "TopKTopPSampler",
-    "encode_prompt",
-    "has_chat_template",
     "read_finished",
     "regenerate_in_process",
     "regenerate_openai",
-    "resolve_chat_mode",
 ]
+
+# Prompt encoding moved to hf_dspark.data.encoding (the commands and the evaluation encode prompts too).
+__getattr__ = moved_names(
+    __name__, dict.fromkeys(("encode_prompt", "has_chat_template", "render_prompt_text", "resolve_chat_mode"),
+                            "hf_dspark.data.encoding")
+)
 
 
 # --------------------------------------------------------------------------- prompts
-
-
-def has_chat_template(tokenizer) -> bool:
-    """Whether the tokenizer carries a chat template."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def resolve_chat_mode(tokenizer, use_chat_template: str | bool = "auto", trained_with: bool | None = None) -> bool:
-    """Decide whether prompts are wrapped in the chat template.
-
-    ``"auto"`` follows ``trained_with`` (a drafter's ``config.prompt_chat_template``: how its
-    training prompts were encoded) when known and possible, else uses the template when the
-    tokenizer has one (base models usually do not); ``True`` requires one; ``False`` always uses
-    the raw prompt text.
-    """
-    if isinstance(use_chat_template, str):
-        mode = use_chat_template.lower()
-        if mode in ("auto",):
-            if trained_with is not None and (not trained_with or has_chat_template(tokenizer)):
-                return bool(trained_with)
-            return has_chat_template(tokenizer)
-        if mode in ("yes", "true", "1"):
-            use_chat_template = True
-        elif mode in ("no", "false", "0"):
-            use_chat_template = False
-        else:
-            raise DataError(f"use_chat_template must be 'auto', 'yes' or 'no', got {use_chat_template!r}.")
-    if use_chat_template and not has_chat_template(tokenizer):
-        raise DataError(
-            "A chat template was requested but the target's tokenizer has none (a base model?). "
-            "Use --chat-template auto/no to feed the raw prompt text, or set tokenizer.chat_template."
-        )
-    return bool(use_chat_template)
 
 
 def _first_turn(prompt: dict[str, Any]) -> str:
@@ -96,30 +68,6 @@ def _first_turn(prompt: dict[str, Any]) -> str:
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
         raise DataError(f"Prompt {prompt.get('id', '?')!r} has no 'turns' list of strings: {prompt!r:.200}")
     return turns[0]
-
-
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    """Token ids of a prompt as the target sees it.
-
-    With ``chat`` the text becomes one user message rendered by the chat template
-    with the generation prompt appended; otherwise the raw text is tokenized with
-    the tokenizer's special tokens (e.g. Gemma's BOS).
-    """
-    if chat:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def render_prompt_text(tokenizer, text: str, chat: bool) -> str:
-    """The prompt string sent to a completions server (chat mode sends messages instead)."""
-    if chat:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return text
 
 
 # --------------------------------------------------------------------------- output file
@@ -246,7 +194,7 @@ def _prepare_jobs(tokenizer, prompts, chat, max_prompt_tokens, finished):
         if prompt["id"] in finished or prompt["id"] in seen:
             continue
         seen.add(prompt["id"])
-        ids = encode_prompt(tokenizer, _first_turn(prompt), chat)
+        ids = encoding.encode_prompt(tokenizer, _first_turn(prompt), chat)
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             skipped_long += 1
             continue
@@ -294,7 +242,7 @@ def regenerate_in_process(
 
     Args:
         model, tokenizer: the target (any ``generate``-capable causal LM).
-        prompts: dicts with ``"id"`` and ``"turns"`` (see :mod:`.prompts`).
+        prompts: dicts with ``"id"`` and ``"turns"`` (see :mod:`hf_dspark.data.prompts`).
         output_jsonl: output file; existing rows are kept and their ids skipped.
         batch_size: prompts per ``generate`` call.
         max_new_tokens: answer length limit.
@@ -313,7 +261,7 @@ def regenerate_in_process(
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}.")
-    chat = resolve_chat_mode(tokenizer, use_chat_template)
+    chat = encoding.resolve_chat_mode(tokenizer, use_chat_template)
     output = Path(output_jsonl)
     output.parent.mkdir(parents=True, exist_ok=True)
     finished = read_finished(output)
@@ -503,7 +451,7 @@ def regenerate_openai(
 ) -> dict[str, Any]:
     """Answer ``prompts`` through an OpenAI-compatible server, appending to ``output_jsonl``.
 
-    Raw prompts go to ``/v1/completions``; in chat mode (see :func:`resolve_chat_mode`)
+    Raw prompts go to ``/v1/completions``; in chat mode (see :func:`hf_dspark.data.encoding.resolve_chat_mode`)
     the user turn goes to ``/v1/chat/completions``. The answer text is tokenized
     with ``tokenizer`` (the target's) and, when the server reports
     ``finish_reason == "stop"``, the tokenizer's EOS id is appended so the row
@@ -521,7 +469,7 @@ def regenerate_openai(
         raise DataError(f"concurrency must be >= 1, got {concurrency}.")
     if not timeout > 0 or max_retries < 0:
         raise DataError(f"timeout must be > 0 and max_retries >= 0, got {timeout} and {max_retries}.")
-    chat = resolve_chat_mode(tokenizer, use_chat_template)
+    chat = encoding.resolve_chat_mode(tokenizer, use_chat_template)
     url = _endpoint(base_url, chat)
     output = Path(output_jsonl)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -541,7 +489,7 @@ def regenerate_openai(
         if chat:
             payload["messages"] = [{"role": "user", "content": text}]
         else:
-            payload["prompt"] = render_prompt_text(tokenizer, text, chat)
+            payload["prompt"] = encoding.render_prompt_text(tokenizer, text, chat)
         if do_sample:
             payload["temperature"] = temperature
             if top_p is not None:

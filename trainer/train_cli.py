@@ -23,7 +23,6 @@ Rerunning with checkpoints present resumes from the latest one (``--resume auto`
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
@@ -33,7 +32,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import get_type_hints
 
 import torch
 from transformers import TrainerCallback
@@ -53,7 +51,7 @@ from .data import (
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
 from .feature_cache import data_chat_template, resolve_layer_ids
 from .target_parts import load_target_parts
-from .training_args import DSparkTrainingArguments
+from .training_args import DSparkTrainingArguments, add_dataclass_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +75,6 @@ _SKIPPED_FIELDS = {"output_dir", "resume_from_checkpoint", "online"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``train`` options on ``parser``."""
-    from transformers import HfArgumentParser
-
     parser.allow_abbrev = False  # ~120 TrainingArguments flags: prefixes would be ambiguous surprises
     main = parser.add_argument_group("models and data")
     main.add_argument("--target", required=True, help="Target model: Hub id, local folder, or 'gemma-3-270m'.")
@@ -101,12 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "training arguments (DSparkTrainingArguments: the DSpark recipe and every transformers.TrainingArguments field)"
     )
-    hints = get_type_hints(DSparkTrainingArguments)
-    for field in dataclasses.fields(DSparkTrainingArguments):
-        if field.init and field.name not in _SKIPPED_FIELDS:
-            field = copy.copy(field)
-            field.type = hints[field.name]
-            HfArgumentParser._parse_dataclass_field(group, field)
+    add_dataclass_arguments(group, DSparkTrainingArguments, skip=_SKIPPED_FIELDS)
 
 
 def build_training_args(args: argparse.Namespace) -> DSparkTrainingArguments:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from hf_dspark.models.dspark.configuration_dspark import MARKOV_HEAD_TYPES
 from hf_dspark.errors import DSparkConfigError
@@ -180,3 +181,24 @@ class DSparkTrainingArguments(TrainingArguments):
 
 
 __all__ = ["DSparkTrainingArguments", "LORA_MODULE_NAMES"]
+
+
+class _FlagRecorder(HfArgumentParser):
+    """An ``HfArgumentParser`` that keeps the ``add_argument`` calls its constructor makes for a dataclass."""
+
+    def __init__(self, dataclass_type) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+        super().__init__(dataclass_type, add_help=False)
+
+    def add_argument(self, *args, **kwargs):
+        self.calls.append((args, dict(kwargs)))
+        return super().add_argument(*args, **kwargs)
+
+
+def add_dataclass_arguments(parser, dataclass_type, skip: Container[str] = ()) -> None:
+    """Add the flags ``HfArgumentParser`` makes for the fields of ``dataclass_type`` to ``parser`` (an argparse
+    parser or argument group), except those of the fields named in ``skip``; ``HfArgumentParser`` itself only
+    fills a parser of its own."""
+    for args, kwargs in _FlagRecorder(dataclass_type).calls:
+        if kwargs.get("dest", args[0].lstrip("-").replace("-", "_")) not in skip:
+            parser.add_argument(*args, **kwargs)

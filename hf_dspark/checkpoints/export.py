@@ -642,7 +642,8 @@ def push_drafter(folder, repo_id: str, private: bool = False, dry_run: bool = Fa
     return str(getattr(commit, "commit_url", commit))
 
 
-def _human_size(num_bytes: int) -> str:
+def human_size(num_bytes: int) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KB``, ``3.2 MB``, ``1.1 GB`` (GB is the largest unit)."""
     size = float(num_bytes)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":

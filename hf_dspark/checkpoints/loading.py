@@ -157,14 +157,14 @@ def deepspec_layout_to_dspark(config: dict, tensors: dict[str, torch.Tensor]) ->
             raise CheckpointError("t2d and d2t disagree on the draft vocabulary; the checkpoint is inconsistent")
         tensors["d2t"] = draft_to_target
         config.setdefault("draft_vocab_size", draft_to_target.numel())
-        tensors["markov_head.markov_w1.weight"] = _draft_rows_of_w1(tensors["markov_head.markov_w1.weight"], draft_to_target)
+        tensors["markov_head.markov_w1.weight"] = draft_rows_of_w1(tensors["markov_head.markov_w1.weight"], draft_to_target)
         if config["embeddings_from_target"]:
             tensors.pop("lm_head.weight", None)  # the target's LM-head rows, written for vLLM
     config.pop("eagle_aux_hidden_state_layer_ids", None)  # vLLM's copy of target_layer_ids + 1
     return config, tensors
 
 
-def _draft_rows_of_w1(w1: torch.Tensor, draft_to_target: torch.Tensor) -> torch.Tensor:
+def draft_rows_of_w1(w1: torch.Tensor, draft_to_target: torch.Tensor) -> torch.Tensor:
     """hf-dspark keeps W1 rows for draft-vocabulary tokens only (other previous tokens get a zero
     embedding); a W1 over the target vocabulary converts exactly only when its other rows are zero."""
     outside = torch.ones(w1.shape[0], dtype=torch.bool)

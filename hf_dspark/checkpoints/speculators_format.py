@@ -216,11 +216,11 @@ def dspark_from_speculators(config: dict, tensors: dict[str, torch.Tensor], wher
         draft_to_target = d2t.long() + torch.arange(d2t.numel())
         if t2d is not None and not torch.equal(t2d.bool().nonzero().flatten(), draft_to_target.sort().values):
             raise CheckpointError(f"{where}: t2d and d2t disagree on the draft vocabulary")
-        from hf_dspark.checkpoints.loading import _draft_rows_of_w1
+        from hf_dspark.checkpoints.loading import draft_rows_of_w1
 
         w1_key = "markov_head.markov_w1.weight"
         if w1_key in tensors:
-            tensors[w1_key] = _draft_rows_of_w1(tensors[w1_key], draft_to_target)
+            tensors[w1_key] = draft_rows_of_w1(tensors[w1_key], draft_to_target)
         tensors["d2t"] = draft_to_target
         tensors.pop("lm_head.weight", None)  # the target's rows; hf-dspark slices the target's head itself
     return out, tensors

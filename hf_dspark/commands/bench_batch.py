@@ -92,7 +92,7 @@ class _HeadOwner:
     """What the plain baseline ties the LM head's fast layout to (released when the run ends)."""
 
 
-def _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id, fast_head: bool = True) -> dict:
+def plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_id, fast_head: bool = True) -> dict:
     """transformers' batched generate over left-padded chunks of ``concurrency`` prompts (with the
     fast LM-head layout unless ``fast_head`` is False)."""
     owner = _HeadOwner()  # the layout lasts while this local lives, i.e. until the run ends
@@ -179,8 +179,8 @@ def _run_method(method, target, draft, prompts, concurrency, max_new_tokens, sam
                 latency_profile, ngram_lookup_tokens, round_cost, plain_fast_head: bool = True, references=None):
     if method == "plain":
         torch.manual_seed(seed)
-        return _plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_token_id,
-                              plain_fast_head)
+        return plain_batched(target, prompts, concurrency, max_new_tokens, sampling, eos, pad_token_id,
+                             plain_fast_head)
     args = (target, draft, prompts, concurrency, max_new_tokens, dict(sampling, seed=seed), eos,
             ENGINE_SCHEDULERS[method], latency_profile, 0 if method == "plain_engine" else ngram_lookup_tokens,
             round_cost)
@@ -230,7 +230,7 @@ def benchmark_batch(target, draft, prompts: Sequence[Sequence[int]], concurrency
     )
     finished = {r["concurrency"] for r in done}
     # warm-up (first-call allocations, kernel selection), not timed
-    _plain_batched(target, prompts[:1], 1, 4, sampling, eos, pad_token_id, plain_fast_head)
+    plain_batched(target, prompts[:1], 1, 4, sampling, eos, pad_token_id, plain_fast_head)
     _speculative(target, draft, prompts[:1], 1, 4, dict(sampling, seed=seed), eos, "full", latency_profile)
 
     for c in concurrency:
@@ -398,7 +398,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="draw verified draft tokens per request vs concurrency to this PNG")
 
 
-def _load_draft(name: str, target, target_name: str, device):
+def load_draft(name: str, target, target_name: str, device):
+    """The drafter ``--draft`` names: a saved folder, or a name ``targets.resolve_draft`` knows for the target."""
     from hf_dspark.checkpoints.loading import load_drafter
 
     if not Path(name).expanduser().exists():
@@ -417,18 +418,20 @@ def _load_draft(name: str, target, target_name: str, device):
 def check_prompt_sources(sources) -> None:
     """Fail on missing prompt files now, before the target is loaded and profiled (minutes)."""
     if sources:
-        from hf_dspark.trainer.prompts import expand_sources
+        from hf_dspark.data.prompts import expand_sources
 
         expand_sources(list(sources))
 
 
-def _prompt_ids(args, tokenizer, trained_with: bool | None = None) -> list[list[int]]:
-    from hf_dspark.trainer.regenerate import encode_prompt, resolve_chat_mode
+def encoded_prompts(args, tokenizer, trained_with: bool | None = None) -> list[list[int]]:
+    """Token ids of the benchmark prompts: the first turns of ``--prompts`` (shuffled with ``--seed``), or the
+    built-in prompts, ``--num-prompts`` of them (default twice the largest concurrency)."""
+    from hf_dspark.data.encoding import encode_prompt, resolve_chat_mode
 
     count = args.num_prompts or 2 * max(args.concurrency)
     chat = resolve_chat_mode(tokenizer, args.chat_template, trained_with)
     if args.prompts:
-        from hf_dspark.trainer.prompts import load_prompts
+        from hf_dspark.data.prompts import load_prompts
 
         rows = load_prompts(args.prompts, num_prompts=count, seed=args.seed)
         texts = [row["turns"][0] for row in rows]
@@ -453,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
     check_oracle_request(args.methods, args.do_sample)
     setup = load_setup(args, batch_sizes=profile_batch_sizes(max(args.concurrency), args.concurrency))
     concurrency = sorted(set(args.concurrency))
-    prompts = _prompt_ids(args, setup.tokenizer, setup.draft.config.prompt_chat_template)
+    prompts = encoded_prompts(args, setup.tokenizer, setup.draft.config.prompt_chat_template)
     settings = dict(target=args.target, draft=args.draft, dtype=args.dtype)
     done = _resumable_rows(args.output, settings, args) if args.resume else []
     out = Path(args.output) if args.output else None
@@ -502,7 +505,7 @@ def load_setup(args: argparse.Namespace, batch_sizes: Sequence[int]) -> BenchSet
     target, tokenizer = load_target(args.target, dtype=_args.resolve_target_dtype(args.dtype, args.device),
                                     device=args.device)
     args.dtype = dtype_name(target)  # what ran (recorded in the settings of the result file)
-    draft = _load_draft(args.draft, target, args.target, target.device)
+    draft = load_draft(args.draft, target, args.target, target.device)
     if args.draft_dtype != "saved":
         # CPUs without bf16 instructions run a bf16 drafter several times slower than an fp32 one
         draft = draft.to(getattr(torch, args.dtype if args.draft_dtype == "auto" else args.draft_dtype))

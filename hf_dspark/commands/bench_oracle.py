@@ -147,7 +147,7 @@ def load_models(args):
             target.to(getattr(torch, choose_dtype(target)[0]))
         elif requested == "auto":
             target.to(torch.bfloat16)
-        name = target.config._name_or_path
+        name = target.config.name_or_path
     else:
         from hf_dspark.targets import load_target
 
@@ -156,9 +156,9 @@ def load_models(args):
     args.dtype = dtype_name(target)  # what ran, as the results record it
     dtype = getattr(torch, args.dtype)
     if args.draft:
-        from hf_dspark.commands.bench_batch import _load_draft
+        from hf_dspark.commands.bench_batch import load_draft
 
-        draft = _load_draft(args.draft, target, name, target.device).to(dtype)
+        draft = load_draft(args.draft, target, name, target.device).to(dtype)
     else:
         draft = fresh_drafter(target, args.draft_layers, args.block_size, args.seed)
     return target, draft, tokenizer, name
@@ -172,11 +172,11 @@ def prompt_ids(args, tokenizer, vocab_size: int, trained_with=None) -> list[list
         gen = torch.Generator().manual_seed(args.seed)
         return torch.randint(0, vocab_size, (args.num_prompts, args.prompt_length), generator=gen).tolist()
     from hf_dspark.commands.bench_batch import BUILTIN_PROMPTS
-    from hf_dspark.trainer.regenerate import encode_prompt, resolve_chat_mode
+    from hf_dspark.data.encoding import encode_prompt, resolve_chat_mode
 
     chat = resolve_chat_mode(tokenizer, "auto", trained_with)
     if args.prompts:
-        from hf_dspark.trainer.prompts import load_prompts
+        from hf_dspark.data.prompts import load_prompts
 
         texts = [row["turns"][0] for row in load_prompts(args.prompts, num_prompts=args.num_prompts, seed=args.seed)]
     else:
@@ -210,13 +210,13 @@ def plain_generate(target, prompts, max_new_tokens: int) -> tuple[list[list[int]
 @torch.no_grad()
 def plain_batched(target, prompts, batch_size: int, max_new_tokens: int, pad_id: int) -> float:
     """Seconds of transformers' batched greedy ``generate`` over chunks of ``batch_size`` (after a warm-up chunk)."""
-    from hf_dspark.commands.bench_batch import _plain_batched
+    from hf_dspark.commands.bench_batch import plain_batched
 
     eos = target.generation_config.eos_token_id
     sampling = dict(do_sample=False)
-    _plain_batched(target, prompts[:batch_size], batch_size, min(8, max_new_tokens), sampling, eos, pad_id)
+    plain_batched(target, prompts[:batch_size], batch_size, min(8, max_new_tokens), sampling, eos, pad_id)
     synchronize(target.device)
-    out = _plain_batched(target, prompts, batch_size, max_new_tokens, sampling, eos, pad_id)
+    out = plain_batched(target, prompts, batch_size, max_new_tokens, sampling, eos, pad_id)
     synchronize(target.device)
     return out["seconds"]
 

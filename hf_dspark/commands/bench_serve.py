@@ -51,7 +51,7 @@ from typing import Sequence
 
 import torch
 
-from hf_dspark.commands.bench_batch import _prompt_ids, check_prompt_sources, load_setup, profile_batch_sizes
+from hf_dspark.commands.bench_batch import check_prompt_sources, encoded_prompts, load_setup, profile_batch_sizes
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.commands import _args
@@ -355,8 +355,8 @@ def _check_args(args) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     setup = load_setup(args, batch_sizes=profile_batch_sizes(args.max_concurrency))
-    args.num_prompts, args.concurrency = args.num_requests, [args.max_concurrency]  # what _prompt_ids reads
-    prompts = _prompt_ids(args, setup.tokenizer, setup.draft.config.prompt_chat_template)
+    args.num_prompts, args.concurrency = args.num_requests, [args.max_concurrency]  # what encoded_prompts reads
+    prompts = encoded_prompts(args, setup.tokenizer, setup.draft.config.prompt_chat_template)
     workload = Workload.build(prompts, args.min_new_tokens, args.max_new_tokens, args.seed)
     settings = dict(target=args.target, draft=args.draft, dtype=args.dtype, num_requests=len(prompts),
                     min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens,

@@ -15,13 +15,13 @@ from hf_dspark.decoding.calibration import (
     PLOT_NAME,
     REPORT_NAME,
     CalibrationData,
-    _read_rounds_file,
     build_report,
     collect_rounds,
     default_grid,
     fit_sts,
     format_report,
     plot_reliability,
+    read_rounds_file,
 )
 from hf_dspark.errors import DataError, DSparkConfigError
 from hf_dspark.commands import _args
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     from hf_dspark.checkpoints.loading import load_drafter
     from hf_dspark.targets import load_target
-    from hf_dspark.trainer.prompts import load_prompts
-    from hf_dspark.trainer.regenerate import encode_prompt, resolve_chat_mode
+    from hf_dspark.data.encoding import encode_prompt, resolve_chat_mode
+    from hf_dspark.data.prompts import load_prompts
 
     _check_args(args)
     grid = default_grid(args.grid[0], args.grid[1], int(args.grid[2]))
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
 
     rounds_path = Path(args.rounds) if args.rounds else None
-    done = _read_rounds_file(rounds_path) if rounds_path else {}
+    done = read_rounds_file(rounds_path) if rounds_path else {}
     per_prompt: list[list[dict[str, Any]]] = []
     handle = None
     if rounds_path:

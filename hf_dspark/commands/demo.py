@@ -95,13 +95,13 @@ class TokenizerCodec:
     """Text <-> ids through the target's tokenizer, rendering prompts as ``hf-dspark eval`` does."""
 
     def __init__(self, tokenizer, trained_with: bool | None = None):
-        from hf_dspark.trainer.regenerate import resolve_chat_mode
+        from hf_dspark.data.encoding import resolve_chat_mode
 
         self.tokenizer = tokenizer
         self.chat = resolve_chat_mode(tokenizer, "auto", trained_with)
 
     def encode(self, text: str) -> list[int]:
-        from hf_dspark.trainer.regenerate import encode_prompt
+        from hf_dspark.data.encoding import encode_prompt
 
         return encode_prompt(self.tokenizer, text, self.chat)
 

@@ -59,12 +59,12 @@ from hf_dspark.errors import DataError, HfDSparkError
 from hf_dspark.commands import _args
 from hf_dspark.evaluation.measure import (
     Measurement,
-    _drafter_record,
-    _timing,
     apply_policy,
+    drafter_record,
     fused_plain_kwargs,
     greedy_divergence,
     measure_generate,
+    timing_record,
 )
 from hf_dspark.evaluation.plots import write_plots
 from hf_dspark.evaluation.prompt_sets import (
@@ -75,7 +75,7 @@ from hf_dspark.evaluation.prompt_sets import (
     load_dataset_prompts,
     read_prompt_file,
 )
-from hf_dspark.evaluation.summary import DRAFT_CHECKSUMS_KEY, DSPARK, EvalResults, _write_json_atomic, merge_results
+from hf_dspark.evaluation.summary import DRAFT_CHECKSUMS_KEY, DSPARK, EvalResults, merge_results, write_json_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -269,7 +269,7 @@ def measure_prompt(target, tokenizer, drafters: dict[str, Any], row: dict[str, A
 
     ``args.use_chat`` (resolved once by :func:`evaluate_drafters`) says whether the chat template encodes it.
     """
-    from hf_dspark.trainer.regenerate import encode_prompt
+    from hf_dspark.data.encoding import encode_prompt
 
     input_ids = torch.tensor([encode_prompt(tokenizer, row["turns"][0], args.use_chat)])
     kwargs = _generation_kwargs(args)
@@ -279,13 +279,13 @@ def measure_prompt(target, tokenizer, drafters: dict[str, Any], row: dict[str, A
     baseline = measure_generate(target, input_ids, kwargs, seed) if args.baseline else None
     outputs: dict[str, Measurement] = {}
     if baseline is not None:
-        record["baseline"] = _timing(baseline)
+        record["baseline"] = timing_record(baseline)
         fused_kwargs = fused_plain_kwargs(kwargs)
         if fused_kwargs is not None:
-            record["baseline_fused"] = _timing(measure_generate(target, input_ids, fused_kwargs, seed))
+            record["baseline_fused"] = timing_record(measure_generate(target, input_ids, fused_kwargs, seed))
     for name, draft in drafters.items():
         outputs[name] = measure_generate(target, input_ids, kwargs, seed, assistant_model=draft)
-        entry = _drafter_record(outputs[name])
+        entry = drafter_record(outputs[name])
         if baseline is not None:
             entry["matches_baseline"] = torch.equal(outputs[name].output_ids, baseline.output_ids) if greedy else None
             if greedy and not entry["matches_baseline"]:
@@ -297,7 +297,7 @@ def measure_prompt(target, tokenizer, drafters: dict[str, Any], row: dict[str, A
             record.setdefault("compare", {})[name] = entry
     if args.prompt_lookup:
         lookup = measure_generate(target, input_ids, kwargs, seed, prompt_lookup_num_tokens=args.prompt_lookup_tokens)
-        record["prompt_lookup"] = _timing(lookup)
+        record["prompt_lookup"] = timing_record(lookup)
         if baseline is not None:
             record["prompt_lookup"]["matches_baseline"] = (
                 torch.equal(lookup.output_ids, baseline.output_ids) if greedy else None)
@@ -378,7 +378,7 @@ def evaluate_drafters(args) -> dict[str, Any]:
             if getattr(args, "ngram_lookup", None) is not None:
                 drafters[name].generation_config.ngram_lookup_tokens = args.ngram_lookup
             apply_policy(drafters[name], args.policy, target)
-    from hf_dspark.trainer.regenerate import resolve_chat_mode
+    from hf_dspark.data.encoding import resolve_chat_mode
 
     trained_with = getattr(drafters[drafts[0][0]].config, "prompt_chat_template", None)
     args.use_chat = resolve_chat_mode(tokenizer, args.chat_template, trained_with)
@@ -435,7 +435,7 @@ def run_merge_eval(args) -> int:
     except HfDSparkError as error:
         print(f"hf-dspark merge-eval: error: {error}", file=sys.stderr)
         return 2
-    _write_json_atomic(Path(args.output), data)
+    write_json_atomic(Path(args.output), data)
     if args.plots:
         write_plots(data, args.plots)
     print_summary(data)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from hf_dspark.checkpoints.export import CARD_INPUTS_FILE, EXPORT_FORMATS, _human_size, export_drafter, push_drafter
+from hf_dspark.checkpoints.export import CARD_INPUTS_FILE, EXPORT_FORMATS, export_drafter, human_size, push_drafter
 from hf_dspark.checkpoints.model_card import DEFAULT_LICENSE
 from hf_dspark.commands import _args
 
@@ -52,7 +52,7 @@ def run_export(args: argparse.Namespace) -> int:
     )
     print(f"exported {args.draft} ({args.format}) -> {out}")
     for path in sorted(out.iterdir()):
-        print(f"  {path.name:32s} {_human_size(path.stat().st_size):>10s}")
+        print(f"  {path.name:32s} {human_size(path.stat().st_size):>10s}")
     return 0
 
 
@@ -77,8 +77,8 @@ def run_push(args: argparse.Namespace) -> int:
         visibility = "private" if args.private else "public"
         print(f"dry run: would upload {len(result)} files to https://huggingface.co/{args.repo} ({visibility}):")
         for name, size in result:
-            print(f"  {name:32s} {_human_size(size):>10s}")
-        print(f"  total {_human_size(sum(size for _, size in result))}")
+            print(f"  {name:32s} {human_size(size):>10s}")
+        print(f"  total {human_size(sum(size for _, size in result))}")
     else:
         print(f"uploaded {args.draft} -> {result}")
     return 0

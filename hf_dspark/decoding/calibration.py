@@ -326,7 +326,8 @@ def collect_rounds(
     return rounds[:-1]
 
 
-def _read_rounds_file(path: Path) -> dict[str, list[dict[str, Any]]]:
+def read_rounds_file(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The rounds already recorded in a calibration rounds file, by prompt id (empty if it does not exist)."""
     done: dict[str, list[dict[str, Any]]] = {}
     if not path.exists():
         return done

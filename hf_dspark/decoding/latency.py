@@ -303,14 +303,14 @@ class _HeadOwner:
 
 def model_identity(model, model_name: str | None = None) -> tuple[str, str]:
     """``(name, architecture digest)`` a latency profile is cached under: ``model_name`` (default
-    ``config._name_or_path``, else the class name) with a local path made absolute, and a digest of the
+    ``config.name_or_path``, else the class name) with a local path made absolute, and a digest of the
     model's config.
 
     A name alone is no identity: every model built in code is called by its class name (an 8-layer model
     read a 2-layer model's costs), and ``./target`` names a different folder in every working directory.
     The architecture (the config without its name) is what the forward cost depends on."""
     config = getattr(model, "config", None)
-    name = model_name or getattr(config, "_name_or_path", "") or type(model).__name__
+    name = model_name or getattr(config, "name_or_path", "") or type(model).__name__
     if Path(str(name)).expanduser().exists():
         name = str(Path(str(name)).expanduser().resolve())
     if config is None or not hasattr(config, "to_dict"):
@@ -342,7 +342,7 @@ def profile_latency(
 
     The profile is stored in ``<cache_dir>/<LatencyProfile.file_name>``; a later call with the
     same key reuses it, measuring only the (batch size, tokens) pairs it lacks, unless
-    ``force=True``. ``model_name`` defaults to ``model.config._name_or_path``.
+    ``force=True``. ``model_name`` defaults to ``model.config.name_or_path``.
 
     ``verify_head=True`` measures with the LM-head layout a DSpark generation uses while verifying
     (see ``generation_dspark.activate_verify_head``: CPU fp32, 2-8 rows); it is recorded in the key.

@@ -118,14 +118,16 @@ def greedy_divergence(target, prompt_length: int, baseline_ids: torch.Tensor, ot
             "rounding_step": ulp, "margin_ulps": margin / ulp}
 
 
-def _timing(m: Measurement) -> dict[str, Any]:
+def timing_record(m: Measurement) -> dict[str, Any]:
+    """The part of a results record every method has: new tokens and seconds."""
     return {"new_tokens": m.new_tokens, "seconds": m.seconds}
 
 
-def _drafter_record(m: Measurement) -> dict[str, Any]:
+def drafter_record(m: Measurement) -> dict[str, Any]:
+    """The results record of a speculative run: :func:`timing_record` plus the round statistics of ``m``."""
     stats = m.stats or {}
     return {
-        **_timing(m),
+        **timing_record(m),
         "rounds": stats.get("rounds", 0),
         "accepted_tokens": sum(stats.get("accepted_lengths", [])),
         "position_attempted": stats.get("position_attempted", []),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from hf_dspark.data.prompts import SkippedRows, prompt_id, prompt_text, row_to_turns, unusable_reason
 from hf_dspark.errors import DataError
 
 QUALITY_KEYWORD = "gsm8k"
@@ -26,12 +27,10 @@ class PromptSet:
     key: str
     rows: list[dict[str, Any]]
     source: str
-    skipped: Any = None  # trainer.prompts.SkippedRows of a prompt file: rows without a usable prompt
+    skipped: SkippedRows | None = None  # of a prompt file: its rows without a usable prompt
 
 
 def _eval_row(turns: list[str] | None, answer: Any = None) -> dict[str, Any] | None:
-    from hf_dspark.trainer.prompts import prompt_id, prompt_text
-
     if not turns:
         return None
     row: dict[str, Any] = {"id": prompt_id(prompt_text(turns)), "turns": list(turns)}
@@ -46,8 +45,6 @@ def read_prompt_file(path: str | os.PathLike, strict: bool = False) -> PromptSet
     Rows without a usable prompt are counted in ``PromptSet.skipped``; ``strict`` raises
     :class:`DataError` at the first one instead.
     """
-    from hf_dspark.trainer.prompts import SkippedRows, row_to_turns, unusable_reason
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"Prompt file {path} does not exist; pass JSON Lines files of {{\"turns\": [...]}} rows.")

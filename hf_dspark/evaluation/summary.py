@@ -214,7 +214,9 @@ def _current_umask() -> int:
     return mask
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` through a temporary file in the same folder, so that a
+    reader never sees half a file (the new file gets the permissions the umask gives, like ``open``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -300,7 +302,7 @@ class EvalResults:
     def write(self) -> dict[str, Any]:
         data = self.to_dict()
         if self.path is not None:
-            _write_json_atomic(self.path, data)
+            write_json_atomic(self.path, data)
         return data
 
 
