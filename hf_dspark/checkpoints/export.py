@@ -4,9 +4,8 @@ Formats
 -------
 * ``hub`` (default): a folder that *is* a Hub model repository: ``config.json`` (``model_type``
   ``dspark``, ``auto_map``, all DSpark fields, STS temperatures), ``model.safetensors``, the
-  remote-code files (``configuration_dspark.py``, ``modeling_dspark.py``, ``modeling_dspark_layers.py``,
-  ``modeling_dspark_gemma4.py``, ``generation_dspark.py``, ``errors.py``: written from the installed
-  package, their one source), ``generation_config.json`` (verification policy, threshold,
+  remote-code files (``REMOTE_CODE_FILES``: ``configuration_dspark.py``, ``modeling_dspark.py`` and the
+  sibling files they import, written from the installed package, their one source), ``generation_config.json`` (verification policy, threshold,
   latency table) and a ``README.md`` model card, plus ``dspark_card.json`` (the card's inputs, so
   that re-exporting the folder reproduces it). A user with only ``transformers`` installed runs
   ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` and
@@ -56,6 +55,7 @@ DEEPSPEC_LAYOUT_FORMATS = ("deepspec", "vllm", "sglang")
 # The remote code of a hub export: these package files, written from the package at export time
 # (the package is their one source; tests/test_remote_code.py keeps every shipped copy equal to it).
 REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_layers.py", "modeling_dspark_gemma4.py",
+                     "cache_dspark.py", "loading_dspark.py", "target_binding_dspark.py", "training_dspark.py",
                      "generation_dspark.py", "generation_config_dspark.py", "policies_dspark.py", "verify_head_dspark.py",
                      "warpers_dspark.py",
                      "errors.py")

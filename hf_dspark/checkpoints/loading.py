@@ -233,7 +233,8 @@ def load_drafter(
     :class:`DraftTargetMismatchError` for a drafter built for another ``target``, and
     :class:`DevicePlacementError` for a ``target`` whose tables are on the meta device.
     """
-    from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel, _load_dspark_generation_config
+    from hf_dspark.models.dspark.loading_dspark import load_dspark_generation_config
+    from hf_dspark.models.dspark.modeling_dspark import DSparkDraftModel
 
     folder = resolve_checkpoint(source)
     where = f"--draft {source}"
@@ -252,7 +253,7 @@ def load_drafter(
         else:
             config_dict, tensors = deepspec_layout_to_dspark(config_dict, read_tensors(folder))
         model = drafter_from_tensors(config_dict, tensors, where)
-        model.generation_config = _load_dspark_generation_config(folder, {})
+        model.generation_config = load_dspark_generation_config(folder)
         model.name_or_path = model.config.name_or_path = str(folder)  # as from_pretrained records it
     else:
         from hf_dspark.models.dspark.configuration_dspark import DSparkConfig

@@ -90,7 +90,7 @@ rewrite the layers' ``keys``/``values`` tensors. Masks are boolean for the ``sdp
 implementation and additive for ``eager``; models with sliding-window layers get the mapping
 ``{"full_attention": mask, "sliding_attention": mask}`` that transformers' models use as-is.
 
-The drafter runs batched over ragged contexts through ``DSparkDraftModel._backbone`` with an
+The drafter runs batched over ragged contexts through ``DSparkDraftModel.backbone`` with an
 explicit mask (the same computation as ``draft_block``; ``tests/test_batched.py`` checks that
 the two agree row by row).
 """
@@ -306,7 +306,7 @@ class BatchedSpeculativeGenerator:
         block_pos = context + torch.arange(K, device=self.device).expand(rows, -1)
 
         def call():
-            hidden = draft._backbone(draft.embed(draft.block_input_ids(anchors)), block_pos,
+            hidden = draft.backbone(draft.embed(draft.block_input_ids(anchors)), block_pos,
                                      draft.project_context(features), positions, None, DSparkDraftCache(
                                          draft.config.num_hidden_layers))
             _, _, confidence = draft.sample_block(draft.compute_logits(hidden), hidden, anchors,
@@ -524,7 +524,7 @@ class BatchedSpeculativeGenerator:
             block = torch.ones(m, K, K, dtype=torch.bool, device=self.device)
             mask = torch.cat([slots_after.valid[:, None, :].expand(m, K, -1), block], -1)[:, None]
         block_pos = anchor_pos[:, None] + torch.arange(K, device=self.device)
-        hidden = draft._backbone(draft.embed(draft.block_input_ids(anchors)), block_pos, context, context_pos, mask,
+        hidden = draft.backbone(draft.embed(draft.block_input_ids(anchors)), block_pos, context, context_pos, mask,
                                  kv.cache)
         kv.slots = slots_after
         if not every_row:

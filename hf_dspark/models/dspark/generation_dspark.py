@@ -75,7 +75,6 @@ from transformers.generation.utils import GenerationMixin
 from .errors import UnsupportedGenerationError, UnsupportedTransformersError
 from .verify_head_dspark import (  # noqa: F401  (re-exported)
     FAST_HEAD_MAX_ROWS,
-    _use_skinny,
     activate_verify_head,
     skinny_linear,
 )
@@ -191,7 +190,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         logits_processor=None,
         input_ids: torch.LongTensor | None = None,
     ):
-        from .modeling_dspark import DSparkDraftCache
+        from .cache_dspark import DSparkDraftCache
 
         if input_ids is not None and input_ids.shape[0] != 1:
             raise ValueError(

@@ -19,8 +19,6 @@ Layout of one drafting round (see docs/design.md, "The drafter"):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,51 +28,42 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .cache_dspark import DSparkDraftCache
 from .configuration_dspark import DSparkConfig
-from .errors import (
-    CheckpointError,
-    CorruptFileError,
-    DevicePlacementError,
-    DraftTargetMismatchError,
-    DSparkConfigError,
+from .errors import DevicePlacementError
+from .generation_config_dspark import default_dspark_generation_config
+from .generation_dspark import install_generate_hook
+from .loading_dspark import (  # noqa: F401  (CARD_FILE, CHECKSUMS_KEY, file_sha256: re-exported)
+    CARD_FILE,
+    CHECKSUMS_KEY,
+    check_loading_info,
+    check_weight_checksums,
+    file_sha256,
+    hub_kwargs,
+    load_dspark_generation_config,
 )
-from .generation_dspark import (
-    DEFAULT_DSPARK_GENERATION,
-    _use_skinny,
-    default_dspark_generation_config,
-    install_generate_hook,
-    skinny_linear,
-)
-from .modeling_dspark_gemma4 import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm, gemma4_target_fields
+from .modeling_dspark_gemma4 import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm
 from .modeling_dspark_layers import (
     DSparkConfidenceHead,
     DSparkDecoderLayer,
-    DSparkDraftCache,
     DSparkMarkovHead,
     DSparkRMSNorm,
     DSparkRotaryEmbedding,
 )
+from .target_binding_dspark import (  # noqa: F401  (default_target_layer_ids: re-exported)
+    check_target_matches,
+    default_target_layer_ids,
+    drafter_config_from_target,
+    execution_device,
+    on_meta_without_loader,
+)
+from .training_dspark import DSparkTrainingOutput, anchor_blocks, sample_anchor_positions
+from .verify_head_dspark import skinny_linear, use_skinny
 
 
 # --------------------------------------------------------------------------------------
-# outputs (the draft cache lives in modeling_dspark_layers)
+# output of one inference block (the training output is in training_dspark, the cache in cache_dspark)
 # --------------------------------------------------------------------------------------
-@dataclass
-class DSparkTrainingOutput(ModelOutput):
-    """Output of the training forward (many anchor blocks per sequence, teacher forced).
-
-    Shapes: ``batch`` sequences, ``A`` anchors per sequence, ``K = block_size``, ``Vd`` draft vocabulary.
-    """
-
-    draft_logits: torch.Tensor | None = None  # [batch, A, K, Vd] Markov-corrected, teacher forced
-    confidence_logits: torch.Tensor | None = None  # [batch, A, K]
-    target_ids: torch.Tensor | None = None  # [batch, A, K] next tokens (target ids)
-    eval_mask: torch.Tensor | None = None  # [batch, A, K] bool, cumulative over the block
-    anchor_positions: torch.Tensor | None = None  # [batch, A]
-    block_keep_mask: torch.Tensor | None = None  # [batch, A] bool
-    hidden_states: torch.Tensor | None = None  # [batch, A, K, H]
-
-
 @dataclass
 class DSparkBlockOutput(ModelOutput):
     """Output of one inference block. ``hidden_states`` [batch, K, H], ``base_logits`` [batch, K, Vd]."""
@@ -162,58 +151,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         target; ``overrides`` (any ``DSparkConfig`` field) win. The embedding table and LM head
         are borrowed from the target (not duplicated).
         """
-        if getattr(target_model.config, "is_encoder_decoder", False):  # else generate() refuses it, misleadingly
-            raise DraftTargetMismatchError(
-                f"{type(target_model).__name__} is an encoder-decoder model; DSpark drafters are built for "
-                "decoder-only causal language models (AutoModelForCausalLM targets such as Qwen3, Llama or Gemma).")
-        tcfg = target_model.config.get_text_config()
-        n_layers = tcfg.num_hidden_layers
-        num_heads = getattr(tcfg, "num_attention_heads", 8)
-        gemma4 = gemma4_target_fields(tcfg)
-        if gemma4:  # per-layer geometry: reading tcfg.head_dim would raise
-            head_dim, num_kv_heads = gemma4["head_dim"], gemma4["num_key_value_heads"]
-        else:
-            head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // num_heads
-            num_kv_heads = getattr(tcfg, "num_key_value_heads", num_heads) or num_heads
-        rope = _target_rope_parameters(tcfg)
-        mask_token_id = None
-        if tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None:
-            mask_token_id = tokenizer.mask_token_id
-        elif getattr(tcfg, "pad_token_id", None) is not None:
-            mask_token_id = tcfg.pad_token_id
-        if isinstance(mask_token_id, list):
-            mask_token_id = mask_token_id[0]
-        defaults = dict(
-            vocab_size=tcfg.vocab_size,
-            hidden_size=tcfg.hidden_size,
-            target_hidden_size=tcfg.hidden_size,
-            intermediate_size=getattr(tcfg, "intermediate_size", 4 * tcfg.hidden_size),
-            num_hidden_layers=1,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=getattr(tcfg, "rms_norm_eps", 1e-6),
-            rope_parameters=rope,
-            max_position_embeddings=getattr(tcfg, "max_position_embeddings", 32768),
-            target_layer_ids=default_target_layer_ids(n_layers),
-            num_target_layers=n_layers,
-            block_size=7,
-            mask_token_id=mask_token_id if mask_token_id is not None else tcfg.vocab_size - 1,
-            embeddings_from_target=True,
-            context_input_norm=True,
-            target_model_name=getattr(target_model.config, "_name_or_path", None) or None,
-            eos_token_id=getattr(tcfg, "eos_token_id", None),
-            bos_token_id=getattr(tcfg, "bos_token_id", None),
-            pad_token_id=getattr(tcfg, "pad_token_id", None),
-        )
-        if gemma4 and overrides.get("backbone_type", "gemma4") == "gemma4":
-            # A Gemma 4 target gets DeepSpec's Gemma 4 drafter layers unless asked otherwise.
-            defaults.update(gemma4)
-        defaults.update(overrides)
-        draft_token_ids = defaults.pop("draft_token_ids", None)
-        if draft_token_ids is not None and not defaults.get("draft_vocab_size"):
-            defaults["draft_vocab_size"] = len(draft_token_ids)
-        config = DSparkConfig(**defaults)
+        config, draft_token_ids = drafter_config_from_target(target_model, tokenizer, **overrides)
         param = next(target_model.parameters())
         model = cls(config).to(device=param.device)
         if draft_token_ids is not None:
@@ -224,28 +162,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     def check_target(self, target_model) -> None:
         """Raise ``DraftTargetMismatchError`` (a ``ValueError``) naming both sides when this drafter was
         built for another target."""
-        tcfg = target_model.config.get_text_config()
-        problems = []
-        if tcfg.hidden_size != self.config.target_hidden_size:
-            problems.append(f"hidden size: drafter expects {self.config.target_hidden_size}, target has {tcfg.hidden_size}")
-        if tcfg.num_hidden_layers != self.config.num_target_layers:
-            problems.append(
-                f"number of layers: drafter expects {self.config.num_target_layers}, target has {tcfg.num_hidden_layers}"
-            )
-        if tcfg.vocab_size != self.config.vocab_size:
-            problems.append(f"vocabulary: drafter expects {self.config.vocab_size}, target has {tcfg.vocab_size}")
-        if not 0 <= self.config.mask_token_id < tcfg.vocab_size:
-            problems.append(f"mask token {self.config.mask_token_id} is outside the target vocabulary ({tcfg.vocab_size})")
-        if self.config.embeddings_from_target and tcfg.hidden_size != self.config.hidden_size:
-            problems.append("the drafter borrows the target's embeddings, so its hidden size must equal the target's")
-        if problems:
-            name = self.config.target_model_name or "an unnamed target"
-            raise DraftTargetMismatchError(
-                f"This DSpark drafter (built for {name}) does not match the target "
-                f"{getattr(target_model.config, '_name_or_path', '') or type(target_model).__name__}: "
-                + "; ".join(problems)
-                + ". Use a drafter trained for this target, or build one with DSparkDraftModel.from_target(target)."
-            )
+        check_target_matches(self.config, target_model)
 
     def bind_target(self, target_model) -> "DSparkDraftModel":
         """Check compatibility, move the drafter to the device of the target's input embedding, and
@@ -261,7 +178,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         self.check_target(target_model)
         embedding, head = target_model.get_input_embeddings(), target_model.get_output_embeddings()
         for what, module in (("input embedding", embedding), ("LM head", head)):
-            if module is not None and _on_meta_without_loader(module):
+            if module is not None and on_meta_without_loader(module):
                 raise DevicePlacementError(
                     f"the target's {what} is on the meta device with no accelerate hook to load it (weights never "
                     "loaded); load the target with from_pretrained (any device_map) before binding a drafter"
@@ -358,7 +275,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             weight = self._draft_head_weight()
             x = hidden_states.to(weight.dtype)
             # One block is a few rows: on CPU fp32 the untransposed product is cheaper (see verify_head_dspark).
-            logits = skinny_linear(x, weight) if _use_skinny(x, weight) else F.linear(x, weight)
+            logits = skinny_linear(x, weight) if use_skinny(x, weight) else F.linear(x, weight)
         cap = self.config.final_logit_softcapping
         if cap:
             # Gemma 4: soft-capped like the target's logits, before any Markov bias is added.
@@ -387,7 +304,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             target_hidden_states = torch.cat([norm(chunk) for norm, chunk in zip(self.context_norms, chunks)], dim=-1)
         return self.hidden_norm(self.fc(target_hidden_states.to(self.fc.weight.dtype)))
 
-    def _backbone(
+    def backbone(
         self,
         block_embeds: torch.Tensor,
         block_positions: torch.Tensor,
@@ -396,6 +313,11 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         attention_mask: torch.Tensor | None,
         cache: DSparkDraftCache | None = None,
     ) -> torch.Tensor:
+        """The drafter layers over block tokens ``block_embeds`` [batch, q_len, H] at ``block_positions``
+        [batch, q_len], attending to the projected ``context`` [batch, ctx, H] at ``context_positions``
+        (appended to ``cache`` first when one is given; ``None`` or empty: the cache's context alone) under
+        ``attention_mask`` (boolean, True = attend; ``None``: attend to all). Returns normed hidden states
+        [batch, q_len, H]. ``draft_block``, the training ``forward`` and the batched engine call it."""
         dtype = block_embeds.dtype
         cos, sin = self.rotary_emb(block_positions, dtype)
         if context is not None and context.shape[1] > 0:
@@ -440,7 +362,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             past += n_new
         block = self.block_input_ids(anchor_ids)
         positions = torch.arange(past, past + self.config.block_size, device=device).expand(anchor_ids.shape[0], -1)
-        hidden = self._backbone(self.embed(block), positions, context, context_positions, None, cache)
+        hidden = self.backbone(self.embed(block), positions, context, context_positions, None, cache)
         return DSparkBlockOutput(hidden_states=hidden, base_logits=self.compute_logits(hidden))
 
     def block_input_ids(self, anchor_ids: torch.Tensor) -> torch.Tensor:
@@ -472,62 +394,34 @@ class DSparkDraftModel(DSparkPreTrainedModel):
 
         Block ``a`` holds ``[input_ids[p], mask...]`` at positions ``p .. p + K - 1`` for anchor ``p``;
         it attends to the context rows ``< p`` and bidirectionally to itself; position ``k``
-        predicts ``input_ids[p + k + 1]``.
+        predicts ``input_ids[p + k + 1]`` (the layout: ``training_dspark.anchor_blocks``).
         """
-        bsz, seq_len = input_ids.shape
-        K = self.config.block_size
-        device = input_ids.device
         if loss_mask is None:
             loss_mask = torch.ones_like(input_ids)
-        loss_mask = loss_mask.bool()
         if anchor_positions is None:
             anchor_positions, block_keep_mask = sample_anchor_positions(
                 loss_mask, num_anchors or self.config.num_anchors, generator=generator
             )
-        if block_keep_mask is None:
-            block_keep_mask = torch.ones_like(anchor_positions, dtype=torch.bool)
-        block_keep_mask = block_keep_mask.bool()
-        num_blocks = anchor_positions.shape[1]
-        offsets = torch.arange(K, device=device)
-        positions = anchor_positions.unsqueeze(-1) + offsets  # [b, A, K]
-
-        # Targets and the cumulative evaluation mask.
-        target_pos = positions + 1
-        in_range = target_pos < seq_len
-        safe_pos = target_pos.clamp(max=seq_len - 1)
-        target_ids = torch.gather(input_ids, 1, safe_pos.view(bsz, -1)).view(bsz, num_blocks, K)
-        supervised = torch.gather(loss_mask, 1, safe_pos.view(bsz, -1)).view(bsz, num_blocks, K) & in_range
-        eval_mask = supervised.long().cumprod(-1).bool() & block_keep_mask.unsqueeze(-1)
-
-        # Block inputs: anchor then mask tokens.
-        block_ids = input_ids.new_full((bsz, num_blocks, K), self.config.mask_token_id)
-        block_ids[..., 0] = torch.gather(input_ids, 1, anchor_positions)
-        block_embeds = self.embed(block_ids.view(bsz, -1))
-
-        # Attention mask [b, 1, A*K, seq + A*K]: context strictly before the anchor + own block.
-        ctx_visible = torch.arange(seq_len, device=device).view(1, 1, seq_len) < anchor_positions.unsqueeze(-1)
-        ctx_visible = ctx_visible & block_keep_mask.unsqueeze(-1)
-        ctx_visible = ctx_visible.repeat_interleave(K, dim=1)  # [b, A*K, seq]
-        block_of = torch.arange(num_blocks, device=device).repeat_interleave(K)
-        own_block = (block_of.view(-1, 1) == block_of.view(1, -1)).expand(bsz, -1, -1)
-        mask = torch.cat([ctx_visible, own_block], dim=-1).unsqueeze(1)
-
+        blocks = anchor_blocks(input_ids, anchor_positions, block_keep_mask, loss_mask, self.config.block_size,
+                               self.config.mask_token_id)
+        bsz, seq_len = input_ids.shape
+        num_blocks = blocks.anchor_positions.shape[1]
+        block_embeds = self.embed(blocks.input_ids.view(bsz, -1))
         context = self.project_context(target_hidden_states)
-        context_positions = torch.arange(seq_len, device=device).expand(bsz, -1)
-        hidden = self._backbone(
-            block_embeds, positions.view(bsz, -1), context, context_positions, mask
-        ).view(bsz, num_blocks, K, -1)
+        context_positions = torch.arange(seq_len, device=input_ids.device).expand(bsz, -1)
+        hidden = self.backbone(
+            block_embeds, blocks.positions.view(bsz, -1), context, context_positions, blocks.attention_mask
+        ).view(bsz, num_blocks, self.config.block_size, -1)
 
         base_logits = self.compute_logits(hidden)
-        prev_ids = torch.cat([block_ids[..., :1], target_ids[..., :-1]], dim=-1)
-        draft_logits, confidence_logits = self.apply_heads_teacher_forced(base_logits, hidden, prev_ids)
+        draft_logits, confidence_logits = self.apply_heads_teacher_forced(base_logits, hidden, blocks.previous_ids)
         return DSparkTrainingOutput(
             draft_logits=draft_logits,
             confidence_logits=confidence_logits,
-            target_ids=target_ids,
-            eval_mask=eval_mask,
-            anchor_positions=anchor_positions,
-            block_keep_mask=block_keep_mask,
+            target_ids=blocks.target_ids,
+            eval_mask=blocks.eval_mask,
+            anchor_positions=blocks.anchor_positions,
+            block_keep_mask=blocks.block_keep_mask,
             hidden_states=hidden,
         )
 
@@ -611,20 +505,12 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         that check, for callers that have just made it)."""
         want_info = kwargs.pop("output_loading_info", False)
         if kwargs.pop("check_checksums", True):
-            check_weight_checksums(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+            check_weight_checksums(pretrained_model_name_or_path, **hub_kwargs(kwargs))
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
-        missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith("_"))
-        mismatched = info.get("mismatched_keys", [])
-        if missing or mismatched:
-            raise CheckpointError(
-                f"The checkpoint at {pretrained_model_name_or_path} does not match its config: "
-                f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                f"mismatched shapes {list(mismatched)[:8]}. Check config.json (markov_rank, markov_head_type, "
-                "draft_vocab_size, num_hidden_layers, embeddings_from_target) against model.safetensors."
-            )
+        check_loading_info(pretrained_model_name_or_path, info)
         model._borrowed = {}
         model._head_cache = None
-        model.generation_config = _load_dspark_generation_config(pretrained_model_name_or_path, kwargs)
+        model.generation_config = load_dspark_generation_config(pretrained_model_name_or_path, kwargs)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -635,139 +521,6 @@ class DSparkDraftModel(DSparkPreTrainedModel):
 
     def can_generate(self) -> bool:  # a drafter is driven by the target's generate(), never on its own
         return False
-
-
-def execution_device(module: nn.Module | None) -> torch.device | None:
-    """Where ``module`` computes: the execution device of the accelerate hook that dispatched it (its
-    weights may then sit on ``meta`` or CPU until the forward), else the device of its first weight
-    (``None`` for a module without weights)."""
-    if module is None:
-        return None
-    hook = getattr(module, "_hf_hook", None)
-    for candidate in [hook, *getattr(hook, "hooks", [])]:  # accelerate's SequentialHook holds several
-        device = getattr(candidate, "execution_device", None)
-        if device is not None:
-            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    weight = next(module.parameters(), None)
-    return None if weight is None else weight.device
-
-
-def _on_meta_without_loader(module: nn.Module) -> bool:
-    """Some weights on the meta device and no accelerate hook on their module that would load them for a forward."""
-    return any(
-        getattr(m, "_hf_hook", None) is None and any(p.is_meta for p in m.parameters(recurse=False))
-        for m in module.modules()
-    )
-
-
-def sample_anchor_positions(
-    loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw up to ``num_anchors`` anchors per row among positions ``p`` with ``loss_mask[p]`` and
-    ``loss_mask[p + 1]`` (the anchor and its first target are supervised); rows with fewer valid
-    positions get dummy blocks (anchor 0, keep False). Anchors are returned sorted."""
-    bsz, seq_len = loss_mask.shape
-    mask = loss_mask.bool()
-    valid = torch.zeros_like(mask)
-    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
-    scores = torch.rand(valid.shape, generator=generator, device=valid.device if generator is None else generator.device)
-    scores = scores.to(valid.device).masked_fill(~valid, -1.0)
-    take = min(num_anchors, seq_len)
-    top = scores.topk(take, dim=1)
-    # a pick with score -1 is no valid position: it becomes seq_len, so the ascending sort puts it last
-    picked = top.indices.masked_fill(top.values < 0, seq_len).sort(dim=1).values
-    keep = picked < seq_len
-    pad = num_anchors - take  # sequences shorter than num_anchors: dummy blocks up to num_anchors
-    anchors = torch.cat([picked.masked_fill(~keep, 0), picked.new_zeros(bsz, pad)], dim=1)
-    return anchors, torch.cat([keep, keep.new_zeros(bsz, pad)], dim=1)
-
-
-def default_target_layer_ids(num_target_layers: int, num_layers: int = 5) -> list[int]:
-    """Layers spread over the target's depth, skipping the first and the last two when possible."""
-    if num_target_layers <= num_layers:
-        return list(range(num_target_layers))
-    start, end = 1, max(1, num_target_layers - 3)
-    ids = sorted({round(start + i * (end - start) / (num_layers - 1)) for i in range(num_layers)})
-    return ids
-
-
-def _target_rope_parameters(text_config) -> dict:
-    rope = getattr(text_config, "rope_parameters", None)
-    if isinstance(rope, dict):
-        if "rope_theta" in rope:
-            return {"rope_type": rope.get("rope_type", "default"), "rope_theta": float(rope["rope_theta"])}
-        # per-layer-type dicts (e.g. Gemma 3): prefer full attention
-        for key in ("full_attention", "sliding_attention"):
-            if isinstance(rope.get(key), dict) and "rope_theta" in rope[key]:
-                return {"rope_type": "default", "rope_theta": float(rope[key]["rope_theta"])}
-    return {"rope_type": "default", "rope_theta": float(getattr(text_config, "rope_theta", 10000.0) or 10000.0)}
-
-
-def _hub_kwargs(kwargs) -> dict:
-    return {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
-
-
-# ----------------------------------------------------------------------------- weight checksums
-# `hf-dspark export` records the sha256 of every weight file under this key of CARD_FILE; flipped
-# bytes in a weight file load without any error otherwise (and quietly ruin acceptance).
-CARD_FILE = "dspark_card.json"
-CHECKSUMS_KEY = "weights_sha256"
-
-
-def file_sha256(path, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_weight_checksums(name_or_path, **hub_kwargs) -> dict[str, str]:
-    """Compare each weight file of a drafter folder (or Hub repo) with the sha256 recorded in its
-    ``dspark_card.json``; returns ``{file: sha256}`` of the files checked (empty when nothing is
-    recorded). Raises ``CorruptFileError`` (a ``ValueError``) naming the file when one is missing or differs."""
-    from transformers.utils import cached_file
-
-    def locate(filename: str):
-        return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False, **hub_kwargs)
-
-    card = locate(CARD_FILE)
-    if card is None:
-        return {}
-    try:
-        with open(card, encoding="utf-8") as handle:
-            recorded = json.load(handle).get(CHECKSUMS_KEY) or {}
-    except (OSError, ValueError, AttributeError) as error:
-        raise CorruptFileError(f"{name_or_path}: {CARD_FILE} cannot be read ({error}); export the drafter again") from error
-    for filename, expected in sorted(recorded.items()):
-        path = locate(filename)
-        if path is None:
-            raise CorruptFileError(f"{name_or_path}: {filename} is missing, but {CARD_FILE} records its sha256; download "
-                             "or export the drafter again")
-        found = file_sha256(path)
-        if found != expected:
-            raise CorruptFileError(
-                f"{name_or_path}: {filename} is corrupt: its sha256 is {found[:16]}..., but {CARD_FILE} records "
-                f"{expected[:16]}... for it (flipped or truncated bytes). Download or export the drafter again; "
-                "`hf-dspark verify DIR` checks a folder"
-            )
-    return dict(sorted(recorded.items()))
-
-
-def _load_dspark_generation_config(name_or_path, kwargs):
-    from transformers import GenerationConfig
-
-    hub_kwargs = _hub_kwargs(kwargs)
-    try:
-        loaded = GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
-    except (OSError, ValueError):
-        return default_dspark_generation_config()
-    settings = {k: getattr(loaded, k) for k in DEFAULT_DSPARK_GENERATION if hasattr(loaded, k)}
-    try:
-        return default_dspark_generation_config(**settings)
-    except ValueError as error:  # a hand-edited or foreign file: say which one
-        raise DSparkConfigError(f"{name_or_path}: generation_config.json holds an invalid setting: {error}") from error
 
 
 DSparkConfig.register_for_auto_class()

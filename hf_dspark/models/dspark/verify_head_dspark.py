@@ -32,7 +32,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.contiguous().reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``skinny_linear`` serves ``x @ weight.T``: 2..FAST_HEAD_MAX_ROWS rows, CPU, fp32, no gradient."""
     rows = x.numel() // max(x.shape[-1], 1)
     return (
         2 <= rows <= FAST_HEAD_MAX_ROWS
@@ -52,7 +53,7 @@ class _VerifyHead:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module_ref()
-        if self.owners > 0 and _use_skinny(x, module.weight):
+        if self.owners > 0 and use_skinny(x, module.weight):
             return skinny_linear(x, module.weight, module.bias)
         return type(module).forward(module, x)
 
