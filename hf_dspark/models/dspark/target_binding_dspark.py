@@ -81,7 +81,7 @@ def drafter_config_from_target(target_model, tokenizer=None, **overrides) -> tup
         mask_token_id=mask_token_id if mask_token_id is not None else tcfg.vocab_size - 1,
         embeddings_from_target=True,
         context_input_norm=True,
-        target_model_name=getattr(target_model.config, "_name_or_path", None) or None,
+        target_model_name=getattr(target_model.config, "name_or_path", None) or None,
         eos_token_id=getattr(tcfg, "eos_token_id", None),
         bos_token_id=getattr(tcfg, "bos_token_id", None),
         pad_token_id=getattr(tcfg, "pad_token_id", None),
@@ -117,7 +117,7 @@ def check_target_matches(config: DSparkConfig, target_model) -> None:
         name = config.target_model_name or "an unnamed target"
         raise DraftTargetMismatchError(
             f"This DSpark drafter (built for {name}) does not match the target "
-            f"{getattr(target_model.config, '_name_or_path', '') or type(target_model).__name__}: "
+            f"{getattr(target_model.config, 'name_or_path', '') or type(target_model).__name__}: "
             + "; ".join(problems)
             + ". Use a drafter trained for this target, or build one with DSparkDraftModel.from_target(target)."
         )
