@@ -100,8 +100,9 @@ TARGETS = [
 # The bugs issue 34 named, as (target name, function, original text, mutated text).
 NAMED = [
     ("markov", "DSparkDraftModel.calibrated_confidence", "confidence_logits / t", "confidence_logits * t"),
-    ("policies", "DSparkCandidateGenerator._submit_length", "survival = prefix_survival(conf).tolist()",
-     "survival = conf.tolist()"),
+    ("submit_length", "DSparkCandidateGenerator._survival",
+     "prefix_survival(self.draft.calibrated_confidence(confidence[0, :n_max])).tolist()",
+     "self.draft.calibrated_confidence(confidence[0, :n_max]).tolist()"),
     ("policies", "threshold_length", "if a < threshold:", "if a <= threshold:"),
     ("losses", "l1_to_topk_target", " + (1.0 - p_draft_at.sum(-1)).clamp(min=0.0)", ""),
     ("anchors", "sample_anchor_positions", "mask[:, :-1] & mask[:, 1:]", "mask[:, :-1]"),
