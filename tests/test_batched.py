@@ -16,7 +16,7 @@ from _fixtures import (chi_square_rejects, mixed_prompts, plain, repetitive_prom
 from _models import briefly_trained_drafter, target_features, tiny_drafter, tiny_gemma3_target, tiny_qwen3_target
 
 import hf_dspark.decoding.verification as verification
-from hf_dspark import DSparkDraftCache
+from hf_dspark import DSparkDraftCache, DSparkGenerationConfig
 from hf_dspark.decoding.batch_requests import SpeculativeRequest
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator, RaggedSlots
 from hf_dspark.decoding.latency import LatencyProfile
@@ -26,6 +26,12 @@ from hf_dspark.decoding.round_cost import RoundCost, token_seconds
 from hf_dspark.decoding.round_plan import RoundPlanner
 from hf_dspark.decoding.scheduling import best_padded_allocation
 from hf_dspark.decoding.verification import accept_probabilities, residual_distribution, verify_block
+from hf_dspark.models.dspark.policies_dspark import AsyncPolicy, CostPolicy, FullPolicy, ThresholdPolicy
+
+
+def policy_config(policy: str, **settings) -> DSparkGenerationConfig:
+    """The engine's decoding settings: ``policy`` (a registered verification policy) and ``settings``."""
+    return DSparkGenerationConfig(verification_policy=policy, **settings)
 
 
 # ============================================================================ the rule, no model
@@ -228,9 +234,9 @@ def test_greedy_batched_equals_per_request_generate(request, target_name):
     new_tokens = 28
     reference = [plain(target, p, new_tokens) for p in prompts]
     verified = {}
-    for scheduler in ("full", "threshold", "algorithm1", "async"):
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=synthetic_cost(),
-                                             max_batch_size=5, confidence_threshold=0.8)
+    for scheduler in ("full", "threshold", "cost", "async"):
+        engine = BatchedSpeculativeGenerator(target, draft, policy_config(scheduler, confidence_threshold=0.8),
+                                             round_cost=synthetic_cost(), max_batch_size=5)
         outputs = engine.generate(prompts, max_new_tokens=new_tokens)
         for prompt, ref, out in zip(prompts, reference, outputs):
             assert out == ref, f"{target_name}/{scheduler}: prompt of length {len(prompt)}"
@@ -239,8 +245,9 @@ def test_greedy_batched_equals_per_request_generate(request, target_name):
         assert sum(stats["accepted_histogram"][2:]) > 0, f"{scheduler}: expected multi-token acceptances"
         assert stats["compactions"] > 0
         verified[scheduler] = stats["verified_draft_tokens"]
-    assert verified["full"] > max(verified["threshold"], verified["algorithm1"], verified["async"])
-    plain_engine = BatchedSpeculativeGenerator(target, draft, scheduler="plain", max_batch_size=5)
+    assert verified["full"] > max(verified["threshold"], verified["cost"], verified["async"])
+    plain_engine = BatchedSpeculativeGenerator(target, draft, policy_config("plain"),
+                                               max_batch_size=5)
     assert plain_engine.generate(prompts, max_new_tokens=new_tokens) == reference
     assert plain_engine.stats["verified_draft_tokens"] == plain_engine.stats["drafted_request_rounds"] == 0
     assert len(prompts[3]) + new_tokens > 4 * gemma_window()  # contexts well past Gemma's sliding window
@@ -258,9 +265,9 @@ def test_greedy_batched_in_bf16_equals_per_request_generate(request, target_name
     draft = copy.deepcopy(request.getfixturevalue(f"{target_name}_drafter")).to(torch.bfloat16)
     prompts = mixed_prompts(target, train_prompts())
     reference = [plain(target, p, 20) for p in prompts]
-    for scheduler in ("algorithm1", "async"):
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=synthetic_cost(),
-                                             max_batch_size=5)
+    for scheduler in ("cost", "async"):
+        engine = BatchedSpeculativeGenerator(target, draft, policy_config(scheduler),
+                                             round_cost=synthetic_cost(), max_batch_size=5)
         outputs = engine.generate(prompts, max_new_tokens=20)
         assert sum(o == r for o, r in zip(outputs, reference)) >= len(prompts) - 2, scheduler
         for prompt, output, expected in zip(prompts, outputs, reference):
@@ -279,7 +286,8 @@ def test_eager_attention_masks_are_lossless_too():
     target.set_attn_implementation("eager")
     draft = tiny_drafter(target)
     prompts = [[5, 9, 11, 40, 7, 3, 12, 60, 33, 21], [8], [70, 71, 72]]
-    outputs = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=3).generate(prompts, 16)
+    outputs = BatchedSpeculativeGenerator(target, draft, policy_config("full"),
+                                          max_batch_size=3).generate(prompts, 16)
     assert outputs == [plain(target, p, 16) for p in prompts]
 
 
@@ -288,7 +296,8 @@ def test_batched_drafting_matches_draft_block_row_by_row(qwen, qwen_drafter, mon
     """The ragged, batched drafter call equals draft_block on each request's own sequence, also when the
     rows skipped the drafter in earlier rounds and catch up with the target features they missed."""
     draft = qwen_drafter
-    engine = BatchedSpeculativeGenerator(qwen, draft, scheduler="full", max_batch_size=3)
+    engine = BatchedSpeculativeGenerator(qwen, draft, policy_config("full"),
+                                         max_batch_size=3)
     captured, drafting = [], []
     plan, sample_block = engine._plan, draft.sample_block
 
@@ -338,8 +347,7 @@ def test_eos_inside_an_accepted_block_stops_exactly(qwen, qwen_drafter):
     free = plain(qwen, prompts[0], 30, eos=[])
     cut_mid_block = 0
     for eos in (free[5], free[9], free[14]):
-        engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", max_batch_size=4)
-        engine.set_sampling()
+        engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, policy_config("full"), max_batch_size=4)
         ids = [engine.add_request(p, 30, eos_token_id=eos) for p in prompts]
         while engine.has_unfinished():
             engine.step()
@@ -357,10 +365,9 @@ def test_eos_inside_an_accepted_block_stops_exactly(qwen, qwen_drafter):
 def test_requests_join_between_rounds_and_compaction_every_round(gemma, gemma_drafter):
     prompts = mixed_prompts(gemma, train_prompts())
     lengths = [20, 9, 25, 1, 14, 30, 6, 17]
-    engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, scheduler="algorithm1",
+    engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, policy_config("cost"),
                                          round_cost=synthetic_cost(), max_batch_size=3)
     engine.compaction_slack, engine.compaction_fraction = 0, 0.0  # compact whenever any garbage exists
-    engine.set_sampling()
     first = [engine.add_request(p, n) for p, n in zip(prompts[:2], lengths[:2])]
     finished = engine.step() + engine.step()
     later = [engine.add_request(p, n) for p, n in zip(prompts[2:], lengths[2:])]
@@ -377,24 +384,26 @@ def test_requests_join_between_rounds_and_compaction_every_round(gemma, gemma_dr
 
 def test_zero_new_tokens_and_validation(qwen):
     draft = tiny_drafter(qwen)
-    engine = BatchedSpeculativeGenerator(qwen, draft, scheduler="full")
+    engine = BatchedSpeculativeGenerator(qwen, draft, policy_config("full"))
     assert engine.generate([[5, 6], [7]], max_new_tokens=0) == [[], []]
     assert engine.generate([[5, 6, 7]], max_new_tokens=1) == [plain(qwen, [5, 6, 7], 1)]
-    with pytest.raises(ValueError, match="scheduler"):
-        BatchedSpeculativeGenerator(qwen, draft, scheduler="fastest")
+    with pytest.raises(ValueError, match=r"verification_policy='fastest' is invalid: choose one of \['auto'"):
+        BatchedSpeculativeGenerator(qwen, draft, policy_config("fastest"))
     with pytest.raises(ValueError, match="confidence head"):
-        BatchedSpeculativeGenerator(qwen, tiny_drafter(qwen, enable_confidence_head=False), scheduler="algorithm1")
+        BatchedSpeculativeGenerator(qwen, tiny_drafter(qwen, enable_confidence_head=False), policy_config("cost"))
     with pytest.raises(ValueError, match="empty"):
         engine.add_request([], 4)
     with pytest.raises(ValueError, match="temperature"):
-        engine.set_sampling(do_sample=True, temperature=0.0)
+        BatchedSpeculativeGenerator(qwen, draft, policy_config("full", do_sample=True, temperature=0.0))
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate([[5, 6]], 2, do_sample=True, temperature=0.0)
 
 
 def test_unsupported_attention_is_a_clear_error():
     target = tiny_qwen3_target()
     target.config._attn_implementation_internal = "flash_attention_2"  # as if loaded with it (no flash-attn here)
     with pytest.raises(ValueError, match="attn_implementation"):
-        BatchedSpeculativeGenerator(target, tiny_drafter(target), scheduler="full")
+        BatchedSpeculativeGenerator(target, tiny_drafter(target), policy_config("full"))
 
 
 # ============================================================================ sampling: exact
@@ -454,12 +463,12 @@ def per_token_cost(max_batch=4096, row_seconds=2.5e-4, token_seconds=5e-4, draft
 
 
 def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batch_size=1000, round_cost=None,
-                   **engine_kwargs):
+                   **settings):
     """Decode ``runs`` copies of each prompt as ragged batches of up to ``max_batch_size`` requests
     (finished requests leave, queued ones join); counts of the first three tokens, per prompt."""
     V = target.config.vocab_size
-    engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=round_cost or per_token_cost(),
-                                         max_batch_size=max_batch_size, **engine_kwargs)
+    engine = BatchedSpeculativeGenerator(target, draft, policy_config(scheduler, **settings),
+                                         round_cost=round_cost or per_token_cost(), max_batch_size=max_batch_size)
     batch = [p for _ in range(runs) for p in prompts]
     outputs = engine.generate(batch, max_new_tokens=3, do_sample=True, seed=seed, **warp)
     fused = [type(w).__name__ for w in engine._warpers].count("FusedTopKTopPWarper")
@@ -472,7 +481,7 @@ def sample_triples(target, draft, prompts, runs, warp, scheduler, seed, max_batc
 
 SAMPLING_CASES = {
     "plain_full": (dict(temperature=1.0, top_k=None, top_p=None), "full"),
-    "warped_algorithm1": (dict(temperature=0.7, top_k=4, top_p=0.9), "algorithm1"),
+    "warped_cost": (dict(temperature=0.7, top_k=4, top_p=0.9), "cost"),
     "warped_async": (dict(temperature=0.7, top_k=4, top_p=0.9), "async"),
 }
 
@@ -563,10 +572,11 @@ def test_appendix_a_selection_bias_in_the_engine(small_vocab, monkeypatch, sched
     target, draft = small_vocab
     markov_confidence_as_in_appendix_a(draft, monkeypatch)
     if scheduler == "async":
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler="async", round_cost=APPENDIX_A_COST,
-                                             max_batch_size=1)
+        engine = BatchedSpeculativeGenerator(target, draft, policy_config("async"),
+                                             round_cost=APPENDIX_A_COST, max_batch_size=1)
     else:  # every request drafts; the count is the best of the whole path on the current survival
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=1)
+        engine = BatchedSpeculativeGenerator(target, draft, policy_config("full"),
+                                             max_batch_size=1)
         cost = APPENDIX_A_COST.round_seconds(1, 1 + draft.config.block_size)
         monkeypatch.setattr(engine, "_schedule", lambda survival, limits, drafted_rows=0, tokens=None: best_padded_allocation(
             [row[:limit] for row, limit in zip(survival, limits)], cost))
@@ -592,9 +602,9 @@ def test_greedy_batched_with_ngram_rounds_equals_per_request_generate(request, t
     draft = request.getfixturevalue(f"{target_name}_drafter")
     prompts = repetitive_prompts() + mixed_prompts(target, train_prompts())[:4]
     reference = [plain(target, p, 30) for p in prompts]
-    for scheduler in ("full", "threshold", "algorithm1", "async"):
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=synthetic_cost(),
-                                             max_batch_size=4, confidence_threshold=0.5, ngram_lookup_tokens=5)
+    for scheduler in ("full", "threshold", "cost", "async"):
+        config = policy_config(scheduler, confidence_threshold=0.5, ngram_lookup_tokens=5)
+        engine = BatchedSpeculativeGenerator(target, draft, config, round_cost=synthetic_cost(), max_batch_size=4)
         assert engine.generate(prompts, max_new_tokens=30) == reference, scheduler
         stats = engine.stats
         assert 0 < stats["ngram_request_rounds"] < stats["request_rounds"], scheduler  # both kinds of row ran
@@ -604,10 +614,10 @@ def test_greedy_batched_with_ngram_rounds_equals_per_request_generate(request, t
 
 def test_ngram_settings_are_validated(qwen, qwen_drafter):
     with pytest.raises(ValueError, match="ngram_min_size <= ngram_max_size"):
-        BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=4, ngram_min_size=4,
-                                    ngram_max_size=2)
-    with pytest.raises(ValueError, match="ngram_lookup_tokens >= 0"):
-        BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=-1)
+        BatchedSpeculativeGenerator(qwen, qwen_drafter,
+                                    policy_config("full", ngram_lookup_tokens=4, ngram_min_size=4, ngram_max_size=2))
+    with pytest.raises(ValueError, match="ngram_lookup_tokens=-1 is invalid: use an integer >= 0"):
+        BatchedSpeculativeGenerator(qwen, qwen_drafter, policy_config("full", ngram_lookup_tokens=-1))
 
 
 def test_greedy_schedule_looks_along_the_whole_path_and_sampling_stops_early(qwen, qwen_drafter):
@@ -616,15 +626,17 @@ def test_greedy_schedule_looks_along_the_whole_path_and_sampling_stops_early(qwe
     table = {4: {1: 0.100, 2: 0.150, 3: 0.300}}
     profile = LatencyProfile(model_name="synthetic", dtype="float32", device="cpu", num_threads=1,
                              context_length=128, table=table)
-    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="algorithm1", round_cost=RoundCost(profile))
+    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, policy_config("cost"),
+                                         round_cost=RoundCost(profile))
     survival, limits = [[0.9, 0.5]] * 4, [2] * 4
     assert engine._schedule(survival, limits, drafted_rows=4) == [1, 1, 1, 1]  # (4 + 3.6) / 0.15 beats 4 / 0.10
-    engine.set_sampling(do_sample=True)
-    assert engine._schedule(survival, limits, drafted_rows=4) == [0, 0, 0, 0]  # (4 + 0.9) / 0.15 does not: stop
+    sampled = BatchedSpeculativeGenerator(qwen, qwen_drafter, policy_config("cost", do_sample=True),
+                                          round_cost=RoundCost(profile))
+    assert sampled._schedule(survival, limits, drafted_rows=4) == [0, 0, 0, 0]  # (4 + 0.9) / 0.15 does not: stop
 
 
 def test_ngram_survival_starts_from_the_prior_and_learns(qwen, qwen_drafter):
-    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="full", ngram_lookup_tokens=4)
+    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, policy_config("full", ngram_lookup_tokens=4))
     assert engine.ngram.survival(3) == pytest.approx([0.9, 0.81, 0.729])
     for _ in range(40):
         engine.ngram.record(submitted=4, n_accepted=1)  # position 1 always survives, position 2 never
@@ -635,9 +647,9 @@ def test_ngram_survival_starts_from_the_prior_and_learns(qwen, qwen_drafter):
 
 
 def test_planner_draft_length_stops_at_the_plan_widest_request():
-    """``async`` drafts up to the plan's widest request, ``algorithm1`` one token more (never past the
+    """``async`` drafts up to the plan's widest request, ``cost`` one token more (never past the
     limit); a plan that gave nobody a token (a probe round) and the other schedulers draft the limit."""
-    planner = RoundPlanner("async", block_size=5, cost=lambda: None, confidence_threshold=0.3)
+    planner = RoundPlanner(AsyncPolicy(), block_size=5, cost=lambda: None)
     planner.plan_counts = [2, 0, 1]
     assert (planner.draft_length(5), planner.draft_length(1)) == (2, 1)
     planner.plan_counts = [1, 0]
@@ -645,17 +657,17 @@ def test_planner_draft_length_stops_at_the_plan_widest_request():
     for probe in ([0, 0], []):
         planner.plan_counts = probe
         assert planner.draft_length(5) == 5
-    planner = RoundPlanner("algorithm1", block_size=5, cost=lambda: None, confidence_threshold=0.3)
+    planner = RoundPlanner(CostPolicy(), block_size=5, cost=lambda: None)
     planner.plan_counts = [2, 0, 1]
     assert (planner.draft_length(5), planner.draft_length(2)) == (3, 2)
-    for scheduler in ("full", "threshold"):
-        planner = RoundPlanner(scheduler, block_size=5, cost=lambda: None, confidence_threshold=0.3)
+    for policy in (FullPolicy(), ThresholdPolicy()):
+        planner = RoundPlanner(policy, block_size=5, cost=lambda: None)
         planner.plan_counts = [2, 0, 1]  # left over: these schedulers do not plan
         assert planner.draft_length(5) == 5
 
 
 def test_planner_reads_predictions_two_rounds_old_and_falls_back_on_a_monotone_prior():
-    planner = RoundPlanner("async", block_size=3, cost=lambda: None, confidence_threshold=0.3)
+    planner = RoundPlanner(AsyncPolicy(), block_size=3, cost=lambda: None)
     request = SpeculativeRequest(0, [1, 2], 10, frozenset())
     assert planner.prediction(request, now=0, limit=3) == pytest.approx([0.8, 0.64, 0.512])  # the stated prior
     planner.STALE_WEIGHT = 1.0  # the request's own prediction alone
@@ -673,7 +685,7 @@ def test_planner_reads_predictions_two_rounds_old_and_falls_back_on_a_monotone_p
         planner.record(request, 7, [0.1])
     prior = planner.prediction(SpeculativeRequest(2, [1], 5, frozenset()), now=300, limit=3)
     assert prior == sorted(prior, reverse=True) and prior[0] == pytest.approx(0.1, abs=1e-3)
-    assert len(request.predictions) == planner.PREDICTION_LAG["async"]
+    assert len(request.predictions) == AsyncPolicy.prediction_lag == 2
 
 
 NGRAM = dict(ngram_lookup_tokens=3, ngram_max_size=2, ngram_min_size=1)  # 1-gram matches in a 6-token vocabulary
@@ -823,8 +835,8 @@ def test_prefill_groups_keep_padding_small_and_small_groups_together():
 def test_grouped_prefill_is_lossless(gemma, gemma_drafter):
     prompts = mixed_prompts(gemma, train_prompts())
     reference = [plain(gemma, p, 12) for p in prompts]
-    engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, scheduler="async", round_cost=synthetic_cost(),
-                                         max_batch_size=len(prompts))
+    engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, policy_config("async"),
+                                         round_cost=synthetic_cost(), max_batch_size=len(prompts))
     engine.PREFILL_MIN_TOKENS, engine.PREFILL_PADDING_SLACK = 0, 0.0  # one group per distinct length
     assert engine.generate(prompts, max_new_tokens=12) == reference
     assert engine.stats["prefill_forwards"] == len({len(p) for p in prompts if len(p) > 1}) > 2  # 1-token prompts: none
@@ -935,8 +947,8 @@ def test_the_engines_own_overhead_is_learnt_per_kind_of_round_and_can_make_a_rou
 
 
 def test_a_plan_that_gives_an_ngram_row_nothing_makes_it_copy_nothing(qwen, qwen_drafter):
-    """Under algorithm1 the n-gram copy is cut to the plan's count: a round where nothing pays is plain."""
-    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, scheduler="algorithm1", ngram_lookup_tokens=4,
+    """Under cost the n-gram copy is cut to the plan's count: a round where nothing pays is plain."""
+    engine = BatchedSpeculativeGenerator(qwen, qwen_drafter, policy_config("cost", ngram_lookup_tokens=4),
                                          round_cost=synthetic_cost())
     engine.round_cost.overhead["speculative"] = 1e3  # no speculative round can pay
     prompts = repetitive_prompts()
@@ -989,8 +1001,8 @@ def test_the_engine_skips_padding_by_default_and_both_ways_are_lossless(gemma, g
     prompts = mixed_prompts(gemma, train_prompts())
     reference = [plain(gemma, p, 12) for p in prompts]
     for skip in (True, False):
-        engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, scheduler="full", max_batch_size=len(prompts),
-                                             skip_padding=skip, ngram_lookup_tokens=3)
+        engine = BatchedSpeculativeGenerator(gemma, gemma_drafter, policy_config("full", ngram_lookup_tokens=3),
+                                             max_batch_size=len(prompts), skip_padding=skip)
         assert bool(engine._position_wise) == skip
         assert engine.generate(prompts, max_new_tokens=12) == reference
         assert engine.stats["ragged_rounds"] > 0  # rows of different widths: padding was there to skip

@@ -10,6 +10,7 @@ from _fixtures import plain, synthetic_cost, train_prompts
 from _models import briefly_trained_drafter, tiny_drafter, tiny_qwen3_target
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
 from hf_dspark.commands.bench_serve import Workload, reference_outputs, serve, summarize
 
 
@@ -31,13 +32,13 @@ def qwen_and_drafter():
     return target, briefly_trained_drafter(target, train_prompts(), steps=30)
 
 
-@pytest.mark.parametrize("scheduler", ["plain", "algorithm1", "async"])
+@pytest.mark.parametrize("scheduler", ["plain", "cost", "async"])
 def test_serve_replays_arrivals_and_outputs_equal_each_request_alone(qwen_and_drafter, scheduler):
     target, draft = qwen_and_drafter
     prompts = [p[0].tolist() for p in train_prompts(n=3)] + [[5, 9, 11, 40], [7], [70, 71, 72, 73, 74]]
     workload = Workload.build(prompts, 6, 20, seed=1)
-    engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, round_cost=synthetic_cost(), max_batch_size=3)
-    engine.set_sampling()
+    engine = BatchedSpeculativeGenerator(target, draft, DSparkGenerationConfig(verification_policy=scheduler),
+                                         round_cost=synthetic_cost(), max_batch_size=3)
     run = serve(engine, workload, rate=50.0)
     assert run["outputs"] == reference_outputs(target, workload)
     assert run["outputs"] == [plain(target, p, n) for p, n in zip(workload.prompts, workload.max_new_tokens)]
@@ -52,8 +53,7 @@ def test_serve_replays_arrivals_and_outputs_equal_each_request_alone(qwen_and_dr
 
 def test_idle_time_is_skipped_not_slept(qwen_and_drafter):
     target, _ = qwen_and_drafter
-    engine = BatchedSpeculativeGenerator(target, tiny_drafter(target), scheduler="plain")
-    engine.set_sampling()
+    engine = BatchedSpeculativeGenerator(target, tiny_drafter(target), DSparkGenerationConfig(verification_policy="plain"))
     workload = Workload.build([[5, 6, 7], [8, 9]], 3, 3, seed=0)
     run = serve(engine, workload, rate=1e-3)  # about 1000 s between the two arrivals
     assert run["arrival"][1] > 10 and run["finished"][1] >= run["arrival"][1]

@@ -21,6 +21,7 @@ from hf_dspark.decoding.scheduling import (
     single_request_prefix_length,
     top_k_prefix,
 )
+from hf_dspark.models.dspark.scheduling_dspark import cost_length, prefix_length
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -396,49 +397,68 @@ def test_round_seconds_must_be_positive():
 # ----------------------------------------------------------------------------- batch-1 form
 
 
-def test_cost_policy_matches_algorithm_1_for_one_request():
+def test_cost_rule_matches_algorithm_1_for_one_request():
     rng = random.Random(3)
     for _ in range(300):
         row = random_survival(rng, 1, max_tokens=6)[0]
         times = [None] + [F(rng.randint(1, 50), 10) for _ in range(len(row) + 1)]
         times[1:] = sorted(times[1:])  # passes over more tokens are not faster
         expected = prefix_schedule([row], lambda b: 1 / times[b])[0]
-        assert cost_policy_length(row, lambda n: times[n]) == expected
-        assert single_request_prefix_length(row, lambda length: times[1 + length]) == expected
+        assert cost_length(row, 0, lambda n: times[n], 0, checked=True) == expected
+        assert prefix_length(row, lambda length: times[1 + length], checked=True) == expected
+        assert prefix_length(row, lambda length: times[1 + length]) == expected  # unchecked: the same rule
 
 
-def test_cost_policy_with_draft_time_and_min_tokens():
+def test_cost_rule_with_draft_time_and_min_tokens():
     survival = [0.9, 0.8, 0.5, 0.1]
     verify = lambda n: 1.0 + 0.1 * n  # noqa: E731
     # tokens/s for L = 0..4: 0.476, 0.864, 1.174, 1.333, 1.320 -> stop at L = 3
-    assert cost_policy_length(survival, verify, draft_seconds=1.0) == 3
+    assert cost_length(survival, 1.0, verify, 0, checked=True) == 3
     # a costly pass per token stops earlier
-    assert cost_policy_length(survival, lambda n: float(n)) == 0
-    assert cost_policy_length(survival, lambda n: float(n), min_tokens=1) == 1
-    assert cost_policy_length([], verify) == 0
+    assert cost_length(survival, 0.0, lambda n: float(n), 0, checked=True) == 0
+    assert cost_length(survival, 0.0, lambda n: float(n), 1, checked=True) == 1
+    assert cost_length([], 0.0, verify, 0, checked=True) == 0
+    assert cost_length([], 0.0, verify) == 0  # unchecked, min_tokens is capped at the draft's length
     with pytest.raises(ValueError, match="min_tokens=1 exceeds the draft length 0"):
-        cost_policy_length([], verify, min_tokens=1)
+        cost_length([], 0.0, verify, 1, checked=True)
     with pytest.raises(ValueError, match="draft_seconds"):
-        cost_policy_length(survival, verify, draft_seconds=-1.0)
+        cost_length(survival, -1.0, verify, checked=True)
     with pytest.raises(ValueError, match="round time"):
-        cost_policy_length(survival, lambda n: 0.0)
+        cost_length(survival, 0.0, lambda n: 0.0, checked=True)
+    with pytest.raises(ValueError, match="non-increasing"):
+        prefix_length([0.5, 0.9], lambda length: 1.0, checked=True)
 
 
 def test_a_zero_survival_token_ends_the_prefix_even_when_longer_rounds_are_cheaper():
     # a measured latency table can be noisy: here rounds get cheaper with length (1 / (L + 1) s),
     # so tokens/s keeps rising, but a token with survival 0 is never submitted, nor any after it
     survival = [0.9, 0.0, 0.0]
-    assert single_request_prefix_length(survival, lambda length: 1 / (length + 1)) == 1
-    assert cost_policy_length(survival, lambda n: 1 / n) == 1
-    assert single_request_prefix_length([0.0, 0.0], lambda length: 1 / (length + 1)) == 0
+    assert prefix_length(survival, lambda length: 1 / (length + 1), checked=True) == 1
+    assert cost_length(survival, 0.0, lambda n: 1 / n, 0, checked=True) == 1
+    assert prefix_length([0.0, 0.0], lambda length: 1 / (length + 1), checked=True) == 0
 
 
 def test_min_tokens_must_be_a_non_negative_int():
     times = lambda length: 1.0 + length  # noqa: E731
     for bad in (-1, True, 1.0, "1"):
         with pytest.raises(ValueError, match="min_tokens must be an int >= 0"):
-            single_request_prefix_length([0.9, 0.5], times, min_tokens=bad)
-    assert single_request_prefix_length([0.9, 0.5], times, min_tokens=2) == 2
+            prefix_length([0.9, 0.5], times, bad, checked=True)
+    assert prefix_length([0.9, 0.5], times, 2, checked=True) == 2
+
+
+def test_the_old_batch_1_names_warn_and_run_the_one_rule():
+    rng = random.Random(5)
+    for _ in range(50):
+        row = random_survival(rng, 1, max_tokens=6)[0]
+        times = [None] + sorted(F(rng.randint(1, 50), 10) for _ in range(len(row) + 1))
+        with pytest.warns(FutureWarning, match="single_request_prefix_length is deprecated"):
+            old = single_request_prefix_length(row, lambda length: times[1 + length], min_tokens=0)
+        assert old == prefix_length(row, lambda length: times[1 + length], 0, checked=True)
+        with pytest.warns(FutureWarning, match="cost_policy_length is deprecated"):
+            old = cost_policy_length(row, lambda n: times[n], draft_seconds=F(1, 2))
+        assert old == cost_length(row, F(1, 2), lambda n: times[n], 0, checked=True)
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="min_tokens=1 exceeds the draft length 0"):
+        cost_policy_length([], lambda n: 1.0, min_tokens=1)  # the old checks, too
 
 
 # ----------------------------------------------------------------------------- errors

@@ -50,7 +50,7 @@ from typing import Sequence
 import torch
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
-from hf_dspark.decoding.oracle import OracleSchedule
+from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.commands import _args
 from hf_dspark.evaluation.measure import fused_plain_kwargs
@@ -58,7 +58,7 @@ from hf_dspark.models.dspark.generation_dspark import activate_verify_head
 
 METHODS = ("plain", "full", "scheduler", "async")
 EXTRA_METHODS = ("plain_engine", "oracle")
-ENGINE_SCHEDULERS = {"full": "full", "scheduler": "algorithm1", "async": "async", "plain_engine": "plain",
+ENGINE_SCHEDULERS = {"full": "full", "scheduler": "cost", "async": "async", "plain_engine": "plain",
                      "oracle": "oracle"}
 SPECULATIVE_STATS = ("mean_verified_draft_tokens", "mean_accepted_length", "rounds", "request_rounds",
                      "ngram_request_rounds", "drafted_request_rounds", "draft_skipped_request_rounds",
@@ -140,14 +140,15 @@ def _plain_chunks(target, prompts, concurrency, max_new_tokens, sampling, eos, p
 
 def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, eos, scheduler, profile,
                  ngram_lookup_tokens: int = 0, round_cost=None, references=None, draft_outcomes=None) -> dict:
-    options = dict(max_batch_size=concurrency, ngram_lookup_tokens=ngram_lookup_tokens)
-    if scheduler == "oracle":
-        engine = OracleSchedule(target, draft, draft_outcomes=draft_outcomes, **options)
+    settings = {key: value for key, value in sampling.items() if key != "seed"}
+    config = DSparkGenerationConfig(verification_policy=scheduler, ngram_lookup_tokens=ngram_lookup_tokens, **settings)
+    if scheduler == "oracle":  # scheduled by the references: no cost model
+        engine = BatchedSpeculativeGenerator(target, draft, config, max_batch_size=concurrency, seed=sampling.get("seed"))
+        engine.policy.known_outcomes = draft_outcomes
     else:
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, latency_profile=profile,
-                                             round_cost=round_cost, **options)
-    engine.set_sampling(**sampling)
-    if scheduler in ("algorithm1", "async"):
+        engine = BatchedSpeculativeGenerator(target, draft, config, latency_profile=profile, max_batch_size=concurrency,
+                                             round_cost=round_cost, seed=sampling.get("seed"))
+    if scheduler in ("cost", "async"):
         engine._cost()  # measured (drafter time, padding discount) before the clock starts
     start = time.perf_counter()
     if references is None:
@@ -170,7 +171,7 @@ def _speculative(target, draft, prompts, concurrency, max_new_tokens, sampling, 
         round_cost=engine.round_cost,
     )
     if scheduler == "oracle":
-        out["draft_outcomes"] = engine.draft_outcomes
+        out["draft_outcomes"] = engine.policy.draft_outcomes
     out.update({key: stats[key] for key in SPECULATIVE_STATS if key in stats})
     return out
 

@@ -54,9 +54,10 @@ import torch
 from hf_dspark.commands.bench_batch import check_prompt_sources, encoded_prompts, load_setup, profile_batch_sizes
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.errors import DSparkConfigError
+from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
 from hf_dspark.commands import _args
 
-MODES = {"plain": "plain", "full": "full", "algorithm1": "algorithm1", "async": "async"}
+MODES = {"plain": "plain", "full": "full", "algorithm1": "cost", "async": "async"}  # mode -> verification policy
 
 
 @dataclass
@@ -197,11 +198,11 @@ def benchmark_serve(target, draft, workload: Workload, modes: Sequence[str], max
     costs = {}
 
     def run(mode: str, rate: float) -> dict:
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler=MODES[mode], latency_profile=latency_profile,
-                                             max_batch_size=max_concurrency, round_cost=costs.get("shared"),
-                                             ngram_lookup_tokens=ngram_lookup_tokens)
-        engine.set_sampling(**sampling, seed=seed)
-        if MODES[mode] in ("algorithm1", "async"):
+        config = DSparkGenerationConfig(verification_policy=MODES[mode], ngram_lookup_tokens=ngram_lookup_tokens,
+                                        **sampling)
+        engine = BatchedSpeculativeGenerator(target, draft, config, latency_profile=latency_profile,
+                                             max_batch_size=max_concurrency, round_cost=costs.get("shared"), seed=seed)
+        if MODES[mode] in ("cost", "async"):
             costs["shared"] = engine._cost()  # measured once, before any clock starts
         out = serve(engine, workload, rate, eos)
         engine.close()

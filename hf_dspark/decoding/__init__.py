@@ -14,5 +14,6 @@
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.decoding.latency import LatencyProfile, profile_latency
+from hf_dspark.decoding.oracle import OraclePolicy  # registers the "oracle" verification policy
 
 __all__ = ["BatchedSpeculativeGenerator", "LatencyProfile", "profile_latency"]

@@ -68,6 +68,7 @@ class SpeculativeRequest:
     anchor: int = 0
     anchor_position: int = 0
     predictions: list = field(default_factory=list)  # (round, prefix survival) of its latest drafted blocks
+    reference: list[int] | None = None  # the target's greedy output, for the oracle policy
 
     @property
     def finished(self) -> bool:

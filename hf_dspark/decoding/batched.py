@@ -21,9 +21,13 @@ serves many requests with continuous batching. Each round:
 
 Schedulers
 ----------
+The ``verification_policy`` of the engine's generation config names an entry of the one registry of
+verification policies (:data:`hf_dspark.models.dspark.policies_dspark.VERIFICATION_POLICY_MAPPING`,
+shared with ``generate``); :class:`~hf_dspark.decoding.round_plan.RoundPlanner` asks it for each decision.
+
 * ``"full"``: every request with room drafts and verifies its whole block.
 * ``"threshold"``: cut where the calibrated prefix survival falls below a threshold.
-* ``"algorithm1"``: the paper's hardware-aware prefix scheduler on the current drafts. The
+* ``"cost"`` (formerly ``"algorithm1"``): the paper's hardware-aware prefix scheduler on the current drafts. The
   objective is the expected committed tokens per second of the whole round, with the time from
   :class:`hf_dspark.decoding.round_cost.RoundCost`: the right-padded target pass (the profiled step-rate
   curve of the dtype in use) plus the drafter. Before drafting, the best allocation on each
@@ -46,6 +50,9 @@ Schedulers
   ``tests/test_batched.py`` reproduces the bias of a global search on current scores).
 * ``"plain"``: no drafting and no n-gram rounds: plain continuous-batching decoding through the
   same engine (the baseline of ``hf-dspark bench-serve``).
+* ``"oracle"``: verify exactly what the target accepts, read from its greedy output given with each
+  request (a measuring instrument, :mod:`hf_dspark.decoding.oracle`).
+* ``"auto"`` (default): ``"cost"`` with a drafter that has a confidence head, ``"full"`` without.
 
 A request that skips the drafter (n-gram round, or a round the plan kept it off) keeps the
 target features of the tokens it commits in :class:`hf_dspark.decoding.ragged.PendingFeatures`; its next
@@ -54,7 +61,7 @@ the projection and keys/values of those few tokens, inside that call).
 
 With ``ngram_lookup_tokens > 0`` a request whose last tokens occurred earlier in its prompt or
 output submits the tokens that followed them instead of a drafted block (n-gram rounds,
-:mod:`hf_dspark.decoding.ngram_rounds`; a one-hot proposal when sampling); under ``algorithm1`` and
+:mod:`hf_dspark.decoding.ngram_rounds`; a one-hot proposal when sampling); under ``cost`` and
 ``async`` it copies as many as the plan gives it, none when copying does not pay. The schedulers see, for
 such a row, the acceptance n-gram proposals had so far at each position (a running estimate from
 past rounds only, so the cut stays non-anticipating).
@@ -106,15 +113,16 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_dspark.decoding.batch_requests import SamplingSettings, SpeculativeRequest, checked_prompt, prefill_groups
-from hf_dspark.models.dspark.generation_dspark import (
-    VOCAB_LOCAL_WARPERS,
-    activate_verify_head,
-    check_ngram_settings,
-    fuse_top_k_top_p,
-)
+from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
+from hf_dspark.models.dspark.policies_dspark import CostPolicy
+from hf_dspark.models.dspark.verify_head_dspark import activate_verify_head
+from hf_dspark.models.dspark.warpers_dspark import VOCAB_LOCAL_WARPERS, fuse_top_k_top_p
 from hf_dspark.models.dspark.modeling_dspark import DSparkDraftCache
 from hf_dspark.decoding.packing import position_wise_modules, real_slots_only
 from hf_dspark.decoding.ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
+from hf_dspark.decoding.engine_config import (
+    SAMPLING_FIELDS, engine_generation_config, engine_settings, sampling_settings, warn_deprecated,
+)
 from hf_dspark.decoding.engine_target import SCHEDULERS, attention_settings, check_engine_arguments
 from hf_dspark.decoding.round_cost import RoundCost, measure_seconds, token_seconds
 from hf_dspark.decoding.round_plan import RoundPlanner
@@ -145,31 +153,32 @@ class BatchedSpeculativeGenerator:
         draft: a ``DSparkDraftModel`` built for ``target`` (binding moves it to the target's device). The
             target must sit on one device: a target split or offloaded by accelerate is refused
             (``DevicePlacementError``); ``target.generate(assistant_model=draft)`` runs those.
-        scheduler: ``"algorithm1"`` (hardware-aware prefix scheduler on the current drafts),
-            ``"async"`` (the paper's production variant: budget from predictions two rounds old),
-            ``"full"`` (verify the whole block), ``"threshold"`` (cut at prefix survival <
-            ``confidence_threshold``) or ``"plain"`` (no drafting at all: plain continuous-batching
-            decoding, the baseline of ``bench-serve``). See "Schedulers" in the module docstring.
+        generation_config: a :class:`~hf_dspark.models.dspark.generation_config_dspark.DSparkGenerationConfig`
+            (the class of a drafter's ``generation_config``; a plain ``GenerationConfig`` gives its sampling
+            settings): ``verification_policy`` (an entry of the policy registry: ``"auto"``, the default,
+            is ``"cost"`` with a confidence head and ``"full"`` without; ``"cost"``, ``"async"``, ``"full"``,
+            ``"threshold"``, ``"plain"``, ``"oracle"``, see "Schedulers" above), ``confidence_threshold``,
+            ``do_sample``/``temperature``/``top_k``/``top_p``, ``ngram_lookup_tokens`` (n-gram rounds, see
+            above; at most ``block_size``, ``"auto"`` = one block), ``ngram_max_size``/``ngram_min_size``,
+            ``fast_verify_head`` (the target's LM head uses the skinny-product layout for 2-8 rows on CPU
+            fp32 while the engine exists) and ``fast_warpers``. The engine keeps a copy
+            (:attr:`generation_config`); :mod:`hf_dspark.decoding.engine_config` says how it is read.
         latency_profile: a :class:`hf_dspark.decoding.latency.LatencyProfile` of the target; with
-            ``"algorithm1"``/``"async"`` and ``None`` it is measured (and cached) on first use.
+            ``"cost"``/``"async"`` and ``None`` it is measured (and cached) on first use.
+        max_batch_size: most requests decoded at once; the rest wait in a queue.
         round_cost: a :class:`hf_dspark.decoding.round_cost.RoundCost` (target profile, drafter and LM-head
             times); ``None`` builds one on first use from ``latency_profile`` and timings of this
             drafter and head.
-        max_batch_size: most requests decoded at once; the rest wait in a queue.
-        confidence_threshold: the ``"threshold"`` scheduler's cut.
-        fast_verify_head: while the engine exists, the target's LM head uses the skinny-product layout
-            for 2-8 rows on CPU fp32 (``generation_dspark.activate_verify_head``: the same dot products,
-            summed in another order).
         skip_padding: on a CPU target, the target's per-slot layers (MLPs, attention projections) run on
             the real slots of a right-padded round only (:mod:`hf_dspark.decoding.packing`); the LM head
             always does. Elsewhere the padded layout is kept: packing reads a mask on the host in every layer.
-        ngram_lookup_tokens: n-gram rounds (see above): a request whose last ``ngram_max_size`` ..
-            ``ngram_min_size`` tokens occurred before submits up to this many of the tokens that
-            followed (at most ``block_size``); 0 (default) turns them off.
+        seed: seeds the engine's private random generator (``None``: torch's global RNG).
+        **deprecated: ``scheduler``, ``confidence_threshold``, ``fast_verify_head``, ``ngram_lookup_tokens``,
+            ``ngram_max_size``, ``ngram_min_size`` (the generation config's fields; ``scheduler`` is
+            ``verification_policy``) still work for one release, with a ``FutureWarning``.
 
-    Typical use: ``generate(prompts, max_new_tokens)``; or the step API: ``set_sampling(...)``,
-    ``add_request(...)`` (any time), ``step()`` until ``has_unfinished()`` is False,
-    ``pop(request_id)``.
+    Typical use: ``generate(prompts, max_new_tokens)``; or the step API: ``add_request(...)`` (any time),
+    ``step()`` until ``has_unfinished()`` is False, ``pop(request_id)``.
     """
 
     # Compact a cache once its garbage slots reach both this many slots and this fraction of its length.
@@ -181,36 +190,39 @@ class BatchedSpeculativeGenerator:
         self,
         target,
         draft,
-        scheduler: str = "algorithm1",
+        generation_config: DSparkGenerationConfig | None = None,
         latency_profile=None,
         max_batch_size: int = 16,
-        confidence_threshold: float = 0.3,
-        fast_verify_head: bool = True,
-        skip_padding: bool = True,
-        ngram_lookup_tokens: int = 0,
-        ngram_max_size: int = 3,
-        ngram_min_size: int = 2,
+        *,
         round_cost: RoundCost | None = None,
+        skip_padding: bool = True,
+        seed: int | None = None,
+        **deprecated,
     ):
-        check_engine_arguments(target, draft, scheduler, max_batch_size, confidence_threshold)
+        if isinstance(generation_config, str):  # the old third positional argument, scheduler
+            deprecated["scheduler"] = generation_config
+            generation_config = None
+        self.generation_config = engine_generation_config(generation_config, deprecated)
+        check_engine_arguments(target, draft, max_batch_size)
+        settings = engine_settings(self.generation_config, draft, draft.config.block_size)
         self.device = next(target.parameters()).device
         self.target, self.draft = target, draft
-        self.scheduler = scheduler
+        self.policy = settings.policy
         self.latency_profile = latency_profile
         self.round_cost = round_cost
         self.max_batch_size = max_batch_size
-        self.confidence_threshold = float(confidence_threshold)
+        self.confidence_threshold = self.policy.confidence_threshold
         self.block_size = draft.config.block_size
-        self.ngram_sizes = (int(ngram_max_size), int(ngram_min_size))
-        check_ngram_settings(int(ngram_lookup_tokens), *self.ngram_sizes)
-        self.ngram_lookup_tokens = 0 if scheduler == "plain" else min(int(ngram_lookup_tokens), self.block_size)
-        self.planner = RoundPlanner(scheduler, self.block_size, self._cost, self.confidence_threshold)
+        self.ngram_sizes = settings.ngram_sizes
+        self.ngram_lookup_tokens = settings.ngram_lookup_tokens
+        self._fast_warpers = settings.fast_warpers
+        self.planner = RoundPlanner(self.policy, self.block_size, self._cost)
         self.hidden_state_ids = [i + 1 for i in draft.config.target_layer_ids]
         self._configure_attention(target)
         # Packing the real slots indexes with a boolean mask in every layer: a host sync each time, cheap on
         # CPU where compute is the cost, a stall per layer on an accelerator, where padding is nearly free.
         self._position_wise = position_wise_modules(target) if skip_padding and self.device.type == "cpu" else []
-        self._verify_head = activate_verify_head(target, self) if fast_verify_head else None
+        self._verify_head = activate_verify_head(target, self) if settings.fast_verify_head else None
         self.fast_verify_head = self._verify_head is not None
         self.sampling = SamplingSettings()
         self._warpers = self._build_warpers()
@@ -222,6 +234,12 @@ class BatchedSpeculativeGenerator:
         self._reset_state()
         self.stats = self._empty_stats()
         self.ngram = NgramRounds(self.ngram_lookup_tokens, self.ngram_sizes, self.stats)
+        self._use_sampling(settings.sampling, seed)
+
+    @property
+    def scheduler(self) -> str:
+        """The registered name of the verification policy in use (``self.policy.name``)."""
+        return self.policy.name
 
     def close(self) -> None:
         """Give the target's LM head back its default layout now (also happens when the engine is collected)."""
@@ -235,17 +253,37 @@ class BatchedSpeculativeGenerator:
 
     def set_sampling(self, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None) -> None:
-        """Decoding settings for all requests (only while no request is in flight).
+        """Deprecated: pass the sampling settings in ``generation_config`` (and ``seed=`` to the constructor or
+        to :meth:`generate`). Sets them for all requests (only while no request is in flight)."""
+        warn_deprecated("BatchedSpeculativeGenerator.set_sampling()",
+                        "pass generation_config=DSparkGenerationConfig(do_sample=..., temperature=..., top_k=..., "
+                        "top_p=...) and seed= to the constructor (or to generate())")
+        self._set_sampling(dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=top_k, top_p=top_p),
+                           seed)
 
-        ``seed`` seeds a private generator used for every random draw; ``None`` uses torch's global RNG.
-        Sampled outputs always follow the target's distribution exactly, but a seed makes them
-        bit-reproducible only with ``scheduler="full"`` or ``"threshold"``: ``algorithm1`` and ``async``
-        choose how many draft tokens to verify from measured timings, which vary run to run, and each
-        verified token consumes a random draw (docs/serving.md, "Seeded sampling")."""
+    def _set_sampling(self, overrides: dict, seed: int | None) -> None:
+        """Write ``overrides`` (sampling fields) into the engine's generation config and decode with them."""
         if self._active or self._queue:
-            raise RuntimeError("set_sampling() changes how every request decodes; call it while no request is in flight")
-        changed = bool(do_sample) != self.sampling.do_sample
-        self.sampling = SamplingSettings(bool(do_sample), float(temperature), top_k, top_p)
+            raise RuntimeError("the sampling settings change how every request decodes; change them while no "
+                               "request is in flight")
+        candidate = SamplingSettings(**{**vars(self.sampling), **overrides})  # checked before anything changes
+        self._use_sampling(candidate, seed)
+        for name in SAMPLING_FIELDS:
+            setattr(self.generation_config, name, getattr(candidate, name))
+
+    def _use_sampling(self, sampling: SamplingSettings, seed: int | None) -> None:
+        """Decode with ``sampling`` from now on. ``seed`` seeds a private generator used for every random draw;
+        ``None`` uses torch's global RNG. Sampled outputs always follow the target's distribution exactly, but
+        a seed makes them bit-reproducible only with the ``full`` or ``threshold`` policy: ``cost`` and
+        ``async`` choose how many draft tokens to verify from measured timings, which vary run to run, and
+        each verified token consumes a random draw (docs/serving.md, "Seeded sampling")."""
+        if sampling.do_sample and self.policy.greedy_only:
+            raise ValueError(
+                f"verification_policy={self.policy.name!r} needs the output in advance, which only greedy decoding "
+                "has (a sampled token is not known before it is drawn); use do_sample=False"
+            )
+        changed = sampling.do_sample != self.sampling.do_sample
+        self.sampling = sampling
         self._warpers = self._build_warpers()
         self._generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
         if changed and self.round_cost is not None and self._measured_cost:
@@ -254,7 +292,8 @@ class BatchedSpeculativeGenerator:
     def _build_warpers(self) -> LogitsProcessorList:
         """transformers' warpers for ``self.sampling``, top-k + top-p fused (same result, top-p sorts only k)."""
         warpers = self.sampling.warpers()
-        fuse_top_k_top_p(warpers)
+        if self._fast_warpers:
+            fuse_top_k_top_p(warpers)
         return warpers
 
     def _cost(self) -> RoundCost:
@@ -318,11 +357,13 @@ class BatchedSpeculativeGenerator:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
-                    eos_token_id: int | Sequence[int] | None = None) -> int:
+                    eos_token_id: int | Sequence[int] | None = None, reference: Sequence[int] | None = None) -> int:
         """Queue a request; it joins the batch at the next ``step()`` with room. Returns its id.
 
-        ``eos_token_id=None`` uses ``target.generation_config.eos_token_id`` (as ``generate`` does)."""
+        ``eos_token_id=None`` uses ``target.generation_config.eos_token_id`` (as ``generate`` does).
+        ``reference``: the target's greedy output for this prompt, which the ``oracle`` policy schedules by."""
         prompt = self._checked_prompt(prompt_ids, "prompt_ids")
+        self._check_reference(reference)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise EngineRequestError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
         if eos_token_id is None:
@@ -330,7 +371,8 @@ class BatchedSpeculativeGenerator:
         eos = frozenset() if eos_token_id is None else frozenset(
             [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
         )
-        request = SpeculativeRequest(self._next_id, prompt, max_new_tokens, eos, added_at=time.perf_counter())
+        request = SpeculativeRequest(self._next_id, prompt, max_new_tokens, eos, added_at=time.perf_counter(),
+                                     reference=None if reference is None else [int(t) for t in reference])
         self._next_id += 1
         self._requests[request.request_id] = request
         if max_new_tokens == 0:
@@ -339,6 +381,13 @@ class BatchedSpeculativeGenerator:
         else:
             self._queue.append(request)
         return request.request_id
+
+    def _check_reference(self, reference) -> None:
+        if self.policy.needs_reference and reference is None:
+            raise ValueError(
+                f"verification_policy={self.policy.name!r}: add_request needs reference=, the target's greedy output "
+                "for this prompt (e.g. the new tokens of target.generate(..., do_sample=False))"
+            )
 
     def _checked_prompt(self, prompt_ids, name: str) -> list[int]:
         return checked_prompt(prompt_ids, self.target.get_input_embeddings().num_embeddings, name)
@@ -357,15 +406,29 @@ class BatchedSpeculativeGenerator:
         return self._requests.pop(request_id)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, seed: int | None = None) -> list[list[int]]:
-        """Generate for every prompt (lists of token ids); returns the new tokens of each (EOS included)."""
-        self.set_sampling(do_sample, temperature, top_k, top_p, seed)
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
+                 references: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+        """Generate for every prompt (lists of token ids); returns the new tokens of each (EOS included).
+
+        Decodes with the engine's ``generation_config``. When any of ``do_sample``/``temperature``/``top_k``/
+        ``top_p`` is given, the engine decodes with exactly those from now on (the others off, as the engine's
+        earlier releases did) and its generation config records them. ``seed`` re-seeds the engine's random
+        generator (``None``: keep the generator as it is). ``references`` (one per prompt): the target's
+        greedy outputs, for the ``oracle`` policy."""
+        if any(value is not None for value in (do_sample, temperature, top_k, top_p)):
+            self._set_sampling(dict(do_sample=bool(do_sample), temperature=1.0 if temperature is None else float(temperature),
+                                    top_k=top_k, top_p=top_p), seed)
+        elif seed is not None:
+            self._set_sampling({}, seed)
+        if references is not None and len(references) != len(prompts):
+            raise ValueError(f"got {len(references)} references for {len(prompts)} prompts; give one per prompt")
         for index, prompt in enumerate(prompts):  # refuse a bad request before any of the call's requests enters
             self._checked_prompt(prompt, f"prompts[{index}]")
         try:
-            ids = [self.add_request(p, max_new_tokens, eos_token_id) for p in prompts]
+            ids = [self.add_request(p, max_new_tokens, eos_token_id, None if references is None else references[i])
+                   for i, p in enumerate(prompts)]
             while self.has_unfinished():
                 self.step()
         except BaseException:
@@ -477,7 +540,7 @@ class BatchedSpeculativeGenerator:
     def _plan(self, limits: list[int]) -> list[int]:
         """Rows that run the drafter this round (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.plan`)."""
         draft_rows = self.planner.plan(self._active, limits, self.ngram.planned(), self.stats["rounds"], self.stats)
-        if self.scheduler in ("algorithm1", "async"):  # the plan's count is the copy's length, as for a draft
+        if isinstance(self.policy, CostPolicy):  # the plan's count is the copy's length, as for a draft
             self.ngram.keep(self.planner.plan_counts)
         return draft_rows
 
@@ -493,7 +556,7 @@ class BatchedSpeculativeGenerator:
         rows = len(self._active)
         drafted_limits = [0] * rows
         for row in draft_rows:
-            drafted_limits[row] = self.planner.draft_length(limits[row])
+            drafted_limits[row] = self.planner.draft_length(limits[row], self._active[row])
         n = max(drafted_limits, default=0)
         empty_probs = None if not self.sampling.do_sample else [None] * rows
         if not draft_rows or n == 0:
@@ -581,9 +644,8 @@ class BatchedSpeculativeGenerator:
 
     # ---------------------------------------------------------------- scheduling (after the drafter ran)
     def _schedule(self, survival, limits: list[int], drafted_rows: int = 0, tokens=None) -> list[int]:
-        """Draft tokens each request verifies (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.schedule`;
-        the proposed ``tokens`` are for :class:`hf_dspark.decoding.oracle.OracleSchedule`)."""
-        return self.planner.schedule(survival, limits, drafted_rows, self.sampling.do_sample)
+        """Draft tokens each request verifies (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.schedule`)."""
+        return self.planner.schedule(survival, limits, drafted_rows, self.sampling.do_sample, self._active, tokens)
 
     # ---------------------------------------------------------------- verification
     def _verify_forward(self, tokens: torch.Tensor, counts: list[int]):
@@ -619,11 +681,11 @@ class BatchedSpeculativeGenerator:
         with real_slots_only(self.target.get_output_embeddings(), keep, real, self._position_wise):
             out = self.target(
                 input_ids=input_ids, attention_mask=masks, position_ids=positions, cache=kv.cache, use_cache=True,
-                output_hidden_states=None if self.scheduler == "plain" else self.hidden_state_ids, logits_to_keep=0,
+                output_hidden_states=self.hidden_state_ids if self.policy.drafts else None, logits_to_keep=0,
             )
         kv.slots = kv.slots.append(query_valid, positions)
         features = None
-        if self.scheduler != "plain":
+        if self.policy.drafts:
             features = torch.cat([out.hidden_states[i] for i in self.hidden_state_ids], dim=-1)
         return (out.logits[0] if logits_for is not None else None), features
 

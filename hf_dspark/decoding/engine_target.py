@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from hf_dspark.errors import DevicePlacementError, DSparkConfigError
 
-SCHEDULERS = ("algorithm1", "async", "full", "threshold", "plain")
+from hf_dspark.models.dspark.policies_dspark import ENGINE, policy_names
+
+SCHEDULERS = tuple(policy_names(ENGINE))  # deprecated: the registry (policies_dspark) is the one list of names
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -49,22 +51,13 @@ def attention_settings(target) -> tuple[bool, list[str] | None, int | None]:
     return implementation == "sdpa", layer_types, int(window) if uses_window and window else None
 
 
-def check_engine_arguments(target, draft, scheduler: str, max_batch_size: int, confidence_threshold: float) -> None:
-    """Refuse, before anything is built, what ``BatchedSpeculativeGenerator`` cannot run; binds ``draft``."""
-    if scheduler not in SCHEDULERS:
-        raise DSparkConfigError(f"scheduler={scheduler!r} is not one of {SCHEDULERS}")
+def check_engine_arguments(target, draft, max_batch_size: int) -> None:
+    """Refuse, before anything is built, what ``BatchedSpeculativeGenerator`` cannot run; binds ``draft``
+    (the decoding settings are checked by ``engine_config.engine_settings``)."""
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise DSparkConfigError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
-    if isinstance(confidence_threshold, bool) or not 0.0 <= float(confidence_threshold) <= 1.0:
-        # a probability cut, as the generation config checks
-        raise DSparkConfigError(f"confidence_threshold={confidence_threshold!r} is invalid: use a value in [0, 1]")
     refuse_dispatched_target(target)
     draft.bind_target(target)
-    if scheduler in ("algorithm1", "async", "threshold") and getattr(draft, "confidence_head", None) is None:
-        raise DSparkConfigError(
-            f"scheduler={scheduler!r} needs a drafter with a confidence head "
-            "(enable_confidence_head=True); use scheduler='full' with this drafter"
-        )
     device = next(target.parameters()).device
     draft_device = next(draft.parameters()).device
     if draft_device != device:

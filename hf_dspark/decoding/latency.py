@@ -31,7 +31,8 @@ from typing import Iterable
 import torch
 
 from hf_dspark.errors import DSparkConfigError, LatencyProfileError
-from hf_dspark.models.dspark.generation_dspark import activate_verify_head, interpolate, nondecreasing_fit
+from hf_dspark.models.dspark.scheduling_dspark import interpolate, nondecreasing_fit
+from hf_dspark.models.dspark.verify_head_dspark import activate_verify_head
 from hf_dspark.targets import TARGET_DTYPES
 
 __all__ = [

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_dspark.models.dspark.generation_dspark import ngram_continuation
+from hf_dspark.models.dspark.scheduling_dspark import ngram_continuation
 
 __all__ = ["NgramRounds"]
 

@@ -4,8 +4,8 @@ Every scheduler of :class:`~hf_dspark.decoding.batched.BatchedSpeculativeGenerat
 drafter's confidences and the round's time model, how much of each proposed block is worth
 verifying. A scheduler that knew which tokens the target will accept would verify those and nothing
 else: no rejected token would ever cost a slot, and no accepted one would be cut. In greedy decoding
-that knowledge exists, it is the target's own output, so :class:`OracleSchedule` can run it given
-that output (from a plain run of the same prompts).
+that knowledge exists, it is the target's own output, so :class:`OraclePolicy` (the registered
+verification policy ``"oracle"``) can run it given that output (from a plain run of the same prompts).
 
 It is a measuring instrument, not a decoder, since it needs the answer before it starts. A second
 run can also skip the drafter perfectly: a row whose block the target would reject from its first
@@ -18,6 +18,12 @@ better confidences, a better time model or a better search can close the gap bet
 and the oracle, and nothing more. ``hf-dspark bench-batch --methods plain oracle ...`` measures both
 runs beside plain ``generate``.
 
+Use::
+
+    engine = BatchedSpeculativeGenerator(target, draft, DSparkGenerationConfig(verification_policy="oracle"))
+    outputs = engine.generate(prompts, max_new_tokens, references=plain_outputs)
+    table = engine.policy.draft_outcomes  # for a second run: engine.policy.known_outcomes = table
+
 The target still verifies every round as usual, so the output is exact whatever the references
 say; a reference that differs from the target's greedy output only makes the oracle verify too
 little from that point on (``bench-batch`` reports this as ``greedy_agreement_with_plain`` < 1).
@@ -27,96 +33,86 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.decoding.engine_config import warn_deprecated
+from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
+from hf_dspark.models.dspark.policies_dspark import ENGINE, FullPolicy, register_verification_policy
+
+__all__ = ["OraclePolicy", "OracleSchedule"]
+
+
+@register_verification_policy
+class OraclePolicy(FullPolicy):
+    """Each request verifies the longest prefix of its proposal that matches its reference output (the
+    engine's ``add_request(..., reference=)``; greedy decoding only).
+
+    Rows with an n-gram copy verify the copy and skip the drafter, as under every policy. Without
+    :attr:`known_outcomes` the other rows draft their whole block, and :attr:`draft_outcomes` collects how
+    many drafted tokens the target accepted at each (prompt, position); given the table of an earlier run of
+    the same requests, a row drafts only where that number is above zero, and only that many tokens.
+    """
+
+    name = "oracle"
+    runs_in = (ENGINE,)
+    greedy_only = True
+    needs_reference = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.known_outcomes: dict | None = None
+        self.draft_outcomes: dict[tuple, int] = {}  # (prompt ids, anchor position) -> drafted tokens accepted
+        self._drafting: list = []  # keys of this round's drafting rows
+
+    @staticmethod
+    def _key(request) -> tuple:
+        return tuple(request.prompt_ids), request.anchor_position
+
+    def draft_rows(self, planner, candidates, requests, limits, ngram_survival, now, stats):
+        rows = candidates
+        if self.known_outcomes is not None:  # a row missing from the table (another path) drafts as usual
+            rows = [row for row in rows if self.known_outcomes.get(self._key(requests[row]), 1) > 0]
+        self._drafting = [(row, self._key(requests[row])) for row in rows]
+        return rows
+
+    def draft_length(self, planner, request, limit):
+        if self.known_outcomes is None:
+            return limit
+        return min(limit, self.known_outcomes.get(self._key(request), limit))
+
+    def verify_counts(self, planner, survival, limits, drafted_rows, do_sample, requests, proposed):
+        tokens = [[] for _ in limits] if proposed is None else proposed.tolist()
+        counts = []
+        for row, request in enumerate(requests):
+            wanted = request.reference[len(request.output_ids):]
+            limit = min(limits[row], len(wanted), len(tokens[row]))
+            n = 0
+            while n < limit and tokens[row][n] == wanted[n]:
+                n += 1
+            counts.append(n)
+        for row, key in self._drafting:
+            self.draft_outcomes[key] = counts[row]
+        return counts
 
 
 class OracleSchedule(BatchedSpeculativeGenerator):
-    """The engine with an oracle for a scheduler: each request verifies the longest prefix of its
-    proposal that matches its reference output (greedy decoding only).
-
-    Rows with an n-gram copy verify the copy and skip the drafter, as under every scheduler. Without
-    ``draft_outcomes`` the other rows draft their whole block, and :attr:`draft_outcomes` collects how
-    many drafted tokens the target accepted at each (prompt, position); with the table of an earlier
-    run of the same requests, a row drafts only where that number is above zero, and only that many
-    tokens. Takes :class:`BatchedSpeculativeGenerator`'s arguments except ``scheduler``.
-    """
+    """Deprecated alias: ``BatchedSpeculativeGenerator(target, draft,
+    DSparkGenerationConfig(verification_policy="oracle"))``, with ``draft_outcomes`` given to
+    ``engine.policy.known_outcomes`` and read from ``engine.policy.draft_outcomes``. Kept for one release."""
 
     def __init__(self, target, draft, draft_outcomes: dict | None = None, **kwargs):
+        warn_deprecated("OracleSchedule", "use BatchedSpeculativeGenerator(target, draft, "
+                        "DSparkGenerationConfig(verification_policy='oracle')) and engine.policy.draft_outcomes")
         if "scheduler" in kwargs:
             raise ValueError("OracleSchedule chooses its own verification lengths; do not pass scheduler=")
-        super().__init__(target, draft, scheduler="full", **kwargs)
-        self._references: dict[int, list[int]] = {}
-        self._known = draft_outcomes
-        self.draft_outcomes: dict[tuple, int] = {}  # (prompt ids, anchor position) -> drafted tokens accepted
-        self._drafting: list[int] = []
+        config = DSparkGenerationConfig(**{**kwargs.pop("generation_config", DSparkGenerationConfig()).to_diff_dict(),
+                                           "verification_policy": "oracle"})
+        super().__init__(target, draft, config, **kwargs)
+        self.policy.known_outcomes = draft_outcomes
 
-    def set_sampling(self, do_sample: bool = False, *args, **kwargs) -> None:
-        if do_sample:
-            raise ValueError(
-                "OracleSchedule needs the output in advance, which only greedy decoding has (a sampled token is not "
-                "known before it is drawn); use do_sample=False"
-            )
-        super().set_sampling(do_sample, *args, **kwargs)
+    @property
+    def draft_outcomes(self) -> dict:
+        return self.policy.draft_outcomes
 
-    def add_request(self, prompt_ids, max_new_tokens: int, eos_token_id=None,
-                    reference: Sequence[int] | None = None) -> int:
-        """Queue a request with ``reference``, the target's greedy output for it (e.g. from plain ``generate``)."""
-        if reference is None:
-            raise ValueError(
-                "OracleSchedule.add_request needs reference=, the target's greedy output for this prompt "
-                "(e.g. the new tokens of target.generate(..., do_sample=False))"
-            )
-        request_id = super().add_request(prompt_ids, max_new_tokens, eos_token_id)
-        self._references[request_id] = [int(t) for t in reference]
-        return request_id
-
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, references: Sequence[Sequence[int]],
                  eos_token_id=None) -> list[list[int]]:
-        """Greedy generation of every prompt, scheduled by its reference; returns the new tokens of each."""
-        if len(references) != len(prompts):
-            raise ValueError(f"got {len(references)} references for {len(prompts)} prompts; give one per prompt")
-        self.set_sampling(False)
-        ids = [self.add_request(p, max_new_tokens, eos_token_id, reference=r) for p, r in zip(prompts, references)]
-        while self.has_unfinished():
-            self.step()
-        return [self.pop(i).output_ids for i in ids]
-
-    def _key(self, row: int) -> tuple:
-        request = self._active[row]
-        return tuple(request.prompt_ids), request.anchor_position
-
-    def _plan(self, limits: list[int]) -> list[int]:
-        rows = super()._plan(limits)
-        if self._known is not None:  # a row missing from the table (another path) drafts as usual
-            rows = [row for row in rows if self._known.get(self._key(row), 1) > 0]
-        self._drafting = rows
-        return rows
-
-    def _draft(self, draft_rows: list[int], limits: list[int]):
-        if self._known is not None:
-            limits = list(limits)
-            for row in draft_rows:
-                limits[row] = min(limits[row], self._known.get(self._key(row), limits[row]))
-        return super()._draft(draft_rows, limits)
-
-    def _schedule(self, survival, limits: list[int], drafted_rows: int = 0, tokens=None) -> list[int]:
-        proposed = [[] for _ in limits] if tokens is None else tokens.tolist()
-        counts = []
-        for row, request in enumerate(self._active):
-            wanted = self._references[request.request_id][len(request.output_ids):]
-            limit = min(limits[row], len(wanted), len(proposed[row]))
-            n = 0
-            while n < limit and proposed[row][n] == wanted[n]:
-                n += 1
-            counts.append(n)
-        for row in self._drafting:
-            self.draft_outcomes[self._key(row)] = counts[row]
-        return counts
-
-    def pop(self, request_id: int):
-        request = super().pop(request_id)
-        self._references.pop(request_id, None)
-        return request
+        return super().generate(prompts, max_new_tokens, eos_token_id=eos_token_id, references=references)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
 from hf_dspark.models.dspark.generation_dspark import DSparkCandidateGenerator
 
 __all__ = [
@@ -224,7 +225,7 @@ class OracleProposalEngine(BatchedSpeculativeGenerator):
             raise ValueError("OracleProposalEngine verifies whole blocks; do not pass scheduler=")
         if tau < 1:
             raise ValueError(f"tau={tau} must be >= 1 (1 = every draft token rejected)")
-        super().__init__(target, draft, scheduler="full", **kwargs)
+        super().__init__(target, draft, DSparkGenerationConfig(verification_policy="full"), **kwargs)
         self.tau = int(tau)
         self.clock = clock
         self._reference_rows: dict[int, torch.Tensor] = {}
@@ -242,7 +243,7 @@ class OracleProposalEngine(BatchedSpeculativeGenerator):
         """Greedy generation of every prompt with oracle proposals from its reference; new tokens of each."""
         if len(references) != len(prompts):
             raise ValueError(f"got {len(references)} references for {len(prompts)} prompts; give one per prompt")
-        self.set_sampling(False)
+        self._set_sampling(dict(do_sample=False, temperature=1.0, top_k=None, top_p=None), None)
         # wide enough for a recomputed reference of max_new_tokens (see _resync_departed)
         padded = padded_references(references, self.block_size + 1, self.device, max_new_tokens + self.block_size + 1)
         ids = []

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from hf_dspark.models.dspark.generation_dspark import interpolate
+from hf_dspark.models.dspark.scheduling_dspark import interpolate
 from hf_dspark.decoding.latency import LatencyProfile
 
 __all__ = ["RoundCost", "measure_seconds", "token_seconds"]

@@ -1,8 +1,9 @@
 """The batched engine's two decisions per round: who runs the drafter, and how much each request verifies.
 
-:class:`RoundPlanner` holds what the schedulers of :mod:`hf_dspark.decoding.batched` remember between
-rounds (each request's latest survival predictions, the prior, the last plan) and makes both
-decisions from a :class:`~hf_dspark.decoding.round_cost.RoundCost`:
+:class:`RoundPlanner` holds what the engine remembers between rounds (each request's latest survival
+predictions, the prior, the last plan, the :class:`~hf_dspark.decoding.round_cost.RoundCost`) and asks
+the engine's verification policy (an entry of
+:data:`hf_dspark.models.dspark.policies_dspark.VERIFICATION_POLICY_MAPPING`) for both decisions:
 
 * :meth:`RoundPlanner.plan`, before the drafter runs, from information fixed before any of the
   round's tokens exist (predictions of earlier rounds, n-gram estimates, the cost model);
@@ -19,17 +20,17 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from hf_dspark.models.dspark.generation_dspark import threshold_length
 from hf_dspark.decoding.round_cost import RoundCost
-from hf_dspark.decoding.scheduling import best_padded_allocation, padded_schedule, top_k_prefix
+from hf_dspark.models.dspark.policies_dspark import VerificationPolicy
+from hf_dspark.models.dspark.scheduling_dspark import best_padded_allocation
 
 __all__ = ["RoundPlanner"]
 
 
 class RoundPlanner:
-    """Per-engine scheduling state and decisions (``scheduler`` as in ``BatchedSpeculativeGenerator``).
+    """Per-engine scheduling state; the decisions are the ``policy``'s (a :class:`VerificationPolicy`).
 
-    Planning reads each request's prediction made ``PREDICTION_LAG`` or more rounds earlier (its
+    Planning reads each request's prediction made ``policy.prediction_lag`` or more rounds earlier (its
     latest such), shrunk toward the prior; predictions older than ``PREDICTION_TTL`` rounds, and
     requests without any, use the prior alone: the mean survival the drafter predicted over the engine's past request-rounds
     (exponential average, weight ``DRAFT_PRIOR_WEIGHT`` for the newest), starting at
@@ -41,22 +42,20 @@ class RoundPlanner:
     """
 
     # A request's survival one or two blocks later is only loosely tied to its prediction for this block
-    # (measured on the shipped Gemma 3 drafter: low and high stale predictions were followed by similar
+    # (on the shipped Gemma 3 drafter, low and high stale predictions were followed by similar
     # acceptance). So a stale prediction counts with weight STALE_WEIGHT against the prior (smoothing,
     # not a verdict).
     STALE_WEIGHT = 0.25
-    PREDICTION_LAG = {"algorithm1": 1, "async": 2}
     PREDICTION_TTL = 8
     PROBE_INTERVAL = 16
     PROBE_ROWS = 2
     DRAFT_PRIOR_ACCEPTANCE = 0.8
     DRAFT_PRIOR_WEIGHT = 1 / 16
 
-    def __init__(self, scheduler: str, block_size: int, cost: Callable[[], RoundCost], confidence_threshold: float):
-        self.scheduler = scheduler
+    def __init__(self, policy: VerificationPolicy, block_size: int, cost: Callable[[], RoundCost]):
+        self.policy = policy
         self.block_size = block_size
         self.cost = cost  # built (and timed) on first use by the engine
-        self.confidence_threshold = confidence_threshold
         self.prior = [self.DRAFT_PRIOR_ACCEPTANCE ** (j + 1) for j in range(block_size)]
         self.plan_counts: list[int] = []
         self.last_draft_round = -1
@@ -65,19 +64,19 @@ class RoundPlanner:
     def record(self, request, now: int, survival: list[float]) -> None:
         """``request`` drafted at round ``now`` with this prefix survival."""
         request.predictions.append((now, survival))
-        del request.predictions[: -self.PREDICTION_LAG.get(self.scheduler, 1)]
+        del request.predictions[: -self.policy.prediction_lag]
         for j, value in enumerate(survival):
             self.prior[j] += self.DRAFT_PRIOR_WEIGHT * (value - self.prior[j])
         self.last_draft_round = now
 
     def prediction(self, request, now: int, limit: int) -> list[float]:
-        """What the plan expects of the request's next block: its prediction made ``PREDICTION_LAG`` or
+        """What the plan expects of the request's next block: its prediction made ``prediction_lag`` or
         more rounds before ``now`` (its latest such), shrunk toward the prior with weight
         ``STALE_WEIGHT``; the prior alone when there is none (or it is older than ``PREDICTION_TTL``).
 
-        Keeping the last ``PREDICTION_LAG`` predictions is enough: at most ``lag - 1`` of them are
+        Keeping the last ``prediction_lag`` predictions is enough: at most ``lag - 1`` of them are
         too recent, so the latest old-enough one is among them."""
-        lag = self.PREDICTION_LAG[self.scheduler]
+        lag = self.policy.prediction_lag
         stale = None
         for made_at, survival in reversed(request.predictions):
             if made_at <= now - lag:
@@ -99,19 +98,21 @@ class RoundPlanner:
     # ---------------------------------------------------------------- decisions
     def plan(self, requests: Sequence, limits: list[int], ngram_survival: list[list[float] | None], now: int,
              stats: dict) -> list[int]:
-        """Rows that run the drafter this round, decided before any of this round's tokens exist.
+        """Rows that run the drafter this round, decided before any of this round's tokens exist
+        (:meth:`VerificationPolicy.draft_rows` out of the rows with room to verify and no n-gram copy).
 
         ``ngram_survival[r]`` is the running estimate of a row that copies an n-gram this round (it
-        never drafts), ``None`` otherwise. ``full``/``threshold``: every other row with room to verify.
-        ``algorithm1``/``async``: the best allocation of the right-padded round, drafter time included
-        (:func:`~hf_dspark.decoding.scheduling.best_padded_allocation`), on each row's stale prediction; rows it
-        gives no token do not draft, and when it gives none at all the round is a plain decoding step.
-        The allocation is kept: ``async`` verifies its total along the current ranking."""
+        never drafts), ``None`` otherwise."""
         candidates = [row for row, limit in enumerate(limits) if limit > 0 and ngram_survival[row] is None]
-        if self.scheduler == "plain":
-            return []
-        if self.scheduler in ("full", "threshold"):
-            return candidates
+        return self.policy.draft_rows(self, candidates, requests, limits, ngram_survival, now, stats)
+
+    def cost_plan(self, candidates: list[int], requests: Sequence, limits: list[int],
+                  ngram_survival: list[list[float] | None], now: int, stats: dict) -> list[int]:
+        """The plan of ``cost`` and ``async``: the best allocation of the right-padded round, drafter time
+        included (:func:`~hf_dspark.models.dspark.scheduling_dspark.best_padded_allocation`), on each row's
+        stale prediction; rows it gives no token do not draft, and when it gives none at all the round is a
+        plain decoding step (but for a probe, see the class docstring). The allocation is kept
+        (:attr:`plan_counts`): ``async`` verifies its total along the current ranking."""
         predicted = [
             found if found is not None else (self.prediction(request, now, limit) if limit > 0 else [])
             for request, limit, found in zip(requests, limits, ngram_survival)
@@ -128,37 +129,13 @@ class RoundPlanner:
         stats["draft_skipped_rounds"] += bool(candidates) and not draft_rows
         return draft_rows
 
-    # algorithm1 drafts DRAFT_BEYOND_PLAN positions past the plan's widest request: its search on the
-    # current survival may go further than the stale plan, but rarely far, and every drafted position
-    # costs the drafter's LM head (32k x 640 per row and position) and a Markov step.
-    DRAFT_BEYOND_PLAN = 1
+    def draft_length(self, limit: int, request=None) -> int:
+        """Draft tokens to produce for a drafting request (:meth:`VerificationPolicy.draft_length`)."""
+        return self.policy.draft_length(self, request, limit)
 
-    def draft_length(self, limit: int) -> int:
-        """Draft tokens to produce for a drafting row. ``async`` never verifies past the plan's widest
-        request, so the drafter's LM head and Markov loop stop there; ``algorithm1`` stops
-        ``DRAFT_BEYOND_PLAN`` later; the others may verify up to ``limit``."""
-        if self.scheduler in ("async", "algorithm1") and max(self.plan_counts, default=0) > 0:  # else: a probe
-            extra = self.DRAFT_BEYOND_PLAN if self.scheduler == "algorithm1" else 0
-            return min(limit, max(self.plan_counts) + extra)
-        return limit
-
-    def schedule(self, survival, limits: list[int], drafted_rows: int, do_sample: bool) -> list[int]:
-        """Draft tokens each request verifies this round (never more than its limit).
-
-        ``algorithm1``: the round-time objective with the drafter's time of this round sunk (it is spent
-        whatever is verified); greedy takes the best allocation over every width cap (greedy output does
-        not depend on the counts), sampling walks the admission path with Algorithm 1's early stop,
-        which exactness needs. ``async``: the total the plan gave (from stale predictions, with its
-        widest row as a cap), admitted along the current ranking."""
-        if self.scheduler in ("full", "plain"):
-            return list(limits)
+    def schedule(self, survival, limits: list[int], drafted_rows: int, do_sample: bool, requests: Sequence = (),
+                 proposed=None) -> list[int]:
+        """Draft tokens each request verifies this round (:meth:`VerificationPolicy.verify_counts`, on the
+        survival capped at each row's limit; never more than its limit)."""
         rows = [row[:limit] for row, limit in zip(survival, limits)]
-        if self.scheduler == "threshold":
-            return [threshold_length(row, self.confidence_threshold) if row else 0 for row in rows]
-        if self.scheduler == "async":
-            return top_k_prefix(rows, sum(self.plan_counts), max_count=max(self.plan_counts, default=0))
-        cost = self.cost()
-        seconds = cost.round_seconds(len(rows), 1 + self.block_size, sunk_draft_seconds=cost.drafter_seconds(drafted_rows))
-        if not do_sample:
-            return best_padded_allocation(rows, seconds)
-        return padded_schedule(rows, seconds, early_stop=True)
+        return self.policy.verify_counts(self, rows, limits, drafted_rows, do_sample, requests, proposed)

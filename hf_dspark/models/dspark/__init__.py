@@ -8,11 +8,13 @@ fails when a shipped copy differs from this folder.
 """
 
 from .configuration_dspark import DSparkConfig
+from .generation_config_dspark import DSparkGenerationConfig
 from .generation_dspark import DSparkCandidateGenerator, install_generate_hook
 from .modeling_dspark import DSparkDraftCache, DSparkDraftModel, DSparkTrainingOutput, sample_anchor_positions
 from .warpers_dspark import FusedTopKTopPWarper, fuse_top_k_top_p
 
 __all__ = [
-    "DSparkCandidateGenerator", "DSparkConfig", "DSparkDraftCache", "DSparkDraftModel", "DSparkTrainingOutput",
+    "DSparkCandidateGenerator", "DSparkConfig", "DSparkDraftCache", "DSparkDraftModel", "DSparkGenerationConfig",
+    "DSparkTrainingOutput",
     "FusedTopKTopPWarper", "fuse_top_k_top_p", "install_generate_hook", "sample_anchor_positions",
 ]

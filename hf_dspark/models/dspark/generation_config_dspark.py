@@ -15,9 +15,10 @@ import torch
 from transformers import GenerationConfig
 
 from .errors import DSparkConfigError
-from .policies_dspark import check_ngram_settings, latency_points
+from .policies_dspark import DEPRECATED_POLICY_NAMES, GENERATE, VERIFICATION_POLICY_MAPPING, policy_names
+from .scheduling_dspark import check_ngram_settings, latency_points
 
-POLICIES = ("auto", "full", "threshold", "cost")
+POLICIES = tuple(policy_names(GENERATE))  # the policies generate runs (every name: policies_dspark.policy_names())
 
 DEFAULT_DSPARK_GENERATION = {
     "verification_policy": "auto",
@@ -45,8 +46,10 @@ def check_dspark_generation_setting(name: str, value: Any) -> None:
         return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
     fix = None
-    if name == "verification_policy" and value not in POLICIES:
-        fix = f"choose one of {POLICIES}"
+    if name == "verification_policy" and (
+        not isinstance(value, str) or (value not in VERIFICATION_POLICY_MAPPING and value not in DEPRECATED_POLICY_NAMES)
+    ):
+        fix = f"choose one of {policy_names()}"
     elif name == "confidence_threshold" and (
         isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0
     ):

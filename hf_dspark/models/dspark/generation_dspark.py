@@ -92,7 +92,8 @@ from .generation_config_dspark import (  # noqa: F401  (re-exported)
     default_dspark_generation_config,
     latency_table_fits,
 )
-from .policies_dspark import (  # noqa: F401  (re-exported: the rest of hf-dspark imports them from here)
+from .policies_dspark import GENERATE, verification_policy_class
+from .scheduling_dspark import (  # noqa: F401  (re-exported for callers of earlier releases; import them from scheduling_dspark)
     prefix_survival,
     threshold_length,
     latency_points,
@@ -218,22 +219,20 @@ class DSparkCandidateGenerator(CandidateGenerator):
             for key in settings:
                 if getattr(gen_cfg, key, None) is not None:
                     settings[key] = getattr(gen_cfg, key)
-        policy = settings["verification_policy"]
-        if policy not in POLICIES:
-            raise ValueError(
-                f"draft.generation_config.verification_policy={policy!r} is not one of {POLICIES}"
-            )
+        policy_class = verification_policy_class(settings["verification_policy"], GENERATE)
+        policy = policy_class.name
         curve, refused = self._latency_curve(settings, target_model, policy)
         if refused and policy == "cost" and curve is None:
-            policy = "full"
-        if policy == "auto":
-            policy = "cost" if curve else "full"
+            policy_class = verification_policy_class("full")
+        self.verification = policy_class(settings["confidence_threshold"], settings["min_draft_tokens"]).resolve(
+            GENERATE, cost_curve=bool(curve), confidence_head=cfg.enable_confidence_head is not False)
+        policy = self.verification.name
         if policy == "cost" and not curve:
             raise ValueError(
                 "verification_policy='cost' needs draft.generation_config.latency_table; measure it with "
                 "hf_dspark.profile_latency(target) (or `hf-dspark profile`) and set it, or use 'full'/'threshold'."
             )
-        if policy in ("threshold", "cost") and cfg.enable_confidence_head is False:
+        if self.verification.needs_confidence_head and cfg.enable_confidence_head is False:
             raise ValueError(f"verification_policy={policy!r} needs a drafter with a confidence head")
         self.policy = policy
         # transformers passes the same list to the verification loop, so fusing it here speeds up both sides.
@@ -390,15 +389,16 @@ class DSparkCandidateGenerator(CandidateGenerator):
         return prefix_survival(self.draft.calibrated_confidence(confidence[0, :n_max])).tolist()
 
     def _submit_length(self, confidence: torch.Tensor | None, n_max: int, survival: list[float] | None = None) -> int:
+        """Draft tokens to submit out of ``n_max``: the verification policy's choice (the whole block without
+        confidences)."""
         if self.policy == "full" or confidence is None:
             return n_max
         survival = survival if survival is not None else self._survival(confidence, n_max)
-        if self.policy == "threshold":
-            return threshold_length(survival, self.threshold, self.min_tokens)
-        if self.draft_time_ema is None:  # no draft timing yet: verify the whole block once
-            return n_max
-        return prefix_length(survival, lambda n: self._round_seconds(n, self.draft_time_ema),
-                             min(self.min_tokens, len(survival)))
+        round_seconds = None
+        if self.draft_time_ema is not None:
+            draft_seconds = self.draft_time_ema
+            round_seconds = lambda n: self._round_seconds(n, draft_seconds)  # noqa: E731
+        return self.verification.submit_length(survival, n_max, round_seconds)
 
     def _pass_seconds(self, proposed: int) -> float:
         """The verification pass over the anchor and ``proposed`` tokens, from the cost curve."""

@@ -1,205 +1,231 @@
-"""The per-round rules of DSpark decoding that need no model: prefix survival, the ``threshold`` and
-``cost`` verification lengths, latency-table interpolation and n-gram continuation.
+"""Verification policies: one registry of the ways a round chooses how many proposed tokens to verify.
 
-Ships as remote code beside drafter checkpoints (imports torch and the standard library only);
-:mod:`generation_dspark` re-exports every name, which is where the rest of hf-dspark imports them from.
+``DSparkGenerationConfig.verification_policy`` names an entry of :data:`VERIFICATION_POLICY_MAPPING`
+(name -> class, as PEFT maps its types). ``generate(assistant_model=drafter)`` and the batched engine
+(``hf_dspark.decoding.BatchedSpeculativeGenerator``) both look the name up here; an entry says where it
+runs (:attr:`VerificationPolicy.runs_in`) and implements the length choices of those runners:
+
+* ``generate`` (one request): :meth:`VerificationPolicy.submit_length`;
+* the batched engine: :meth:`~VerificationPolicy.draft_rows` (who runs the drafter, decided before any
+  of the round's tokens exist), :meth:`~VerificationPolicy.draft_length` and
+  :meth:`~VerificationPolicy.verify_counts` (how many drafted tokens each request verifies).
+
+The engine's state between rounds (stale predictions, the prior, the last plan, the round-time model)
+lives in its ``RoundPlanner`` (``hf_dspark.decoding.round_plan``), passed to the engine methods as
+``planner``. The math is in :mod:`scheduling_dspark`.
+
+Entries: ``auto`` (``cost`` when a cost model is known, else ``full``), ``full``, ``threshold``,
+``cost`` (the paper's Algorithm 1: batch-1 in ``generate``, over the right-padded batch in the engine),
+and the engine-only ``async`` and ``plain``. hf-dspark registers ``oracle``
+(``hf_dspark.decoding.oracle``) with :func:`register_verification_policy`. ``algorithm1`` is the
+deprecated name of ``cost``.
+
+Ships as remote code beside drafter checkpoints (imports: its siblings and the standard library only).
 """
 
 from __future__ import annotations
 
-import bisect
+import warnings
+from typing import ClassVar, Sequence
 
-import torch
+from .errors import DSparkConfigError
+from .scheduling_dspark import best_padded_allocation, padded_schedule, prefix_length, threshold_length, top_k_prefix
 
-
-def prefix_survival(confidence: torch.Tensor) -> torch.Tensor:
-    """[n] per-position conditional survival c_k -> prefix survival a_k = prod_{i<=k} c_i."""
-    return torch.cumprod(confidence.float(), dim=-1)
-
-
-def threshold_length(survival: list[float], threshold: float, min_tokens: int = 1) -> int:
-    """Number of draft tokens before the first a_k < threshold (at least ``min_tokens``)."""
-    n = 0
-    for a in survival:
-        if a < threshold:
-            break
-        n += 1
-    return max(min(min_tokens, len(survival)), n)
+GENERATE, ENGINE = "generate", "engine"
 
 
-def latency_points(table: dict) -> list[tuple[int, float]]:
-    """Sorted (tokens, seconds) points of a latency table (JSON keys may be strings), made non-decreasing."""
-    points = sorted((int(k), float(v)) for k, v in table.items())
-    if not points:
-        raise ValueError("latency_table is empty; profile the target with hf_dspark.profile_latency(target)")
-    return nondecreasing_fit(points)
+class VerificationPolicy:
+    """One way of choosing the verified lengths of a round; subclasses set :attr:`name` and override the
+    methods of the runners they support. The defaults verify everything proposed (``full``).
 
-
-def nondecreasing_fit(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The least-squares non-decreasing fit of sorted ``(x, y)`` points (pool adjacent violators).
-
-    A pass scoring more tokens never costs less, but medians of timed passes on a busy CPU can dip
-    (one count measured slower than both its neighbours). Left as measured, such a
-    bump ends the early-stopping scheduler's search at the bump. Points that already rise stay as they are.
+    Args:
+        confidence_threshold: the prefix-survival cut of ``threshold``.
+        min_draft_tokens: the fewest draft tokens ``threshold`` and ``cost`` submit in ``generate``
+            (``threshold`` in the engine too).
     """
-    blocks: list[list[float]] = []  # [sum of y, count], means non-decreasing from left to right
-    for _, y in points:
-        blocks.append([y, 1])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            total, count = blocks.pop()
-            blocks[-1][0] += total
-            blocks[-1][1] += count
-    fitted = [total / count for total, count in blocks for _ in range(count)]
-    return [(x, y) for (x, _), y in zip(points, fitted)]
+
+    name: ClassVar[str] = ""
+    runs_in: ClassVar[tuple[str, ...]] = (GENERATE, ENGINE)
+    needs_confidence_head: ClassVar[bool] = False
+    drafts: ClassVar[bool] = True  # False: the engine decodes plainly (no drafter, no n-gram rounds)
+    greedy_only: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False  # each engine request needs ``reference=`` (the target's output)
+    prediction_lag: ClassVar[int] = 1  # engine: how many rounds old the predictions a plan reads are
+
+    def __init__(self, confidence_threshold: float = 0.3, min_draft_tokens: int = 1):
+        self.confidence_threshold = float(confidence_threshold)
+        self.min_draft_tokens = int(min_draft_tokens)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    def resolve(self, runner: str, cost_curve: bool, confidence_head: bool) -> VerificationPolicy:
+        """The entry that actually runs (``auto`` picks one); ``cost_curve``: ``generate`` knows the target's
+        latency curve; ``confidence_head``: the drafter predicts its acceptance."""
+        return self
+
+    # ---------------------------------------------------------------- generate (one request)
+    def submit_length(self, survival: list[float], limit: int, round_seconds) -> int:
+        """Draft tokens ``generate`` submits out of ``limit`` drafted ones with this prefix ``survival``;
+        ``round_seconds(L)`` models a round verifying ``L`` tokens (``None`` before the drafter was timed)."""
+        return limit
+
+    # ---------------------------------------------------------------- the batched engine
+    def draft_rows(self, planner, candidates: list[int], requests: Sequence, limits: list[int],
+                   ngram_survival: list, now: int, stats: dict) -> list[int]:
+        """Rows that run the drafter this round, out of ``candidates`` (rows with room and no n-gram copy)."""
+        return candidates
+
+    def draft_length(self, planner, request, limit: int) -> int:
+        """Draft tokens to produce for a drafting request allowed ``limit``."""
+        return limit
+
+    def verify_counts(self, planner, survival: list[list[float]], limits: list[int], drafted_rows: int,
+                      do_sample: bool, requests: Sequence, proposed) -> list[int]:
+        """Tokens each row verifies (never more than its limit); ``survival`` is capped at the limits,
+        ``proposed`` the round's proposals [rows, n] (a tensor)."""
+        return list(limits)
 
 
-def interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear through sorted ``points``; linear extrapolation from the two end points
-    (one point: constant). The one copy: ``latency`` and ``round_cost`` import it from here."""
-    if len(points) == 1:
-        return points[0][1]
-    # the segment holding x, or the first / last segment when x lies outside the points
-    i = min(max(bisect.bisect_left([p for p, _ in points], x), 1), len(points) - 1)
-    (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+# ----------------------------------------------------------------------------- the registry
+VERIFICATION_POLICY_MAPPING: dict[str, type[VerificationPolicy]] = {}
+DEPRECATED_POLICY_NAMES = {"algorithm1": "cost"}  # old name -> registered name, kept for one release
 
 
-def interpolate_latency(points: list[tuple[int, float]], n_tokens: int) -> float:
-    """T_verify(n): linear interpolation between points, linear extrapolation past the ends (>= 0)."""
-    return max(0.0, interpolate(points, n_tokens))
+def register_verification_policy(cls: type[VerificationPolicy]) -> type[VerificationPolicy]:
+    """Add ``cls`` to :data:`VERIFICATION_POLICY_MAPPING` under ``cls.name`` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, VerificationPolicy)) or not cls.name:
+        raise TypeError(f"{cls!r} must be a VerificationPolicy subclass with a name")
+    VERIFICATION_POLICY_MAPPING[cls.name] = cls
+    return cls
 
 
-def latency_from_table(table: dict, n_tokens: int) -> float:
-    """T_verify(n) from a {tokens: seconds} table: linear interpolation, linear extrapolation."""
-    return interpolate_latency(latency_points(table), n_tokens)
+def policy_names(runner: str | None = None) -> list[str]:
+    """Registered names (those that run in ``runner``, ``"generate"`` or ``"engine"``, when given)."""
+    return [name for name, cls in VERIFICATION_POLICY_MAPPING.items() if runner is None or runner in cls.runs_in]
 
 
-def prefix_length(survival, round_seconds, min_tokens: int = 0) -> int:
-    """Batch-1 Algorithm 1 with early stop (docs/design.md, "Scheduling"): draft tokens to verify.
-
-    ``round_seconds(L)`` is the time of a round verifying ``L`` draft tokens. Starting from the
-    ``min_tokens`` that must be submitted, ``L`` grows while ``(1 + a_1 + ... + a_L) / round_seconds(L)``
-    strictly improves, and stops at the first non-improvement or zero-survival token. The forced
-    tokens are fixed before any token is sampled, so the rule stays non-anticipating.
-    :func:`hf_dspark.decoding.scheduling.single_request_prefix_length` is this rule with input checks.
-    """
-    length = min_tokens
-    expected = 1 + sum(survival[:length])
-    best = expected / round_seconds(length)
-    while length < len(survival) and survival[length] > 0:
-        candidate = (expected + survival[length]) / round_seconds(length + 1)
-        if not candidate > best:
-            break
-        best, expected, length = candidate, expected + survival[length], length + 1
-    return length
+def canonical_policy_name(name: str, warn: bool = True) -> str:
+    """``name``, or the registered name a deprecated one stands for (with a ``FutureWarning``)."""
+    if name in DEPRECATED_POLICY_NAMES:
+        new = DEPRECATED_POLICY_NAMES[name]
+        if warn:
+            warnings.warn(f"verification policy {name!r} is deprecated and will be removed in the next release; "
+                          f"use {new!r} (the same rule)", FutureWarning, stacklevel=3)
+        return new
+    return name
 
 
-def cost_length(survival: list[float], draft_seconds: float, verify_seconds, min_tokens: int = 1) -> int:
-    """The ``cost`` policy: :func:`prefix_length` with a round costing one drafter block plus one target
-    pass over the anchor and the ``L`` draft tokens (``verify_seconds(1 + L)``)."""
-    return prefix_length(survival, lambda length: draft_seconds + verify_seconds(1 + length),
-                         min(min_tokens, len(survival)))
-
-
-def check_ngram_settings(lookup_tokens: int, max_size: int, min_size: int) -> None:
-    """Raise ``ValueError`` unless ``lookup_tokens >= 0`` (0 = off) and ``1 <= min_size <= max_size``."""
-    if lookup_tokens < 0 or not 1 <= min_size <= max_size:
-        raise ValueError(
-            f"n-gram lookup settings ngram_lookup_tokens={lookup_tokens}, ngram_max_size={max_size}, "
-            f"ngram_min_size={min_size} are invalid: need ngram_lookup_tokens >= 0 (0 = off) and "
-            "1 <= ngram_min_size <= ngram_max_size."
+def verification_policy_class(name: str, runner: str | None = None) -> type[VerificationPolicy]:
+    """The registered class of ``name``; ``DSparkConfigError`` listing the registered names otherwise."""
+    cls = VERIFICATION_POLICY_MAPPING.get(canonical_policy_name(name) if isinstance(name, str) else name)
+    if cls is None:
+        raise DSparkConfigError(f"verification policy {name!r} is not registered; choose one of {policy_names()}")
+    if runner is not None and runner not in cls.runs_in:
+        raise DSparkConfigError(
+            f"verification policy {name!r} runs in the batched engine only; generate supports {policy_names(runner)}"
+            if runner == GENERATE else
+            f"verification policy {name!r} runs in generate only; the batched engine supports {policy_names(runner)}"
         )
+    return cls
 
 
-def fixed_ngram_tokens(value, block_size: int) -> int:
-    """A fixed n-gram copy length for code without a cost curve: ``"auto"`` copies one block."""
-    return block_size if value == "auto" else int(value or 0)
+# ----------------------------------------------------------------------------- the entries
+@register_verification_policy
+class AutoPolicy(VerificationPolicy):
+    """``cost`` when a cost model is known, else ``full``: in ``generate`` a latency curve of the target on
+    its device and dtype; in the engine (which measures its own round-time model) a confidence head."""
+
+    name = "auto"
+
+    def resolve(self, runner, cost_curve, confidence_head):
+        known = cost_curve if runner == GENERATE else confidence_head
+        cls = CostPolicy if known else FullPolicy
+        return cls(self.confidence_threshold, self.min_draft_tokens)
 
 
-def ngram_continuation(tokens: torch.Tensor, num_tokens: int, max_size: int = 3, min_size: int = 2) -> torch.Tensor | None:
-    """``num_tokens`` tokens that followed the latest earlier occurrence of the sequence's last n tokens.
+@register_verification_policy
+class FullPolicy(VerificationPolicy):
+    """Verify every proposed token."""
 
-    ``tokens`` is 1-D. Suffix n-grams are tried from ``max_size`` down to ``min_size``; the first
-    size with an earlier occurrence wins and its latest occurrence is used. The tokens between
-    that occurrence and the end of the sequence repeat with period ``d`` (the distance between
-    the two occurrences), so when they run out the continuation keeps repeating them: a loop is
-    proposed for the full length. ``None`` when no suffix n-gram occurred before.
-    """
-    found = ngram_match(tokens, num_tokens, max_size, min_size)
-    return None if found is None else found[0]
+    name = "full"
 
 
-def ngram_match(tokens: torch.Tensor, num_tokens: int, max_size: int = 3, min_size: int = 2):
-    """:func:`ngram_continuation` and the size of the suffix n-gram that matched: ``(tokens, size)`` or ``None``."""
-    length = tokens.shape[0]
-    if num_tokens <= 0:
-        return None
-    for size in range(min(max_size, length - 1), max(min_size, 1) - 1, -1):
-        windows = tokens[: length - 1].unfold(0, size, 1)  # every earlier n-gram, excluding the suffix itself
-        starts = (windows == tokens[length - size:]).all(dim=1).nonzero().flatten()
-        if starts.numel() == 0:
-            continue
-        begin = int(starts[-1]) + size
-        period = length - begin
-        return tokens[begin + torch.arange(num_tokens, device=tokens.device) % period], size
-    return None
+@register_verification_policy
+class ThresholdPolicy(VerificationPolicy):
+    """Cut at the first position whose calibrated prefix survival falls below ``confidence_threshold``."""
+
+    name = "threshold"
+    needs_confidence_head = True
+
+    def submit_length(self, survival, limit, round_seconds):
+        return threshold_length(survival, self.confidence_threshold, self.min_draft_tokens)
+
+    def verify_counts(self, planner, survival, limits, drafted_rows, do_sample, requests, proposed):
+        return [threshold_length(row, self.confidence_threshold, self.min_draft_tokens) if row else 0
+                for row in survival]
 
 
-class ProposalAcceptance:
-    """Running per-position acceptance of deterministic proposals (n-gram copies, block extensions).
+@register_verification_policy
+class CostPolicy(VerificationPolicy):
+    """The paper's hardware-aware prefix rule (Algorithm 1): verify what maximises the expected committed
+    tokens per second of the round.
 
-    ``record(submitted, accepted)`` after each verified proposal; position ``j`` was attempted when
-    every earlier one was accepted. :meth:`survival` estimates the probability that the first ``j``
-    proposed tokens are all accepted: per position, the observed conditional rate shrunk towards the
-    rate pooled over all positions (itself shrunk towards ``prior``), so a position seldom reached
-    borrows the pooled rate. Estimates come from finished rounds only, which keeps every length
-    chosen from them non-anticipating.
-    """
+    ``generate``: :func:`~scheduling_dspark.prefix_length` with a round costing the measured drafter block
+    plus ``T_verify(1 + L)`` of the latency curve (the whole block until the drafter was timed). The
+    engine: before drafting, the best allocation of the right-padded round on stale predictions decides who
+    drafts (``planner.cost_plan``); after, greedy decoding takes the best allocation over every width cap
+    (its output does not depend on the counts) and sampling walks the admission path with the early stop,
+    which exactness needs."""
 
-    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, shrink: float = 2.0):
-        self.prior, self.prior_weight, self.shrink = prior, prior_weight, shrink
-        self.attempted: list[int] = []
-        self.accepted: list[int] = []
+    name = "cost"
+    needs_confidence_head = True
+    DRAFT_BEYOND_PLAN = 1  # the search on current survival may go a little past the stale plan's widest row
 
-    def record(self, submitted: int, accepted: int) -> None:
-        accepted = max(0, min(accepted, submitted))
-        reached = min(accepted + 1, submitted)
-        if len(self.attempted) < reached:
-            grow = reached - len(self.attempted)
-            self.attempted += [0] * grow
-            self.accepted += [0] * grow
-        for j in range(reached):
-            self.attempted[j] += 1
-        for j in range(accepted):
-            self.accepted[j] += 1
+    def submit_length(self, survival, limit, round_seconds):
+        if round_seconds is None:  # no draft timing yet: verify the whole block once
+            return limit
+        return prefix_length(survival, round_seconds, min(self.min_draft_tokens, len(survival)))
 
-    def pooled_rate(self) -> float:
-        return (sum(self.accepted) + self.prior * self.prior_weight) / (sum(self.attempted) + self.prior_weight)
+    def draft_rows(self, planner, candidates, requests, limits, ngram_survival, now, stats):
+        return planner.cost_plan(candidates, requests, limits, ngram_survival, now, stats)
 
-    def survival(self, length: int, start: float = 1.0) -> list[float]:
-        """``[start * r_1, start * r_1 * r_2, ...]`` for ``length`` positions."""
-        pooled = self.pooled_rate()
-        out, alive = [], start
-        for j in range(length):
-            seen = self.attempted[j] if j < len(self.attempted) else 0
-            hits = self.accepted[j] if j < len(self.accepted) else 0
-            alive *= (hits + pooled * self.shrink) / (seen + self.shrink)
-            out.append(alive)
-        return out
+    def draft_length(self, planner, request, limit):
+        widest = max(planner.plan_counts, default=0)
+        return min(limit, widest + self.DRAFT_BEYOND_PLAN) if widest > 0 else limit  # else: a probe
+
+    def verify_counts(self, planner, survival, limits, drafted_rows, do_sample, requests, proposed):
+        cost = planner.cost()
+        seconds = cost.round_seconds(len(survival), 1 + planner.block_size,
+                                     sunk_draft_seconds=cost.drafter_seconds(drafted_rows))
+        if not do_sample:
+            return best_padded_allocation(survival, seconds)
+        return padded_schedule(survival, seconds, early_stop=True)
 
 
-def curve_tokens(points: list[tuple[int, float]]) -> int:
-    """The most tokens a verification pass of the latency curve was measured at."""
-    return max(n for n, _ in points)
+@register_verification_policy
+class AsyncPolicy(CostPolicy):
+    """The paper's production variant of ``cost`` (engine only): the plan runs on predictions two rounds old
+    and fixes who drafts, the budget ``K`` and a width cap; the current survival only ranks the candidates
+    and the top ``K`` are verified (:func:`~scheduling_dspark.top_k_prefix`; lossless, Appendix A)."""
+
+    name = "async"
+    runs_in = (ENGINE,)
+    prediction_lag = 2
+    DRAFT_BEYOND_PLAN = 0  # never verifies past the plan's widest request
+
+    def verify_counts(self, planner, survival, limits, drafted_rows, do_sample, requests, proposed):
+        return top_k_prefix(survival, sum(planner.plan_counts), max_count=max(planner.plan_counts, default=0))
 
 
-def copy_length(survival: list[float], round_seconds) -> int:
-    """Tokens worth submitting from a deterministic proposal: :func:`prefix_length` with at least one.
+@register_verification_policy
+class PlainPolicy(VerificationPolicy):
+    """No drafting and no n-gram rounds (engine only): plain continuous-batching decoding, the baseline of
+    ``hf-dspark bench-serve``."""
 
-    ``round_seconds(L)`` is the time of the round that verifies ``L`` proposed tokens."""
-    return prefix_length(survival, round_seconds, min(1, len(survival)))
+    name = "plain"
+    runs_in = (ENGINE,)
+    drafts = False
 
-
-def expected_rate(survival: list[float], seconds: float) -> float:
-    """Expected committed tokens per second of a round: ``(1 + sum(survival)) / seconds``."""
-    return (1.0 + sum(survival)) / max(seconds, 1e-12)
+    def draft_rows(self, planner, candidates, requests, limits, ngram_survival, now, stats):
+        return []
