@@ -66,40 +66,15 @@ output submits the tokens that followed them instead of a drafted block (n-gram 
 such a row, the acceptance n-gram proposals had so far at each position (a running estimate from
 past rounds only, so the cut stays non-anticipating).
 
-Ragged KV caches
-----------------
-After a round the rows have accepted different numbers of tokens, so their KV lengths differ,
-and ``DynamicCache.crop`` crops every row equally. We never crop. Every forward appends the
-same number of slots ``W`` to every row and :class:`RaggedSlots` records, per row and slot,
-whether the slot holds a committed token (``valid``) and that token's position. Slots of
-rejected drafts and of right-padding stay behind as garbage that no query can see, because
-each forward gets
-
-* explicit per-row ``position_ids`` that keep counting per row (a row's next token sits at
-  ``prompt length + generated tokens - 1``, whatever its slot index), and
-* an explicit 4-D mask built from the table: a query at position ``t`` sees the slots that are
-  valid and hold a position ``<= t`` (and ``> t - sliding_window`` in sliding-window layers),
-  plus its own slot (so padding queries always see something and stay finite).
-
-Keys are stored after RoPE, so where a slot sits in the cache does not matter, only the mask
-does. When garbage reaches :attr:`BatchedSpeculativeGenerator.compaction_slack` slots and a
-quarter of the cache, the valid slots of every row are gathered to the right (``compact``);
-leaving rows are dropped with ``index_select``; joining rows are left-padded to the running
-length. The drafter's context cache is handled by the same table (a drafter call over some of the
-rows works on a copy of their rows and merges the appended slots back, the other rows getting as
-many invalid slots). The caches live in :mod:`hf_dspark.decoding.ragged`.
-
-The target cache is a ``DynamicCache()`` built without a config: every layer is a plain
-``DynamicLayer`` that keeps all slots, including layers the model runs with a sliding window
-(a ``DynamicSlidingWindowLayer`` drops slots by count, which is wrong once garbage slots
-exist; the window is applied by the mask instead). Row selection, merging and compaction
-rewrite the layers' ``keys``/``values`` tensors. Masks are boolean for the ``sdpa`` attention
-implementation and additive for ``eager``; models with sliding-window layers get the mapping
-``{"full_attention": mask, "sliding_attention": mask}`` that transformers' models use as-is.
-
-The drafter runs batched over ragged contexts through ``DSparkDraftModel.backbone`` with an
-explicit mask (the same computation as ``draft_block``; ``tests/test_batched.py`` checks that
-the two agree row by row).
+The engine's parts
+------------------
+* :mod:`hf_dspark.decoding.admission`: requests entering (queue, batched prefill) and leaving the batch;
+* :mod:`hf_dspark.decoding.batched_drafting`: the drafter's batched call over ragged contexts;
+* :mod:`hf_dspark.decoding.target_pass`: the target's verification pass over ragged KV caches, the
+  verification of every row, and the rollback of rejected slots;
+* :mod:`hf_dspark.decoding.round_plan` and the policy registry: who drafts and how much is verified;
+* :mod:`hf_dspark.decoding.engine_config`: what the engine reads from its ``DSparkGenerationConfig``.
+This module holds the engine itself: its settings and the round that ties the parts together.
 """
 
 from __future__ import annotations
@@ -112,23 +87,21 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessorList
 
-from hf_dspark.decoding.batch_requests import SamplingSettings, SpeculativeRequest, checked_prompt, prefill_groups
+from hf_dspark.decoding.admission import RequestAdmission
+from hf_dspark.decoding.batch_requests import SamplingSettings, SpeculativeRequest
+from hf_dspark.decoding.batched_drafting import BatchedDrafting
+from hf_dspark.decoding.engine_config import SAMPLING_FIELDS, engine_generation_config, engine_settings, warn_deprecated
+from hf_dspark.decoding.engine_target import SCHEDULERS, attention_settings, check_engine_arguments
+from hf_dspark.decoding.ngram_rounds import NgramRounds
+from hf_dspark.decoding.packing import position_wise_modules
+from hf_dspark.decoding.ragged import DraftKV, PendingFeatures, RaggedSlots, TargetKV, ragged_causal_mask
+from hf_dspark.decoding.round_cost import RoundCost
+from hf_dspark.decoding.round_plan import RoundPlanner
+from hf_dspark.decoding.target_pass import TargetVerification
 from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
 from hf_dspark.models.dspark.policies_dspark import CostPolicy
 from hf_dspark.models.dspark.verify_head_dspark import activate_verify_head
-from hf_dspark.models.dspark.warpers_dspark import VOCAB_LOCAL_WARPERS, fuse_top_k_top_p
-from hf_dspark.models.dspark.modeling_dspark import DSparkDraftCache
-from hf_dspark.decoding.packing import position_wise_modules, real_slots_only
-from hf_dspark.decoding.ragged import PendingFeatures, RaggedSlots, _DraftKV, _TargetKV, ragged_causal_mask
-from hf_dspark.decoding.engine_config import (
-    SAMPLING_FIELDS, engine_generation_config, engine_settings, sampling_settings, warn_deprecated,
-)
-from hf_dspark.decoding.engine_target import SCHEDULERS, attention_settings, check_engine_arguments
-from hf_dspark.decoding.round_cost import RoundCost, measure_seconds, token_seconds
-from hf_dspark.decoding.round_plan import RoundPlanner
-from hf_dspark.decoding.ngram_rounds import NgramRounds
-from hf_dspark.decoding.verification import verify_rows_greedy, verify_rows_sampled
-from hf_dspark.errors import EngineRequestError
+from hf_dspark.models.dspark.warpers_dspark import fuse_top_k_top_p
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +118,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------
-class BatchedSpeculativeGenerator:
+class BatchedSpeculativeGenerator(RequestAdmission, BatchedDrafting, TargetVerification):
     """Continuous-batching speculative decoding of ``target`` with a DSpark ``draft``.
 
     Args:
@@ -179,12 +152,12 @@ class BatchedSpeculativeGenerator:
 
     Typical use: ``generate(prompts, max_new_tokens)``; or the step API: ``add_request(...)`` (any time),
     ``step()`` until ``has_unfinished()`` is False, ``pop(request_id)``.
-    """
 
-    # Compact a cache once its garbage slots reach both this many slots and this fraction of its length.
-    compaction_slack = 16
-    compaction_fraction = 0.25
-    _PAD_ID = 0  # fills right-padding in prefill batches: any in-vocabulary id, the mask hides it
+    The engine's parts are its bases: :class:`~hf_dspark.decoding.admission.RequestAdmission` (the queue and
+    the batch's membership), :class:`~hf_dspark.decoding.batched_drafting.BatchedDrafting` (the drafter's
+    call) and :class:`~hf_dspark.decoding.target_pass.TargetVerification` (the target's pass, verification
+    and rollback); this class holds the settings and runs the round.
+    """
 
     def __init__(
         self,
@@ -320,92 +293,6 @@ class BatchedSpeculativeGenerator:
     _forward_seconds = 0.0  # the last verification forward's own time (for the time model)
 
     @torch.no_grad()
-    def _time_padding(self, rows: int = 4, width: int = 8) -> float:
-        """How much less a padding slot of a round costs than a real one (seconds, >= 0): the same
-        forward timed with every slot real and with one real slot per row (fastest of 5 each), capped
-        at the profile's cost of one more real token per row."""
-        ids = torch.full((rows, width), self._PAD_ID, dtype=torch.long, device=self.device)
-        positions = torch.arange(width, device=self.device).expand(rows, -1)
-
-        def forward(valid):
-            return lambda: self._target_forward(_TargetKV(rows, self.device), ids, positions, valid, logits_for=valid)
-
-        every, first = positions >= 0, positions == 0
-        saved = (measure_seconds(forward(every), device=self.device)
-                 - measure_seconds(forward(first), device=self.device)) / (rows * (width - 1))
-        return max(min(saved, token_seconds(self.latency_profile)), 0.0)
-
-    @torch.no_grad()
-    def _time_drafter(self, rows: int, context: int = 4) -> float:
-        """Time of one drafter call for ``rows`` requests (``context`` new features each; fastest of 5)."""
-        draft, K = self.draft, self.block_size
-        features = torch.randn(rows, context, draft.config.context_size, device=self.device)
-        anchors = torch.full((rows,), self._PAD_ID, dtype=torch.long, device=self.device)
-        positions = torch.arange(context, device=self.device).expand(rows, -1)
-        block_pos = context + torch.arange(K, device=self.device).expand(rows, -1)
-
-        def call():
-            hidden = draft.backbone(draft.embed(draft.block_input_ids(anchors)), block_pos,
-                                     draft.project_context(features), positions, None, DSparkDraftCache(
-                                         draft.config.num_hidden_layers))
-            _, _, confidence = draft.sample_block(draft.compute_logits(hidden), hidden, anchors,
-                                                  choose=self._chooser([]), num_tokens=K)
-            if confidence is not None:
-                torch.cumprod(draft.calibrated_confidence(confidence).float(), dim=-1).tolist()
-
-        return measure_seconds(call, device=self.device)
-
-    # ---------------------------------------------------------------- requests
-    def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
-                    eos_token_id: int | Sequence[int] | None = None, reference: Sequence[int] | None = None) -> int:
-        """Queue a request; it joins the batch at the next ``step()`` with room. Returns its id.
-
-        ``eos_token_id=None`` uses ``target.generation_config.eos_token_id`` (as ``generate`` does).
-        ``reference``: the target's greedy output for this prompt, which the ``oracle`` policy schedules by."""
-        prompt = self._checked_prompt(prompt_ids, "prompt_ids")
-        self._check_reference(reference)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise EngineRequestError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
-        if eos_token_id is None:
-            eos_token_id = getattr(self.target.generation_config, "eos_token_id", None)
-        eos = frozenset() if eos_token_id is None else frozenset(
-            [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
-        )
-        request = SpeculativeRequest(self._next_id, prompt, max_new_tokens, eos, added_at=time.perf_counter(),
-                                     reference=None if reference is None else [int(t) for t in reference])
-        self._next_id += 1
-        self._requests[request.request_id] = request
-        if max_new_tokens == 0:
-            request.finish_reason = "length"
-            request.started_at = request.finished_at = request.added_at
-        else:
-            self._queue.append(request)
-        return request.request_id
-
-    def _check_reference(self, reference) -> None:
-        if self.policy.needs_reference and reference is None:
-            raise ValueError(
-                f"verification_policy={self.policy.name!r}: add_request needs reference=, the target's greedy output "
-                "for this prompt (e.g. the new tokens of target.generate(..., do_sample=False))"
-            )
-
-    def _checked_prompt(self, prompt_ids, name: str) -> list[int]:
-        return checked_prompt(prompt_ids, self.target.get_input_embeddings().num_embeddings, name)
-
-    def has_unfinished(self) -> bool:
-        return bool(self._active or self._queue)
-
-    def request(self, request_id: int) -> SpeculativeRequest:
-        return self._requests[request_id]
-
-    def pop(self, request_id: int) -> SpeculativeRequest:
-        """Remove a finished request from the engine and return it."""
-        request = self._requests[request_id]
-        if not request.finished:
-            raise ValueError(f"request {request_id} has not finished yet")
-        return self._requests.pop(request_id)
-
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
@@ -436,21 +323,6 @@ class BatchedSpeculativeGenerator:
             self.cancel_all()
             raise
         return [self.pop(i).output_ids for i in ids]
-
-    def cancel_all(self, reason: str = "cancelled") -> list[SpeculativeRequest]:
-        """Drop every request in flight (queued or in the batch) and return them, finished with ``reason``.
-
-        ``step()`` calls it with ``"error"`` when a round fails half-way, since the caches of the rows in
-        the batch no longer match their requests; requests added afterwards decode normally."""
-        dropped = [*self._active, *self._queue]
-        now = time.perf_counter()
-        for request in dropped:
-            request.finish_reason = reason
-            request.finished_at = now
-            self._requests.pop(request.request_id, None)
-        self._active, self._queue = [], deque()
-        self._reset_state()
-        return dropped
 
     # ---------------------------------------------------------------- one round
     def step(self) -> list[SpeculativeRequest]:
@@ -510,8 +382,8 @@ class BatchedSpeculativeGenerator:
         return finished
 
     def _reset_state(self) -> None:
-        self._target_kv = _TargetKV(0, self.device)
-        self._draft_kv = _DraftKV(0, self.device, self.draft.config.num_hidden_layers)
+        self._target_kv = TargetKV(0, self.device)
+        self._draft_kv = DraftKV(0, self.device, self.draft.config.num_hidden_layers)
         dtype = next(self.target.parameters()).dtype
         # target features of committed tokens the drafter has not read yet
         self._pending = PendingFeatures.empty(0, self.draft.config.context_size, dtype, self.device)
@@ -544,253 +416,7 @@ class BatchedSpeculativeGenerator:
             self.ngram.keep(self.planner.plan_counts)
         return draft_rows
 
-    # ---------------------------------------------------------------- drafting
-    def _draft(self, draft_rows: list[int], limits: list[int]):
-        """One batched drafter call over ``draft_rows`` (ragged contexts, with any features they missed
-        while not drafting), then the Markov loop.
-
-        Returns, for every active row: draft tokens [rows, n] (zeros for rows that did not draft), their
-        sampling distributions (a list with one [n_r, V] tensor per drafted row, None elsewhere; None when
-        greedy), the prefix survival of each row (empty for rows that did not draft) and the most draft
-        tokens each row may verify (0 for rows that did not draft)."""
-        rows = len(self._active)
-        drafted_limits = [0] * rows
-        for row in draft_rows:
-            drafted_limits[row] = self.planner.draft_length(limits[row], self._active[row])
-        n = max(drafted_limits, default=0)
-        empty_probs = None if not self.sampling.do_sample else [None] * rows
-        if not draft_rows or n == 0:
-            return torch.zeros(rows, 0, dtype=torch.long, device=self.device), empty_probs, [[] for _ in range(rows)], drafted_limits
-        draft, K = self.draft, self.block_size
-        every_row = len(draft_rows) == rows
-        index = torch.tensor(draft_rows, dtype=torch.long, device=self.device)
-        kv = self._draft_kv if every_row else self._draft_kv.subset(index)
-        pending = self._pending if every_row else self._pending.select(index)
-        requests = [self._active[row] for row in draft_rows]
-        m = len(requests)
-        anchors = torch.tensor([r.anchor for r in requests], device=self.device)
-        anchor_pos = torch.tensor([r.anchor_position for r in requests], device=self.device)
-
-        context = context_pos = None
-        slots_after = kv.slots
-        width = int(pending.lengths.max()) if m else 0
-        if width > 0:
-            features = pending.features[:, :width]
-            offsets = torch.arange(width, device=self.device)
-            context_valid = offsets < pending.lengths[:, None]
-            context_pos = (anchor_pos - pending.lengths)[:, None] + offsets  # the tokens just before the anchor
-            context = draft.project_context(features)
-            slots_after = slots_after.append(context_valid, context_pos)
-        mask = None
-        if slots_after.length > 0:
-            # block queries see every committed context row of their own request, and the whole block
-            block = torch.ones(m, K, K, dtype=torch.bool, device=self.device)
-            mask = torch.cat([slots_after.valid[:, None, :].expand(m, K, -1), block], -1)[:, None]
-        block_pos = anchor_pos[:, None] + torch.arange(K, device=self.device)
-        hidden = draft.backbone(draft.embed(draft.block_input_ids(anchors)), block_pos, context, context_pos, mask,
-                                 kv.cache)
-        kv.slots = slots_after
-        if not every_row:
-            self._draft_kv.merge_subset(index, kv)
-        self._pending.consume(index)
-
-        probs: list[torch.Tensor] = []
-        hidden = hidden[:, :n]  # the block is drafted whole; the LM head and Markov loop run only where needed
-        sub_tokens, _, confidence = draft.sample_block(draft.compute_logits(hidden), hidden, anchors,
-                                                       choose=self._chooser(probs), num_tokens=n)
-        tokens = sub_tokens if every_row else sub_tokens.new_zeros(rows, n).index_copy_(0, index, sub_tokens)
-        survival = [[] for _ in range(rows)]
-        if confidence is not None:
-            predicted = torch.cumprod(draft.calibrated_confidence(confidence).float(), dim=-1).tolist()
-            for row, request, values in zip(draft_rows, requests, predicted):
-                survival[row] = values
-                self.planner.record(request, self.stats["rounds"], values)
-        draft_probs = empty_probs
-        if probs:
-            stacked = torch.stack(probs, dim=1)  # [m, n, V]
-            for i, row in enumerate(draft_rows):
-                draft_probs[row] = stacked[i]
-        return tokens, draft_probs, survival, drafted_limits
-
-    def _chooser(self, probs_out: list):
-        """Markov-loop choice: greedy argmax over the draft vocabulary, or a draw from the draft logits
-        processed by the target's warpers, whose exact distribution over the full vocabulary is kept for
-        verification. With a reduced draft vocabulary and only vocabulary-local warpers (temperature,
-        top-k, top-p, min-p) the warpers and the softmax run on the draft vocabulary and the result is
-        scattered over the full one: the same distribution as warping the full vocabulary with -inf
-        outside the draft vocabulary, without warping 262k scores per position (Gemma 3)."""
-        if not self.sampling.do_sample:
-            return None
-        draft, vocab = self.draft, self.draft.config.vocab_size
-        d2t, t2d = draft.draft_to_target, draft.target_to_draft_table()
-        draft_space = d2t is not None and all(type(w) in VOCAB_LOCAL_WARPERS for w in self._warpers)
-
-        def choose(logits_k: torch.Tensor, k: int):
-            scores = logits_k.float()
-            if draft_space:
-                p_draft = torch.softmax(self._warpers(None, scores), dim=-1)
-                draft_ids = torch.multinomial(p_draft, 1, generator=self._generator).squeeze(-1)
-                probs_out.append(p_draft.new_zeros(p_draft.shape[0], vocab).index_copy_(1, d2t, p_draft))
-                return draft_ids, scores
-            if d2t is not None:
-                scores = scores.new_full((scores.shape[0], vocab), float("-inf")).index_copy_(1, d2t, scores)
-            scores = self._warpers(None, scores)
-            p = torch.softmax(scores, dim=-1)
-            token = torch.multinomial(p, 1, generator=self._generator).squeeze(-1)
-            probs_out.append(p)
-            return (token if t2d is None else t2d[token]), scores
-
-        return choose
-
     # ---------------------------------------------------------------- scheduling (after the drafter ran)
     def _schedule(self, survival, limits: list[int], drafted_rows: int = 0, tokens=None) -> list[int]:
         """Draft tokens each request verifies (:meth:`hf_dspark.decoding.round_plan.RoundPlanner.schedule`)."""
         return self.planner.schedule(survival, limits, drafted_rows, self.sampling.do_sample, self._active, tokens)
-
-    # ---------------------------------------------------------------- verification
-    def _verify_forward(self, tokens: torch.Tensor, counts: list[int]):
-        """Score ``[anchor, x_1 .. x_l]`` of every row in one target forward (right-padded); logits come
-        back for the real tokens only, packed row after row ([sum(1 + counts), V])."""
-        width = 1 + max(counts)
-        # the round's per-row values reach the device in one copy: anchor, its position, the count
-        packed = torch.tensor([[r.anchor, r.anchor_position, count] for r, count in zip(self._active, counts)],
-                              device=self.device)
-        ids = packed[:, :1] if width == 1 else torch.cat([packed[:, :1], tokens[:, : width - 1]], 1)
-        offsets = torch.arange(width, device=self.device)
-        positions = packed[:, 1:2] + offsets
-        valid = offsets < 1 + packed[:, 2:3]  # columns past a row's count are padding (masked)
-        first_new_slot = self._target_kv.slots.length
-        start = time.perf_counter()
-        logits, features = self._target_forward(self._target_kv, ids, positions, valid, logits_for=valid,
-                                                padded=min(counts) < max(counts))
-        self._forward_seconds = time.perf_counter() - start
-        return logits, features, first_new_slot
-
-    def _target_forward(self, kv: _TargetKV, input_ids, positions, query_valid, logits_for=None, padded=True):
-        """One target pass appending ``W`` slots per row; returns (logits of the ``logits_for`` slots,
-        packed [N, V], or None; selected features [rows, W, C], or None for the plain scheduler).
-
-        The LM head only sees the hidden states of the ``logits_for`` slots (a prefill needs none) and
-        the target's per-slot layers only its ``query_valid`` slots
-        (:func:`hf_dspark.decoding.packing.real_slots_only`): padding costs attention only. ``padded=False``
-        says the caller knows every slot is real."""
-        masks = self._attention_masks(kv.slots, query_valid, positions)
-        keep = query_valid.new_zeros(query_valid.shape) if logits_for is None else logits_for
-        # ``padded=False`` (known on the host): no padding slot to skip, and no mask to read back
-        real = query_valid if padded else None
-        with real_slots_only(self.target.get_output_embeddings(), keep, real, self._position_wise):
-            out = self.target(
-                input_ids=input_ids, attention_mask=masks, position_ids=positions, cache=kv.cache, use_cache=True,
-                output_hidden_states=self.hidden_state_ids if self.policy.drafts else None, logits_to_keep=0,
-            )
-        kv.slots = kv.slots.append(query_valid, positions)
-        features = None
-        if self.policy.drafts:
-            features = torch.cat([out.hidden_states[i] for i in self.hidden_state_ids], dim=-1)
-        return (out.logits[0] if logits_for is not None else None), features
-
-    def _attention_masks(self, slots: RaggedSlots, query_valid, positions):
-        full = ragged_causal_mask(slots, query_valid, positions)
-        sliding = ragged_causal_mask(slots, query_valid, positions, self._sliding_window) if self._sliding_window else full
-        if not self._boolean_mask:
-            dtype = next(self.target.parameters()).dtype
-            lowest = torch.finfo(dtype).min
-            full, sliding = (torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, lowest) for m in (full, sliding))
-        if self._layer_types is not None:
-            return {"full_attention": full, "sliding_attention": sliding}
-        return sliding if self._sliding_window else full
-
-    PREFILL_PADDING_SLACK = 0.25  # see batch_requests.prefill_groups
-    PREFILL_MIN_TOKENS = 256
-
-    def _admit(self) -> None:
-        """Prefill queued requests (all but their last prompt token) and add them to the batch."""
-        room = self.max_batch_size - len(self._active)
-        joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-        lengths = [len(r.prompt_ids) - 1 for r in joining]
-        for group in prefill_groups(lengths, self.PREFILL_PADDING_SLACK, self.PREFILL_MIN_TOKENS):
-            self._prefill([joining[i] for i in group])
-
-    def _prefill(self, joining: list[SpeculativeRequest]) -> None:
-        start = time.perf_counter()
-        lengths = torch.tensor([len(r.prompt_ids) - 1 for r in joining], device=self.device)
-        width = int(lengths.max())
-        kv = _TargetKV(len(joining), self.device)
-        joined = PendingFeatures.empty(len(joining), self._pending.features.shape[2], self._pending.features.dtype,
-                                       self.device)
-        if width > 0:
-            ids = torch.full((len(joining), width), self._PAD_ID, dtype=torch.long, device=self.device)
-            for row, request in enumerate(joining):
-                ids[row, : len(request.prompt_ids) - 1] = torch.tensor(request.prompt_ids[:-1], device=self.device)
-            positions = torch.arange(width, device=self.device).expand(len(joining), -1)
-            valid = positions < lengths[:, None]
-            _, features = self._target_forward(kv, ids, positions, valid)
-            if features is not None:
-                joined = PendingFeatures(features.to(joined.features.dtype), lengths)
-        self._target_kv.extend(kv)
-        self._draft_kv.extend(_DraftKV(len(joining), self.device, self.draft.config.num_hidden_layers))
-        self._pending = self._pending.extend(joined)
-        now = time.perf_counter()
-        for request in joining:
-            request.anchor = request.prompt_ids[-1]
-            request.anchor_position = len(request.prompt_ids) - 1
-            request.started_at = now
-        self._active.extend(joining)
-        self.stats["prefill_seconds"] += now - start
-        self.stats["prefill_forwards"] += width > 0
-
-    def _accept(self, tokens, draft_probs, logits, features, counts, first_new_slot) -> list[SpeculativeRequest]:
-        """Verify every row (:mod:`hf_dspark.decoding.verification`), commit the results, keep the slots and
-        target features of the committed tokens."""
-        width, count_tensor = 1 + max(counts), torch.tensor(counts, device=self.device)
-        if self.sampling.do_sample:
-            target_probs = torch.softmax(self._warpers(None, logits.float()), dim=-1)
-            accepted, next_tokens = verify_rows_sampled(tokens, draft_probs, target_probs, counts, self._generator)
-            n_kept = 1 + torch.tensor(accepted, device=self.device)
-        else:
-            kept, chosen = verify_rows_greedy(tokens[:, : width - 1], logits, count_tensor)
-            n_kept = 1 + kept
-            accepted, next_tokens = kept.tolist(), chosen.tolist()
-        token_lists = tokens[:, : width - 1].tolist() if width > 1 else [[] for _ in counts]
-        finished, now, stats, ngram_rows = [], time.perf_counter(), self.stats, self.ngram.rows
-        for row, request in enumerate(self._active):
-            n_accepted, next_token = accepted[row], next_tokens[row]
-            committed = request._commit(token_lists[row][:n_accepted] + [next_token])
-            if request.first_token_at is None and committed:
-                request.first_token_at = now
-            request.submitted.append(counts[row])
-            request.accepted.append(n_accepted)
-            request.committed.append(committed)
-            request.anchor = next_token
-            request.anchor_position += 1 + n_accepted
-            if ngram_rows and ngram_rows[row]:
-                self.ngram.record(counts[row], n_accepted)
-            stats["accepted_histogram"][n_accepted] += 1
-            stats["committed_tokens"] += committed
-            if request.finished:
-                request.finished_at = now
-                finished.append(request)
-        stats["accepted_draft_tokens"] += sum(accepted)
-        if len(set(accepted)) > 1:
-            stats["ragged_rounds"] += 1  # rows kept different numbers of slots this round
-        if width > 1:  # the anchor and the accepted drafts are committed: keep their slots, drop the rest
-            keep = torch.arange(width, device=self.device)[None, :] < n_kept[:, None]
-            self._target_kv.slots.valid[:, first_new_slot:] &= keep
-        # their target features are the drafter's context when the row drafts next
-        if features is not None:
-            self._pending.append(features, n_kept)
-        return finished
-
-    def _retire(self, finished: list[SpeculativeRequest]) -> None:
-        if finished:
-            keep = [row for row, r in enumerate(self._active) if not r.finished]
-            rows = torch.tensor(keep, dtype=torch.long, device=self.device)
-            for kv in (self._target_kv, self._draft_kv):
-                kv.keep_rows(rows)
-            self._pending = self._pending.select(rows)
-            self._active = [self._active[row] for row in keep]
-        for kv in (self._target_kv, self._draft_kv):
-            garbage = kv.slots.garbage()
-            if garbage > 0 and garbage >= max(self.compaction_slack, self.compaction_fraction * kv.slots.length):
-                kv.compact()
-                self.stats["compactions"] += 1

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from hf_dspark.models.dspark.modeling_dspark import DSparkDraftCache
 
-__all__ = ["RaggedSlots", "ragged_causal_mask"]
+__all__ = ["RaggedSlots", "ragged_causal_mask", "PendingFeatures", "TargetKV", "DraftKV"]
 
 class RaggedSlots:
     """Bookkeeping of a ragged KV cache: ``valid[r, s]`` says whether slot ``s`` of row ``r`` holds
@@ -154,7 +154,7 @@ class _RaggedKV:
         self.slots = RaggedSlots(self.slots.valid.gather(1, index), self.slots.positions.gather(1, index))
 
 
-class _TargetKV(_RaggedKV):
+class TargetKV(_RaggedKV):
     """The target's cache: a config-less ``DynamicCache`` (full ``DynamicLayer`` everywhere)."""
 
     def __init__(self, rows: int, device):
@@ -162,7 +162,7 @@ class _TargetKV(_RaggedKV):
         self.cache = DynamicCache()
 
     def _empty(self, rows):
-        return _TargetKV(rows, self.slots.valid.device)
+        return TargetKV(rows, self.slots.valid.device)
 
     def tensors(self):
         layers = self.cache.layers
@@ -179,7 +179,7 @@ class _TargetKV(_RaggedKV):
             layer.keys, layer.values = keys, values
 
 
-class _DraftKV(_RaggedKV):
+class DraftKV(_RaggedKV):
     """The drafter's context cache (``DSparkDraftCache``)."""
 
     def __init__(self, rows: int, device, num_layers: int):
@@ -187,7 +187,7 @@ class _DraftKV(_RaggedKV):
         self.cache = DSparkDraftCache(num_layers)
 
     def _empty(self, rows):
-        return _DraftKV(rows, self.slots.valid.device, len(self.cache.keys))
+        return DraftKV(rows, self.slots.valid.device, len(self.cache.keys))
 
     def tensors(self):
         if self.cache.keys[0] is None:
