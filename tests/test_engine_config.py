@@ -23,13 +23,10 @@ PROMPTS = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 3, 9, 3, 9], [40, 41]]
 
 
 @pytest.fixture(scope="module")
-def qwen():
-    return tiny_qwen3_target()
-
-
-@pytest.fixture(scope="module")
-def draft(qwen):
-    return tiny_drafter(qwen)
+def models():
+    """A tiny Qwen3 target and an untrained drafter for it (greedy outputs are still the target's)."""
+    target = tiny_qwen3_target()
+    return target, tiny_drafter(target)
 
 
 def decoding_stats(engine) -> dict:
@@ -51,7 +48,8 @@ def test_the_config_is_public_and_one_registry_holds_every_policy_and_schedule()
         DSparkGenerationConfig(verification_policy="fastest")
 
 
-def test_a_registered_policy_is_usable_by_name(qwen, draft):
+def test_a_registered_policy_is_usable_by_name(models):
+    qwen, draft = models
     @register_verification_policy
     class FirstTokenPolicy(VerificationPolicy):
         name = "first_token_test"
@@ -68,7 +66,8 @@ def test_a_registered_policy_is_usable_by_name(qwen, draft):
         del VERIFICATION_POLICY_MAPPING["first_token_test"]
 
 
-def test_the_engine_reads_sampling_policy_and_ngram_settings_from_the_config(qwen, draft):
+def test_the_engine_reads_sampling_policy_and_ngram_settings_from_the_config(models):
+    qwen, draft = models
     config = DSparkGenerationConfig(verification_policy="threshold", confidence_threshold=0.8, do_sample=True,
                                     temperature=0.7, top_k=5, ngram_lookup_tokens=3, ngram_max_size=2,
                                     ngram_min_size=1, fast_verify_head=False)
@@ -95,7 +94,8 @@ def test_the_engine_reads_sampling_policy_and_ngram_settings_from_the_config(qwe
      dict(verification_policy="full", ngram_lookup_tokens=3, ngram_max_size=2, ngram_min_size=1)),
     (dict(scheduler="full", fast_verify_head=False), dict(verification_policy="full", fast_verify_head=False)),
 ])
-def test_each_deprecated_constructor_argument_warns_and_decodes_the_same(qwen, draft, old, new):
+def test_each_deprecated_constructor_argument_warns_and_decodes_the_same(models, old, new):
+    qwen, draft = models
     prompts = PROMPTS + repetitive_prompts()[:1]
     with pytest.warns(FutureWarning) as caught:
         before = BatchedSpeculativeGenerator(qwen, draft, max_batch_size=3, **old)
@@ -107,7 +107,8 @@ def test_each_deprecated_constructor_argument_warns_and_decodes_the_same(qwen, d
     assert decoding_stats(before) == decoding_stats(after)
 
 
-def test_the_old_positional_scheduler_and_the_algorithm1_name_warn_and_run_cost(qwen, draft):
+def test_the_old_positional_scheduler_and_the_algorithm1_name_warn_and_run_cost(models):
+    qwen, draft = models
     with pytest.warns(FutureWarning, match=r"scheduler=\.\.\.\) is deprecated"):
         positional = BatchedSpeculativeGenerator(qwen, draft, "full", None, 3)
     assert positional.policy.name == "full" and positional.max_batch_size == 3
@@ -121,7 +122,8 @@ def test_the_old_positional_scheduler_and_the_algorithm1_name_warn_and_run_cost(
     assert decoding_stats(old) == decoding_stats(cost)
 
 
-def test_set_sampling_warns_and_samples_as_the_config_does(qwen, draft):
+def test_set_sampling_warns_and_samples_as_the_config_does(models):
+    qwen, draft = models
     before = BatchedSpeculativeGenerator(qwen, draft, DSparkGenerationConfig(verification_policy="full"))
     with pytest.warns(FutureWarning, match=r"set_sampling\(\) is deprecated"):
         before.set_sampling(do_sample=True, temperature=0.7, top_k=5, seed=3)
@@ -139,7 +141,8 @@ def test_set_sampling_warns_and_samples_as_the_config_does(qwen, draft):
         greedy.generate(PROMPTS, 2, do_sample=True)
 
 
-def test_a_plain_transformers_generation_config_gives_its_sampling_settings(qwen, draft):
+def test_a_plain_transformers_generation_config_gives_its_sampling_settings(models):
+    qwen, draft = models
     from transformers import GenerationConfig
 
     engine = BatchedSpeculativeGenerator(qwen, draft, GenerationConfig(do_sample=True, top_p=0.9))
