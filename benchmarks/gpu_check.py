@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hf_dspark import DSparkDraftModel  # noqa: E402
+from hf_dspark import DSparkDraftModel, DSparkGenerationConfig  # noqa: E402
 from hf_dspark.commands.bench_oracle import benchmark_oracle, fresh_drafter, machine_info  # noqa: E402
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator  # noqa: E402
 from hf_dspark.evaluation.measure import greedy_divergence  # noqa: E402
@@ -187,7 +187,7 @@ def check_engine_fp32(device, quick):
     ps = [p[0].tolist() for p in prompts(4 if quick else 8, device)]
     plain = [target.generate(torch.tensor([p], device=device), max_new_tokens=32, do_sample=False)[0, len(p):].tolist()
              for p in ps]
-    engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=4)
+    engine = BatchedSpeculativeGenerator(target, draft, DSparkGenerationConfig(verification_policy="full"), max_batch_size=4)
     out = engine.generate(ps, max_new_tokens=32)
     engine.close()
     same = sum(a == b for a, b in zip(out, plain))
@@ -297,7 +297,7 @@ def check_host_syncs(device, quick):
         rounds = draft.last_generation_stats["rounds"]
         out[name] = {"syncs": counted["syncs"], "rounds": rounds, "per_round": counted["syncs"] / max(rounds, 1),
                      "method": counted["method"]}
-    engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=4)
+    engine = BatchedSpeculativeGenerator(target, draft, DSparkGenerationConfig(verification_policy="full"), max_batch_size=4)
     ps = [p[0].tolist() for p in prompts(4, device)]
     engine.generate(ps, max_new_tokens=8)
     with count_syncs(device) as counted:
