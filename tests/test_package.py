@@ -220,11 +220,6 @@ def test_no_library_module_imports_the_trainer():
 # Private names still crossing modules; each entry is "importing file: the private name". The test fails on an
 # entry that no longer occurs, so this set only shrinks.
 PENDING_PRIVATE_IMPORTS = {
-    # being fixed by the modeling/config split (models/dspark/generation_dspark.py and
-    # modeling_dspark*.py are being split along their concepts)
-    "hf_dspark/models/dspark/generation_dspark.py: hf_dspark.models.dspark.generation_config_dspark._key_place",
-    "hf_dspark/models/dspark/generation_dspark.py: hf_dspark.models.dspark.generation_config_dspark._target_place",
-    "hf_dspark/models/dspark/generation_dspark.py: hf_dspark.models.dspark.generation_config_dspark._warn_once",
     # the commands' private argument module, used outside its package: being rebuilt from shared argument
     # dataclasses (issue 32, item 4)
     "hf_dspark/cli.py: hf_dspark.commands._args",

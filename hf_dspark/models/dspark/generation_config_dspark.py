@@ -106,13 +106,14 @@ _WARNED: set[str] = set()
 LATENCY_SOURCES: list = []
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """``warnings.warn(message)`` the first time this process sees ``message`` (pointed at the caller's caller)."""
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=3)
 
 
-def _key_place(key: str | None) -> str:
+def key_place(key: str | None) -> str:
     """``device_type/dtype`` of a ``LatencyProfile.key`` ("model|dtype|device|threads=..|ctx=..")."""
     parts = (key or "").split("|")
     if len(parts) < 3:
@@ -120,7 +121,8 @@ def _key_place(key: str | None) -> str:
     return f"{parts[2].split(':')[0]}/{parts[1]}"
 
 
-def _target_place(target_model) -> str:
+def target_place(target_model) -> str:
+    """``device_type/dtype`` where ``target_model`` computes its logits (its LM head, else its first parameter)."""
     head = target_model.get_output_embeddings() if hasattr(target_model, "get_output_embeddings") else None
     weight = next(iter(head.parameters()), None) if head is not None else None
     weight = weight if weight is not None else next(target_model.parameters())
@@ -130,7 +132,7 @@ def _target_place(target_model) -> str:
 
 def latency_table_fits(key: str | None, target_model) -> bool:
     """A table without a key (set by hand, or saved before keys were kept) is trusted as before."""
-    return key is None or _key_place(key) == _target_place(target_model)
+    return key is None or key_place(key) == target_place(target_model)
 
 
 # ----------------------------------------------------------------------------- statistics

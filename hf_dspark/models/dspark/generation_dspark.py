@@ -85,9 +85,9 @@ from .generation_config_dspark import (  # noqa: F401  (re-exported)
     POLICIES,
     DSparkGenerationConfig,
     DSparkGenerationStats,
-    _key_place,
-    _target_place,
-    _warn_once,
+    key_place,
+    target_place,
+    warn_once,
     check_dspark_generation_setting,
     default_dspark_generation_config,
     latency_table_fits,
@@ -304,9 +304,9 @@ class DSparkCandidateGenerator(CandidateGenerator):
                     return latency_points(found), refused
         if refused:
             # a table measured on another device or dtype would pick verification lengths for other costs
-            place = _target_place(target_model)
-            _warn_once(
-                f"the drafter's latency_table was measured on {_key_place(key)}, but the target runs on {place}: "
+            place = target_place(target_model)
+            warn_once(
+                f"the drafter's latency_table was measured on {key_place(key)}, but the target runs on {place}: "
                 f"it is not used (verification_policy {policy!r} -> 'full'). Profile this setup: hf-dspark profile "
                 f"--target ... --device {place.split('/')[0]} --dtype {place.split('/')[1]}"
             )
