@@ -103,7 +103,7 @@ NAMED = [
     ("submit_length", "DSparkCandidateGenerator._survival",
      "prefix_survival(self.draft.calibrated_confidence(confidence[0, :n_max])).tolist()",
      "self.draft.calibrated_confidence(confidence[0, :n_max]).tolist()"),
-    ("policies", "threshold_length", "if a < threshold:", "if a <= threshold:"),
+    ("scheduling_rules", "threshold_length", "if a < threshold:", "if a <= threshold:"),
     ("losses", "l1_to_topk_target", " + (1.0 - p_draft_at.sum(-1)).clamp(min=0.0)", ""),
     ("anchors", "sample_anchor_positions", "mask[:, :-1] & mask[:, 1:]", "mask[:, :-1]"),
     ("loading", "load_drafter", "        _check_tensor_names(stored, set(model.state_dict()), where)\n", ""),
