@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from hf_dspark.errors import CheckpointError, CorruptFileError
-from hf_dspark.models.dspark.modeling_dspark import CARD_FILE, check_weight_checksums, file_sha256
+from hf_dspark.models.dspark.loading_dspark import CARD_FILE, check_recorded_sha256, check_weight_checksums, file_sha256
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -70,18 +70,10 @@ def verify_checksums(folder: str | os.PathLike) -> dict[str, str]:
     card = Path(folder) / CARD_FILE
     if card.is_file():
         recorded = json.loads(card.read_text(encoding="utf-8")).get(CONFIG_CHECKSUMS_KEY) or {}
-        for name, expected in sorted(recorded.items()):
-            path = Path(folder) / name
-            if not path.is_file():
-                raise CorruptFileError(f"{folder}: {name} is missing, but {CARD_FILE} records its sha256; "
-                                       "export the drafter again.")
-            found = file_sha256(path)
-            if found != expected:
-                raise CorruptFileError(
-                    f"{folder}: {name} changed since the export: its sha256 is {found[:16]}..., {CARD_FILE} "
-                    f"records {expected[:16]}... (edited by hand, calibrated in place, or corrupt). Export the "
-                    "drafter again (`hf-dspark export --draft DIR --output NEW`) so its record matches.")
-            checked[name] = found
+        checked.update(check_recorded_sha256(
+            folder, recorded, lambda name: Path(folder) / name if (Path(folder) / name).is_file() else None,
+            "changed since the export", "edited by hand, calibrated in place, or corrupt",
+            "Export the drafter again (`hf-dspark export --draft DIR --output NEW`) so its record matches."))
     return checked
 
 

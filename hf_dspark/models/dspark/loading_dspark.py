@@ -53,18 +53,23 @@ def check_weight_checksums(name_or_path, **download_kwargs) -> dict[str, str]:
             recorded = json.load(handle).get(CHECKSUMS_KEY) or {}
     except (OSError, ValueError, AttributeError) as error:
         raise CorruptFileError(f"{name_or_path}: {CARD_FILE} cannot be read ({error}); export the drafter again") from error
+    return check_recorded_sha256(name_or_path, recorded, locate, "is corrupt", "flipped or truncated bytes",
+                                 "Download or export the drafter again; `hf-dspark verify DIR` checks a folder")
+
+
+def check_recorded_sha256(name_or_path, recorded: dict[str, str], locate, changed: str, cause: str, fix: str) -> dict[str, str]:
+    """Compare the files of ``recorded`` (``{file: sha256}`` from ``dspark_card.json``), found by ``locate(file)``
+    (a path, or ``None`` when absent), with their record; returns ``recorded`` in name order. Raises
+    ``CorruptFileError`` naming the first file missing or different: "``file`` ``changed``: its sha256 is ...
+    (``cause``). ``fix``"."""
     for filename, expected in sorted(recorded.items()):
         path = locate(filename)
         if path is None:
-            raise CorruptFileError(f"{name_or_path}: {filename} is missing, but {CARD_FILE} records its sha256; download "
-                             "or export the drafter again")
+            raise CorruptFileError(f"{name_or_path}: {filename} is missing, but {CARD_FILE} records its sha256. {fix}")
         found = file_sha256(path)
         if found != expected:
-            raise CorruptFileError(
-                f"{name_or_path}: {filename} is corrupt: its sha256 is {found[:16]}..., but {CARD_FILE} records "
-                f"{expected[:16]}... for it (flipped or truncated bytes). Download or export the drafter again; "
-                "`hf-dspark verify DIR` checks a folder"
-            )
+            raise CorruptFileError(f"{name_or_path}: {filename} {changed}: its sha256 is {found[:16]}..., but {CARD_FILE} "
+                                   f"records {expected[:16]}... for it ({cause}). {fix}")
     return dict(sorted(recorded.items()))
 
 
@@ -103,6 +108,7 @@ __all__ = [
     "CARD_FILE",
     "CHECKSUMS_KEY",
     "check_loading_info",
+    "check_recorded_sha256",
     "check_weight_checksums",
     "file_sha256",
     "hub_kwargs",
