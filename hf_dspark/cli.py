@@ -2,7 +2,10 @@
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them together, importing the module of
-the command actually used (so ``hf-dspark --help`` stays fast).
+the command actually used (so ``hf-dspark --help`` stays fast). Every flag is a field of an
+argument dataclass (:mod:`hf_dspark.commands.arguments`: ``--target``, ``--dtype``, ``--device`` and
+the other shared flags are defined there once), spelled with dashes (the underscored spelling also
+parses); the long commands take ``--config FILE.yaml`` with the same names as keys.
 
 :func:`main` is the one place that turns failures into exit codes: errors a user causes and
 can fix (the :mod:`hf_dspark.errors` classes, missing or unreadable files, corrupt JSON or
@@ -80,17 +83,25 @@ def error_message(error: BaseException) -> str:
     return message if isinstance(error, HfDSparkError) else f"{type(error).__name__}: {message}"
 
 
-def run_command(argv: list[str]) -> int:
-    """Parse ``argv`` (``[COMMAND, *flags]``) and run that command; its errors propagate."""
-    name = argv[0]
-    from hf_dspark.commands._args import CommandParser
+def command_parser(name: str):
+    """The parser of command ``name`` and its ``run`` function.
+
+    Its flags are fields of the argument dataclasses (:mod:`hf_dspark.commands.arguments`); a bad flag
+    raises DSparkConfigError (one line, exit 2 in main) instead of argparse's usage block.
+    """
+    from hf_dspark.commands.arguments import CommandParser
 
     module = importlib.import_module(COMMANDS[name][0])
-    # A bad flag raises DSparkConfigError (one line, exit 2 in main) instead of argparse's usage block.
     parser = CommandParser(prog=f"hf-dspark {name}", description=COMMANDS[name][1])
     add_arguments = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or module.add_arguments
     run = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
     add_arguments(parser)
+    return parser, run
+
+
+def run_command(argv: list[str]) -> int:
+    """Parse ``argv`` (``[COMMAND, *flags]``) and run that command; its errors propagate."""
+    parser, run = command_parser(argv[0])
     args = parser.parse_args(argv[1:])
     return int(run(args) or 0)
 

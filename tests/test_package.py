@@ -219,14 +219,7 @@ def test_no_library_module_imports_the_trainer():
 
 # Private names still crossing modules; each entry is "importing file: the private name". The test fails on an
 # entry that no longer occurs, so this set only shrinks.
-PENDING_PRIVATE_IMPORTS = {
-    # the commands' private argument module, used outside its package: being rebuilt from shared argument
-    # dataclasses (issue 32, item 4)
-    "hf_dspark/cli.py: hf_dspark.commands._args",
-    "trainer/feature_cache.py: hf_dspark.commands._args",
-    "trainer/prepare_data.py: hf_dspark.commands._args",
-    "trainer/train_cli.py: hf_dspark.commands._args",
-}
+PENDING_PRIVATE_IMPORTS: set[str] = set()
 
 
 def _private_names_crossing(path: Path) -> set[str]:

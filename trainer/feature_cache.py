@@ -47,15 +47,18 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hf_dspark.errors import CheckpointError, DataError
-from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    OutputArguments, PromptArguments, RuntimeArguments, TargetArguments, add_config_argument,
+    add_dataclass_arguments, flag, non_negative_int, positive_int, resolve_target_dtype,
+)
 from hf_dspark.outputs import claim_output_folder
-from hf_dspark.targets import TARGET_DTYPES
 from .data import CACHE_FORMAT_VERSION, MANIFEST_NAME, load_cache_manifest, read_data_rows, sha256_file, verify_shard
 
 DEFAULT_SHARD_TOKENS = 65536
@@ -300,35 +303,41 @@ def _build_shard(target, rows, layer_ids, topk, batch_tokens, pad_id, device, pr
     return out
 
 
+@dataclass
+class BuildCacheArguments:
+    """What the cache stores."""
+
+    data: str = flag(metavar="DATA_DIR", help="folder written by `hf-dspark prepare-data` (or one .jsonl file)")
+    estimate: bool = flag(False, action="store_true", help="print the bytes needed and exit without building")
+    target_layer_ids: list[int] | None = flag(
+        type=non_negative_int, nargs="+",
+        help="target layers to store (default: 5 spread over the depth, as DSparkDraftModel.from_target)")
+    target_topk: int = flag(64, type=non_negative_int,
+                            help="entries of the target's next-token distribution stored per token (default 64)")
+    shard_tokens: int = flag(DEFAULT_SHARD_TOKENS, type=positive_int,
+                             help=f"tokens per shard file, the unit of resumption (default {DEFAULT_SHARD_TOKENS})")
+    batch_tokens: int = flag(DEFAULT_BATCH_TOKENS, type=positive_int,
+                             help=f"padded tokens per target forward (default {DEFAULT_BATCH_TOKENS})")
+    max_seq_len: int | None = flag(type=positive_int, help="truncate longer sequences to this many tokens")
+    first_row: int = flag(0, type=non_negative_int, metavar="N",
+                          help="cache rows N.. of the split only, e.g. rows added after an earlier cache of the "
+                               "first N (train on both with `hf-dspark train --cache OLD NEW`)")
+    allow_partial: bool = flag(False, action="store_true",
+                               help="cache data that prepare-data has not finished (status running/partial)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``build-cache`` options on ``parser``."""
-    parser.add_argument("--target", required=True, help="Target model: Hub id, local folder, or 'gemma-3-270m'.")
-    parser.add_argument("--data", required=True, metavar="DATA_DIR",
-                        help="Folder written by `hf-dspark prepare-data` (or one .jsonl file).")
-    parser.add_argument("--output", required=True, metavar="CACHE_DIR", help="Cache folder (resumed if present).")
-    parser.add_argument("--split", default="train", choices=("train", "holdout"), help="Data split to cache.")
-    parser.add_argument("--estimate", action="store_true", help="Print the bytes needed and exit without building.")
-    parser.add_argument("--target-layer-ids", type=_args.non_negative_int, nargs="+", default=None,
-                        help="Target layers to store (default: 5 spread over the depth, as DSparkDraftModel.from_target).")
-    parser.add_argument("--target-topk", type=_args.non_negative_int, default=64,
-                        help="Entries of the target's next-token distribution stored per token (default 64).")
-    parser.add_argument("--shard-tokens", type=_args.positive_int, default=DEFAULT_SHARD_TOKENS,
-                        help=f"Tokens per shard file, the unit of resumption (default {DEFAULT_SHARD_TOKENS}).")
-    parser.add_argument("--batch-tokens", type=_args.positive_int, default=DEFAULT_BATCH_TOKENS,
-                        help=f"Padded tokens per target forward (default {DEFAULT_BATCH_TOKENS}).")
-    parser.add_argument("--max-seq-len", type=_args.positive_int, default=None, help="Truncate longer sequences to this many tokens.")
-    parser.add_argument("--first-row", type=_args.non_negative_int, default=0, metavar="N",
-                        help="Cache rows N.. of the split only, e.g. rows added after an earlier cache of the first N "
-                             "(train on both with `hf-dspark train --cache OLD NEW`).")
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="Cache data that prepare-data has not finished (status running/partial).")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Rebuild --output from scratch instead of resuming it (deletes its manifest and shards).")
-    parser.add_argument("--dtype", default="float32", choices=TARGET_DTYPES,
-                        help="Target dtype for the forward passes (stored hidden states are bfloat16 either way).")
-    parser.add_argument("--device", type=_args.device, default="cpu", help="Device of the target.")
-    parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's).")
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype", "device"), required=("target",))
+    add_dataclass_arguments(parser, BuildCacheArguments, required=("data",))
+    add_dataclass_arguments(parser, PromptArguments, ("split",), defaults={"split": "train"}, overrides={
+        "split": {"choices": ("train", "holdout"), "help": "data split to cache (default train)"}})
+    add_dataclass_arguments(parser, OutputArguments, ("output", "overwrite"), required=("output",), overrides={
+        "output": {"metavar": "CACHE_DIR", "help": "cache folder (resumed if present)"},
+        "overwrite": {"help": "rebuild --output from scratch instead of resuming it (deletes its manifest and "
+                              "shards)"}})
+    add_dataclass_arguments(parser, RuntimeArguments, ("threads", "no_progress"))
+    add_config_argument(parser)
 
 
 def _validate_args(args: argparse.Namespace) -> None:
@@ -338,9 +347,9 @@ def _validate_args(args: argparse.Namespace) -> None:
             "Dense target distributions are only used by online training (`hf-dspark train --data ... "
             "--target_topk 0`)."
         )
-    for flag, value in (("--shard-tokens", args.shard_tokens), ("--batch-tokens", args.batch_tokens)):
+    for option, value in (("--shard-tokens", args.shard_tokens), ("--batch-tokens", args.batch_tokens)):
         if value < 1:
-            raise DataError(f"{flag} {value} is invalid; use a positive number of tokens.")
+            raise DataError(f"{option} {value} is invalid; use a positive number of tokens.")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise DataError(f"--max-seq-len {args.max_seq_len} is invalid; use at least 2 (or omit it).")
     if args.first_row < 0:
@@ -442,7 +451,9 @@ def run(args: argparse.Namespace) -> int:
     write_manifest(complete=not todo)
     if todo:
         start = time.time()
-        model, tokenizer = targets.load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
+        device = targets.resolve_device(args.device)
+        model, tokenizer = targets.load_target(args.target, dtype=resolve_target_dtype(args.dtype, device),
+                                               device=device)
         print(f"Loaded target {args.target!r} in {time.time() - start:.1f} s.", flush=True)
         if _target_geometry(model.config) != geometry:
             raise CheckpointError(f"Target {args.target!r} config changed while building; rerun build-cache.")
@@ -453,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
             for shard in todo:
                 members = rows[shard["first_row"] : shard["first_row"] + shard["num_rows"]]
                 tensors = _build_shard(model, members, layer_ids, args.target_topk, args.batch_tokens, pad_id,
-                                       args.device, progress)
+                                       device, progress)
                 _save_shard(output / shard["file"], tensors)
                 path = output / shard["file"]
                 finished[shard["file"]] = {**shard, "bytes": path.stat().st_size, "sha256": sha256_file(path)}

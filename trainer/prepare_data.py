@@ -25,13 +25,16 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hf_dspark.errors import DataError
 from hf_dspark.outputs import claim_output_folder
-from hf_dspark.commands import _args
-from hf_dspark.targets import TARGET_DTYPES
+from hf_dspark.commands.arguments import (
+    OutputArguments, PromptArguments, RuntimeArguments, SamplingArguments, TargetArguments, add_config_argument,
+    add_dataclass_arguments, flag, fraction, non_negative_int, positive_float, positive_int, resolve_target_dtype,
+)
 from hf_dspark.data import encode_prompt, holdout_split, load_prompts, resolve_chat_mode
 
 from .regenerate import regenerate_in_process, regenerate_openai
@@ -47,44 +50,46 @@ _RESUME_KEYS = ("target", "sampling", "max_new_tokens", "chat_template", "seed",
 _WARN_KEYS = ("dtype", "generator")
 
 
+@dataclass
+class PrepareDataArguments:
+    """How answers are generated."""
+
+    batch_size: int = flag(16, type=positive_int, help="prompts per generate call (default 16)")
+    holdout: float = flag(0.02, type=fraction, help="fraction held out for evaluation (default 0.02)")
+    greedy: bool = flag(False, action="store_true", help="greedy decoding instead of sampling")
+    server_url: str | None = flag(help="OpenAI-compatible server running the target (e.g. http://localhost:8000)")
+    server_model: str | None = flag(help="model name to request from --server-url")
+    concurrency: int = flag(8, type=positive_int, help="parallel requests to the server (default 8)")
+    timeout: float = flag(120.0, type=positive_float, metavar="SECONDS",
+                          help="seconds to wait for the server before a request is retried (default 120; raise it "
+                               "for long answers from a slow server)")
+    retries: int = flag(5, type=non_negative_int,
+                        help="tries after the first for a request that timed out or failed (default 5, waiting "
+                             "1, 2, 4, ... s, at most 30 s, between them)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``prepare-data`` options on ``parser``."""
-    parser.add_argument("--target", required=True, help="Target model: Hub id, local folder, or 'gemma-3-270m'.")
-    parser.add_argument("--prompts", required=True, nargs="+", metavar="FILE_OR_DATASET",
-                        help="Prompt files (.jsonl/.json/.parquet), folders of them, or Hub dataset ids.")
-    parser.add_argument("--output", required=True, metavar="DATA_DIR", help="Output folder (resumed if present).")
-    parser.add_argument("--num-prompts", type=_args.positive_int, default=None, help="Use at most this many prompts.")
-    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=192, help="Answer length limit (default 192).")
-    parser.add_argument("--max-prompt-tokens", type=_args.positive_int, default=None,
-                        help="Drop prompts longer than this many tokens (default: keep all).")
-    parser.add_argument("--batch-size", type=_args.positive_int, default=16, help="Prompts per generate call (default 16).")
-    parser.add_argument("--holdout", type=_args.fraction, default=0.02, help="Fraction held out for evaluation.")
-    parser.add_argument("--split", default=None, help="Split of Hub datasets (default 'train').")
-    parser.add_argument("--column", default=None, help="Field holding the prompt text.")
-    parser.add_argument("--strict", action="store_true",
-                        help="Stop at the first prompt row without a usable prompt (default: skip and count them).")
-    parser.add_argument("--temperature", type=_args.positive_float, default=None, help="Sampling temperature.")
-    parser.add_argument("--top-p", type=_args.top_p, default=None, help="Nucleus sampling threshold.")
-    parser.add_argument("--top-k", type=_args.top_k, default=None, help="Top-k sampling (0 disables).")
-    parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
-    parser.add_argument("--chat-template", choices=("auto", "yes", "no"), default="auto",
-                        help="Wrap prompts in the chat template: auto (if the tokenizer has one), yes, no.")
-    parser.add_argument("--server-url", default=None,
-                        help="OpenAI-compatible server running the target (e.g. http://localhost:8000).")
-    parser.add_argument("--server-model", default=None, help="Model name to request from --server-url.")
-    parser.add_argument("--concurrency", type=_args.positive_int, default=8, help="Parallel requests to the server.")
-    parser.add_argument("--timeout", type=_args.positive_float, default=120.0, metavar="SECONDS",
-                        help="Seconds to wait for the server before a request is retried (default 120; raise it "
-                             "for long answers from a slow server).")
-    parser.add_argument("--retries", type=_args.non_negative_int, default=5,
-                        help="Tries after the first for a request that timed out or failed (default 5, waiting "
-                             "1, 2, 4, ... s, at most 30 s, between them).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the shuffle, the split and sampling.")
-    parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's).")
-    parser.add_argument("--dtype", default="float32", choices=TARGET_DTYPES,
-                        help="Target dtype for in-process generation.")
-    parser.add_argument("--device", type=_args.device, default="cpu", help="Device for in-process generation.")
-    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype", "device"), required=("target",))
+    add_dataclass_arguments(
+        parser, PromptArguments, ("prompts", "num_prompts", "max_new_tokens", "max_prompt_tokens", "split", "column",
+                                  "strict", "chat_template"),
+        required=("prompts",), defaults={"max_new_tokens": 192},
+        overrides={"prompts": {"metavar": "FILE_OR_DATASET", "help": "prompt files (.jsonl/.json/.parquet), folders "
+                                                                     "of them, or Hub dataset ids"},
+                   "num_prompts": {"help": "use at most this many prompts"},
+                   "max_new_tokens": {"help": "answer length limit (default 192)"},
+                   "max_prompt_tokens": {"help": "drop prompts longer than this many tokens (default: keep all)"},
+                   "chat_template": {"help": "wrap prompts in the chat template: auto (if the tokenizer has one), "
+                                             "yes, no"}})
+    add_dataclass_arguments(parser, SamplingArguments, ("temperature", "top_p", "top_k", "seed"), overrides={
+        "temperature": {"type": positive_float, "help": "sampling temperature (default: the target's)"},
+        "seed": {"help": "seed of the shuffle, the split and sampling (default 0)"}})
+    add_dataclass_arguments(parser, PrepareDataArguments)
+    add_dataclass_arguments(parser, OutputArguments, ("output",), required=("output",), overrides={
+        "output": {"metavar": "DATA_DIR", "help": "output folder (resumed if present)"}})
+    add_dataclass_arguments(parser, RuntimeArguments, ("threads", "no_progress"))
+    add_config_argument(parser)
 
 
 def resolve_sampling(args: argparse.Namespace, generation_config=None) -> dict[str, Any]:
@@ -191,7 +196,6 @@ def describe_loaded(prompts: list[dict[str, Any]], reports) -> str:
 
 def _load_target(args):
     """``(model or None, tokenizer, generation_config or None)`` for the requested mode."""
-    import torch
     from transformers import GenerationConfig
 
     from hf_dspark import targets
@@ -203,7 +207,8 @@ def _load_target(args):
         except OSError:
             generation_config = None
         return None, tokenizer, generation_config
-    model, tokenizer = targets.load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tokenizer = targets.load_target(args.target, dtype=args.dtype, device=args.device)
+    args.dtype = targets.dtype_name(model)  # what ran (--dtype auto picks one), as data_config.json records it
     return model, tokenizer, model.generation_config
 
 
@@ -217,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if not args.server_url:
+        args.dtype = resolve_target_dtype(args.dtype, args.device)
     output = Path(args.output)
     config_path = output / "data_config.json"
     show = not args.no_progress

@@ -31,15 +31,18 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from hf_dspark.errors import CheckpointError, DataError, DraftTargetMismatchError, DSparkConfigError, HfDSparkError
-from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    OutputArguments, RuntimeArguments, TargetArguments, add_config_argument, add_dataclass_arguments, flag,
+    record_arguments, resolve_target_dtype,
+)
 from hf_dspark.outputs import claim_output_folder
-from hf_dspark.targets import TARGET_DTYPES
 from .data import (
     CachedFeatureDataset,
     FeatureCaches,
@@ -51,7 +54,7 @@ from .data import (
 from .dspark_trainer import BASE_DRAFTER_DIR, DSparkTrainer, trainable_parameter_count
 from .feature_cache import data_chat_template, resolve_layer_ids
 from .target_parts import load_target_parts
-from .training_args import DSparkTrainingArguments, add_dataclass_arguments
+from .training_args import DSparkTrainingArguments, add_hf_dataclass_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -73,31 +76,44 @@ _CONFIG_FIELDS = {"num_draft_layers": "num_hidden_layers", "block_size": "block_
 _SKIPPED_FIELDS = {"output_dir", "resume_from_checkpoint", "online"}
 
 
+def resume_mode(text: str) -> str:
+    """``--resume``: ``auto``, ``no`` (also ``false``, as YAML writes a bare ``no``) or a checkpoint folder."""
+    lowered = text.strip().lower()
+    if lowered in ("no", "false"):
+        return "no"
+    return "auto" if lowered == "auto" else text
+
+
+@dataclass
+class TrainArguments:
+    """Models and data."""
+
+    cache: list[str] | None = flag(
+        nargs="+", metavar="CACHE_DIR",
+        help="feature cache from `hf-dspark build-cache`; several caches of the same target features (e.g. newly "
+             "regenerated answers next to older ones) train as one dataset")
+    data: str | None = flag(metavar="DATA_DIR",
+                            help="online training on `hf-dspark prepare-data` output (the target runs in every step)")
+    init_draft: str | None = flag(metavar="DIR", help="start from this drafter (domain adaptation) instead of a fresh one")
+    resume: str = flag("auto", type=resume_mode, metavar="auto|no|CHECKPOINT_DIR",
+                       help="auto: continue from the latest checkpoint in --output if any (default); no: start over")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``train`` options on ``parser``."""
-    parser.allow_abbrev = False  # ~120 TrainingArguments flags: prefixes would be ambiguous surprises
-    main = parser.add_argument_group("models and data")
-    main.add_argument("--target", required=True, help="Target model: Hub id, local folder, or 'gemma-3-270m'.")
-    source = main.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cache", nargs="+", metavar="CACHE_DIR",
-                        help="Feature cache from `hf-dspark build-cache`; several caches of the same target "
-                             "features (e.g. newly regenerated answers next to older ones) train as one dataset.")
-    source.add_argument("--data", metavar="DATA_DIR",
-                        help="Online training on `hf-dspark prepare-data` output (the target runs in every step).")
-    main.add_argument("--output", required=True, metavar="DRAFT_DIR", help="Checkpoints and the final drafter.")
-    main.add_argument("--init-draft", metavar="DIR", default=None,
-                      help="Start from this drafter (domain adaptation) instead of a fresh one.")
-    main.add_argument("--resume", default="auto", metavar="auto|no|CHECKPOINT_DIR",
-                      help="auto: continue from the latest checkpoint in --output if any (default); no: start over.")
-    main.add_argument("--target-dtype", default=None, choices=TARGET_DTYPES,
-                      help="dtype of the frozen target (online mode) or of its borrowed embeddings / LM head (cache "
-                           "mode); default: bfloat16 when training on an accelerator, float32 on a CPU.")
-    main.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's).")
-
+    parser.allow_abbrev = False  # ~140 TrainingArguments flags: prefixes would be ambiguous surprises
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype"), required=("target",))
+    add_dataclass_arguments(parser, TrainArguments, exclusive=("cache", "data"), exclusive_required=True)
+    add_dataclass_arguments(parser, OutputArguments, ("output",), required=("output",), overrides={
+        "output": {"metavar": "DRAFT_DIR", "help": "checkpoints and the final drafter"}})
+    add_dataclass_arguments(parser, RuntimeArguments, ("threads",))
+    add_config_argument(parser)
     group = parser.add_argument_group(
         "training arguments (DSparkTrainingArguments: the DSpark recipe and every transformers.TrainingArguments field)"
     )
-    add_dataclass_arguments(group, DSparkTrainingArguments, skip=_SKIPPED_FIELDS)
+    # as transformers' own parser spells them: --max-steps / --max_steps, --no-X for switches that default to on
+    record_arguments(parser, DSparkTrainingArguments,
+                     add_hf_dataclass_arguments(group, DSparkTrainingArguments, skip=_SKIPPED_FIELDS))
 
 
 def build_training_args(args: argparse.Namespace) -> DSparkTrainingArguments:
@@ -469,7 +485,9 @@ def run(args: argparse.Namespace, callbacks=None) -> int:
                   *[("--cache", cache) for cache in args.cache or []]]
         claim_output_folder(output, "train", inputs=inputs, written=WRITTEN_FILES,
                             legacy_files=(SETTINGS_NAME, SUMMARY_NAME, "checkpoint-*"))
-    target_dtype = getattr(torch, _args.resolve_target_dtype(args.target_dtype, training_args.device))
+    # --dtype auto: the device's default (the faster-dtype measurement is for decoding, not training)
+    dtype = None if args.dtype == "auto" else args.dtype
+    target_dtype = getattr(torch, resolve_target_dtype(dtype, training_args.device))
     if training_args.online:  # the target computes the features in every step
         target, tokenizer = targets.load_target(args.target, dtype=target_dtype)
     else:  # features come from the cache: only the borrowed embedding and LM head are loaded

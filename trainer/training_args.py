@@ -180,7 +180,7 @@ class DSparkTrainingArguments(TrainingArguments):
             raise _error("remove_unused_columns", True, "set it to False; the trainer needs every collated column")
 
 
-__all__ = ["DSparkTrainingArguments", "LORA_MODULE_NAMES"]
+__all__ = ["DSparkTrainingArguments", "LORA_MODULE_NAMES", "add_hf_dataclass_arguments"]
 
 
 class _FlagRecorder(HfArgumentParser):
@@ -195,10 +195,13 @@ class _FlagRecorder(HfArgumentParser):
         return super().add_argument(*args, **kwargs)
 
 
-def add_dataclass_arguments(parser, dataclass_type, skip: Container[str] = ()) -> None:
+def add_hf_dataclass_arguments(parser, dataclass_type, skip: Container[str] = ()) -> list:
     """Add the flags ``HfArgumentParser`` makes for the fields of ``dataclass_type`` to ``parser`` (an argparse
     parser or argument group), except those of the fields named in ``skip``; ``HfArgumentParser`` itself only
-    fills a parser of its own."""
+    fills a parser of its own. Each flag's dashed spelling comes first (``--max-steps``, then ``--max_steps``).
+    Returns the argparse actions added."""
+    actions = []
     for args, kwargs in _FlagRecorder(dataclass_type).calls:
         if kwargs.get("dest", args[0].lstrip("-").replace("-", "_")) not in skip:
-            parser.add_argument(*args, **kwargs)
+            actions.append(parser.add_argument(*sorted(args, key=lambda spelling: "_" in spelling), **kwargs))
+    return actions

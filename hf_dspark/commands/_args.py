@@ -1,8 +1,8 @@
-"""The one place where the flags shared by several ``hf-dspark`` commands are checked.
+"""The validators of ``hf-dspark`` flags, and the parser that reports a bad one in one line.
 
-Each validator here is an argparse ``type=``: argparse calls it while parsing, so a bad value is
-refused before a command does any work (before a target loads, before a settings file or a
-folder is written). :class:`CommandParser` turns argparse's refusal into a
+The flags themselves are dataclass fields (:mod:`hf_dspark.commands.arguments`). Each validator
+here is an argparse ``type=``: argparse calls it while parsing, so a bad value is refused before a
+command does any work (before a target loads, before a settings file or a folder is written). :class:`CommandParser` turns argparse's refusal into a
 :class:`~hf_dspark.errors.DSparkConfigError`, which :func:`hf_dspark.cli.main` prints as one line
 (``hf-dspark CMD: error: argument --top-p: ...``) with exit code 2, instead of argparse's usage
 block.
@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 
 from hf_dspark.errors import DSparkConfigError
-from hf_dspark.targets import TARGET_DTYPES, resolve_device
+from hf_dspark.targets import resolve_device
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -25,7 +26,15 @@ class CommandParser(argparse.ArgumentParser):
     line as for every other error, and lets tests and scripts catch it.
     """
 
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - reads --config FILE.yaml first
+        from hf_dspark.commands.arguments import expand_config
+
+        args = expand_config(self, sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):  # noqa: D102 - argparse's hook
+        # a flag is named by its dashed spelling only: "--top-p/--top_p" -> "--top-p"
+        message = re.sub(r"(--[\w-]+)(?:/-[-\w]+)+", r"\1", message)
         # "argument --top-p: must be in (0, 1]" reads as "--top-p must be in (0, 1]"
         match = re.fullmatch(r"argument ([^:]+): (must .*)", message, flags=re.S)
         if match:
@@ -111,6 +120,18 @@ def top_k(text: str) -> int:
     return value
 
 
+def chat_template(text: str) -> str:
+    """``--chat-template``: ``auto``, ``yes`` or ``no`` (``true`` / ``1`` and ``false`` / ``0`` read as yes / no)."""
+    mode = text.strip().lower()
+    if mode in ("auto", "yes", "no"):
+        return mode
+    if mode in ("true", "1"):
+        return "yes"
+    if mode in ("false", "0"):
+        return "no"
+    raise argparse.ArgumentTypeError(f"must be auto, yes or no, got {text!r}")
+
+
 def fraction(text: str) -> float:
     """A fraction in [0, 1)."""
     value = finite_float(text)
@@ -143,30 +164,16 @@ def device(text: str) -> str:
     return text
 
 
-def add_target_placement(parser, what: str = "target") -> None:
-    """``--device`` and ``--dtype`` of a command that loads a target, the same in every command.
-
-    ``--device auto`` (the default): CUDA when there is one, else the CPU. ``--dtype`` unset: bfloat16 on an
-    accelerator, float32 on a CPU (exact greedy output, the reference); ``--dtype auto`` also picks on a CPU
-    the dtype whose verification pass is fastest there (measured once per machine and cached).
-    Resolve both with :func:`resolve_target_dtype` after the device is known.
-    """
-    parser.add_argument("--device", type=device, default="auto",
-                        help=f"where the {what} runs: 'auto' (default: cuda if available, else cpu), 'cpu', 'cuda:0', ...")
-    parser.add_argument("--dtype", choices=("auto", *TARGET_DTYPES), default=None,
-                        help=f"{what} dtype (default: bfloat16 on a GPU, float32 on a CPU; 'auto': also on a CPU the "
-                             "faster dtype, measured once and cached)")
-
-
 def resolve_target_dtype(dtype: str | None, device_arg) -> str:
-    """What to pass to ``load_target``: the ``--dtype`` given, or its default for the device."""
+    """What to pass to ``load_target``: the ``--dtype`` given, or its default for the device (``--dtype`` unset:
+    bfloat16 on an accelerator, float32 on a CPU, the exact reference)."""
     if dtype is not None:
         return dtype
     return "float32" if resolve_device(device_arg).type == "cpu" else "bfloat16"
 
 
 __all__ = [
-    "add_target_placement", "resolve_target_dtype",
+    "resolve_target_dtype",
     "CommandParser", "finite_float", "positive_float", "non_negative_float", "positive_int", "non_negative_int",
-    "temperature", "top_p", "top_k", "fraction", "device",
+    "temperature", "top_p", "top_k", "fraction", "device", "chat_template",
 ]

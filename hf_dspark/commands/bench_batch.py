@@ -53,6 +53,10 @@ from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    DrafterArguments, OutputArguments, PromptArguments, RuntimeArguments, SamplingArguments, TargetArguments,
+    add_config_argument, add_dataclass_arguments, flag,
+)
 from hf_dspark.evaluation.measure import fused_plain_kwargs
 from hf_dspark.models.dspark.generation_dspark import activate_verify_head
 
@@ -361,42 +365,58 @@ def plot_results(results: dict, path: str | Path) -> Path:
     return path
 
 
+@dataclass
+class BenchBatchArguments:
+    """What is benchmarked."""
+
+    concurrency: list[int] = flag([1, 4, 8, 16], type=_args.positive_int, nargs="+",
+                                  help="requests in flight (default 1 4 8 16)")
+    methods: list[str] = flag(
+        list(METHODS), nargs="+", choices=METHODS + EXTRA_METHODS,
+        help="methods to run (default: plain full scheduler async; plain_engine = the engine without drafting; "
+             "oracle = the engine verifying exactly what the target accepts, greedy, with plain)")
+    repeats: int = flag(1, type=_args.positive_int, help="runs per method and concurrency, median reported (default 1)")
+    plain_head: str = flag("fast", choices=("fast", "transformers"),
+                           help="LM head of the plain baseline: fast = the engine's exact skinny layout for 2-8 rows "
+                                "on CPU fp32 (default), transformers = transformers' own")
+
+
+# Flags shared by bench-batch and bench-serve whose meaning is the same in both.
+BENCH_PROMPTS = ("prompts", "num_prompts", "chat_template", "max_new_tokens")
+BENCH_SAMPLING_DEFAULTS = {"temperature": 1.0}
+BENCH_NGRAM = {"ngram_lookup": {"type": _args.non_negative_int, "metavar": "N",
+                                "help": "n-gram rounds in the speculative runs: copy up to N tokens after an earlier "
+                                        "match of the last tokens instead of the drafted block (0 = off; default: "
+                                        "the drafter's setting)"}}
+
+
+@dataclass
+class ResumeArguments:
+    """Resuming a benchmark."""
+
+    resume: bool = flag(False, action="store_true",
+                        help="keep the runs already in --output (same settings) and run only the others")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="target model: Hub id, local folder or 'gemma-3-270m'")
-    parser.add_argument("--draft", required=True, help="drafter folder (save_pretrained output)")
-    parser.add_argument("--concurrency", type=_args.positive_int, nargs="+", default=[1, 4, 8, 16], help="requests in flight (default 1 4 8 16)")
-    parser.add_argument("--num-prompts", type=_args.positive_int, default=None, help="prompts per run (default 2 x the largest concurrency)")
-    parser.add_argument("--prompts", nargs="+", default=None, help="prompt files (.jsonl/.json/.parquet); default: built-in prompts")
-    parser.add_argument("--chat-template", default="auto",
-                        help="wrap prompts in the chat template: auto, yes or no "
-                             "(default auto: as the drafter was trained, else when the tokenizer has one)")
-    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=128, help="tokens generated per request (default 128)")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=_args.temperature, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--top-k", type=_args.top_k, default=None, help="sampling top-k (default off)")
-    parser.add_argument("--top-p", type=_args.top_p, default=None, help="sampling top-p (default off)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--ngram-lookup", type=_args.non_negative_int, default=None, metavar="N",
-                        help="n-gram rounds in both speculative runs: copy up to N tokens after an earlier match of "
-                             "the last tokens instead of the drafted block (0 = off; default: the drafter's setting)")
-    _args.add_target_placement(parser)
-    parser.add_argument("--latency-profile", default=None, help="a latency profile JSON (default: measure, cached)")
-    parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder (default ~/.cache/hf_dspark/latency)")
-    parser.add_argument("--profile-repeats", type=_args.positive_int, default=5, help="timed passes per latency point (default 5)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS),
-                        help="methods to run (default: plain full scheduler async; plain_engine = the engine without "
-                             "drafting; oracle = the engine verifying exactly what the target accepts, greedy, with plain)")
-    parser.add_argument("--repeats", type=_args.positive_int, default=1, help="runs per method and concurrency, median reported (default 1)")
-    parser.add_argument("--plain-head", choices=("fast", "transformers"), default="fast",
-                        help="LM head of the plain baseline: fast = the engine's exact skinny layout for 2-8 rows on "
-                             "CPU fp32 (default), transformers = transformers' own")
-    parser.add_argument("--draft-dtype", choices=("auto", "saved", "float32", "bfloat16", "float16"), default="auto",
-                        help="drafter dtype: auto = the target's --dtype (default), saved = as stored")
-    parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--output", default=None, help="write the results as JSON to this file (after every concurrency)")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the concurrencies already in --output (same settings) and run only the others")
-    parser.add_argument("--plot", default=None, help="draw verified draft tokens per request vs concurrency to this PNG")
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype", "device"), required=("target",))
+    add_dataclass_arguments(parser, DrafterArguments, ("draft", "draft_dtype", "ngram_lookup"), required=("draft",),
+                            overrides=BENCH_NGRAM)
+    add_dataclass_arguments(parser, BenchBatchArguments)
+    add_dataclass_arguments(
+        parser, PromptArguments, BENCH_PROMPTS,
+        overrides={"num_prompts": {"help": "prompts per run (default 2 x the largest concurrency)"},
+                   "prompts": {"help": "prompt files (.jsonl/.json/.parquet); default: built-in prompts"}})
+    add_dataclass_arguments(parser, SamplingArguments, defaults=BENCH_SAMPLING_DEFAULTS,
+                            overrides={"temperature": {"help": "sampling temperature (default 1.0)"}})
+    add_dataclass_arguments(parser, RuntimeArguments, ("threads", "latency_profile", "latency_cache_dir",
+                                                       "profile_repeats"))
+    add_dataclass_arguments(parser, OutputArguments, ("output", "plot"), overrides={
+        "output": {"help": "write the results as JSON to this file (after every concurrency)"},
+        "plot": {"help": "draw verified draft tokens per request vs concurrency to this PNG"}})
+    add_dataclass_arguments(parser, ResumeArguments, overrides={"resume": {
+        "help": "keep the concurrencies already in --output (same settings) and run only the others"}})
+    add_config_argument(parser)
 
 
 def load_draft(name: str, target, target_name: str, device):

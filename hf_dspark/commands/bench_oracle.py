@@ -51,11 +51,16 @@ import functools
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    DrafterArguments, OutputArguments, PromptArguments, RuntimeArguments, SamplingArguments, TargetArguments,
+    add_config_argument, add_dataclass_arguments, flag,
+)
 from hf_dspark.errors import DSparkConfigError, LosslessnessError
 
 RESULT_KEYS = ("mode", "batch_size", "tau", "tau_measured", "tokens_per_second", "plain_tokens_per_second", "speedup",
@@ -70,33 +75,40 @@ NEAR_TIE_ULPS = 2.0
 OracleOutputMismatch = LosslessnessError
 
 
+@dataclass
+class BenchOracleArguments:
+    """The imposed acceptance and the fresh drafter."""
+
+    draft_layers: int = flag(5, type=_args.positive_int, help="layers of a fresh drafter (default 5)")
+    block_size: int = flag(7, type=_args.positive_int, help="block size of a fresh drafter (default 7)")
+    prompt_length: int = flag(64, type=_args.positive_int,
+                              help="tokens per random prompt with --target-config (default 64)")
+    tau: list[int] = flag([2, 4, 6], type=_args.positive_int, nargs="+",
+                          help="acceptance lengths to impose (default 2 4 6; at most block_size + 1)")
+    modes: list[str] = flag(list(MODES), nargs="+", choices=MODES, help="generate and/or engine (default both)")
+    batch_sizes: list[int] = flag([1, 8], type=_args.positive_int, nargs="+",
+                                  help="requests in flight in the engine (default 1 8)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hf-dspark bench-oracle``."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--target", help="target model: Hub id, local folder or 'gemma-3-270m'")
-    source.add_argument("--target-config", help="build a target with random weights from this JSON config file, or "
-                        "a shipped one: qwen3-4b, qwen3-8b")
-    parser.add_argument("--draft", default=None, help="drafter folder; default: a fresh random drafter "
-                        "(timing does not depend on its weights)")
-    parser.add_argument("--draft-layers", type=_args.positive_int, default=5, help="layers of a fresh drafter (default 5)")
-    parser.add_argument("--block-size", type=_args.positive_int, default=7, help="block size of a fresh drafter (default 7)")
-    parser.add_argument("--prompts", nargs="+", default=None, help="prompt files (.jsonl/.json/.parquet); default: "
-                        "bench-batch's built-in prompts, or random ids with --target-config")
-    parser.add_argument("--num-prompts", type=_args.positive_int, default=8, help="prompts per run (default 8)")
-    parser.add_argument("--prompt-length", type=_args.positive_int, default=64,
-                        help="tokens per random prompt with --target-config (default 64)")
-    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=128, help="tokens per prompt (default 128)")
-    parser.add_argument("--tau", type=_args.positive_int, nargs="+", default=[2, 4, 6],
-                        help="acceptance lengths to impose (default 2 4 6; at most block_size + 1)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="generate and/or engine (default both)")
-    parser.add_argument("--batch-sizes", type=_args.positive_int, nargs="+", default=[1, 8],
-                        help="requests in flight in the engine (default 1 8)")
-    _args.add_target_placement(parser, what="target and drafter")
-    parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--profile-repeats", type=_args.positive_int, default=5, help="timed passes per latency point (default 5)")
-    parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder (default ~/.cache/hf_dspark/latency)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random weights and prompts (default 0)")
-    parser.add_argument("--output", default=None, help="write the results as JSON to this file")
+    add_dataclass_arguments(parser, TargetArguments, ("target", "target_config", "dtype", "device"),
+                            exclusive=("target", "target_config"), exclusive_required=True)
+    add_dataclass_arguments(parser, DrafterArguments, ("draft",), overrides={"draft": {
+        "help": "drafter folder; default: a fresh random drafter (timing does not depend on its weights)"}})
+    add_dataclass_arguments(parser, BenchOracleArguments)
+    add_dataclass_arguments(
+        parser, PromptArguments, ("prompts", "num_prompts", "max_new_tokens"), defaults={"num_prompts": 8},
+        overrides={"prompts": {"help": "prompt files (.jsonl/.json/.parquet); default: bench-batch's built-in "
+                                       "prompts, or random ids with --target-config"},
+                   "num_prompts": {"help": "prompts per run (default 8)"},
+                   "max_new_tokens": {"help": "tokens per prompt (default 128)"}})
+    add_dataclass_arguments(parser, SamplingArguments, ("seed",),
+                            overrides={"seed": {"help": "seed of random weights and prompts (default 0)"}})
+    add_dataclass_arguments(parser, RuntimeArguments, ("threads", "profile_repeats", "latency_cache_dir"))
+    add_dataclass_arguments(parser, OutputArguments, ("output",),
+                            overrides={"output": {"help": "write the results as JSON to this file"}})
+    add_config_argument(parser)
 
 
 # ----------------------------------------------------------------------------- setup

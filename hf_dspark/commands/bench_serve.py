@@ -51,7 +51,14 @@ from typing import Sequence
 
 import torch
 
-from hf_dspark.commands.bench_batch import check_prompt_sources, encoded_prompts, load_setup, profile_batch_sizes
+from hf_dspark.commands.arguments import (
+    DrafterArguments, OutputArguments, PromptArguments, RuntimeArguments, SamplingArguments, TargetArguments,
+    add_config_argument, add_dataclass_arguments, flag,
+)
+from hf_dspark.commands.bench_batch import (
+    BENCH_NGRAM, BENCH_SAMPLING_DEFAULTS, ResumeArguments, check_prompt_sources, encoded_prompts, load_setup,
+    profile_batch_sizes,
+)
 from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
 from hf_dspark.errors import DSparkConfigError
 from hf_dspark.models.dspark.generation_config_dspark import DSparkGenerationConfig
@@ -297,40 +304,45 @@ def plot_results(results: dict, path: str | Path) -> Path:
     return path
 
 
+@dataclass
+class BenchServeArguments:
+    """The workload."""
+
+    num_requests: int = flag(32, type=_args.positive_int, help="requests in the workload (default 32)")
+    min_new_tokens: int = flag(16, type=_args.positive_int, help="shortest output length drawn (default 16)")
+    max_concurrency: int = flag(16, type=_args.positive_int, help="most requests in flight (default 16)")
+    rates: list[float] | None = flag(type=_args.positive_float, nargs="+", help="arrival rates in requests/s")
+    load: list[float] = flag(
+        [0.25, 0.5, 0.8, 1.0, 1.3], type=_args.positive_float, nargs="+",
+        help="arrival rates as fractions of plain decoding's capacity, measured first with every request arriving "
+             "at once (default 0.25 0.5 0.8 1.0 1.3; that saturated run is kept)")
+    modes: list[str] = flag(list(MODES), nargs="+", choices=list(MODES), help="default: all four")
+    stop_after: float | None = flag(
+        type=_args.non_negative_float, metavar="MINUTES",
+        help="start no new (rate, mode) run after this many minutes (0: stop after the first); --resume continues")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="target model: Hub id, local folder or 'gemma-3-270m'")
-    parser.add_argument("--draft", required=True, help="drafter folder (save_pretrained output)")
-    parser.add_argument("--prompts", nargs="+", default=None, help="prompt files (.jsonl/.json/.parquet); default: built-in")
-    parser.add_argument("--num-requests", type=_args.positive_int, default=32, help="requests in the workload (default 32)")
-    parser.add_argument("--min-new-tokens", type=_args.positive_int, default=16, help="shortest output length drawn (default 16)")
-    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=96, help="longest output length drawn (default 96)")
-    parser.add_argument("--max-concurrency", type=_args.positive_int, default=16, help="most requests in flight (default 16)")
-    rates = parser.add_mutually_exclusive_group()
-    rates.add_argument("--rates", type=_args.positive_float, nargs="+", default=None, help="arrival rates in requests/s")
-    rates.add_argument("--load", type=_args.positive_float, nargs="+", default=[0.25, 0.5, 0.8, 1.0, 1.3],
-                       help="arrival rates as fractions of plain decoding's capacity, measured first with every "
-                            "request arriving at once (default 0.25 0.5 0.8 1.0 1.3; that saturated run is kept)")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="default: all four")
-    parser.add_argument("--chat-template", default="auto", help="wrap prompts in the chat template: auto, yes or no")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (no output check)")
-    parser.add_argument("--temperature", type=_args.temperature, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--top-k", type=_args.top_k, default=None, help="sampling top-k (default off)")
-    parser.add_argument("--top-p", type=_args.top_p, default=None, help="sampling top-p (default off)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of sampling (default 0)")
-    parser.add_argument("--ngram-lookup", type=_args.non_negative_int, default=None, metavar="N",
-                        help="n-gram rounds in the speculative modes (0 = off; default: the drafter's setting)")
-    parser.add_argument("--draft-dtype", choices=("auto", "saved", "float32", "bfloat16", "float16"), default="auto",
-                        help="drafter dtype: auto = the target's --dtype (default), saved = as stored")
-    _args.add_target_placement(parser)
-    parser.add_argument("--threads", type=_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--latency-profile", default=None, help="a latency profile JSON (default: measure, cached)")
-    parser.add_argument("--latency-cache-dir", default=None, help="latency profile cache folder")
-    parser.add_argument("--profile-repeats", type=_args.positive_int, default=5, help="timed passes per latency point (default 5)")
-    parser.add_argument("--output", default=None, help="write the results as JSON to this file (after every run)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output (same settings)")
-    parser.add_argument("--stop-after", type=_args.non_negative_float, default=None, metavar="MINUTES",
-                        help="start no new (rate, mode) run after this many minutes (0: stop after the first); --resume continues")
-    parser.add_argument("--plot", default=None, help="draw TPOT against throughput to this PNG")
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype", "device"), required=("target",))
+    add_dataclass_arguments(parser, DrafterArguments, ("draft", "draft_dtype", "ngram_lookup"), required=("draft",),
+                            overrides=BENCH_NGRAM)
+    add_dataclass_arguments(parser, BenchServeArguments, exclusive=("rates", "load"))
+    add_dataclass_arguments(
+        parser, PromptArguments, ("prompts", "chat_template", "max_new_tokens"), defaults={"max_new_tokens": 96},
+        overrides={"prompts": {"help": "prompt files (.jsonl/.json/.parquet); default: built-in"},
+                   "max_new_tokens": {"help": "longest output length drawn (default 96)"}})
+    add_dataclass_arguments(parser, SamplingArguments, defaults=BENCH_SAMPLING_DEFAULTS,
+                            overrides={"temperature": {"help": "sampling temperature (default 1.0)"},
+                                       "do_sample": {"help": "sample instead of greedy decoding (no output check)"},
+                                       "seed": {"help": "seed of the workload and of sampling (default 0)"}})
+    add_dataclass_arguments(parser, RuntimeArguments, ("threads", "latency_profile", "latency_cache_dir",
+                                                       "profile_repeats"))
+    add_dataclass_arguments(parser, OutputArguments, ("output", "plot"), overrides={
+        "output": {"help": "write the results as JSON to this file (after every run)"},
+        "plot": {"help": "draw TPOT against throughput to this PNG"}})
+    add_dataclass_arguments(parser, ResumeArguments,
+                            overrides={"resume": {"help": "continue the run in --output (same settings)"}})
+    add_config_argument(parser)
 
 
 def _check_args(args) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,41 +26,47 @@ from hf_dspark.decoding.calibration import (
 )
 from hf_dspark.errors import DataError, DSparkConfigError
 from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    DrafterArguments, OutputArguments, PromptArguments, SamplingArguments, TargetArguments, add_config_argument,
+    add_dataclass_arguments, flag,
+)
+
+
+@dataclass
+class CalibrateArguments:
+    """How the confidence head is fitted and reported."""
+
+    grid: list[float] = flag(list(DEFAULT_GRID), type=_args.finite_float, nargs=3, metavar=("MIN", "MAX", "POINTS"),
+                             help="log-spaced temperature grid (default 0.05 20 241)")
+    bins: int = flag(DEFAULT_BINS, type=_args.positive_int, help="ECE / reliability bins (default 15)")
+    eval_fraction: float = flag(
+        0.25, type=_args.fraction, help="share of the prompts held out from the fit; the report and the diagram are "
+                                        "computed on them (default 0.25; 0 = fit and report on the same rounds)")
+    report: str | None = flag(help=f"report JSON (default <output>/{REPORT_NAME})")
+    rounds: str | None = flag(help="JSONL of recorded rounds, one line per prompt, appended as it goes; prompts "
+                                   "already in it are not generated again")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hf-dspark calibrate``."""
-    parser.add_argument("--target", required=True, help="target model id, local folder, or 'gemma-3-270m'")
-    parser.add_argument("--draft", required=True, help="drafter folder (save_pretrained output)")
-    parser.add_argument("--prompts", nargs="+", required=True,
-                        help="held-out prompt files ({'turns': [...]} JSONL, a prepare-data holdout.jsonl) or Hub ids")
-    parser.add_argument("--split", default=None, help="split of Hub datasets (default train)")
-    parser.add_argument("--column", default=None, help="field holding the prompt text")
-    parser.add_argument("--max-prompts", type=_args.positive_int, default=200, help="prompts to run (default 200)")
-    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=128, help="tokens generated per prompt (default 128)")
-    parser.add_argument("--max-prompt-tokens", type=_args.positive_int, default=2048,
-                        help="keep the last N prompt tokens (default 2048)")
-    parser.add_argument("--chat-template", default="auto",
-                        help="auto | yes | no: wrap prompts in the chat template "
-                             "(auto: as the drafter was trained, else when the tokenizer has one)")
-    parser.add_argument("--temperature", type=_args.temperature, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    parser.add_argument("--top-p", type=_args.top_p, default=None, help="nucleus sampling (with --temperature > 0)")
-    parser.add_argument("--top-k", type=_args.top_k, default=None, help="top-k sampling (with --temperature > 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt shuffle and of sampling")
-    parser.add_argument("--grid", type=_args.finite_float, nargs=3, default=list(DEFAULT_GRID), metavar=("MIN", "MAX", "POINTS"),
-                        help="log-spaced temperature grid (default 0.05 20 241)")
-    parser.add_argument("--bins", type=_args.positive_int, default=DEFAULT_BINS, help="ECE / reliability bins (default 15)")
-    parser.add_argument("--eval-fraction", type=_args.fraction, default=0.25,
-                        help="share of the prompts held out from the fit; the report and the diagram are computed "
-                             "on them (default 0.25; 0 = fit and report on the same rounds)")
-    parser.add_argument("--output", default=None,
-                        help="save the calibrated drafter here (default: update config.json of --draft in place)")
-    parser.add_argument("--report", default=None, help=f"report JSON (default <output>/{REPORT_NAME})")
-    parser.add_argument("--plot", default=None, help=f"reliability diagram PNG (default <output>/{PLOT_NAME})")
-    parser.add_argument("--rounds", default=None,
-                        help="JSONL of recorded rounds, one line per prompt, appended as it goes; "
-                             "prompts already in it are not generated again")
-    _args.add_target_placement(parser)
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype", "device"), required=("target",))
+    add_dataclass_arguments(parser, DrafterArguments, ("draft",), required=("draft",))
+    add_dataclass_arguments(
+        parser, PromptArguments, ("prompts", "split", "column", "max_prompts", "max_new_tokens", "max_prompt_tokens",
+                                  "chat_template"),
+        required=("prompts",), defaults={"max_prompts": 200, "max_prompt_tokens": 2048},
+        overrides={"prompts": {"help": "held-out prompt files ({'turns': [...]} JSONL, a prepare-data "
+                                       "holdout.jsonl) or Hub ids"},
+                   "max_prompts": {"help": "prompts to run (default 200)"},
+                   "max_prompt_tokens": {"help": "keep the last N prompt tokens (default 2048)"}})
+    add_dataclass_arguments(parser, SamplingArguments, ("temperature", "top_p", "top_k", "seed"),
+                            defaults={"temperature": 0.0},
+                            overrides={"temperature": {"help": "sampling temperature; 0 = greedy (default)"}})
+    add_dataclass_arguments(parser, CalibrateArguments)
+    add_dataclass_arguments(parser, OutputArguments, ("output", "plot"), overrides={
+        "output": {"help": "save the calibrated drafter here (default: update config.json of --draft in place)"},
+        "plot": {"help": f"reliability diagram PNG (default <output>/{PLOT_NAME})"}})
+    add_config_argument(parser)
 
 
 def _check_args(args: argparse.Namespace) -> None:

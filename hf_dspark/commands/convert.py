@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from hf_dspark.checkpoints.convert import SOURCE_FORMATS, convert_checkpoint
+from hf_dspark.commands.arguments import OutputArguments, TargetArguments, add_dataclass_arguments, flag
+from hf_dspark.commands.export import ExportArguments
+
+
+@dataclass
+class ConvertArguments:
+    """The checkpoint to convert."""
+
+    source_format: str = flag(
+        flags=("--from",), choices=SOURCE_FORMATS,
+        help="format of the checkpoint: deepspec (DeepSpec's save_pretrained, e.g. "
+             "deepseek-ai/dspark_qwen3_4b_block7) or speculators (speculators_model_type 'dspark')")
+    source: str = flag(positional=True, metavar="DIR_OR_ID", help="checkpoint folder or Hub id")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="source_format", required=True, choices=SOURCE_FORMATS,
-                        help="Format of the checkpoint: deepspec (DeepSpec's save_pretrained, e.g. "
-                             "deepseek-ai/dspark_qwen3_4b_block7) or speculators (speculators_model_type 'dspark').")
-    parser.add_argument("source", metavar="DIR_OR_ID", help="Checkpoint folder or Hub id.")
-    parser.add_argument("--output", required=True, metavar="OUT", help="Folder to write (must be new or empty).")
-    parser.add_argument("--target-name", default=None, metavar="HUB_ID",
-                        help="The target's Hub id (model card base_model), for checkpoints that do not record it "
-                             "(DeepSpec's), e.g. Qwen/Qwen3-4B.")
-    parser.add_argument("--license", default=None, help="Hub license id for the card (use the target's license).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing conversion in --output.")
+    add_dataclass_arguments(parser, ConvertArguments, required=("source_format",))
+    add_dataclass_arguments(parser, OutputArguments, ("output", "overwrite"), required=("output",), overrides={
+        "output": {"metavar": "OUT", "help": "folder to write (must be new or empty)"},
+        "overwrite": {"help": "replace an existing conversion in --output"}})
+    add_dataclass_arguments(parser, TargetArguments, ("target_name",))
+    add_dataclass_arguments(parser, ExportArguments, ("license",), overrides={
+        "license": {"help": "Hub license id for the card (use the target's license)"}})
 
 
 def run(args: argparse.Namespace) -> int:

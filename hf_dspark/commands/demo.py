@@ -25,11 +25,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 
-from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    DrafterArguments, PromptArguments, TargetArguments, add_config_argument, add_dataclass_arguments, flag,
+)
 from hf_dspark.errors import HfDSparkError
+from hf_dspark.targets import GEMMA_ALIAS
 from hf_dspark.evaluation.measure import apply_policy, measure_generate
 
 DEMO_PROMPTS = [
@@ -42,26 +46,35 @@ DEMO_PROMPTS = [
 TINY_VOCAB_SIZE = 256  # the tiny demo "tokenizer" maps UTF-8 bytes to ids
 
 
+@dataclass
+class DemoArguments:
+    """What the demo shows."""
+
+    modes: list[str] = flag(["greedy", "sampling"], nargs="+", choices=["greedy", "sampling"],
+                            help="decoding modes to show (default both; sampling: T=1, top-k 64, top-p 0.95)")
+    tiny: bool = flag(False, action="store_true", help="run on a tiny random target and a fresh (untrained) "
+                                                       "drafter: checks the flow in seconds")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="gemma-3-270m", help="Target: Hub id, local folder or 'gemma-3-270m'.")
-    parser.add_argument("--draft", default="default",
-                        help="Drafter folder / Hub id, or 'default' (the drafter shipped for the target).")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt (default 128).")
-    parser.add_argument("--policy", choices=["full", "threshold", "cost", "auto"], default=None,
-                        help="Verification policy (default: the drafter's saved one; the shipped drafter's is 'auto': "
-                             "the target's verification cost curve is profiled on this machine once, cached, and each "
-                             "round verifies the draft prefix with the best expected tokens/s; 'full' with --tiny).")
-    parser.add_argument("--ngram-lookup", type=_args.ngram_tokens, default=None, metavar="N|auto",
-                        help="n-gram rounds: copy up to N tokens after an earlier match of the last tokens instead of "
-                             "drafting (0 = off; auto: lengths from the cost curve; default: the drafter's saved "
-                             "setting).")
-    parser.add_argument("--modes", nargs="+", choices=["greedy", "sampling"], default=["greedy", "sampling"],
-                        help="Decoding modes to show (default both; sampling: T=1, top-k 64, top-p 0.95).")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="Target and drafter dtype (default auto: the one whose 8-token verification pass is "
-                             "fastest on this machine, measured once and cached).")
-    parser.add_argument("--tiny", action="store_true",
-                        help="Run on a tiny random target and a fresh (untrained) drafter: checks the flow in seconds.")
+    # The demo runs in the dtype measured fastest on this machine unless told otherwise (--dtype auto):
+    # it is the first speed-up a user sees, and bf16 pays only on some CPUs.
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype"),
+                            defaults={"target": GEMMA_ALIAS, "dtype": "auto"},
+                            overrides={"target": {"help": "target: Hub id, local folder or 'gemma-3-270m' (default)"},
+                                       "dtype": {"help": "target and drafter dtype (default auto: the one whose "
+                                                         "8-token verification pass is fastest on this machine, "
+                                                         "measured once and cached)"}})
+    add_dataclass_arguments(
+        parser, DrafterArguments, ("draft", "policy", "ngram_lookup"), defaults={"draft": "default"},
+        overrides={"draft": {"help": "drafter folder / Hub id, or 'default' (the drafter shipped for the target)"},
+                   "policy": {"help": "verification policy (default: the drafter's saved one; the shipped "
+                                      "drafter's is 'auto': the target's verification cost curve is profiled on "
+                                      "this machine once, cached, and each round verifies the draft prefix with "
+                                      "the best expected tokens/s; 'full' with --tiny)"}})
+    add_dataclass_arguments(parser, PromptArguments, ("max_new_tokens",))
+    add_dataclass_arguments(parser, DemoArguments)
+    add_config_argument(parser)
 
 
 class ByteCodec:

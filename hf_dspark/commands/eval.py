@@ -50,6 +50,7 @@ import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ import torch
 
 from hf_dspark.errors import DataError, HfDSparkError
 from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    DrafterArguments, OutputArguments, PromptArguments, RuntimeArguments, SamplingArguments, TargetArguments,
+    add_config_argument, add_dataclass_arguments, flag,
+)
 from hf_dspark.evaluation.measure import (
     Measurement,
     apply_policy,
@@ -78,49 +83,56 @@ from hf_dspark.evaluation.prompt_sets import (
 from hf_dspark.evaluation.summary import DRAFT_CHECKSUMS_KEY, DSPARK, EvalResults, merge_results, write_json_atomic
 
 
+@dataclass
+class EvalArguments:
+    """What is measured besides the drafter(s) under test."""
+
+    dataset: list[str] = flag([], nargs="+", choices=list(DATASETS), metavar="NAME",
+                              help=f"benchmarks fetched from the Hub: {', '.join(DATASETS)}")
+    baseline: bool = flag(False, action="store_true", help="also run plain generate (speed-up, output check)")
+    prompt_lookup: bool = flag(False, action="store_true", help="also run transformers' prompt lookup decoding")
+    prompt_lookup_tokens: int = flag(10, type=_args.positive_int,
+                                     help="prompt_lookup_num_tokens for --prompt-lookup (default 10)")
+    compare_draft: list[str] = flag([], action="append", metavar="DIR",
+                                    help="another drafter (e.g. the DFlash baseline) measured on the same prompts; "
+                                         "repeatable")
+    compare_name: list[str] = flag([], action="append", metavar="NAME",
+                                   help="name of each --compare-draft in the results (default: its folder name)")
+    plots: str | None = flag(metavar="DIR", help="write PNG plots to this folder")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="Target: Hub id, local folder, or 'gemma-3-270m'.")
-    parser.add_argument("--draft", action="append", required=True, metavar="DRAFT",
-                        help="Drafter folder / Hub id, or 'default' (the shipped drafter of the target). "
-                             "Repeat to measure more drafters: extra ones are reported under compare[folder name].")
-    parser.add_argument("--prompts", nargs="+", default=[], metavar="FILE",
-                        help='JSON Lines prompt files of {"turns": [...]} rows; each is a set named by its file stem.')
-    parser.add_argument("--dataset", nargs="+", default=[], choices=list(DATASETS), metavar="NAME",
-                        help=f"Benchmarks fetched from the Hub: {', '.join(DATASETS)}.")
-    parser.add_argument("--max-prompts", type=_args.positive_int, default=None, help="Use the first N prompts of each set.")
-    parser.add_argument("--strict", action="store_true",
-                        help="Stop at the first prompt row without a usable prompt (default: skip and count them).")
-    parser.add_argument("--chat-template", default="auto", metavar="auto|yes|no",
-                        help="Wrap prompts in the target's chat template. auto (default): as the drafter's training "
-                             "prompts were (config.prompt_chat_template), else when the tokenizer has a template.")
-    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=256, help="New tokens per prompt (default 256).")
-    parser.add_argument("--temperature", type=_args.temperature, default=0.0, help="0 (default) decodes greedily.")
-    parser.add_argument("--top-k", type=_args.top_k, default=None, help="Top-k when sampling (default: off).")
-    parser.add_argument("--top-p", type=_args.top_p, default=None, help="Nucleus threshold when sampling (default: off).")
-    parser.add_argument("--seed", type=int, default=0, help="Prompt i of a set is sampled with seed + i.")
-    parser.add_argument("--policy", choices=("full", "threshold", "cost", "auto"), default=None,
-                        help="Verification policy of the drafter(s) under test (default: the saved one); "
-                             "'cost' without a saved latency table profiles the target first. "
-                             "--compare-draft drafters keep their saved policy.")
-    parser.add_argument("--ngram-lookup", type=_args.ngram_tokens, default=None, metavar="N|auto",
-                        help="Drafter(s) under test also copy up to N tokens after an earlier match of the last "
-                             "2-3 tokens instead of drafting when one exists (ngram_lookup_tokens; 0 = off; auto: "
-                             "lengths from the target's measured cost curve; default: the saved setting). "
-                             "--compare-draft drafters keep their saved setting.")
-    parser.add_argument("--baseline", action="store_true", help="Also run plain generate (speed-up, output check).")
-    parser.add_argument("--prompt-lookup", action="store_true", help="Also run transformers' prompt lookup decoding.")
-    parser.add_argument("--prompt-lookup-tokens", type=_args.positive_int, default=10,
-                        help="prompt_lookup_num_tokens for --prompt-lookup (default 10).")
-    parser.add_argument("--compare-draft", action="append", default=[], metavar="DIR",
-                        help="Another drafter (e.g. the DFlash baseline) measured on the same prompts; repeatable.")
-    parser.add_argument("--compare-name", action="append", default=[], metavar="NAME",
-                        help="Name of each --compare-draft in the results (default: its folder name).")
-    parser.add_argument("--output", default=None,
-                        help="Results JSON (rewritten after every prompt; resumed if present).")
-    parser.add_argument("--overwrite", action="store_true", help="Start --output afresh instead of resuming it.")
-    parser.add_argument("--plots", default=None, metavar="DIR", help="Write PNG plots to this folder.")
-    _args.add_target_placement(parser)
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype", "device"), required=("target",))
+    add_dataclass_arguments(
+        parser, DrafterArguments, ("draft", "policy", "ngram_lookup"), required=("draft",),
+        overrides={"draft": {"action": "append", "metavar": "DRAFT",
+                             "help": "drafter folder / Hub id, or 'default' (the shipped drafter of the target); "
+                                     "repeat to measure more drafters: extra ones are reported under "
+                                     "compare[folder name]"},
+                   "policy": {"help": "verification policy of the drafter(s) under test (default: the saved one); "
+                                      "'cost' without a saved latency table profiles the target first; "
+                                      "--compare-draft drafters keep their saved policy"},
+                   "ngram_lookup": {"help": "drafter(s) under test also copy up to N tokens after an earlier match "
+                                            "of the last 2-3 tokens instead of drafting when one exists "
+                                            "(ngram_lookup_tokens; 0 = off; auto: lengths from the target's "
+                                            "measured cost curve; default: the saved setting); --compare-draft "
+                                            "drafters keep their saved setting"}})
+    add_dataclass_arguments(
+        parser, PromptArguments, ("prompts", "max_prompts", "strict", "chat_template", "max_new_tokens"),
+        defaults={"prompts": [], "max_new_tokens": 256},
+        overrides={"prompts": {"help": "JSON Lines prompt files of {'turns': [...]} rows; each is a set named by "
+                                       "its file stem"},
+                   "max_new_tokens": {"help": "new tokens per prompt (default 256)"}})
+    add_dataclass_arguments(parser, SamplingArguments, ("temperature", "top_k", "top_p", "seed"),
+                            defaults={"temperature": 0.0},
+                            overrides={"temperature": {"help": "0 (default) decodes greedily"},
+                                       "seed": {"help": "prompt i of a set is sampled with seed + i"}})
+    add_dataclass_arguments(parser, EvalArguments)
+    add_dataclass_arguments(parser, OutputArguments, ("output", "overwrite"), overrides={
+        "output": {"help": "results JSON (rewritten after every prompt; resumed if present)"},
+        "overwrite": {"help": "start --output afresh instead of resuming it"}})
+    add_dataclass_arguments(parser, RuntimeArguments, ("no_progress",))
+    add_config_argument(parser)
 
 
 def _hardware(device: torch.device) -> str:
@@ -417,10 +429,19 @@ def run(args) -> int:
     return 0
 
 
+@dataclass
+class MergeEvalArguments:
+    """The files to pool."""
+
+    inputs: list[str] = flag(positional=True, nargs="+", metavar="RESULTS_JSON", help="`hf-dspark eval` files to pool")
+
+
 def add_merge_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="RESULTS_JSON", help="`hf-dspark eval` files to pool.")
-    parser.add_argument("--output", required=True, help="Merged results JSON to write.")
-    parser.add_argument("--plots", default=None, metavar="DIR", help="Write PNG plots of the merged results.")
+    add_dataclass_arguments(parser, MergeEvalArguments)
+    add_dataclass_arguments(parser, OutputArguments, ("output",), required=("output",),
+                            overrides={"output": {"help": "merged results JSON to write"}})
+    add_dataclass_arguments(parser, EvalArguments, ("plots",),
+                            overrides={"plots": {"help": "write PNG plots of the merged results"}})
 
 
 def run_merge_eval(args) -> int:

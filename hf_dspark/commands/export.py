@@ -5,40 +5,53 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hf_dspark.checkpoints.export import CARD_INPUTS_FILE, EXPORT_FORMATS, export_drafter, human_size, push_drafter
 from hf_dspark.checkpoints.model_card import DEFAULT_LICENSE
 from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    DrafterArguments, OutputArguments, TargetArguments, add_dataclass_arguments, flag,
+)
+
+
+@dataclass
+class ExportArguments:
+    """What goes into the export."""
+
+    format: str = flag("hub", choices=EXPORT_FORMATS,
+                       help="hub: transformers / Hub repository (default); deepspec: DeepSpec's layout; vllm / sglang: "
+                            "engine-native layout; speculators: vLLM speculators' DSpark format")
+    eval_json: list[str] | None = flag(nargs="+", metavar="FILE",
+                                       help="`hf-dspark eval` results to put on the model card (hub)")
+    serving_json: list[str] | None = flag(
+        nargs="+", metavar="FILE",
+        help="`hf-dspark bench-batch` / `bench-serve` results for the card's batched-serving section (hub)")
+    recipe: str | None = flag(metavar="COMMAND", help="training command shown on the card (hub)")
+    license: str | None = flag(help=f"Hub license id for the card (default {DEFAULT_LICENSE}; use the target's license)")
+    repo_id: str | None = flag(metavar="ORG/NAME", help="Hub id used in the card's usage snippet")
+    expand_draft_vocab: bool = flag(
+        False, action="store_true",
+        help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/serving.md)")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--draft", required=True, metavar="DIR_OR_ID",
-                        help="Trained drafter folder (draft.save_pretrained) or the Hub id of an exported drafter.")
-    parser.add_argument("--output", required=True, metavar="OUT", help="Folder to write (must be new or empty).")
-    parser.add_argument("--format", default="hub", choices=EXPORT_FORMATS,
-                        help="hub: transformers / Hub repository (default); deepspec: DeepSpec's layout; vllm / sglang: "
-                             "engine-native layout; speculators: vLLM speculators' DSpark format.")
-    parser.add_argument("--eval-json", nargs="+", default=None, metavar="FILE",
-                        help="`hf-dspark eval` results to put on the model card (hub).")
-    parser.add_argument("--serving-json", nargs="+", default=None, metavar="FILE",
-                        help="`hf-dspark bench-batch` / `bench-serve` results for the card's batched-serving section (hub).")
-    parser.add_argument("--recipe", default=None, metavar="COMMAND", help="Training command shown on the card (hub).")
-    parser.add_argument("--license", default=None,
-                        help=f"Hub license id for the card (default {DEFAULT_LICENSE}; use your target's license).")
-    parser.add_argument("--repo-id", default=None, metavar="ORG/NAME", help="Hub id used in the card's usage snippet.")
-    parser.add_argument("--target", default=None, metavar="DIR_OR_ID",
-                        help="Target weights: read for a vLLM / speculators export of a reduced-vocabulary drafter, "
-                             "and stored as embed_tokens / lm_head by a deepspec export.")
-    parser.add_argument("--target-name", default=None, metavar="HUB_ID",
-                        help="The target's Hub id, for drafters that do not record it (DeepSpec checkpoints).")
-    parser.add_argument("--expand-draft-vocab", action="store_true",
-                        help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/serving.md).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing export in --output.")
-    parser.add_argument("--ngram-lookup", type=_args.non_negative_int, default=None, metavar="N",
-                        help="hub: turn on n-gram rounds in the exported generation_config.json (copy up to N tokens "
-                             "after an earlier match of the last tokens instead of drafting; 0 = off; "
-                             "default: keep the drafter's setting).")
+    add_dataclass_arguments(parser, DrafterArguments, ("draft", "ngram_lookup"), required=("draft",), overrides={
+        "draft": {"metavar": "DIR_OR_ID", "help": "trained drafter folder (draft.save_pretrained) or the Hub id of "
+                                                  "an exported drafter"},
+        "ngram_lookup": {"type": _args.non_negative_int, "metavar": "N",
+                         "help": "hub: turn on n-gram rounds in the exported generation_config.json (copy up to N "
+                                 "tokens after an earlier match of the last tokens instead of drafting; 0 = off; "
+                                 "default: keep the drafter's setting)"}})
+    add_dataclass_arguments(parser, ExportArguments)
+    add_dataclass_arguments(parser, TargetArguments, ("target", "target_name"), overrides={
+        "target": {"metavar": "DIR_OR_ID", "help": "target weights: read for a vLLM / speculators export of a "
+                                                   "reduced-vocabulary drafter, and stored as embed_tokens / lm_head "
+                                                   "by a deepspec export"}})
+    add_dataclass_arguments(parser, OutputArguments, ("output", "overwrite"), required=("output",), overrides={
+        "output": {"metavar": "OUT", "help": "folder to write (must be new or empty)"},
+        "overwrite": {"help": "replace an existing export in --output"}})
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -56,12 +69,20 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class PushArguments:
+    """The upload."""
+
+    repo: str = flag(metavar="ORG/NAME", help="Hub model repository (created if needed)")
+    private: bool = flag(False, action="store_true", help="create the repository as private")
+    dry_run: bool = flag(False, action="store_true", help="list what would be uploaded; no network access")
+    commit_message: str | None = flag(help="commit message of the upload")
+
+
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--draft", required=True, metavar="OUT", help="Folder written by `hf-dspark export`.")
-    parser.add_argument("--repo", required=True, metavar="ORG/NAME", help="Hub model repository (created if needed).")
-    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--dry-run", action="store_true", help="List what would be uploaded; no network access.")
-    parser.add_argument("--commit-message", default=None, help="Commit message of the upload.")
+    add_dataclass_arguments(parser, DrafterArguments, ("draft",), required=("draft",), overrides={
+        "draft": {"metavar": "OUT", "help": "folder written by `hf-dspark export`"}})
+    add_dataclass_arguments(parser, PushArguments, required=("repo",))
 
 
 def run_push(args: argparse.Namespace) -> int:

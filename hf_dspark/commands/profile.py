@@ -4,35 +4,45 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
 from hf_dspark.decoding.latency import LatencyProfile, format_table, profile_latency
 from hf_dspark.errors import DSparkConfigError, LatencyProfileError
 from hf_dspark.commands import _args
+from hf_dspark.commands.arguments import (
+    DrafterArguments, OutputArguments, TargetArguments, add_config_argument, add_dataclass_arguments, flag,
+)
+
+
+@dataclass
+class ProfileArguments:
+    """What to measure."""
+
+    max_tokens: int = flag(16, type=_args.positive_int, help="profile 1..N tokens per row (default 16)")
+    batch_sizes: list[int] = flag([1], type=_args.positive_int, nargs="+", help="rows per pass (default 1)")
+    context_length: int = flag(128, type=_args.non_negative_int, help="tokens already in the KV cache (default 128)")
+    warmup: int = flag(2, type=_args.non_negative_int, help="untimed passes per point (default 2)")
+    repeats: int = flag(5, type=_args.positive_int, help="timed passes per point, median kept (default 5)")
+    cache_dir: str | None = flag(help="profile cache folder (default ~/.cache/hf_dspark/latency)")
+    force: bool = flag(False, action="store_true", help="measure again even if a cached profile exists")
+    verify_head: bool = flag(
+        True, action="store_false", flags=("--no-verify-head", "--no_verify_head"),
+        help="time transformers' LM head as is instead of the skinny verification layout that DSpark generation "
+             "uses on CPU fp32 (see benchmarks/bench_verify_head.py)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hf-dspark profile``."""
-    parser.add_argument("--target", required=True, help="target model id or local path")
-    parser.add_argument("--max-tokens", type=_args.positive_int, default=16, help="profile 1..N tokens per row (default 16)")
-    parser.add_argument("--batch-sizes", type=_args.positive_int, nargs="+", default=[1], help="rows per pass (default 1)")
-    parser.add_argument("--context-length", type=_args.non_negative_int, default=128, help="tokens already in the KV cache (default 128)")
-    _args.add_target_placement(parser)
-    parser.add_argument("--warmup", type=_args.non_negative_int, default=2, help="untimed passes per point (default 2)")
-    parser.add_argument("--repeats", type=_args.positive_int, default=5, help="timed passes per point, median kept (default 5)")
-    parser.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/hf_dspark/latency)")
-    parser.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
-    parser.add_argument("--no-verify-head", dest="verify_head", action="store_false",
-                        help="time transformers' LM head as is instead of the skinny verification layout that "
-                        "DSpark generation uses on CPU fp32 (see benchmarks/bench_verify_head.py)")
-    parser.add_argument("--output", default=None, help="also write the profile JSON to this file")
-    parser.add_argument(
-        "--draft",
-        default=None,
-        help="drafter folder: store the batch-1 table as its generation_config latency_table "
-        "(enables the 'cost' verification policy)",
-    )
+    add_dataclass_arguments(parser, TargetArguments, ("target", "dtype", "device"), required=("target",))
+    add_dataclass_arguments(parser, ProfileArguments)
+    add_dataclass_arguments(parser, DrafterArguments, ("draft",), overrides={"draft": {
+        "help": "drafter folder: store the batch-1 table as its generation_config latency_table (enables the "
+                "'cost' verification policy)"}})
+    add_dataclass_arguments(parser, OutputArguments, ("output",),
+                            overrides={"output": {"help": "also write the profile JSON to this file"}})
+    add_config_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+from hf_dspark.commands.arguments import add_dataclass_arguments, flag
 from hf_dspark.checkpoints.verify import CONFIG_FILES, check_tensors, verify_checksums
 from hf_dspark.errors import CheckpointError
 from hf_dspark.models.dspark.modeling_dspark import CARD_FILE, CHECKSUMS_KEY
 
 
+@dataclass
+class VerifyArguments:
+    """The folder to check."""
+
+    folder: str = flag(positional=True, metavar="DIR",
+                       help="drafter folder (an `hf-dspark export` or any save_pretrained)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", metavar="DIR", help="Drafter folder (an `hf-dspark export` or any save_pretrained).")
+    add_dataclass_arguments(parser, VerifyArguments)
 
 
 def run(args: argparse.Namespace) -> int:
