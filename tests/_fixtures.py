@@ -28,7 +28,7 @@ import torch
 from hf_dspark.decoding.latency import LatencyProfile
 from hf_dspark.decoding.round_cost import RoundCost
 
-from conftest import BOS_ID
+from _models import BOS_ID
 
 REPO = Path(__file__).resolve().parents[1]
 

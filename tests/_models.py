@@ -32,6 +32,65 @@ def tiny_qwen3_target(seed: int = 0, vocab_size: int = 96, num_layers: int = 4, 
     return model
 
 
+TINY_WORDS = [
+    "the", "a", "is", "of", "and", "to", "in", "what", "how", "many", "write", "code", "python", "sum",
+    "number", "answer", "question", "list", "please", "step", "by", "reason", "final", "two", "three",
+]
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+TINY_VOCAB_SIZE = 128
+
+TINY_CHAT_TEMPLATE = (
+    "<bos>{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_tokenizer(chat_template: str | None = None):
+    """A whitespace word-level fast tokenizer with 128 ids that prepends ``<bos>``.
+
+    Ids 0-5 are ``<pad> <bos> <eos> <unk> <|user|> <|assistant|>``, then a few
+    English words, then ``w0``, ``w1``, ... up to the vocabulary size.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL_TOKENS + TINY_WORDS
+    words += [f"w{i}" for i in range(TINY_VOCAB_SIZE - len(words))]
+    vocab = {word: index for index, word in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins word pieces with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_model(seed: int = 0):
+    """A random 2-layer Qwen3 causal LM over the tiny tokenizer's vocabulary (``tiny_qwen3_target``)."""
+    model = tiny_qwen3_target(seed, vocab_size=TINY_VOCAB_SIZE, num_layers=2, eos_token_id=EOS_ID)
+    model.generation_config.bos_token_id = BOS_ID
+    return model
+
+
+def save_tiny_target(folder, chat_template: str | None = None, seed: int = 0):
+    """Save the tiny model and tokenizer to ``folder`` (a target usable by ``load_target``)."""
+    build_tiny_model(seed).save_pretrained(folder)
+    build_tiny_tokenizer(chat_template).save_pretrained(folder)
+    return folder
+
+
 def tiny_gemma3_target(seed: int = 0, vocab_size: int = 96):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 

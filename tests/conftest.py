@@ -1,6 +1,9 @@
-"""Shared test fixtures: a tiny random Qwen3 target with a tiny word-level tokenizer.
+"""pytest fixtures shared by every test folder: folders holding the tiny target of ``_models`` (with and
+without a chat template), one torch thread, a private latency cache.
 
-Everything is built in code (no downloads), so tests run offline in seconds.
+Tests mirror the package (``models/``, ``decoding/``, ``checkpoints/``, ``evaluation/``, ``trainer/``,
+``cli/``); the checks of the package as a whole (layering, docs, named bugs) sit at this level. Tiny
+models are built in code by ``_models.py`` (no downloads); other shared helpers are in ``_fixtures.py``.
 """
 
 from __future__ import annotations
@@ -8,82 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-TINY_WORDS = [
-    "the", "a", "is", "of", "and", "to", "in", "what", "how", "many", "write", "code", "python", "sum",
-    "number", "answer", "question", "list", "please", "step", "by", "reason", "final", "two", "three",
-]
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-TINY_VOCAB_SIZE = 128
-
-TINY_CHAT_TEMPLATE = (
-    "<bos>{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def build_tiny_tokenizer(chat_template: str | None = None):
-    """A whitespace word-level fast tokenizer with 128 ids that prepends ``<bos>``.
-
-    Ids 0-5 are ``<pad> <bos> <eos> <unk> <|user|> <|assistant|>``, then a few
-    English words, then ``w0``, ``w1``, ... up to the vocabulary size.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = SPECIAL_TOKENS + TINY_WORDS
-    words += [f"w{i}" for i in range(TINY_VOCAB_SIZE - len(words))]
-    vocab = {word: index for index, word in enumerate(words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
-    )
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins word pieces with spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    return tokenizer
-
-
-def build_tiny_model(seed: int = 0):
-    """A random 2-layer Qwen3 causal LM over the tiny vocabulary."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-    )
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.bos_token_id = BOS_ID
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = PAD_ID
-    return model.eval()
-
-
-def save_tiny_target(folder, chat_template: str | None = None, seed: int = 0):
-    """Save the tiny model and tokenizer to ``folder`` (a target usable by ``load_target``)."""
-    build_tiny_model(seed).save_pretrained(folder)
-    build_tiny_tokenizer(chat_template).save_pretrained(folder)
-    return folder
+from _models import TINY_CHAT_TEMPLATE, save_tiny_target  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Runs INSIDE the separate speculators virtual environment (speculators 0.9.0, transformers 5.19),
-driven by tests/test_speculators_crosscheck.py; it must not import hf_dspark.
+driven by tests/checkpoints/test_speculators_crosscheck.py; it must not import hf_dspark.
 
 Usage: python speculators_worker.py CASES.json, a list of {"checkpoint", "inputs", "output", "report", "attn"}
 (``attn``: "default" keeps speculators' own attention implementation, simple_flex_attention).

@@ -53,7 +53,7 @@ EXPORT_FORMATS = ("hub", "deepspec", "vllm", "sglang", "speculators")
 # formats written in DeepSpec's save_pretrained layout
 DEEPSPEC_LAYOUT_FORMATS = ("deepspec", "vllm", "sglang")
 # The remote code of a hub export: these package files, written from the package at export time
-# (the package is their one source; tests/test_remote_code.py keeps every shipped copy equal to it).
+# (the package is their one source; tests/checkpoints/test_remote_code.py keeps every shipped copy equal to it).
 REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_layers.py", "modeling_dspark_gemma4.py",
                      "cache_dspark.py", "loading_dspark.py", "target_binding_dspark.py", "training_dspark.py",
                      "generation_dspark.py", "generation_config_dspark.py", "policies_dspark.py", "scheduling_dspark.py",

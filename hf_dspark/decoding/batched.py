@@ -47,7 +47,7 @@ shared with ``generate``); :class:`~hf_dspark.decoding.round_plan.RoundPlanner` 
   current drafts. It fixes who drafts, the budget ``K`` (its total) and a width cap (its widest
   request); the current survival only ranks the candidates, and the top ``K`` are verified
   (:func:`hf_dspark.decoding.scheduling.top_k_prefix`). Lossless for sampling too (Appendix A of the paper;
-  ``tests/test_batched.py`` reproduces the bias of a global search on current scores).
+  ``tests/decoding/test_batched.py`` reproduces the bias of a global search on current scores).
 * ``"plain"``: no drafting and no n-gram rounds: plain continuous-batching decoding through the
   same engine (the baseline of ``hf-dspark bench-serve``).
 * ``"oracle"``: verify exactly what the target accepts, read from its greedy output given with each

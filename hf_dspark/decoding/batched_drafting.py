@@ -2,7 +2,7 @@
 their context lengths, then the Markov loop and, when sampling, the exact draft distributions.
 
 The drafter runs batched over ragged contexts through ``DSparkDraftModel.backbone`` with an
-explicit mask (the same computation as ``draft_block``; ``tests/test_batched.py`` checks that
+explicit mask (the same computation as ``draft_block``; ``tests/decoding/test_batched.py`` checks that
 the two agree row by row).
 
 :class:`BatchedDrafting` is a part of :class:`hf_dspark.decoding.batched.BatchedSpeculativeGenerator`; its

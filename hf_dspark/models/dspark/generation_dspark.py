@@ -18,7 +18,7 @@ wrapped only to run the drafter's own target check first, so that a drafter buil
 target reports that (vocabulary, hidden size, layers) rather than transformers' advice about
 different tokenizers; it then calls the original unchanged.
 The wrapper is installed for the transformers range in ``SUPPORTED_TRANSFORMERS`` only and
-refuses clearly otherwise; ``tests/test_generate_hook.py`` fails if either internal's signature
+refuses clearly otherwise; ``tests/decoding/test_generate_hook.py`` fails if either internal's signature
 or the ``CandidateGenerator`` model-outputs protocol changes.
 
 Who installs the hook: importing ``hf_dspark`` (``hf_dspark/__init__.py`` calls
@@ -663,7 +663,7 @@ def refuse_stateful_target(model, where: str = "generate(assistant_model=<DSpark
 
     transformers 5.25 lets assisted decoding run on such targets (keeping a history of recurrent
     states), but on them its own prompt lookup already departs from plain greedy ``generate``
-    (``tests/test_transformers_releases.py`` keeps the evidence), so DSpark refuses them on every
+    (``tests/decoding/test_transformers_releases.py`` keeps the evidence), so DSpark refuses them on every
     supported release rather than return other tokens than the target alone would.
     """
     if is_stateful_target(model):

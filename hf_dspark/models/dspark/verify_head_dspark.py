@@ -18,7 +18,7 @@ import torch
 # exactly the verification pass of speculative decoding (1 + k rows), so while a DSpark generation is
 # running the target's output embedding uses that layout for 2..FAST_HEAD_MAX_ROWS rows on CPU fp32.
 # Values are the same dot products summed in a different order (rounding-level differences, bounded in
-# tests/test_verify_head.py);
+# tests/models/test_verify_head.py);
 # every other call (one row, prefill, other devices/dtypes) goes to nn.Linear unchanged.
 FAST_HEAD_MAX_ROWS = 8
 

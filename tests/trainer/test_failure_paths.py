@@ -461,7 +461,7 @@ def test_the_shipped_drafter_records_its_weight_checksum(capsys):
 def test_a_drafter_for_another_vocabulary_gets_our_message_before_transformers_advice():
     from _models import tiny_qwen3_target
 
-    from conftest import build_tiny_model
+    from _models import build_tiny_model
     from hf_dspark import DSparkDraftModel
 
     target = build_tiny_model()  # vocabulary 128, 2 layers
@@ -532,7 +532,7 @@ def test_a_drafter_for_another_target_is_reported_in_one_line(tmp_path, eval_arg
 
 
 def test_eval_reports_truncated_or_corrupted_drafter_weights_in_one_line(tmp_path, eval_argv, exported, capsys):
-    from conftest import build_tiny_model
+    from _models import build_tiny_model
 
     from hf_dspark import DSparkDraftModel
 

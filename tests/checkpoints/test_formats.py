@@ -1,7 +1,7 @@
 """Every checkpoint format a user may arrive with goes through one loader, and the converters
 round-trip: DeepSpec folders (the fixtures) <-> our Hub layout, our exports in DeepSpec / vLLM /
 SGLang / speculators layouts -> load back bit for bit. The cross-check against speculators' own
-code is tests/test_speculators_crosscheck.py."""
+code is tests/checkpoints/test_speculators_crosscheck.py."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from hf_dspark.errors import DataError
 from hf_dspark.trainer.regenerate import read_finished, regenerate_in_process, regenerate_openai
 
 from _fixtures import write_jsonl
-from conftest import EOS_ID, TINY_CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
+from _models import EOS_ID, TINY_CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = [
     "what is the sum of two and three",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from _models import tiny_gemma3_target
-from conftest import BOS_ID, PAD_ID, build_tiny_model, build_tiny_tokenizer
+from _models import BOS_ID, PAD_ID, build_tiny_model, build_tiny_tokenizer
 from safetensors.torch import load_file
 
 from hf_dspark import DSparkDraftModel, targets
@@ -31,7 +31,7 @@ from hf_dspark.trainer import target_parts, train_cli
 from hf_dspark.trainer.dspark_trainer import DSparkTrainer
 from hf_dspark.trainer.target_parts import TargetParts, load_target_parts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_FLAGS = ["--num_anchors", "8", "--per_device_train_batch_size", "4", "--disable_tqdm", "true",
                "--threads", "1", "--report_to", "none", "--block_size", "4", "--markov_rank", "8",
                "--num_draft_layers", "1", "--logging_steps", "1"]

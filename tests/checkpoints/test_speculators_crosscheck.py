@@ -47,7 +47,7 @@ TORCH = "torch==2.13.0"  # the CPU wheel, as scripts/test.sh installs it
 REQUIREMENTS = ("transformers==5.19.0", "loguru>=0.7.2,<=0.7.3", "datasets>=4.0,<=5.1.0", "openai",
                 "hs-connectors==0.9.0", "pydantic>=2")
 SPECULATORS = "speculators==0.9.0"
-WORKER = Path(__file__).with_name("speculators_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "speculators_worker.py"
 
 
 def _pip(python: Path, *args: str) -> None:

@@ -42,9 +42,9 @@ from hf_dspark.trainer.dspark_trainer import DSparkTrainer, gather_positions, lo
 from hf_dspark.trainer.feature_cache import bytes_per_token, target_features
 from hf_dspark.trainer.training_args import DSparkTrainingArguments
 
-from conftest import BOS_ID, EOS_ID, PAD_ID, build_tiny_model, build_tiny_tokenizer
+from _models import BOS_ID, EOS_ID, PAD_ID, build_tiny_model, build_tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYERS = [0, 1]
 TOPK = 16
 # Small, fast settings shared by the training runs.

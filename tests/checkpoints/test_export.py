@@ -20,7 +20,7 @@ from hf_dspark.errors import CheckpointError, DSparkConfigError
 from hf_dspark.checkpoints.export import export_drafter, upload_plan
 from hf_dspark.checkpoints.model_card import render_example_card
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TARGET_NAME = "tiny-org/tiny-qwen3"
 
 EVAL = {

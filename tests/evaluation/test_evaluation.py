@@ -10,7 +10,7 @@ import pytest
 import torch
 from _fixtures import write_jsonl
 from _models import briefly_trained_drafter, tiny_drafter
-from conftest import BOS_ID
+from _models import BOS_ID
 
 import hf_dspark  # noqa: F401  (installs the generate hook)
 from hf_dspark import DataError, evaluation
@@ -257,7 +257,7 @@ def test_eval_encodes_prompts_as_the_drafter_was_trained(workspace, tiny_chat_ta
     """A drafter trained on raw text gets raw prompts even when the target has a chat template."""
     import shutil
 
-    from conftest import build_tiny_tokenizer
+    from _models import build_tiny_tokenizer
 
     from hf_dspark.data import encode_prompt
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import hf_dspark
 from hf_dspark import errors
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md"
 
 
 def all_error_classes() -> set[type]:

@@ -112,7 +112,7 @@ def test_export_overwrite_keeps_the_run_folder_holding_the_checkpoint(tmp_path, 
 
 
 def test_export_overwrite_keeps_a_target_folder(tmp_path, drafter_dir, capsys):
-    from conftest import save_tiny_target
+    from _models import save_tiny_target
 
     target = save_tiny_target(tmp_path / "target")
     before = tree(target)
@@ -136,7 +136,7 @@ def test_export_overwrite_deletes_only_what_the_export_wrote(tmp_path, drafter_d
 
 # ----------------------------------------------------------------------------- 3. train --output = --target
 def test_train_refuses_to_write_into_the_target_folder(tmp_path, capsys):
-    from conftest import save_tiny_target
+    from _models import save_tiny_target
 
     target = save_tiny_target(tmp_path / "target")
     cache = tmp_path / "cache"
@@ -237,10 +237,10 @@ def plain_greedy(target, prompt: list[int], new_tokens: int) -> list[int]:
 @pytest.mark.parametrize("bad", [[5, 96, 7], [], [5, 6.0, 7], [5, -1]],
                          ids=["out_of_vocabulary", "empty", "float_id", "negative"])
 def test_a_bad_request_is_refused_and_the_engine_keeps_working(engine_models, bad):
-    from hf_dspark import BatchedSpeculativeGenerator
+    from hf_dspark import BatchedSpeculativeGenerator, DSparkGenerationConfig
 
     target, draft = engine_models
-    engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=2)
+    engine = BatchedSpeculativeGenerator(target, draft, generation_config=DSparkGenerationConfig(verification_policy="full"), max_batch_size=2)
     good = [[1, 10, 11, 12], [1, 20, 21]]
     with pytest.raises(HfDSparkError, match=r"prompts\[1\]") as refused:
         engine.generate([good[0], bad, good[1]], 6, eos_token_id=[])
@@ -249,10 +249,10 @@ def test_a_bad_request_is_refused_and_the_engine_keeps_working(engine_models, ba
 
 
 def test_a_round_that_fails_drops_its_requests_and_the_engine_keeps_working(engine_models, monkeypatch):
-    from hf_dspark import BatchedSpeculativeGenerator
+    from hf_dspark import BatchedSpeculativeGenerator, DSparkGenerationConfig
 
     target, draft = engine_models
-    engine = BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=2)
+    engine = BatchedSpeculativeGenerator(target, draft, generation_config=DSparkGenerationConfig(verification_policy="full"), max_batch_size=2)
     good = [[1, 10, 11, 12], [1, 20, 21], [1, 30]]
     calls = {"n": 0}
     verify = engine._verify_forward
@@ -272,11 +272,11 @@ def test_a_round_that_fails_drops_its_requests_and_the_engine_keeps_working(engi
 
 # ----------------------------------------------------------------------------- 14. engine threshold
 def test_the_engine_refuses_a_confidence_threshold_outside_0_1(engine_models):
-    from hf_dspark import BatchedSpeculativeGenerator
+    from hf_dspark import BatchedSpeculativeGenerator, DSparkGenerationConfig
 
     target, draft = engine_models
     with pytest.raises(DSparkConfigError, match="confidence_threshold=5.0"):
-        BatchedSpeculativeGenerator(target, draft, scheduler="threshold", confidence_threshold=5.0)
+        BatchedSpeculativeGenerator(target, draft, generation_config=DSparkGenerationConfig(verification_policy="threshold", confidence_threshold=5.0))
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -302,13 +302,13 @@ def test_from_target_refuses_an_encoder_decoder_target(family):
 def test_seeded_sampling_is_reproducible_with_a_timing_free_scheduler(engine_models, scheduler):
     """Item 14: with scheduler 'full' or 'threshold' a seed fixes the output bit for bit (algorithm1/async
     choose verification lengths from measured timings, so their seeded outputs vary run to run; docs/serving.md)."""
-    from hf_dspark import BatchedSpeculativeGenerator
+    from hf_dspark import BatchedSpeculativeGenerator, DSparkGenerationConfig
 
     target, draft = engine_models
     prompts = [[1, 10, 11, 12], [1, 20, 21], [1, 30]]
 
     def sample(seed):
-        engine = BatchedSpeculativeGenerator(target, draft, scheduler=scheduler, max_batch_size=2)
+        engine = BatchedSpeculativeGenerator(target, draft, generation_config=DSparkGenerationConfig(verification_policy=scheduler), max_batch_size=2)
         return engine.generate(prompts, 12, do_sample=True, temperature=1.0, seed=seed, eos_token_id=[])
 
     first = sample(7)

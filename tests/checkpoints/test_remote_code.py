@@ -18,7 +18,7 @@ from _models import tiny_drafter, tiny_qwen3_target
 import hf_dspark
 from hf_dspark.checkpoints.export import REMOTE_CODE_DIR, REMOTE_CODE_FILES, export_drafter, write_remote_code
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_ERRORS = ROOT / "hf_dspark" / "errors.py"
 SKIP_DIRS = {".venv", ".git", "build", "dist", "__pycache__", ".pytest_cache", "runs", "work_data"}
 

@@ -100,12 +100,12 @@ def test_nested_owners_release_in_any_order():
 
 
 def test_batched_engine_close_releases_the_head_and_profile_records_it(tmp_path):
-    from hf_dspark.decoding.batched import BatchedSpeculativeGenerator
+    from hf_dspark import BatchedSpeculativeGenerator, DSparkGenerationConfig
     from hf_dspark.decoding.latency import LatencyProfile, profile_latency
 
     target = tiny_qwen3_target()
     head = target.get_output_embeddings()
-    engine = BatchedSpeculativeGenerator(target, tiny_drafter(target), scheduler="full")
+    engine = BatchedSpeculativeGenerator(target, tiny_drafter(target), generation_config=DSparkGenerationConfig(verification_policy="full"))
     assert engine.fast_verify_head and "_dspark_verify_head" in head.__dict__
     engine.close()
     engine.close()  # idempotent

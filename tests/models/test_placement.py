@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from _models import briefly_trained_drafter, tiny_qwen3_target
-from hf_dspark import BatchedSpeculativeGenerator, DevicePlacementError
+from hf_dspark import BatchedSpeculativeGenerator, DevicePlacementError, DSparkGenerationConfig
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -117,4 +117,4 @@ def test_batched_engine_refuses_dispatched_targets(in_memory, tmp_path):
     _, draft = in_memory
     offloaded = dispatched(HEAD_ON_DISK, tmp_path)
     with pytest.raises(DevicePlacementError, match="one device.*generate"):
-        BatchedSpeculativeGenerator(offloaded, draft, scheduler="full")
+        BatchedSpeculativeGenerator(offloaded, draft, generation_config=DSparkGenerationConfig(verification_policy="full"))

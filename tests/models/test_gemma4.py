@@ -187,7 +187,7 @@ def test_unsupported_gemma4_variants_are_refused_by_name(field, value):
 def test_train_cli_and_export_for_a_gemma4_target(tmp_path):
     """`hf-dspark train` builds a Gemma 4 drafter for a Gemma 4 target, trains it (loss goes down), and
     `hf-dspark export` ships it in the Hub and DeepSpec layouts, both drafting losslessly."""
-    from conftest import BOS_ID, PAD_ID, build_tiny_tokenizer
+    from _models import BOS_ID, PAD_ID, build_tiny_tokenizer
 
     from hf_dspark import load_drafter
     from hf_dspark.cli import main
@@ -257,7 +257,7 @@ def test_sampling_with_a_gemma4_drafter_follows_the_target_distribution(monkeypa
 
 
 def test_batched_engine_with_a_gemma4_drafter_equals_plain_generate():
-    from hf_dspark import BatchedSpeculativeGenerator
+    from hf_dspark import BatchedSpeculativeGenerator, DSparkGenerationConfig
 
     target = tiny_gemma4_target(attention_k_eq_v=True)
     draft = tiny_drafter(target, markov_head_type="rnn")
@@ -265,4 +265,4 @@ def test_batched_engine_with_a_gemma4_drafter_equals_plain_generate():
     batch = [torch.randint(3, 90, (n,), generator=gen).tolist() for n in (5, 9, 7)]
     expected = [target.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[0, len(p):].tolist()
                 for p in batch]
-    assert BatchedSpeculativeGenerator(target, draft, scheduler="full", max_batch_size=3).generate(batch, 16) == expected
+    assert BatchedSpeculativeGenerator(target, draft, generation_config=DSparkGenerationConfig(verification_policy="full"), max_batch_size=3).generate(batch, 16) == expected

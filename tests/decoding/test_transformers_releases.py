@@ -44,7 +44,7 @@ def test_the_pin_and_the_gate_agree():
     import pathlib
     import tomllib
 
-    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text())
     low, high = generation_dspark.SUPPORTED_TRANSFORMERS
     pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("transformers"))
     assert pin == f"transformers>={low.rsplit('.', 1)[0]},<{high.rsplit('.', 1)[0]}", pin
@@ -191,7 +191,7 @@ def test_drafters_exported_before_and_after_5_25_support_on_this_release(tmp_pat
     files are rewritten (``write_remote_code``: what ``hf-dspark export`` does) or through hf_dspark."""
     from hf_dspark.checkpoints.export import REMOTE_CODE_FILES, export_drafter, write_remote_code
 
-    repository = Path(__file__).resolve().parents[1]
+    repository = Path(__file__).resolve().parents[2]
     qwen.save_pretrained(tmp_path / "target")
     draft.config.target_model_name = "tiny-qwen3"
     draft.save_pretrained(tmp_path / "draft")
