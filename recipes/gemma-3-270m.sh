@@ -78,15 +78,17 @@ Path(sys.argv[2]).write_text("".join(rest[:80]), encoding="utf-8")
 PY
 hf-dspark calibrate --target $TARGET --draft "$WORK/gemma_dspark5" \
     --prompts "$WORK/gemma_data/holdout.jsonl" "$WORK/calib_extra.jsonl" --max-prompts 100 --max-new-tokens 128 \
-    --rounds "$WORK/calibration_rounds5.jsonl" --report results/calibration_report.json \
-    --plot results/plots/reliability.png
+    --rounds "$WORK/calibration_rounds5.jsonl" --report "$WORK/calibration_report.json" \
+    --plot "$WORK/reliability.png"
 
 # 5. Hub-shaped folder shipped with the package (weights in bf16 to stay small). The latency table is
 #    machine-specific, so it is not shipped: run `hf-dspark profile --draft DIR` where you deploy.
-#    N-gram rounds are turned on (ngram_lookup_tokens 7, one block): `hf-dspark eval --ngram-lookup 7`
-#    measured them faster than the drafter alone at greedy and under sampling (see the README).
+#    The shipped decoding settings: n-gram rounds with lengths from the cost curve ("auto", one-token
+#    matches allowed) and the "auto" verification policy (docs/decoding.md); export keeps them.
 python -c "import sys, torch; from hf_dspark import DSparkDraftModel; \
-DSparkDraftModel.from_pretrained(sys.argv[1]).to(torch.bfloat16).save_pretrained(sys.argv[2])" \
+m = DSparkDraftModel.from_pretrained(sys.argv[1]).to(torch.bfloat16); \
+g = m.generation_config; g.ngram_lookup_tokens, g.ngram_min_size, g.verification_policy = 'auto', 1, 'auto'; \
+m.save_pretrained(sys.argv[2])" \
     "$WORK/gemma_dspark5" "$WORK/gemma_dspark5_bf16"
 hf-dspark export --draft "$WORK/gemma_dspark5_bf16" --output hf_dspark/assets/gemma-3-270m-dspark --overwrite \
-    --license gemma --recipe "bash recipes/gemma-3-270m.sh" --ngram-lookup 7 ${EVAL_JSON:+--eval-json $EVAL_JSON}
+    --license gemma --recipe "bash recipes/gemma-3-270m.sh" ${EVAL_JSON:+--eval-json $EVAL_JSON}

@@ -33,7 +33,7 @@ class ExportArguments:
     repo_id: str | None = flag(metavar="ORG/NAME", help="Hub id used in the card's usage snippet")
     expand_draft_vocab: bool = flag(
         False, action="store_true",
-        help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/serving.md)")
+        help="SGLang: export a reduced-vocabulary drafter over the full vocabulary (see docs/formats.md)")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
