@@ -681,6 +681,9 @@ def test_planner_reads_predictions_two_rounds_old_and_falls_back_on_a_monotone_p
         [0.25 * 0.7 + 0.75 * prior[0], min(0.25 * 0.7 + 0.75 * prior[0], 0.25 * 0.6 + 0.75 * prior[1])])
     assert planner.prediction(request, now=6 + planner.PREDICTION_TTL + 1, limit=3) == planner.prediction(
         SpeculativeRequest(1, [1], 5, frozenset()), now=20, limit=3)  # expired: the prior, like a new request
+    planner.STALE_WEIGHT = 1.0  # exactly PREDICTION_TTL rounds old: still read
+    assert planner.prediction(request, now=6 + planner.PREDICTION_TTL, limit=3) == [0.7, 0.6, 0.2]
+    planner.STALE_WEIGHT = 0.25
     for _ in range(200):  # one-token blocks pull position 1 down, position 2 only hears long blocks
         planner.record(request, 7, [0.1])
     prior = planner.prediction(SpeculativeRequest(2, [1], 5, frozenset()), now=300, limit=3)
