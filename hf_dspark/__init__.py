@@ -2,7 +2,7 @@
 
 Importing the package registers ``DSparkConfig`` / ``DSparkDraftModel`` with ``AutoConfig`` /
 ``AutoModel`` and installs the ``generate(assistant_model=...)`` hook for DSpark drafters (the one
-documented runtime patch; see :mod:`hf_dspark.models.dspark.generation_dspark`, "Who installs the hook").
+documented runtime patch; see :mod:`hf_dspark.models.dspark.generate_hook_dspark`, "Who installs the hook").
 The layers and the data flow are mapped in docs/design.md.
 """
 

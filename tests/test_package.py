@@ -302,13 +302,7 @@ def test_the_private_name_check_sees_every_form_of_crossing(tmp_path, monkeypatc
 
 
 # transformers internals used outside the one module that hooks ``generate``; entries as above.
-PENDING_PRIVATE_TRANSFORMERS = {
-    # being fixed by the modeling/config split
-    "hf_dspark/models/dspark/modeling_dspark_layers.py: ._attn_implementation",
-    # transformers has no public reader of the attention implementation (its models and docs read
-    # config._attn_implementation): to go behind one reader in the hook module once the split has landed
-    "hf_dspark/decoding/engine_target.py: ._attn_implementation",
-}
+PENDING_PRIVATE_TRANSFORMERS: set[str] = set()
 
 
 def _transformers_private_names(hook: Path) -> set[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from hf_dspark.errors import DevicePlacementError, DSparkConfigError
 
+from hf_dspark.models.dspark.generate_hook_dspark import attention_implementation
 from hf_dspark.models.dspark.policies_dspark import ENGINE, policy_names
 
 SCHEDULERS = tuple(policy_names(ENGINE))  # deprecated: the registry (policies_dspark) is the one list of names
@@ -32,7 +33,7 @@ def attention_settings(target) -> tuple[bool, list[str] | None, int | None]:
     """``(boolean_mask, layer_types, sliding_window)`` of ``target`` for the engine's masks; raises
     ``DSparkConfigError`` naming the fix for an attention implementation or layer type it cannot serve."""
     text_config = target.config.get_text_config()
-    implementation = getattr(target.config, "_attn_implementation", None) or "eager"
+    implementation = attention_implementation(target.config) or "eager"
     if implementation not in SUPPORTED_ATTENTION:
         raise DSparkConfigError(
             f"the target uses attn_implementation={implementation!r}; the batched engine passes its own ragged "

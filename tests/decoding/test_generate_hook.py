@@ -1,4 +1,4 @@
-"""The one runtime patch: the generate() hook (hf_dspark.models.dspark.generation_dspark, "The hook").
+"""The one runtime patch: the generate() hook (hf_dspark.models.dspark.generate_hook_dspark).
 
 Fails loudly when the private transformers internals it wraps change signature, when the
 ``CandidateGenerator`` model-outputs protocol it relies on changes, or when the hook is installed
@@ -15,17 +15,17 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
 import hf_dspark
-from hf_dspark.models.dspark import generation_dspark
+from hf_dspark.models.dspark import generate_hook_dspark, generation_dspark
 from hf_dspark.errors import UnsupportedTransformersError
 from hf_dspark.checkpoints.export import REMOTE_CODE_DIR
 
 
 def test_importing_hf_dspark_installs_both_wrappers_over_the_expected_internals():
-    for name, expected in (("_get_candidate_generator", generation_dspark.HOOKED_INTERNAL_PARAMETERS),
-                           ("_validate_generation_mode", generation_dspark.CHECKED_INTERNAL_PARAMETERS)):
+    for name, expected in (("_get_candidate_generator", generate_hook_dspark.HOOKED_INTERNAL_PARAMETERS),
+                           ("_validate_generation_mode", generate_hook_dspark.CHECKED_INTERNAL_PARAMETERS)):
         installed = getattr(GenerationMixin, name)
         assert getattr(installed, "_dspark_hook", False), name
-        generation_dspark._check_internal_signature(installed._dspark_original, name, expected)
+        generate_hook_dspark._check_internal_signature(installed._dspark_original, name, expected)
     assert hf_dspark.install_generate_hook() is True  # idempotent
     assert not hasattr(GenerationMixin._get_candidate_generator._dspark_original, "_dspark_hook")
 
@@ -35,15 +35,15 @@ def test_a_changed_internal_signature_is_refused():
         return None
 
     with pytest.raises(RuntimeError, match="_get_candidate_generator but its signature changed"):
-        generation_dspark._check_internal_signature(changed)
+        generate_hook_dspark._check_internal_signature(changed)
 
 
 def test_an_unsupported_transformers_is_refused_before_patching(monkeypatch):
     original = GenerationMixin._get_candidate_generator._dspark_original
     monkeypatch.setattr(GenerationMixin, "_get_candidate_generator", original)
-    monkeypatch.setattr(generation_dspark, "transformers_supported", lambda: False)
+    monkeypatch.setattr(generate_hook_dspark, "transformers_supported", lambda: False)
     with pytest.raises(UnsupportedTransformersError, match="supports transformers>="):
-        generation_dspark.install_generate_hook()
+        generate_hook_dspark.install_generate_hook()
     assert GenerationMixin._get_candidate_generator is original
 
 
@@ -54,7 +54,7 @@ def test_the_candidate_generator_model_outputs_protocol_is_unchanged():
     # what the installed release's assisted loop relies on (5.25 adds num_drafting_tokens): one list per
     # supported release, chosen by the release's features, so a change in either release fails here
     source = inspect.getsource(GenerationMixin._assisted_decoding)
-    for needle in generation_dspark.assisted_decoding_features().assisted_decoding_protocol:
+    for needle in generate_hook_dspark.assisted_decoding_features().assisted_decoding_protocol:
         assert needle in source, f"transformers {transformers.__version__}' _assisted_decoding no longer has {needle}"
     parameters = inspect.signature(generation_dspark.DSparkCandidateGenerator.get_candidates).parameters
     assert {"model_kwargs", "model_outputs", "is_first_iteration", "n_last_matches"} <= set(parameters)
@@ -63,8 +63,26 @@ def test_the_candidate_generator_model_outputs_protocol_is_unchanged():
 def test_the_hook_is_installed_in_two_documented_places_only():
     package = REMOTE_CODE_DIR.parents[1]  # hf_dspark/
     callers = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
-               if "install_generate_hook()" in path.read_text() and path.name != "generation_dspark.py"}
+               if "install_generate_hook()" in path.read_text() and path.name != "generate_hook_dspark.py"}
     assert callers == {"__init__.py", "models/dspark/modeling_dspark.py"}, callers
     modeling = (REMOTE_CODE_DIR / "modeling_dspark.py").read_text()
     # inside the package, importing hf_dspark installs it; the file does so only as remote code
     assert 'if not __name__.startswith("hf_dspark."):\n' in modeling
+
+
+def test_the_hook_names_stay_importable_from_generation_dspark():
+    # the hook moved to generate_hook_dspark; code written against generation_dspark keeps working
+    for name in generate_hook_dspark.__all__:
+        assert getattr(generation_dspark, name) is getattr(generate_hook_dspark, name), name
+    assert not hasattr(generation_dspark, "_check_internal_signature")  # private names stay in their module
+
+
+def test_attention_implementation_reads_what_set_attn_implementation_sets():
+    from _models import tiny_qwen3_target
+
+    target = tiny_qwen3_target()
+    target.set_attn_implementation("eager")
+    assert generate_hook_dspark.attention_implementation(target.config) == "eager"
+    target.set_attn_implementation("sdpa")
+    assert generate_hook_dspark.attention_implementation(target.config) == "sdpa"
+    assert generate_hook_dspark.attention_implementation(object()) is None  # unset: callers pick their default

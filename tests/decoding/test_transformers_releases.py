@@ -21,7 +21,7 @@ from transformers.generation.utils import GenerationMixin
 
 import hf_dspark  # noqa: F401  (installs the hook)
 from hf_dspark.errors import UnsupportedGenerationError, UnsupportedTransformersError
-from hf_dspark.models.dspark import generation_dspark
+from hf_dspark.models.dspark import generate_hook_dspark, generation_dspark
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def draft(qwen):
 
 
 def test_the_features_are_read_from_the_installed_release():
-    features = generation_dspark.assisted_decoding_features()
+    features = generate_hook_dspark.assisted_decoding_features()
     assert features.recurrent_state_history == hasattr(Cache, "get_recurrent_states_to_keep")
     print(f"transformers {transformers.__version__}: {features}")
 
@@ -45,23 +45,23 @@ def test_the_pin_and_the_gate_agree():
     import tomllib
 
     pyproject = tomllib.loads((pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text())
-    low, high = generation_dspark.SUPPORTED_TRANSFORMERS
+    low, high = generate_hook_dspark.SUPPORTED_TRANSFORMERS
     pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("transformers"))
     assert pin == f"transformers>={low.rsplit('.', 1)[0]},<{high.rsplit('.', 1)[0]}", pin
-    assert generation_dspark.transformers_supported("5.24.0")
-    assert generation_dspark.transformers_supported("5.25.3")
-    assert not generation_dspark.transformers_supported("5.23.1")
-    assert not generation_dspark.transformers_supported("5.26.0")
-    assert generation_dspark.transformers_supported(transformers.__version__)
+    assert generate_hook_dspark.transformers_supported("5.24.0")
+    assert generate_hook_dspark.transformers_supported("5.25.3")
+    assert not generate_hook_dspark.transformers_supported("5.23.1")
+    assert not generate_hook_dspark.transformers_supported("5.26.0")
+    assert generate_hook_dspark.transformers_supported(transformers.__version__)
 
 
 def test_a_later_release_gets_the_one_line_error_naming_the_range(monkeypatch):
     original = GenerationMixin._get_candidate_generator._dspark_original
     monkeypatch.setattr(GenerationMixin, "_get_candidate_generator", original)
-    # the module generation_dspark holds: transformers' lazy import machinery can swap sys.modules["transformers"]
-    monkeypatch.setattr(generation_dspark.transformers, "__version__", "5.26.0")
+    # the module generate_hook_dspark holds: transformers' lazy import machinery can swap sys.modules["transformers"]
+    monkeypatch.setattr(generate_hook_dspark.transformers, "__version__", "5.26.0")
     with pytest.raises(UnsupportedTransformersError, match=r"transformers>=5\.24\.0,<5\.26\.0.*found 5\.26\.0"):
-        generation_dspark.install_generate_hook()
+        generate_hook_dspark.install_generate_hook()
     assert GenerationMixin._get_candidate_generator is original
 
 
@@ -144,12 +144,12 @@ def tiny_hybrid_target():
 def test_stateful_targets_are_refused_on_every_release():
     target = tiny_hybrid_target()
     assert target is not None, "transformers >= 5.24 ships Qwen3.5"
-    assert generation_dspark.is_stateful_target(target)
+    assert generate_hook_dspark.is_stateful_target(target)
     draft = tiny_drafter(target)
     ids = torch.tensor([[5, 9, 14, 3, 22, 40]])
     with pytest.raises(UnsupportedGenerationError, match="recurrent"):
         target.generate(ids, max_new_tokens=8, do_sample=False, assistant_model=draft)
-    if generation_dspark.assisted_decoding_features().recurrent_state_history:
+    if generate_hook_dspark.assisted_decoding_features().recurrent_state_history:
         # why: where the release runs assisted decoding on such a target, its own prompt lookup is not exact
         plain = target.generate(ids, max_new_tokens=30, do_sample=False)
         lookup = target.generate(ids, max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=4)
@@ -157,7 +157,7 @@ def test_stateful_targets_are_refused_on_every_release():
 
 
 def test_attention_only_targets_are_not_stateful(qwen):
-    assert not generation_dspark.is_stateful_target(qwen)
+    assert not generate_hook_dspark.is_stateful_target(qwen)
 
 
 # ----------------------------------------------------------------------------- remote code across releases
@@ -215,7 +215,7 @@ def test_drafters_exported_before_and_after_5_25_support_on_this_release(tmp_pat
 
     script = GENERATE_SCRIPT.format(target=str(tmp_path / "target"), draft=str(old))
     done = _run_without_hf_dspark(script, tmp_path, tmp_path / "modules_old")
-    if generation_dspark._version_tuple(transformers.__version__) < (5, 25):
+    if generate_hook_dspark._version_tuple(transformers.__version__) < (5, 25):
         assert done.returncode == 0 and "EXACT" in done.stdout, done.stderr[-3000:]
     else:
         assert done.returncode != 0

@@ -475,19 +475,19 @@ def test_a_drafter_for_another_vocabulary_gets_our_message_before_transformers_a
 def test_the_target_check_hook_is_installed_and_refuses_a_changed_internal():
     from transformers.generation.utils import GenerationMixin
 
-    from hf_dspark.models.dspark import generation_dspark
+    from hf_dspark.models.dspark import generate_hook_dspark
 
     installed = GenerationMixin._validate_generation_mode
     assert getattr(installed, "_dspark_hook", False)
-    generation_dspark._check_internal_signature(  # the installed transformers still has the expected signature
-        installed._dspark_original, generation_dspark.CHECKED_INTERNAL, generation_dspark.CHECKED_INTERNAL_PARAMETERS)
+    generate_hook_dspark._check_internal_signature(  # the installed transformers still has the expected signature
+        installed._dspark_original, generate_hook_dspark.CHECKED_INTERNAL, generate_hook_dspark.CHECKED_INTERNAL_PARAMETERS)
 
     def changed(self, generation_mode, generation_config):  # a future signature
         return None
 
     with pytest.raises(RuntimeError, match="_validate_generation_mode but its signature changed"):
-        generation_dspark._check_internal_signature(
-            changed, generation_dspark.CHECKED_INTERNAL, generation_dspark.CHECKED_INTERNAL_PARAMETERS)
+        generate_hook_dspark._check_internal_signature(
+            changed, generate_hook_dspark.CHECKED_INTERNAL, generate_hook_dspark.CHECKED_INTERNAL_PARAMETERS)
 
 
 def test_export_of_a_plain_model_says_it_is_not_a_dspark_drafter(tmp_path, tiny_target_dir, capsys):

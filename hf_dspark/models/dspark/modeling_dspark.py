@@ -32,7 +32,7 @@ from .cache_dspark import DSparkDraftCache
 from .configuration_dspark import DSparkConfig
 from .errors import DevicePlacementError
 from .generation_config_dspark import default_dspark_generation_config
-from .generation_dspark import install_generate_hook
+from .generate_hook_dspark import install_generate_hook
 from .loading_dspark import (  # noqa: F401  (CARD_FILE, CHECKSUMS_KEY, file_sha256: re-exported)
     CARD_FILE,
     CHECKSUMS_KEY,
@@ -528,7 +528,7 @@ DSparkDraftModel.register_for_auto_class("AutoModel")
 if not __name__.startswith("hf_dspark."):
     # Loaded as remote code (trust_remote_code=True, hf_dspark not installed): install the generate
     # hook here. Inside the package, importing hf_dspark installs it (hf_dspark/__init__.py); see
-    # generation_dspark.py, "Who installs the hook".
+    # generate_hook_dspark.py, "Who installs the hook".
     install_generate_hook()
 
 __all__ = [

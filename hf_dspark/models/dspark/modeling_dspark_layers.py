@@ -16,6 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_dspark import DSparkConfig
+from .generate_hook_dspark import attention_implementation
 
 
 # --------------------------------------------------------------------------------------
@@ -129,11 +130,11 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 
 
 def attention_function(config):
-    """The attention kernel ``config._attn_implementation`` names (``sdpa`` when unset), looked up at every
+    """The attention kernel the config names (``sdpa`` when unset), looked up at every
     call as transformers' models do, so ``model.set_attn_implementation`` takes effect at once. The
     drafter's masks are boolean and not causal (the block attends to itself both ways), so kernels that
     take no arbitrary mask (``flash_attention_2``) serve decoding (no mask) but not the training forward."""
-    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    implementation = attention_implementation(config) or "sdpa"
     if implementation == "eager":
         return eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[implementation]
