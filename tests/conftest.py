@@ -36,6 +36,18 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _latency_rows_judged_plausible(request, monkeypatch):
+    """Profiles measured by tests are timed on a shared machine: a load spike makes a row look implausible,
+    and the profiler then measures it again and does not cache it, which changes what a test counts or finds
+    for a reason that is not its own. So the judgement passes every row, except in the tests of that
+    judgement (``@pytest.mark.latency_plausibility``, which script the clock)."""
+    if request.node.get_closest_marker("latency_plausibility") is None:
+        from hf_dspark.decoding import latency
+
+        monkeypatch.setattr(latency, "implausible_row", lambda row, noisy=(): [])
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_latency_cache(tmp_path_factory):
     """Latency profiles measured by tests stay in a folder of this run: generate's "auto" settings read the

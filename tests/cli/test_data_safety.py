@@ -414,6 +414,7 @@ class ScriptedClock:
 
 @pytest.mark.parametrize("second_try, cached", [([0.010, 0.011, 0.012], True), ([0.100, 0.011, 0.012], False)],
                          ids=["remeasured_then_cached", "still_implausible_not_cached"])
+@pytest.mark.latency_plausibility
 def test_an_implausible_latency_row_is_measured_again_and_never_cached(tmp_path, monkeypatch, second_try, cached):
     """Item 13: a row measured under a load spike (T(1) 10x T(2)) was cached and reused by every later run."""
     import warnings
@@ -434,6 +435,7 @@ def test_an_implausible_latency_row_is_measured_again_and_never_cached(tmp_path,
     assert any("implausible" in str(w.message) for w in caught) != cached
 
 
+@pytest.mark.latency_plausibility
 def test_latency_plausibility_rules():
     from hf_dspark.decoding.latency import implausible_row
 
