@@ -56,7 +56,7 @@ DEEPSPEC_LAYOUT_FORMATS = ("deepspec", "vllm", "sglang")
 # (the package is their one source; tests/checkpoints/test_remote_code.py keeps every shipped copy equal to it).
 REMOTE_CODE_FILES = ("configuration_dspark.py", "modeling_dspark.py", "modeling_dspark_layers.py", "modeling_dspark_gemma4.py",
                      "cache_dspark.py", "loading_dspark.py", "target_binding_dspark.py", "training_dspark.py",
-                     "generation_dspark.py", "generate_hook_dspark.py", "generation_config_dspark.py", "policies_dspark.py", "scheduling_dspark.py",
+                     "generation_dspark.py", "generate_hook_dspark.py", "sampling_dspark.py", "generation_config_dspark.py", "policies_dspark.py", "scheduling_dspark.py",
                      "verify_head_dspark.py",
                      "warpers_dspark.py",
                      "errors.py")

@@ -197,22 +197,27 @@ def small_vocab_reduced():
 
 @pytest.mark.parametrize(
     "warp",
-    [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=3, top_p=0.9)],
-    ids=["plain", "temp_topk_topp"],
+    [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=0, top_p=1.0),
+     dict(temperature=0.7, top_k=3, top_p=0.9)],
+    ids=["plain", "temperature", "temp_topk_topp"],
 )
 def test_sampling_with_reduced_draft_vocab_warps_in_draft_space_and_stays_exact(small_vocab_reduced, warp,
                                                                                  monkeypatch):
     from transformers.generation.logits_process import TemperatureLogitsWarper
 
+    from hf_dspark.models.dspark.sampling_dspark import SupportWarp
+
     target, draft = small_vocab_reduced
     widths = []
-    original = TemperatureLogitsWarper.__call__
+    # with top-k every law is computed on its support (SupportWarp.law); otherwise the processors run
+    spied, method = (SupportWarp, "law") if warp["top_k"] else (TemperatureLogitsWarper, "__call__")
+    original = getattr(spied, method)
 
-    def spy(self, input_ids, scores):
-        widths.append(scores.shape[-1])
-        return original(self, input_ids, scores)
+    def spy(self, *args):
+        widths.append(args[-1].shape[-1])
+        return original(self, *args)
 
-    monkeypatch.setattr(TemperatureLogitsWarper, "__call__", spy)
+    monkeypatch.setattr(spied, method, spy)
     ids = torch.tensor([[1, 3, 2, 4]])
     exact = exact_joint(target, ids, warp)
     widths.clear()
@@ -221,6 +226,7 @@ def test_sampling_with_reduced_draft_vocab_warps_in_draft_space_and_stays_exact(
     assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
     assert draft.last_generation_stats["submitted_lengths"][0] == 2
     assert draft.last_generation_stats["fused_warpers"] == (1 if warp["top_k"] else 0)
+    assert draft.last_generation_stats["support_sampling"] == bool(warp["top_k"])
     if warp["temperature"] != 1.0:  # the drafter warped 4-wide draft logits, the target 6-wide scores
         assert 4 in widths and 6 in widths
 
@@ -245,6 +251,27 @@ def test_a_broken_acceptance_rule_is_caught(small_vocab, monkeypatch):
     exact = exact_joint(target, ids, warp)
     counts = sample_counts(target, draft, ids, warp, runs=1500)
     assert chi_square_rejects(counts, exact)[0]
+
+
+def test_a_broken_acceptance_rule_on_the_support_is_caught(small_vocab, monkeypatch):
+    """Negative control of the support path: a proposal law that is not the one the tokens were drawn from
+    (uniform over the drafted row's support) must fail the chi-square test."""
+    from hf_dspark.models.dspark import generation_dspark, sampling_dspark
+
+    target, draft = small_vocab
+    warp = dict(temperature=0.7, top_k=4, top_p=0.9)
+    original = sampling_dspark.begin_round
+
+    def lying(proposal, support_warp, device):
+        uniform = torch.where(proposal.probs > 0, 1.0, 0.0)
+        return original(sampling_dspark.ProposalLaw(proposal.ids, uniform / uniform.sum(-1, keepdim=True)),
+                        support_warp, device)
+
+    monkeypatch.setattr(generation_dspark, "begin_round", lying)
+    ids = torch.tensor([[1, 3, 2, 4]])
+    counts = sample_counts(target, draft, ids, warp, runs=1500)
+    assert draft.last_generation_stats["support_sampling"]
+    assert chi_square_rejects(counts, exact_joint(target, ids, warp))[0]
 
 
 # ------------------------------------------------------------------------- integration and errors

@@ -28,6 +28,14 @@ def test_importing_hf_dspark_installs_both_wrappers_over_the_expected_internals(
         generate_hook_dspark._check_internal_signature(installed._dspark_original, name, expected)
     assert hf_dspark.install_generate_hook() is True  # idempotent
     assert not hasattr(GenerationMixin._get_candidate_generator._dspark_original, "_dspark_hook")
+    # and the speculative-sampling draw (sampling on the warpers' support), also once
+    from transformers.generation import utils as generation_utils
+
+    installed = generation_utils._speculative_sampling
+    assert getattr(installed, "_dspark_hook", False)
+    assert not hasattr(installed._dspark_original, "_dspark_hook")
+    generate_hook_dspark._check_internal_signature(installed._dspark_original, generate_hook_dspark.SAMPLING_INTERNAL,
+                                                   generate_hook_dspark.SAMPLING_INTERNAL_PARAMETERS)
 
 
 def test_a_changed_internal_signature_is_refused():

@@ -14,9 +14,13 @@ It is wrapped (once, idempotently) so that a DSpark drafter passed as ``assistan
 ``GenerationMixin._validate_generation_mode`` (``CHECKED_INTERNAL``), which runs earlier, is
 wrapped only to run the drafter's own target check first, so that a drafter built for another
 target reports that (vocabulary, hidden size, layers) rather than transformers' advice about
-different tokenizers; it then calls the original unchanged.
-The wrapper is installed for the transformers range in ``SUPPORTED_TRANSFORMERS`` only and
-refuses clearly otherwise; ``tests/decoding/test_generate_hook.py`` fails if either internal's signature
+different tokenizers; it then calls the original unchanged. The module function
+``transformers.generation.utils._speculative_sampling`` (``SAMPLING_INTERNAL``) is wrapped so that the
+rounds a DSpark generator prepared on the warpers' support (a placeholder as candidate logits,
+:mod:`sampling_dspark`) are drawn there; every other call, DSpark's full-vocabulary rounds included,
+goes to the original unchanged.
+The wrappers are installed for the transformers range in ``SUPPORTED_TRANSFORMERS`` only and
+refuses clearly otherwise; ``tests/decoding/test_generate_hook.py`` fails if an internal's signature
 or the ``CandidateGenerator`` model-outputs protocol changes. What differs between the supported
 releases is read from the installed release (:func:`assisted_decoding_features`), and any other read
 of a transformers private attribute goes through a public function here
@@ -43,6 +47,9 @@ SUPPORTED_TRANSFORMERS = ("5.24.0", "5.26.0")  # [min, max) tested range: 5.24.x
 HOOKED_INTERNAL = "transformers.generation.utils.GenerationMixin._get_candidate_generator"
 CHECKED_INTERNAL = "transformers.generation.utils.GenerationMixin._validate_generation_mode"
 CHECKED_INTERNAL_PARAMETERS = ["self", "generation_mode", "generation_config", "generation_mode_kwargs"]
+SAMPLING_INTERNAL = "transformers.generation.utils._speculative_sampling"
+SAMPLING_INTERNAL_PARAMETERS = ["candidate_input_ids", "candidate_logits", "candidate_length", "new_logits",
+                                "assistant_ensemble_weight"]
 
 
 # ----------------------------------------------------------------------------- supported releases
@@ -64,8 +71,11 @@ class AssistedDecodingFeatures:
     @property
     def assisted_decoding_protocol(self) -> tuple[str, ...]:
         """Phrases of ``GenerationMixin._assisted_decoding`` the candidate generator relies on (tested)."""
+        # the last three: sampling on the support empties the processor list and hands a placeholder as
+        # candidate logits, so it needs the loop to skip an empty list and to call _speculative_sampling for it
         common = ("model_outputs=outputs", "is_first_iteration=", "n_last_matches=",
-                  "candidate_generator.model_kwargs_overrides")
+                  "candidate_generator.model_kwargs_overrides", "if len(logits_processor) > 0:",
+                  "if do_sample and candidate_logits is not None:", "_speculative_sampling(")
         if self.recurrent_state_history:
             return common + ("candidate_generator.num_drafting_tokens",)
         return common + ("cache.activate_past_recording()",)
@@ -197,6 +207,36 @@ def _refuse_reused_cache(model_kwargs: dict | None) -> None:
         )
 
 
+def _install_support_sampling() -> None:
+    """Route transformers' speculative-sampling draw to :func:`sampling_dspark.speculative_sample` for the rounds
+    a DSpark generator prepared on the warpers' support (its placeholder candidate logits, see
+    :mod:`sampling_dspark`); every other call, DSpark's full-vocabulary rounds included, goes to the original."""
+    from transformers.generation import utils as generation_utils
+
+    from .sampling_dspark import speculative_sample, take_round
+
+    current = generation_utils._speculative_sampling
+    if getattr(current, "_dspark_hook", False):
+        return
+    _check_internal_signature(current, SAMPLING_INTERNAL, SAMPLING_INTERNAL_PARAMETERS)
+    original = current
+
+    @functools.wraps(original)
+    def _speculative_sampling(candidate_input_ids, candidate_logits, candidate_length, new_logits,
+                              assistant_ensemble_weight=None):
+        prepared = take_round(candidate_logits)
+        if prepared is None:
+            return original(candidate_input_ids, candidate_logits, candidate_length, new_logits,
+                            assistant_ensemble_weight=assistant_ensemble_weight)
+        proposed = candidate_input_ids[0, candidate_input_ids.shape[1] - candidate_length:]
+        tokens, accepted = speculative_sample(proposed, prepared.proposal, new_logits[0], prepared.warp)
+        return tokens[None].to(candidate_input_ids.device), accepted
+
+    _speculative_sampling._dspark_hook = True
+    _speculative_sampling._dspark_original = original
+    generation_utils._speculative_sampling = _speculative_sampling
+
+
 def install_generate_hook() -> bool:
     """Wrap ``GenerationMixin._get_candidate_generator`` once. Returns True when (already) installed.
 
@@ -206,6 +246,7 @@ def install_generate_hook() -> bool:
     current = GenerationMixin._get_candidate_generator
     if getattr(current, "_dspark_hook", False):
         _install_target_check()
+        _install_support_sampling()
         return True
     if not transformers_supported():
         raise UnsupportedTransformersError(
@@ -215,6 +256,7 @@ def install_generate_hook() -> bool:
         )
     _check_internal_signature(current)
     _install_target_check()
+    _install_support_sampling()
     original = current
 
     @functools.wraps(original)

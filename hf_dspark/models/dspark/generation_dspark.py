@@ -71,6 +71,7 @@ from .verify_head_dspark import (  # noqa: F401  (re-exported)
     skinny_linear,
 )
 from .warpers_dspark import VOCAB_LOCAL_WARPERS, FusedTopKTopPWarper, fuse_top_k_top_p
+from .sampling_dspark import ProposalLaw, SupportWarp, begin_round, clear_round
 from .generation_config_dspark import (  # noqa: F401  (re-exported)
     DEFAULT_DSPARK_GENERATION,
     LATENCY_SOURCES,
@@ -176,6 +177,16 @@ class DSparkCandidateGenerator(CandidateGenerator):
         # transformers passes the same list to the verification loop, so fusing it here speeds up both sides.
         self.fused_warpers = fuse_top_k_top_p(logits_processor) if settings["fast_warpers"] and self.do_sample else 0
         self.logits_processor = logits_processor
+        # Sampling through [temperature] top-k [top-p] (fast_warpers): every law of a round, the drafter's and the
+        # target's, is computed on its support and the accept/reject draw runs there (sampling_dspark.py). Not when
+        # the caller asks for the processed scores (output_scores), which are full-vocabulary by definition.
+        wants_scores = bool(generation_config.output_scores and generation_config.return_dict_in_generate)
+        self.support_warp = None
+        if (self.do_sample and settings["fast_warpers"] and not wants_scores
+                and getattr(generation_config, "assistant_ensemble_weight", None) is None):
+            self.support_warp = SupportWarp.from_processors(logits_processor)
+        self._support_active = False
+        clear_round()
         self.threshold = float(settings["confidence_threshold"])
         self.min_tokens = int(settings["min_draft_tokens"])
         self.latency_points = curve
@@ -214,6 +225,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.stats["policy"] = policy
         self.stats["fast_verify_head"] = self.fast_verify_head
         self.stats["fused_warpers"] = self.fused_warpers
+        self.stats["support_sampling"] = self.support_warp is not None
         self.stats["ngram_lookup_tokens"] = self.ngram_tokens
         self.draft.last_generation_stats = self.stats
         self._is_prefill = True
@@ -277,8 +289,9 @@ class DSparkCandidateGenerator(CandidateGenerator):
         full[..., d2t] = draft_logits.float()
         return full
 
-    def _chooser(self, input_ids: torch.LongTensor, drafted: list):
-        """Returns the Markov loop's per-position choice function (processors, then argmax/sample)."""
+    def _chooser(self, input_ids: torch.LongTensor, drafted: list, laws: list | None = None):
+        """Returns the Markov loop's per-position choice function (processors, then argmax/sample). With a
+        support warp each position's sparse law is appended to ``laws``."""
         t2d = self.draft.target_to_draft_table()
 
         processors = self.logits_processor if self.logits_processor is not None else []
@@ -293,8 +306,15 @@ class DSparkCandidateGenerator(CandidateGenerator):
         )
         # draft-space scores go to the full vocabulary once per block, for the submitted tokens only
         self._draft_space_logits = draft_space
+        warp = self.support_warp if self._support_active else None
 
         def choose(logits_k: torch.Tensor, k: int):
+            if warp is not None:  # the law on its support; laws[k] = (ids in the drafter's vocabulary, probs)
+                ids, probs = warp.law(logits_k, keep_ties=False)  # any law is exact for proposals: no host read
+                draft_ids = ids.gather(-1, torch.multinomial(probs, num_samples=1)).squeeze(-1)
+                laws.append((ids, probs))
+                drafted.append(self.draft.draft_ids_to_target(draft_ids)[:, None])
+                return draft_ids, logits_k
             if plain_greedy:  # argmax over the draft vocabulary; no full-vocabulary logits needed
                 draft_ids = logits_k.argmax(-1)
                 drafted.append(self.draft.draft_ids_to_target(draft_ids)[:, None])
@@ -389,6 +409,14 @@ class DSparkCandidateGenerator(CandidateGenerator):
         total = prefix_length(extended, lambda n: self._round_seconds(n, draft_seconds), length)
         return lookup[: total - length] if total > length else None
 
+    def _no_proposal(self, input_ids: torch.LongTensor) -> torch.Tensor | None:
+        """Candidate logits of a round that proposes nothing: ``None`` (transformers draws from the processed
+        scores), or on the support the placeholder of an empty proposal (transformers no longer processes them)."""
+        if not self._support_active:
+            return None
+        empty = input_ids.new_zeros((0,))
+        return begin_round(ProposalLaw.one_hot(empty), self.support_warp, input_ids.device)
+
     def _one_hot(self, tokens: torch.Tensor, device) -> torch.Tensor:
         """[1, n, V] logits of deterministic proposals: q = 1 at each proposed token."""
         logits = torch.full((1, tokens.shape[0], self.vocab_size), float("-inf"), device=device)
@@ -419,6 +447,12 @@ class DSparkCandidateGenerator(CandidateGenerator):
             surplus = max(0.0, (now - begin) - modelled)
             self.overhead_ema = 0.8 * self.overhead_ema + 0.2 * surplus
         self._round_model = None
+        if self.support_warp is not None and not self._support_active:
+            # From the first verification on, transformers must not warp the verified positions over the whole
+            # vocabulary (its prefill draw, made before this call, used them): the round's placeholder takes the
+            # draw to speculative_sample, which warps on the support. The processor list is this call's own.
+            self.logits_processor[:] = []
+            self._support_active = True
 
         context = self._new_context(model_outputs, input_ids, n_last_matches)
         self._is_prefill = False
@@ -444,7 +478,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
             self._last_confidence = None
             self._round_model = (now, self._pass_seconds(0))
             self._round_start = time.perf_counter()
-            return input_ids, None
+            return input_ids, self._no_proposal(input_ids)
         self._skipped = 0
         if self._pending:
             context = torch.cat(self._pending + [context], dim=1)
@@ -455,14 +489,16 @@ class DSparkCandidateGenerator(CandidateGenerator):
             self._submitted = 0
             self._last_confidence = None
             self._round_start = time.perf_counter()
-            return input_ids, None
+            return input_ids, self._no_proposal(input_ids)
 
         start = time.perf_counter()
         anchor = input_ids[:, -1].to(self.draft.device)
         block = self.draft.draft_block(anchor, context, self.cache)
         drafted: list[torch.Tensor] = []
+        laws: list[tuple[torch.Tensor, torch.Tensor]] = []
         tokens, logits, confidence = self.draft.sample_block(
-            block.base_logits, block.hidden_states, anchor, choose=self._chooser(input_ids, drafted), num_tokens=n_max
+            block.base_logits, block.hidden_states, anchor, choose=self._chooser(input_ids, drafted, laws),
+            num_tokens=n_max
         )
         survival = self._survival(confidence, n_max) if self.policy != "full" or self.adaptive else None
         length = self._submit_length(confidence, n_max, survival)
@@ -485,7 +521,13 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self._round_start = time.perf_counter()
         candidates = torch.cat([input_ids, proposal] + ([extension[None]] if self._extension else []), dim=1)
         candidate_logits = None
-        if self.do_sample:
+        if self._support_active:
+            parts = [ProposalLaw(self.draft.draft_ids_to_target(ids), probs) for ids, probs in laws[:length]]
+            if self._extension:
+                parts.append(ProposalLaw.one_hot(extension))
+            proposal = ProposalLaw.concat(parts) if parts else ProposalLaw.one_hot(proposal[0])
+            candidate_logits = begin_round(proposal, self.support_warp, input_ids.device)
+        elif self.do_sample:
             candidate_logits = logits[:, :length]
             if self._draft_space_logits:
                 candidate_logits = self._full_vocab(candidate_logits)
@@ -504,6 +546,8 @@ class DSparkCandidateGenerator(CandidateGenerator):
         candidates = torch.cat([input_ids, lookup[None].to(input_ids.device)], dim=1)
         if not self.do_sample:
             return candidates, None
+        if self._support_active:
+            return candidates, begin_round(ProposalLaw.one_hot(lookup), self.support_warp, input_ids.device)
         # A deterministic proposal is the one-hot distribution q = 1 at the copied token.
         return candidates, self._one_hot(lookup, input_ids.device)
 
