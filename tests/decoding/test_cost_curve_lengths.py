@@ -221,15 +221,36 @@ def extended_counts(target, draft, ids, warp, runs):
 
 
 WARP = dict(temperature=1.0, top_k=0, top_p=1.0)
+# top-k over the whole 6-token vocabulary leaves the law unwarped but takes the support path (sampling_dspark.py)
+SUPPORT_WARP = dict(temperature=1.0, top_k=6, top_p=1.0)
 
 
-def test_sampling_with_extensions_follows_the_target_distribution(small_extended):
+@pytest.mark.parametrize("warp", [WARP, SUPPORT_WARP], ids=["full_vocabulary", "support"])
+def test_sampling_with_extensions_follows_the_target_distribution(small_extended, warp):
     target, draft = small_extended
     ids = torch.tensor([[1, 3, 2, 4]])
-    counts, kinds = extended_counts(target, draft, ids, WARP, runs=1500)
+    counts, kinds = extended_counts(target, draft, ids, warp, runs=1500)
     rejects, stat, crit = chi_square_rejects(counts, exact_last_two(target, ids))
     assert not rejects, f"speculative samples deviate from the target: chi2={stat:.1f} > {crit:.1f}"
     assert kinds["extended"] > 100  # the extension was proposed in many runs, not a corner case
+    assert draft.last_generation_stats["support_sampling"] == (warp is SUPPORT_WARP)
+
+
+def test_a_wrong_extension_law_on_the_support_is_caught(small_extended, monkeypatch):
+    """Negative control of the support path: copied and appended tokens reported as drawn uniformly."""
+    from hf_dspark.models.dspark import generation_dspark, sampling_dspark
+
+    class Uniform(sampling_dspark.ProposalLaw):
+        @classmethod
+        def one_hot(cls, tokens):
+            rows = tokens.reshape(-1).shape[0]
+            return sampling_dspark.ProposalLaw(torch.arange(6).expand(rows, 6), torch.full((rows, 6), 1 / 6))
+
+    monkeypatch.setattr(generation_dspark, "ProposalLaw", Uniform)
+    target, draft = small_extended
+    ids = torch.tensor([[1, 3, 2, 4]])
+    counts, _ = extended_counts(target, draft, ids, SUPPORT_WARP, runs=600)
+    assert chi_square_rejects(counts, exact_last_two(target, ids))[0]
 
 
 def test_a_wrong_extension_distribution_is_caught(small_extended, monkeypatch):
