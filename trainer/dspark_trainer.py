@@ -234,7 +234,13 @@ class DSparkTrainer(Trainer):
         # every rank (a collective), or the main process would write its shard (or nothing) as the drafter.
         state_dict = None
         if getattr(self, "is_deepspeed_enabled", False):
-            state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+            engine = self.model_wrapped
+            if engine.zero_optimization_partition_weights() and not engine.zero_gather_16bit_weights_on_model_save():
+                # accelerate's get_state_dict refuses ZeRO-3 unless stage3_gather_16bit_weights_on_model_save is
+                # set (DeepSpeed's default is off); a drafter is small enough to gather whole in any case
+                state_dict = engine._zero3_consolidated_16bit_state_dict()
+            else:
+                state_dict = self.accelerator.get_state_dict(engine)
         elif getattr(self, "is_fsdp_enabled", False) or is_sharded(self.model_wrapped):
             state_dict = full_state_dict(self.model_wrapped)
         if hasattr(model, "get_base_model") and (not merge_lora or state_dict is not None):
