@@ -24,8 +24,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from _models import tiny_drafter, tiny_qwen3_target
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
+
+try:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+except ImportError as error:
+    raise ImportError("deepspeed is missing: it is in the dev extra, run pip install -e '.[dev]'") from error
 
 from hf_dspark import DSparkDraftModel
 from hf_dspark.trainer import train_cli
