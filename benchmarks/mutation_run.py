@@ -109,8 +109,7 @@ NAMED = [
     ("loading", "load_drafter", "        _check_tensor_names(stored, set(model.state_dict()), where)\n", ""),
     ("warpers", "FusedTopKTopPWarper.__call__", "cumulative <= (1 - self.top_p)", "cumulative < (1 - self.top_p)"),
     ("losses", "dspark_loss", "ce_weights = weights * ce_valid", "ce_weights = weights"),
-    ("markov", "DSparkDraftModel.sample_block", "prev_target = self.draft_ids_to_target(draft_ids)",
-     "prev_target = prev_target"),
+    ("markov", "DSparkDraftModel.sample_block", "prev_draft = draft_ids", "prev_draft = prev_draft"),
 ]
 
 COMPARE_FLIPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,

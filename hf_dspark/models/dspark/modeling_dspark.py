@@ -44,11 +44,17 @@ from .loading_dspark import (  # noqa: F401  (CARD_FILE, CHECKSUMS_KEY, file_sha
 )
 from .modeling_dspark_gemma4 import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm
 from .modeling_dspark_layers import (
+    PACKED_ATTRIBUTE,
     DSparkConfidenceHead,
     DSparkDecoderLayer,
     DSparkMarkovHead,
     DSparkRMSNorm,
     DSparkRotaryEmbedding,
+    linear_product,
+    pack_weight,
+    packed_linear,
+    packed_product_applies,
+    weight_key,
 )
 from .target_binding_dspark import (  # noqa: F401  (default_target_layer_ids: re-exported)
     check_target_matches,
@@ -103,6 +109,14 @@ class DSparkPreTrainedModel(PreTrainedModel):
             # Start as "no transition bias" so a fresh drafter equals its parallel backbone.
             module.markov_w2.weight.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # ``to``, ``half``, ``cuda``... give the weights new storage: drop the packed copies made from the old one
+        for module in self.modules():
+            module.__dict__.pop(PACKED_ATTRIBUTE, None)
+        if isinstance(self, DSparkDraftModel):
+            self._head_cache = self._packed_head = None
+        return super()._apply(fn, recurse)
+
 
 class DSparkDraftModel(DSparkPreTrainedModel):
     """The DSpark drafter. See the module docstring for the architecture.
@@ -140,6 +154,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long), persistent=True)
         self._borrowed: dict[str, nn.Module] = {}
         self._head_cache: tuple | None = None
+        self._packed_head: tuple | None = None
         self.post_init()
 
     # ---------------------------------------------------------------- target binding
@@ -188,7 +203,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             self.to(device)
         if self.config.embeddings_from_target:
             self._borrowed = {"embed_tokens": embedding, "lm_head": head}
-            self._head_cache = None
+            self._head_cache = self._packed_head = None
         return self
 
     @property
@@ -226,7 +241,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         if ids.unique().numel() != ids.numel() or ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError("draft vocabulary ids must be unique target ids in [0, vocab_size)")
         self.d2t.copy_(ids.to(self.d2t.device))
-        self._head_cache = None
+        self._head_cache = self._packed_head = None
 
     @property
     def draft_to_target(self) -> torch.Tensor | None:
@@ -253,17 +268,35 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         d2t = self.draft_to_target
         return draft_ids if d2t is None else d2t[draft_ids]
 
+    def _draft_head_key(self, weight: torch.Tensor) -> tuple:
+        d2t = self.draft_to_target
+        return weight_key(weight), d2t.data_ptr(), d2t._version, self.fc.weight.dtype
+
     def _draft_head_weight(self) -> torch.Tensor:
         weight = self._module("lm_head").weight
         d2t = self.draft_to_target
         if d2t is None:
             return weight
-        dtype = self.fc.weight.dtype
-        key = (weight.data_ptr(), weight._version, d2t.data_ptr(), d2t._version, weight.device, dtype)
+        key = self._draft_head_key(weight)
         if self._head_cache is None or self._head_cache[0] != key:
             # The sliced head is cached in the drafter's dtype: a bf16 drafter then reads half the bytes.
-            self._head_cache = (key, weight.detach()[d2t.to(weight.device)].to(dtype))
+            self._head_cache = (key, weight.detach()[d2t.to(weight.device)].to(self.fc.weight.dtype))
         return self._head_cache[1]
+
+    def _packed_draft_head(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The sliced draft head packed for ``packed_linear`` when ``packed_product_applies`` to ``x`` (then
+        no unpacked copy is kept), else ``None``. Only with a draft vocabulary: the whole head is the
+        target's largest matrix and is not copied."""
+        weight = self._module("lm_head").weight
+        if self.draft_to_target is None or not packed_product_applies(x, device=weight.device, dtype=self.fc.weight.dtype):
+            return None
+        key = self._draft_head_key(weight)
+        if self._packed_head is None or self._packed_head[0] != key:
+            self._packed_head = None  # free the old copy before building the new one
+            sliced = weight.detach()[self.draft_to_target.to(weight.device)].to(self.fc.weight.dtype)
+            self._packed_head = (key, pack_weight(sliced))
+            self._head_cache = None
+        return self._packed_head[1]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Base draft logits over the draft vocabulary from the target's frozen LM head."""
@@ -272,10 +305,15 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             # offloaded (weights loaded by accelerate's hook in the forward) or on another device of a split target
             logits = self._logits_through_head_module(head, hidden_states)
         else:
-            weight = self._draft_head_weight()
-            x = hidden_states.to(weight.dtype)
-            # One block is a few rows: on CPU fp32 the untransposed product is cheaper (see verify_head_dspark).
-            logits = skinny_linear(x, weight) if use_skinny(x, weight) else F.linear(x, weight)
+            x = hidden_states.to(self.fc.weight.dtype)
+            packed = self._packed_draft_head(x)
+            if packed is not None:
+                logits = packed_linear(x, packed)
+            else:
+                weight = self._draft_head_weight()
+                x = hidden_states.to(weight.dtype)
+                # One block is a few rows: on CPU fp32 the untransposed product is cheaper (see verify_head_dspark).
+                logits = skinny_linear(x, weight) if use_skinny(x, weight) else F.linear(x, weight)
         cap = self.config.final_logit_softcapping
         if cap:
             # Gemma 4: soft-capped like the target's logits, before any Markov bias is added.
@@ -302,7 +340,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         if self.config.context_input_norm:
             chunks = target_hidden_states.split(self.config.target_hidden_size, dim=-1)
             target_hidden_states = torch.cat([norm(chunk) for norm, chunk in zip(self.context_norms, chunks)], dim=-1)
-        return self.hidden_norm(self.fc(target_hidden_states.to(self.fc.weight.dtype)))
+        return self.hidden_norm(linear_product(self.fc, target_hidden_states.to(self.fc.weight.dtype)))
 
     def backbone(
         self,
@@ -466,34 +504,39 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Markov sampling loop over one block.
 
-        ``logits_k = U_k + B(x_{k-1})``, then ``choose(logits_k, k)`` returns
-        ``(draft_ids, processed_logits)`` (default: greedy argmax, logits unchanged); the chosen
-        token feeds the next step. Returns target ids [batch, n], the processed logits each
-        token was drawn from [batch, n, Vd], and raw confidence logits [batch, n] (None without
-        a confidence head).
+        ``logits_k = U_k + B(x_{k-1})`` (summed in the drafter's dtype; on CPU handed on in float32), then
+        ``choose(logits_k, k)`` returns ``(draft_ids, processed_logits)`` (default: greedy argmax, logits
+        unchanged); the chosen token feeds the next step. Returns target ids [batch, n], the processed
+        logits each token was drawn from [batch, n, Vd], and raw confidence logits [batch, n] (None
+        without a confidence head).
         """
         n = num_tokens or base_logits.shape[1]
-        prev_target = anchor_ids
+        # The loop follows draft ids: the anchor is mapped once, the tokens go back to target ids once at the end.
+        prev_draft = self.target_to_draft(anchor_ids)
         state = None
-        tokens, logits_out, conf_out = [], [], []
+        tokens, logits_out, prev_rows = [], [], []
         for k in range(n):
-            prev_emb = self.previous_token_embedding(prev_target)
             logits_k = base_logits[:, k]
+            prev_emb = None
             if self.markov_head is not None:
+                prev_emb = self.markov_head.embed_previous(prev_draft)
+                prev_rows.append(prev_emb)
                 bias, state = self.markov_head.step(hidden[:, k], prev_emb, state)
                 logits_k = logits_k + bias.to(logits_k.dtype)
+            if logits_k.device.type == "cpu":
+                # on CPU the cast and a float32 argmax (or softmax, warpers) cost less than a bf16 argmax
+                logits_k = logits_k.float()
             if choose is None:
-                draft_ids, logits_k = logits_k.argmax(-1), logits_k
+                draft_ids = logits_k.argmax(-1)
             else:
                 draft_ids, logits_k = choose(logits_k, k)
-            conf = self.confidence_logits(hidden[:, k], prev_emb)
-            if conf is not None:
-                conf_out.append(conf)
-            prev_target = self.draft_ids_to_target(draft_ids)
-            tokens.append(prev_target)
+            prev_draft = draft_ids
+            tokens.append(draft_ids)
             logits_out.append(logits_k)
-        confidence = torch.stack(conf_out, dim=1) if conf_out else None
-        return torch.stack(tokens, dim=1), torch.stack(logits_out, dim=1), confidence
+        # the confidence of position k reads h_k and the W1 row of token k - 1: all known now, one product
+        prev = torch.stack(prev_rows, dim=1) if prev_rows else None
+        confidence = self.confidence_logits(hidden[:, :n], prev)
+        return self.draft_ids_to_target(torch.stack(tokens, dim=1)), torch.stack(logits_out, dim=1), confidence
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -509,7 +552,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         check_loading_info(pretrained_model_name_or_path, info)
         model._borrowed = {}
-        model._head_cache = None
+        model._head_cache = model._packed_head = None
         model.generation_config = load_dspark_generation_config(pretrained_model_name_or_path, kwargs)
         return (model, info) if want_info else model
 

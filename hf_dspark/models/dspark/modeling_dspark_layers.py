@@ -22,6 +22,94 @@ from .generate_hook_dspark import attention_implementation
 # --------------------------------------------------------------------------------------
 # building blocks
 # --------------------------------------------------------------------------------------
+# Products without gradient on a CPU whose oneDNN has bf16 kernels. ``F.linear`` on bf16 goes to oneDNN,
+# which brings the weight into its blocked layout at every call: for the few rows of a drafting block
+# that re-layout costs about as much as the product itself. Packing the weight once (oneDNN's own
+# reorder) and calling oneDNN's linear on the packed copy skips that step and gives the same values
+# (bit for bit where tested: tests/models/test_drafter_products.py compares them). The packed copy is
+# kept beside the module, keyed by the weight's storage and version; any other call (fp32, another
+# device, a gradient, a hooked or replaced module) is the plain module call.
+_PACKED_DTYPES = (torch.bfloat16,)
+_packed_supported: bool | None = None
+
+
+def packed_products_supported() -> bool:
+    """Whether this torch and CPU can run packed bf16 products (oneDNN with bf16 kernels)."""
+    global _packed_supported
+    if _packed_supported is None:
+        try:
+            _packed_supported = bool(
+                torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                and torch.ops.mkldnn._reorder_linear_weight is not None
+                and torch.ops.mkldnn._linear_pointwise is not None
+            )
+        except (AttributeError, RuntimeError):
+            _packed_supported = False
+    return _packed_supported
+
+
+def packed_product_applies(x: torch.Tensor, weight: torch.Tensor | None = None, *, device: torch.device | None = None,
+                           dtype: torch.dtype | None = None) -> bool:
+    """Whether ``x @ weight.T`` may run on a packed copy of ``weight`` (or of a detached weight on
+    ``device`` in ``dtype``): CPU, bf16 on both sides, no gradient through it, eager mode, and a CPU with
+    oneDNN bf16 kernels."""
+    if weight is not None:
+        device, dtype = weight.device, weight.dtype
+    return (
+        device.type == "cpu"
+        and dtype in _PACKED_DTYPES
+        and x.dtype == dtype
+        and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)))
+        and not torch.compiler.is_compiling()
+        and packed_products_supported()
+    )
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` [out, in] in oneDNN's layout for :func:`packed_linear` (same values)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with ``packed = pack_weight(weight)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def weight_key(weight: torch.Tensor) -> tuple:
+    """What identifies the values of ``weight`` for a cached copy: storage, version, dtype, shape, device."""
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot change outside inference mode)
+        version = None
+    return weight.data_ptr(), version, weight.dtype, tuple(weight.shape), weight.device
+
+
+PACKED_ATTRIBUTE = "_dspark_packed_weight"
+
+
+def linear_product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``, through a once-packed copy of the weight where :func:`packed_product_applies`
+    (the copy lives in the module's ``__dict__`` as ``PACKED_ATTRIBUTE`` and is rebuilt when the weight
+    changes; ``DSparkPreTrainedModel._apply`` drops it when the model is moved or cast)."""
+    weight = linear.weight
+    if (
+        type(linear) is not nn.Linear
+        or "forward" in linear.__dict__  # replaced by a hook (accelerate)
+        or linear._forward_hooks
+        or linear._forward_pre_hooks
+        or not packed_product_applies(x, weight)
+    ):
+        return linear(x)
+    key = weight_key(weight)
+    entry = linear.__dict__.get(PACKED_ATTRIBUTE)
+    if entry is None or entry[0] != key:
+        entry = (key, pack_weight(weight))
+        linear.__dict__[PACKED_ATTRIBUTE] = entry
+    return packed_linear(x, entry[1], linear.bias)
+
+
 class DSparkRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -100,7 +188,8 @@ class DSparkMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_product(self.gate_proj, x), linear_product(self.up_proj, x)
+        return linear_product(self.down_proj, self.act_fn(gate) * up)
 
 
 def repeat_kv(hidden_states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -177,8 +266,8 @@ class DSparkAttention(nn.Module):
     def key_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (k-norm + RoPE) and values of ``x`` [batch, seq, hidden] -> 2 x [batch, kv_heads, seq, head_dim]."""
         b, s, _ = x.shape
-        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(linear_product(self.k_proj, x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = linear_product(self.v_proj, x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
     def forward(
@@ -193,10 +282,11 @@ class DSparkAttention(nn.Module):
         """hidden_states: [batch, q_len, hidden]; context keys/values: [batch, kv_heads, ctx_len, head_dim];
         attention_mask: boolean [batch or 1, 1, q_len, ctx_len + q_len] (True = attend) or None (attend all)."""
         b, q_len, _ = hidden_states.shape
-        q = self.q_norm(self.q_proj(hidden_states).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = self.q_norm(linear_product(self.q_proj, hidden_states).view(b, q_len, self.num_heads, self.head_dim))
+        q = q.transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k, v = self.key_values(hidden_states, cos, sin)
-        return self.o_proj(block_attention(self, q, k, v, context_keys, context_values, attention_mask))
+        return linear_product(self.o_proj, block_attention(self, q, k, v, context_keys, context_values, attention_mask))
 
 
 class DSparkDecoderLayer(GradientCheckpointingLayer):
@@ -254,10 +344,10 @@ class DSparkMarkovHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One position: hidden [..., H], prev_embedding [..., r] -> (bias [..., Vd], new state)."""
         if self.head_type == "vanilla":
-            return self.markov_w2(prev_embedding), None
+            return linear_product(self.markov_w2, prev_embedding), None
         if self.head_type == "gated":
             gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, prev_embedding], dim=-1)))
-            return self.markov_w2(gate * prev_embedding), None
+            return linear_product(self.markov_w2, gate * prev_embedding), None
         if state is None:
             state = prev_embedding.new_zeros(prev_embedding.shape)
         gate, candidate, output = self.joint_proj(torch.cat([state, prev_embedding, hidden], dim=-1)).split(
@@ -265,7 +355,7 @@ class DSparkMarkovHead(nn.Module):
         )
         gate = torch.sigmoid(gate)
         new_state = gate * state + (1 - gate) * torch.tanh(candidate)
-        return self.markov_w2(torch.tanh(output)), new_state
+        return linear_product(self.markov_w2, torch.tanh(output)), new_state
 
     def teacher_forced_bias(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
         """Biases for all positions at once given the true previous tokens: [..., block, H] -> [..., block, Vd]."""
@@ -293,12 +383,19 @@ class DSparkConfidenceHead(nn.Module):
 
 
 __all__ = [
+    "PACKED_ATTRIBUTE",
     "apply_rope",
     "attention_function",
     "block_attention",
     "eager_attention_forward",
+    "linear_product",
+    "pack_weight",
+    "packed_linear",
+    "packed_product_applies",
+    "packed_products_supported",
     "repeat_kv",
     "rotate_half",
+    "weight_key",
     "DSparkRMSNorm",
     "DSparkRotaryEmbedding",
     "DSparkMLP",
