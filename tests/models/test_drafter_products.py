@@ -9,7 +9,7 @@ import torch
 import hf_dspark.models.dspark.modeling_dspark_layers as layers
 from _models import tiny_drafter, tiny_qwen3_target
 from hf_dspark import DSparkDraftCache
-from hf_dspark.models.dspark.modeling_dspark_layers import PACKED_ATTRIBUTE, packed_products_supported
+from hf_dspark.models.dspark.modeling_dspark_layers import packed_copies, packed_products_supported
 
 needs_packing = pytest.mark.skipif(not packed_products_supported(),
                                    reason="this CPU's oneDNN has no bf16 kernels: the plain products serve every call")
@@ -47,7 +47,7 @@ def plain_products(monkeypatch):
 def test_packed_products_give_the_plain_products_bit_for_bit(target, monkeypatch):
     draft = bf16_drafter(target, markov_head_type="rnn", num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     packed = one_round(draft)
-    assert PACKED_ATTRIBUTE in draft.layers[0].mlp.gate_proj.__dict__ and draft._packed_head is not None
+    assert "weight" in packed_copies(draft.layers[0].mlp.gate_proj) and "draft_head" in packed_copies(draft)
     plain_products(monkeypatch)
     plain = one_round(draft)
     for a, b in zip(packed, plain):
@@ -82,6 +82,18 @@ def test_packed_copies_follow_in_place_changes_casts_and_a_new_draft_vocabulary(
             assert torch.equal(a, b)
 
 
+def test_a_drafter_with_packed_copies_deep_copies_and_pickles(target, tmp_path):
+    import copy
+
+    draft = bf16_drafter(target)
+    reference = one_round(draft)
+    twin = copy.deepcopy(draft)
+    torch.save(draft, tmp_path / "draft.pt")
+    twin.bind_target(target)
+    for a, b in zip(one_round(twin), reference):
+        assert torch.equal(a, b)
+
+
 def test_products_with_a_gradient_are_the_module_calls(target):
     draft = bf16_drafter(target).train()
     ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -89,7 +101,7 @@ def test_products_with_a_gradient_are_the_module_calls(target):
     out = draft(ids, features, num_anchors=3, generator=torch.Generator().manual_seed(0))
     out.draft_logits.float().square().mean().backward()
     assert draft.layers[0].mlp.gate_proj.weight.grad is not None and draft.fc.weight.grad is not None
-    assert not any(PACKED_ATTRIBUTE in m.__dict__ for m in draft.modules())
+    assert not any(packed_copies(m) for m in draft.modules())
 
 
 def test_the_markov_loop_hands_float32_logits_on_cpu_and_keeps_the_sum_in_the_drafter_dtype(target):
@@ -103,3 +115,15 @@ def test_the_markov_loop_hands_float32_logits_on_cpu_and_keeps_the_sum_in_the_dr
     expected = (base + bias).float()  # rounded to bf16 once, as the teacher-forced heads do
     assert torch.equal(logits, expected)
     assert torch.equal(draft.draft_ids_to_target(logits.argmax(-1)), tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_context_layers_are_normed_as_each_norm_on_its_own_slice(target, dtype):
+    draft = bf16_drafter(target, target_layer_ids=[0, 1, 3]).to(dtype)
+    with torch.no_grad():
+        for i, norm in enumerate(draft.context_norms):
+            norm.weight.copy_(torch.linspace(0.5, 1.5, norm.weight.numel()) * (i + 1))
+    features = torch.randn(2, 5, draft.config.context_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    chunks = features.split(draft.config.target_hidden_size, dim=-1)
+    expected = torch.cat([norm(chunk) for norm, chunk in zip(draft.context_norms, chunks)], dim=-1)
+    assert torch.equal(draft._norm_context_layers(features), expected)

@@ -44,14 +44,16 @@ from .loading_dspark import (  # noqa: F401  (CARD_FILE, CHECKSUMS_KEY, file_sha
 )
 from .modeling_dspark_gemma4 import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm
 from .modeling_dspark_layers import (
-    PACKED_ATTRIBUTE,
     DSparkConfidenceHead,
     DSparkDecoderLayer,
     DSparkMarkovHead,
     DSparkRMSNorm,
     DSparkRotaryEmbedding,
+    drop_packed_copies,
     linear_product,
     pack_weight,
+    packed_copies,
+    packed_copy,
     packed_linear,
     packed_product_applies,
     weight_key,
@@ -110,11 +112,10 @@ class DSparkPreTrainedModel(PreTrainedModel):
             module.markov_w2.weight.zero_()
 
     def _apply(self, fn, recurse=True):
-        # ``to``, ``half``, ``cuda``... give the weights new storage: drop the packed copies made from the old one
-        for module in self.modules():
-            module.__dict__.pop(PACKED_ATTRIBUTE, None)
+        # ``to``, ``half``, ``cuda``... give the weights new storage: drop the copies made from the old one
+        drop_packed_copies(self)
         if isinstance(self, DSparkDraftModel):
-            self._head_cache = self._packed_head = None
+            self._head_cache = None
         return super()._apply(fn, recurse)
 
 
@@ -154,7 +155,6 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long), persistent=True)
         self._borrowed: dict[str, nn.Module] = {}
         self._head_cache: tuple | None = None
-        self._packed_head: tuple | None = None
         self.post_init()
 
     # ---------------------------------------------------------------- target binding
@@ -203,7 +203,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             self.to(device)
         if self.config.embeddings_from_target:
             self._borrowed = {"embed_tokens": embedding, "lm_head": head}
-            self._head_cache = self._packed_head = None
+            self._forget_head_copies()
         return self
 
     @property
@@ -241,7 +241,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         if ids.unique().numel() != ids.numel() or ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError("draft vocabulary ids must be unique target ids in [0, vocab_size)")
         self.d2t.copy_(ids.to(self.d2t.device))
-        self._head_cache = self._packed_head = None
+        self._forget_head_copies()
 
     @property
     def draft_to_target(self) -> torch.Tensor | None:
@@ -268,6 +268,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         d2t = self.draft_to_target
         return draft_ids if d2t is None else d2t[draft_ids]
 
+    def _forget_head_copies(self) -> None:
+        self._head_cache = None
+        packed_copies(self).pop("draft_head", None)
+
     def _draft_head_key(self, weight: torch.Tensor) -> tuple:
         d2t = self.draft_to_target
         return weight_key(weight), d2t.data_ptr(), d2t._version, self.fc.weight.dtype
@@ -290,13 +294,12 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         weight = self._module("lm_head").weight
         if self.draft_to_target is None or not packed_product_applies(x, device=weight.device, dtype=self.fc.weight.dtype):
             return None
-        key = self._draft_head_key(weight)
-        if self._packed_head is None or self._packed_head[0] != key:
-            self._packed_head = None  # free the old copy before building the new one
-            sliced = weight.detach()[self.draft_to_target.to(weight.device)].to(self.fc.weight.dtype)
-            self._packed_head = (key, pack_weight(sliced))
-            self._head_cache = None
-        return self._packed_head[1]
+        self._head_cache = None
+
+        def build():
+            return pack_weight(weight.detach()[self.draft_to_target.to(weight.device)].to(self.fc.weight.dtype))
+
+        return packed_copy(self, "draft_head", self._draft_head_key(weight), build)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Base draft logits over the draft vocabulary from the target's frozen LM head."""
@@ -338,9 +341,20 @@ class DSparkDraftModel(DSparkPreTrainedModel):
                 f"{self.config.context_size} = {len(self.config.target_layer_ids)} layers x {self.config.target_hidden_size}"
             )
         if self.config.context_input_norm:
-            chunks = target_hidden_states.split(self.config.target_hidden_size, dim=-1)
-            target_hidden_states = torch.cat([norm(chunk) for norm, chunk in zip(self.context_norms, chunks)], dim=-1)
+            target_hidden_states = self._norm_context_layers(target_hidden_states)
         return self.hidden_norm(linear_product(self.fc, target_hidden_states.to(self.fc.weight.dtype)))
+
+    def _norm_context_layers(self, features: torch.Tensor) -> torch.Tensor:
+        """Each target layer's slice of ``features`` through its own ``context_norms`` entry: as one RMSNorm
+        over [..., layers, H_target] with the norms' weights stacked (the same operations per slice as
+        calling each norm on its slice, in one pass instead of one per layer)."""
+        norms = self.context_norms
+        if not all(type(norm) is DSparkRMSNorm and norm.variance_epsilon == norms[0].variance_epsilon for norm in norms):
+            chunks = features.split(self.config.target_hidden_size, dim=-1)
+            return torch.cat([norm(chunk) for norm, chunk in zip(norms, chunks)], dim=-1)
+        layered = features.unflatten(-1, (len(norms), self.config.target_hidden_size))
+        weight = torch.stack([norm.weight for norm in norms])
+        return DSparkRMSNorm.normalize(layered, weight, norms[0].variance_epsilon).flatten(-2)
 
     def backbone(
         self,
@@ -357,10 +371,14 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         ``attention_mask`` (boolean, True = attend; ``None``: attend to all). Returns normed hidden states
         [batch, q_len, H]. ``draft_block``, the training ``forward`` and the batched engine call it."""
         dtype = block_embeds.dtype
-        cos, sin = self.rotary_emb(block_positions, dtype)
         if context is not None and context.shape[1] > 0:
-            ctx_cos, ctx_sin = self.rotary_emb(context_positions, dtype)
+            # one RoPE evaluation for the context and the block positions together
+            n_ctx = context_positions.shape[-1]
+            positions = torch.cat([context_positions.expand(*block_positions.shape[:-1], -1), block_positions], -1)
+            cos, sin = self.rotary_emb(positions, dtype)
+            ctx_cos, ctx_sin, cos, sin = cos[..., :n_ctx, :], sin[..., :n_ctx, :], cos[..., n_ctx:, :], sin[..., n_ctx:, :]
         else:
+            cos, sin = self.rotary_emb(block_positions, dtype)
             context = None
         hidden = block_embeds
         for layer in self.layers:
@@ -552,7 +570,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         check_loading_info(pretrained_model_name_or_path, info)
         model._borrowed = {}
-        model._head_cache = model._packed_head = None
+        model._forget_head_copies()
         model.generation_config = load_dspark_generation_config(pretrained_model_name_or_path, kwargs)
         return (model, info) if want_info else model
 

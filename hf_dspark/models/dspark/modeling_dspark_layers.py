@@ -9,6 +9,8 @@ a docstring says otherwise.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -26,9 +28,10 @@ from .generate_hook_dspark import attention_implementation
 # which brings the weight into its blocked layout at every call: for the few rows of a drafting block
 # that re-layout costs about as much as the product itself. Packing the weight once (oneDNN's own
 # reorder) and calling oneDNN's linear on the packed copy skips that step and gives the same values
-# (bit for bit where tested: tests/models/test_drafter_products.py compares them). The packed copy is
-# kept beside the module, keyed by the weight's storage and version; any other call (fp32, another
-# device, a gradient, a hooked or replaced module) is the plain module call.
+# (bit for bit where tested: tests/models/test_drafter_products.py compares them). The packed copies
+# are kept outside the modules (an opaque oneDNN tensor can be neither copied nor pickled), keyed by the
+# weight's storage and version; any other call (fp32, another device, a gradient, a hooked or replaced
+# module) is the plain module call.
 _PACKED_DTYPES = (torch.bfloat16,)
 _packed_supported: bool | None = None
 
@@ -86,13 +89,34 @@ def weight_key(weight: torch.Tensor) -> tuple:
     return weight.data_ptr(), version, weight.dtype, tuple(weight.shape), weight.device
 
 
-PACKED_ATTRIBUTE = "_dspark_packed_weight"
+_packed_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {name: (key, packed)}
+
+
+def packed_copies(module: nn.Module) -> dict:
+    """The packed copies kept for ``module`` (``{name: (key, packed)}``; empty when none)."""
+    return _packed_copies.get(module, {})
+
+
+def packed_copy(owner: nn.Module, name: str, key, build) -> torch.Tensor:
+    """The packed copy ``name`` of ``owner``, built by ``build()`` when missing or made under another ``key``."""
+    copies = _packed_copies.setdefault(owner, {})
+    entry = copies.get(name)
+    if entry is None or entry[0] != key:
+        copies.pop(name, None)  # free the old copy before building the new one
+        entry = copies[name] = (key, build())
+    return entry[1]
+
+
+def drop_packed_copies(module: nn.Module) -> None:
+    """Forget the packed copies of ``module`` and of every sub-module."""
+    for sub in module.modules():
+        _packed_copies.pop(sub, None)
 
 
 def linear_product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``, through a once-packed copy of the weight where :func:`packed_product_applies`
-    (the copy lives in the module's ``__dict__`` as ``PACKED_ATTRIBUTE`` and is rebuilt when the weight
-    changes; ``DSparkPreTrainedModel._apply`` drops it when the model is moved or cast)."""
+    (rebuilt when the weight changes; ``DSparkPreTrainedModel._apply`` drops the copies when the model is
+    moved or cast)."""
     weight = linear.weight
     if (
         type(linear) is not nn.Linear
@@ -102,12 +126,8 @@ def linear_product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or not packed_product_applies(x, weight)
     ):
         return linear(x)
-    key = weight_key(weight)
-    entry = linear.__dict__.get(PACKED_ATTRIBUTE)
-    if entry is None or entry[0] != key:
-        entry = (key, pack_weight(weight))
-        linear.__dict__[PACKED_ATTRIBUTE] = entry
-    return packed_linear(x, entry[1], linear.bias)
+    packed = packed_copy(linear, "weight", weight_key(weight), lambda: pack_weight(weight))
+    return packed_linear(x, packed, linear.bias)
 
 
 class DSparkRMSNorm(nn.Module):
@@ -117,11 +137,16 @@ class DSparkRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.normalize(hidden_states, self.weight, self.variance_epsilon)
+
+    @staticmethod
+    def normalize(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMS-normalize the last dimension in float32, cast back, scale by ``weight`` (broadcast)."""
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        hidden_states = hidden_states * torch.rsqrt(variance + eps)
+        return weight * hidden_states.to(input_dtype)
 
 
 class DSparkRotaryEmbedding(nn.Module):
@@ -383,13 +408,15 @@ class DSparkConfidenceHead(nn.Module):
 
 
 __all__ = [
-    "PACKED_ATTRIBUTE",
     "apply_rope",
     "attention_function",
+    "drop_packed_copies",
     "block_attention",
     "eager_attention_forward",
     "linear_product",
     "pack_weight",
+    "packed_copies",
+    "packed_copy",
     "packed_linear",
     "packed_product_applies",
     "packed_products_supported",
