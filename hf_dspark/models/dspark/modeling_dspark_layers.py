@@ -37,12 +37,14 @@ _packed_supported: bool | None = None
 
 
 def packed_products_supported() -> bool:
-    """Whether this torch and CPU can run packed bf16 products (oneDNN with bf16 kernels)."""
+    """Whether this torch and CPU run packed bf16 products: an x86 CPU with AVX-512 (where ``F.linear`` on
+    bf16 is a oneDNN product too) and oneDNN with bf16 kernels. Other CPUs keep ``F.linear``."""
     global _packed_supported
     if _packed_supported is None:
         try:
             _packed_supported = bool(
-                torch.backends.mkldnn.is_available()
+                torch.backends.cpu.get_cpu_capability() == "AVX512"
+                and torch.backends.mkldnn.is_available()
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
                 and torch.ops.mkldnn._reorder_linear_weight is not None
                 and torch.ops.mkldnn._linear_pointwise is not None
