@@ -213,9 +213,9 @@ def test_sampling_with_reduced_draft_vocab_warps_in_draft_space_and_stays_exact(
     spied, method = (SupportWarp, "law") if warp["top_k"] else (TemperatureLogitsWarper, "__call__")
     original = getattr(spied, method)
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         widths.append(args[-1].shape[-1])
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(spied, method, spy)
     ids = torch.tensor([[1, 3, 2, 4]])
