@@ -34,7 +34,7 @@ import threading
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .warpers_dspark import FusedTopKTopPWarper
+from .warpers_dspark import FusedTopKTopPWarper, top_p_of_survivors
 
 # Scores fetched beyond the k-th by the first top-k: ties with the k-th score usually fit in them, so a
 # second, wider top-k is needed only when the last fetched score still ties with the k-th.
@@ -95,16 +95,8 @@ class SupportWarp:
                 width = int((scores >= kth).sum(-1).max())
                 values, ids = torch.topk(scores, width, dim=-1)
             values = values.masked_fill(values < kth, -float("inf"))
-        if self.top_p is not None:
-            # ascending by score, exact ties by descending id (the fused warper's order: lower ids cut last)
-            ids, by_id = ids.sort(dim=-1, descending=True)
-            values = values.gather(-1, by_id)
-            values, order = values.sort(dim=-1, stable=True)
-            ids = ids.gather(-1, order)
-            cumulative = values.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - self.top_p)
-            remove[..., -self.min_tokens_to_keep:] = False
-            values = values.masked_fill(remove, -float("inf"))
+        if self.top_p is not None:  # in the fused warper's order: exact ties cut by descending id
+            ids, values = top_p_of_survivors(values, ids, self.top_p, self.min_tokens_to_keep)
         return ids, values.softmax(dim=-1)
 
 

@@ -69,16 +69,23 @@ class FusedTopKTopPWarper(LogitsProcessor):
         if width > k:
             values, indices = torch.topk(scores, width, dim=-1)
             values = values.masked_fill(values < kth, self.filter_value)  # rows with fewer ties than the widest
-        # ascending by score, exact ties by descending token id, so that lower ids are cut last
-        indices, by_id = indices.sort(dim=-1, descending=True)
-        values = values.gather(-1, by_id)
-        ascending, order = values.sort(dim=-1, stable=True)
-        indices = indices.gather(-1, order)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - self.top_p)
-        remove[..., -self.min_tokens_to_keep:] = False
-        out = torch.full_like(scores, self.filter_value)
-        return out.scatter_(-1, indices, ascending.masked_fill(remove, self.filter_value))
+        indices, kept = top_p_of_survivors(values, indices, self.top_p, self.min_tokens_to_keep, self.filter_value)
+        return torch.full_like(scores, self.filter_value).scatter_(-1, indices, kept)
+
+
+def top_p_of_survivors(values: torch.Tensor, indices: torch.Tensor, top_p: float, min_tokens_to_keep: int,
+                       filter_value: float = -float("inf")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p over the survivors of top-k: ``values`` [rows, W] (``-inf`` for no survivor) at token ids
+    ``indices``. Returns ``(indices, values)`` ascending by score, exact ties by descending token id (so
+    lower ids are cut last), with the scores top-p removes set to ``filter_value``."""
+    indices, by_id = indices.sort(dim=-1, descending=True)
+    values = values.gather(-1, by_id)
+    ascending, order = values.sort(dim=-1, stable=True)
+    indices = indices.gather(-1, order)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -min_tokens_to_keep:] = False
+    return indices, ascending.masked_fill(remove, filter_value)
 
 
 def fuse_top_k_top_p(processors) -> int:
@@ -102,4 +109,4 @@ VOCAB_LOCAL_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarp
                        FusedTopKTopPWarper)
 
 
-__all__ = ["FusedTopKTopPWarper", "VOCAB_LOCAL_WARPERS", "fuse_top_k_top_p"]
+__all__ = ["FusedTopKTopPWarper", "VOCAB_LOCAL_WARPERS", "fuse_top_k_top_p", "top_p_of_survivors"]
