@@ -12,7 +12,7 @@ OLDEST_TRANSFORMERS=5.24.0
 DECODING_TESTS=(tests/decoding/test_generate.py tests/decoding/test_ngram_lookup.py tests/models/test_gemma4.py tests/models/test_verify_head.py
                 tests/checkpoints/test_remote_code.py tests/decoding/test_batched.py tests/decoding/test_generate_hook.py
                 tests/decoding/test_transformers_releases.py tests/models/test_fused_warpers.py tests/decoding/test_gemma_default.py
-                tests/decoding/test_engine_config.py)
+                tests/decoding/test_engine_config.py tests/decoding/test_support_sampling.py)
 
 setup() {  # setup VENV [extra pip requirement]
     python3 -m venv "$1"
