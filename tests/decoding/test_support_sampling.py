@@ -65,6 +65,12 @@ def test_only_chains_with_a_finite_support_are_taken():
     # order matters: top-p before top-k is another chain
     assert SupportWarp.from_processors(LogitsProcessorList([TopPLogitsWarper(0.9), TopKLogitsWarper(5)])) is None
     assert SupportWarp.from_processors(LogitsProcessorList([TopKLogitsWarper(5, filter_value=-1e4)])) is None
+    # a second top-k (alone or fused) after the first is another chain, not an update of k
+    assert SupportWarp.from_processors(LogitsProcessorList([TopKLogitsWarper(3), TopKLogitsWarper(5)])) is None
+    fused = chain(top_k=5, top_p=0.9)
+    fuse_top_k_top_p(fused)
+    assert SupportWarp.from_processors(LogitsProcessorList([TopKLogitsWarper(3), *fused])) is None
+    assert SupportWarp.from_processors(LogitsProcessorList([TemperatureLogitsWarper(0.5), *fused])) is not None
     assert SupportWarp.from_processors(chain(temperature=0.5, top_k=7)) == SupportWarp(top_k=7, temperature=0.5)
 
 

@@ -68,7 +68,7 @@ class SupportWarp:
                 top_k, top_p, keep, stage = processor.top_k, processor.top_p, processor.min_tokens_to_keep, 3
             else:
                 return None
-        if top_k is None or top_k <= 0:
+        if top_k is None:  # (TopKLogitsWarper itself refuses a top_k below 1)
             return None
         return cls(top_k=top_k, temperature=temperature, top_p=top_p, min_tokens_to_keep=keep)
 
@@ -164,8 +164,8 @@ def speculative_sample(proposed: torch.Tensor, proposal: ProposalLaw, target_sco
         # first rejection at x_{k+1}: its replacement follows normalize(max(p - q, 0)), zero off p's support
         q_on_p = proposal.at(torch.tensor([accepted], device=device), ids[accepted][None])[0]
         residual = (law - q_on_p).clamp(min=0)
-        total = residual.sum()
-        law = torch.where(total > 0, residual / total.clamp(min=torch.finfo(residual.dtype).tiny), law)
+        # (torch.multinomial normalises the weights itself; an empty residual means a rejection of probability 0)
+        law = torch.where(residual.sum() > 0, residual, law)
     token = ids[accepted, torch.multinomial(law, 1)]
     return torch.cat([proposed[:accepted], token]), accepted
 
