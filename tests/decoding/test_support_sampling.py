@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
 from _fixtures import chi_square_rejects
 
 from hf_dspark.models.dspark.sampling_dspark import TIE_ROOM, ProposalLaw, SupportWarp, speculative_sample
+from hf_dspark.models.dspark import warpers_dspark
 from hf_dspark.models.dspark.warpers_dspark import fuse_top_k_top_p
 
 
@@ -56,6 +57,24 @@ def test_the_law_on_the_support_equals_the_processed_full_distribution(settings,
     assert ids.shape[1] >= min(settings["top_k"], 300)
     if settings["top_k"] + TIE_ROOM < 40:
         assert ids.shape[1] >= 40  # row 2's 40 ties with the top score were all fetched
+
+
+@pytest.mark.parametrize("keep_ties", [True, False])
+def test_the_law_on_long_rows_searched_in_two_stages(monkeypatch, keep_ties):
+    # 20,000 bf16-rounded scores a row (ties at the k-th score), searched in two stages with chunks of 4
+    monkeypatch.setattr(warpers_dspark, "TOP_SCORES_CHUNK", 4)
+    scores = (torch.randn(6, 20000, generator=torch.Generator().manual_seed(1)) * 3).to(torch.bfloat16).float()
+    processors = chain(temperature=0.8, top_k=64, top_p=0.95)
+    assert (scores >= scores.topk(64).values[:, -1:]).sum(-1).gt(64).any(), "the rows must tie at the k-th score"
+    expected = torch.stack([processors(None, row[None].clone())[0] for row in scores]).softmax(-1).double()
+    ids, probs = SupportWarp.from_processors(processors).law(scores, keep_ties=keep_ties)
+    got = dense(ids, probs, 20000)
+    if keep_ties:  # the same probabilities (tied tokens may swap where top-p cuts between them)
+        torch.testing.assert_close(got.sort(-1).values, expected.sort(-1).values, atol=1e-6, rtol=1e-5)
+    else:  # exactly k tokens: the k largest scores, renormalised
+        assert ids.shape[1] == 64 and torch.allclose(probs.sum(-1), torch.ones(6))
+        kth = (scores / 0.8).topk(64).values
+        assert torch.equal((scores / 0.8).gather(-1, ids).sort(-1, descending=True).values, kth)
 
 
 def test_only_chains_with_a_finite_support_are_taken():

@@ -8,7 +8,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hf_dspark.models.dspark.warpers_dspark import FusedTopKTopPWarper, fuse_top_k_top_p
+from hf_dspark.models.dspark import warpers_dspark
+from hf_dspark.models.dspark.warpers_dspark import FusedTopKTopPWarper, fuse_top_k_top_p, top_scores
 
 from _models import tiny_drafter, tiny_qwen3_target
 
@@ -108,8 +109,11 @@ def tie_rule_reference(k, p, scores, keep=1):
     return out.scatter_(-1, token_ids, ascending.masked_fill(remove, -float("inf")))
 
 
+@pytest.mark.parametrize("chunk", [None, 4], ids=["one_top_k", "two_stage_top_k"])
 @pytest.mark.parametrize("k,p,keep", [(64, 0.95, 1), (16, 0.5, 1), (40, 0.9, 3)])
-def test_bf16_rounded_rows_with_ties_take_the_fused_path(monkeypatch, k, p, keep):
+def test_bf16_rounded_rows_with_ties_take_the_fused_path(monkeypatch, k, p, keep, chunk):
+    if chunk is not None:  # 20,000 scores a row are searched in two stages with chunks of 4
+        monkeypatch.setattr(warpers_dspark, "TOP_SCORES_CHUNK", chunk)
     gen = torch.Generator().manual_seed(k)
     scores = (torch.randn(6, 20000, generator=gen) * 3).to(torch.bfloat16).float()
     top_k_kept = (scores >= torch.topk(scores, k, dim=-1).values[..., -1:]).sum(-1)
@@ -185,3 +189,60 @@ def test_min_tokens_to_keep_above_k_stays_on_the_fused_path(monkeypatch):
     monkeypatch.setattr(FusedTopKTopPWarper, "_reference", lambda *a: pytest.fail("fell back to the pair"))
     out = FusedTopKTopPWarper(top_k, top_p)(IDS, scores.clone())
     assert torch.equal(out, expected) and torch.isfinite(out).sum(-1).tolist() == [4, 4, 4]
+
+
+# ---------------------------------------------------------------------------------------- top_scores
+def _top_scores_rows(case, vocab, width, gen):
+    if case == "normal":
+        return torch.randn(4, vocab, generator=gen) * 3
+    if case == "integer_ties":  # a handful of distinct values: every boundary is a tie
+        return torch.randint(0, 6, (4, vocab), generator=gen).float()
+    if case == "bf16_rounded":
+        return (torch.randn(4, vocab, generator=gen) * 3).to(torch.bfloat16).float()
+    if case == "minus_inf":  # most of each row already removed, fewer finite scores than width in row 1
+        rows = torch.full((4, vocab), -float("inf"))
+        rows[0, ::7] = torch.randn(rows[0, ::7].shape, generator=gen)
+        rows[1, 3:3 + width // 2] = 1.0
+        rows[2:] = torch.randn(2, vocab, generator=gen)
+        return rows
+    if case == "one_chunk":  # the largest scores all in one chunk, and in the last partial chunk
+        rows = torch.randn(4, vocab, generator=gen)
+        rows[0, 40:40 + width] += 100
+        rows[1, -(vocab % 8 or 8):] += 100
+        return rows
+    if case == "not_contiguous":
+        return (torch.randn(vocab, 4, generator=gen) * 3).t()
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["normal", "integer_ties", "bf16_rounded", "minus_inf", "one_chunk", "not_contiguous"])
+@pytest.mark.parametrize("width", [1, 9, 72])
+def test_top_scores_gives_the_values_of_one_top_k(monkeypatch, case, width):
+    monkeypatch.setattr(warpers_dspark, "TOP_SCORES_CHUNK", 8)
+    vocab = 16 * 72 * 8 + 5  # searched in two stages at every width, with a partial last chunk
+    scores = _top_scores_rows(case, vocab, width, torch.Generator().manual_seed(width))
+    values, ids = top_scores(scores, width)
+    expected = torch.topk(scores, width, dim=-1).values
+    assert torch.equal(values, expected)
+    assert torch.equal(scores.gather(-1, ids), values)  # each value is the score of its id
+    assert all(row.unique().numel() == width for row in ids)  # no id taken twice
+
+
+def test_top_scores_on_gemma_sized_rows_searches_one_sixteenth_at_a_time(monkeypatch):
+    scores = torch.randn(8, 262144, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).float()
+    sizes, real = [], torch.topk
+
+    def topk(input, k, *args, **kwargs):
+        sizes.append(input.shape[-1])
+        return real(input, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", topk)
+    values, ids = top_scores(scores, 72)
+    monkeypatch.setattr(torch, "topk", real)
+    assert torch.equal(values, torch.topk(scores, 72, dim=-1).values)
+    assert torch.equal(scores.gather(-1, ids), values)
+    assert len(sizes) == 2 and max(sizes) <= 262144 // 16  # two stages, neither over the whole row
+    sizes.clear()
+    monkeypatch.setattr(torch, "topk", topk)
+    top_scores(scores[:, :5000], 72)  # a short row: one top-k
+    assert sizes == [5000]

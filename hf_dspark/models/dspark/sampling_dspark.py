@@ -11,7 +11,7 @@ laws are computed on their support only:
 
 * :class:`SupportWarp` recognises a processor chain whose result is a finite support (optional temperature,
   then top-k, then optional top-p, or the fused top-k/top-p warper) and computes each row's law as
-  ``(token ids [rows, W], probabilities [rows, W])`` from one batched ``torch.topk``; the probabilities are
+  ``(token ids [rows, W], probabilities [rows, W])`` from one batched top-k (``warpers_dspark.top_scores``); the probabilities are
   the chain's softmax on its survivors, ties with the k-th score included (top-k keeps them all);
 * :class:`ProposalLaw` holds what each proposed token was drawn from in the same sparse form (a drafter's
   warped draft-vocabulary law, or a one-hot law for copied tokens);
@@ -34,7 +34,7 @@ import threading
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .warpers_dspark import FusedTopKTopPWarper, top_p_of_survivors
+from .warpers_dspark import FusedTopKTopPWarper, top_p_of_survivors, top_scores
 
 # Scores fetched beyond the k-th by the first top-k: ties with the k-th score usually fit in them, so a
 # second, wider top-k is needed only when the last fetched score still ties with the k-th.
@@ -77,7 +77,7 @@ class SupportWarp:
 
         ``scores``: [rows, V] raw scores (float32, as transformers' processors receive them). Entries of a
         row beyond its support have probability 0 (their ids are valid tokens, never drawn).
-        ``keep_ties=False`` keeps exactly ``k`` scores, ties with the k-th broken by ``torch.topk``: no host
+        ``keep_ties=False`` keeps exactly ``k`` scores, ties with the k-th broken by the top-k: no host
         read, and a valid law to draw proposals from (exactness only needs the law a token was drawn from,
         which then is this one), but not the target's law when the k-th score ties.
         """
@@ -87,13 +87,13 @@ class SupportWarp:
         vocab = scores.shape[-1]
         k = min(self.top_k, vocab)
         width = min(k + TIE_ROOM, vocab) if keep_ties else k
-        values, ids = torch.topk(scores, width, dim=-1)  # descending
+        values, ids = top_scores(scores, width)  # descending
         kth = values[:, k - 1:k]
         # top-k keeps every score tied with the k-th; if the last fetched one ties, fetch them all
         if keep_ties:
             if width < vocab and bool((values[:, -1] >= kth[:, 0]).any()):
                 width = int((scores >= kth).sum(-1).max())
-                values, ids = torch.topk(scores, width, dim=-1)
+                values, ids = top_scores(scores, width)
             values = values.masked_fill(values < kth, -float("inf"))
         if self.top_p is not None:  # in the fused warper's order: exact ties cut by descending id
             ids, values = top_p_of_survivors(values, ids, self.top_p, self.min_tokens_to_keep)

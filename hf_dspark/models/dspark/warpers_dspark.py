@@ -15,6 +15,40 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+# The two-stage search of ``top_scores``: rows are cut into chunks of this many scores, and a row is searched
+# in two stages only when the chunks it keeps hold at most 1/16 of it.
+TOP_SCORES_CHUNK = 128
+
+
+def top_scores(scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, width, dim=-1)`` over [rows, V] scores: the ``width`` largest scores of each row,
+    descending, and their token ids. The values are exactly topk's; among exactly equal scores the ids kept
+    may differ (topk leaves that choice unspecified too).
+
+    On the CPU, over a long row (Gemma's 262,144 scores) a single top-k is a slow scan, so it runs in two
+    stages: the maximum of every chunk of ``TOP_SCORES_CHUNK`` scores, the ``width`` chunks with the largest
+    maxima, and a top-k over those chunks' scores (plus the row's last, partial chunk). That is exact: a
+    chunk holding one of the ``width`` largest scores has a maximum at least as large as the ``width``-th
+    largest score, and at most ``width`` chunks do (each such maximum is one of those scores), ties counted
+    as topk counts them. Elsewhere (GPU kernels select in one pass) it is ``torch.topk``."""
+    vocab = scores.shape[-1]
+    chunk = TOP_SCORES_CHUNK
+    if scores.device.type != "cpu" or scores.dim() != 2 or vocab < 16 * width * chunk:
+        return torch.topk(scores, width, dim=-1)
+    rows, n_chunks = scores.shape[0], vocab // chunk
+    whole = n_chunks * chunk
+    chunks = scores[:, :whole].view(rows, n_chunks, chunk) if scores.stride(-1) == 1 else (
+        scores[:, :whole].reshape(rows, n_chunks, chunk))
+    best = torch.topk(chunks.amax(dim=-1), width, dim=-1, sorted=False).indices  # [rows, width]
+    candidates = chunks.gather(1, best[:, :, None].expand(-1, -1, chunk)).flatten(1)
+    ids = (best[:, :, None] * chunk + torch.arange(chunk, device=scores.device)).flatten(1)
+    if whole < vocab:  # the last, partial chunk is always searched
+        candidates = torch.cat([candidates, scores[:, whole:]], dim=1)
+        ids = torch.cat([ids, torch.arange(whole, vocab, device=scores.device).expand(rows, -1)], dim=1)
+    values, picked = torch.topk(candidates, width, dim=-1)
+    return values, ids.gather(1, picked)
+
+
 # transformers' TopPLogitsWarper sorts the whole vocabulary (Gemma: 262,144 entries; docs/experiments.md,
 # "Sampling warpers", has the cost) even when a TopKLogitsWarper just left only k finite scores. Assisted decoding runs the
 # processors once per verified position, so at sampling time a round of 8 positions spent more time
@@ -58,7 +92,7 @@ class FusedTopKTopPWarper(LogitsProcessor):
         # stall per call on an accelerator, where the pair's full sort is cheap and needs no such read.
         if k >= vocab or scores.device.type != "cpu":
             return self._reference(input_ids, scores)
-        values, indices = torch.topk(scores, k, dim=-1)  # descending
+        values, indices = top_scores(scores, k)  # descending
         kth = values[..., -1:]
         if not bool(torch.isfinite(kth).all()):
             return self._reference(input_ids, scores)  # fewer than k finite scores: top-k keeps -inf too
@@ -67,7 +101,7 @@ class FusedTopKTopPWarper(LogitsProcessor):
         if width >= vocab:
             return self._reference(input_ids, scores)
         if width > k:
-            values, indices = torch.topk(scores, width, dim=-1)
+            values, indices = top_scores(scores, width)
             values = values.masked_fill(values < kth, self.filter_value)  # rows with fewer ties than the widest
         indices, kept = top_p_of_survivors(values, indices, self.top_p, self.min_tokens_to_keep, self.filter_value)
         return torch.full_like(scores, self.filter_value).scatter_(-1, indices, kept)
@@ -109,4 +143,5 @@ VOCAB_LOCAL_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarp
                        FusedTopKTopPWarper)
 
 
-__all__ = ["FusedTopKTopPWarper", "VOCAB_LOCAL_WARPERS", "fuse_top_k_top_p", "top_p_of_survivors"]
+__all__ = ["FusedTopKTopPWarper", "TOP_SCORES_CHUNK", "VOCAB_LOCAL_WARPERS", "fuse_top_k_top_p", "top_p_of_survivors",
+           "top_scores"]
