@@ -50,6 +50,12 @@ def test_copy_length_follows_the_curve():
     # round time 1 + L: 1.9 / 2 = 0.95, then 2.7 / 3 = 0.9: one token, the least a copy submits
     assert copy_length(survival, lambda n: 1.0 + n) == 1
     assert copy_length([], lambda n: 1.0) == 0
+    # a step in the curve: 3 tokens cost 1.0, 4 or more 1.5. The rate falls at 4 (4.8 / 1.5 = 3.2 against
+    # 3.85) but the whole copy pays more (10.5 / 1.5 = 7.0): the search looks past the step
+    stepped = lambda n: 1.0 if n <= 3 else 1.5  # noqa: E731
+    assert copy_length([0.95] * 10, stepped) == 10
+    # equal rates: the shortest
+    assert copy_length([1.0, 0.0, 0.0], lambda n: 1.0) == 1
     assert expected_rate([0.5, 0.25], 2.0) == pytest.approx(1.75 / 2.0)
 
 
