@@ -395,6 +395,21 @@ def test_prompt_set_summary_edge_cases():
     assert s["mean_accepted_length"] is None and "speedup" not in s
 
 
+def test_prompt_lookup_agreement_is_measured_like_dsparks():
+    from hf_dspark.evaluation.summary import summarize_prompt_set
+
+    records = _records()
+    records[0]["prompt_lookup"] = {"new_tokens": 10, "seconds": 1.0, "matches_baseline": True}
+    records[1]["prompt_lookup"] = {"new_tokens": 6, "seconds": 1.0, "matches_baseline": False,
+                                   "divergence": {"position": 7, "margin_ulps": 3.0}}
+    s = summarize_prompt_set(records)
+    assert s["prompt_lookup_greedy_agreement"] == {"identical_share": 0.5, "first_divergence_positions": [7],
+                                                   "max_margin_ulps": 3.0, "all_divergences_near_ties": False}
+    assert s["greedy_agreement"]["max_margin_ulps"] == 2.0  # DSpark's own stays its own
+    del records[1]["prompt_lookup"]["divergence"]  # a file of earlier code: no divergence recorded
+    assert "prompt_lookup_greedy_agreement" not in summarize_prompt_set(records)
+
+
 def test_prompt_set_summary_short_runs_sampling_and_tau_interval():
     from hf_dspark.evaluation.summary import summarize_prompt_set
 

@@ -313,6 +313,11 @@ def measure_prompt(target, tokenizer, drafters: dict[str, Any], row: dict[str, A
         if baseline is not None:
             record["prompt_lookup"]["matches_baseline"] = (
                 torch.equal(lookup.output_ids, baseline.output_ids) if greedy else None)
+            if greedy and not record["prompt_lookup"]["matches_baseline"]:
+                # transformers' own assisted decoding parts from plain generate in low precision too: measured
+                # the same way, it shows which divergences come from multi-token passes rather than from DSpark
+                record["prompt_lookup"]["divergence"] = greedy_divergence(target, input_ids.shape[1],
+                                                                          baseline.output_ids, lookup.output_ids)
     n = input_ids.shape[1]
     record["output"] = tokenizer.decode(outputs[DSPARK].output_ids[0, n:], skip_special_tokens=True)
     if want_answers:

@@ -84,17 +84,27 @@ def _drafter_summary(entries: list[dict[str, Any]], baseline_tps: float | None,
         summary["speedup"] = _ratio(tps, baseline_tps)
         summary["speedup_vs_best_plain"] = _ratio(tps, best_plain_tps or baseline_tps)
         summary["outputs_match_baseline"] = _all_or_none([e.get("matches_baseline") for e in entries])
-        matches = [e.get("matches_baseline") for e in entries]
-        if matches and all(m is not None for m in matches):  # greedy: the agreement contract, measured
-            divergences = [e["divergence"] for e in entries if e.get("divergence")]
-            ulps = [d["margin_ulps"] for d in divergences if "margin_ulps" in d]
-            summary["greedy_agreement"] = {
-                "identical_share": sum(matches) / len(matches),
-                "first_divergence_positions": [d["position"] for d in divergences],
-                "max_margin_ulps": max(ulps) if ulps else None,
-                "all_divergences_near_ties": all(u <= 2.0 for u in ulps) and len(ulps) == len(divergences),
-            }
+        agreement = greedy_agreement(entries)
+        if agreement is not None:
+            summary["greedy_agreement"] = agreement
     return summary
+
+
+def greedy_agreement(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The greedy agreement contract of a run against plain ``generate``, measured over its prompts
+    (``None`` for sampling runs, whose entries have no ``matches_baseline``): the share of identical
+    outputs, where the others first part, and how close to a tie the target was there."""
+    matches = [e.get("matches_baseline") for e in entries]
+    if not matches or any(m is None for m in matches):
+        return None
+    divergences = [e["divergence"] for e in entries if e.get("divergence")]
+    ulps = [d["margin_ulps"] for d in divergences if "margin_ulps" in d]
+    return {
+        "identical_share": sum(matches) / len(matches),
+        "first_divergence_positions": [d["position"] for d in divergences],
+        "max_margin_ulps": max(ulps) if ulps else None,
+        "all_divergences_near_ties": all(u <= 2.0 for u in ulps) and len(ulps) == len(divergences),
+    }
 
 
 
@@ -155,6 +165,11 @@ def summarize_prompt_set(records: list[dict[str, Any]]) -> dict[str, Any]:
                                                                 best_plain_tps)
         if baseline_tps is not None:
             summary["prompt_lookup_outputs_match_baseline"] = _all_or_none([e.get("matches_baseline") for e in lookup])
+            if all("divergence" in e or e.get("matches_baseline") is not False for e in lookup):
+                # (files of earlier code recorded no divergence of prompt lookup's outputs)
+                agreement = greedy_agreement(lookup)
+                if agreement is not None:
+                    summary["prompt_lookup_greedy_agreement"] = agreement
     summary["mean_accepted_length_ci90"] = bootstrap_ci([r[DSPARK] for r in records], _tau)
     names = list(records[0].get("compare", {})) if records else []
     if names:
@@ -175,7 +190,8 @@ def summarize_prompt_set(records: list[dict[str, Any]]) -> dict[str, Any]:
 _SUMMED = {"num_prompts", "new_tokens", "seconds", "rounds", "accepted_tokens", "ngram_rounds", "ngram_accepted_tokens",
            "ngram_submitted_tokens", "extended_rounds", "extension_accepted_tokens"}
 # Intervals of different sets do not average into an interval of the macro average.
-_NOT_AVERAGED = {"quality", "policy", "mean_accepted_length_ci90", "dspark_tau_ratio_ci90", "greedy_agreement"}
+_NOT_AVERAGED = {"quality", "policy", "mean_accepted_length_ci90", "dspark_tau_ratio_ci90", "greedy_agreement",
+                 "prompt_lookup_greedy_agreement"}
 
 
 def _mean(values: list) -> float | None:
