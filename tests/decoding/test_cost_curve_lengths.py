@@ -158,6 +158,58 @@ def test_a_copy_is_passed_over_when_the_drafter_pays_more_and_retried(pair):
     assert generator._copy_pays(1, 2)
 
 
+def test_retried_copies_that_lose_to_the_drafter_come_less_often(pair):
+    """A copy retried after DRAFTER_RETRY passed-over matches that commits less per second than the drafter
+    doubles the wait before the next retry (up to COPY_RETRY_MAX); one that commits more resets it."""
+    from hf_dspark.models.dspark.generation_dspark import COPY_RETRY_MAX, DRAFTER_RETRY
+
+    target, draft = pair
+    configure(draft, FLAT)
+    generator = DSparkCandidateGenerator(target, draft, target.generation_config, input_ids=LOOPING)
+    for _ in range(6):
+        generator.ngram_acceptance[2].record(submitted=3, accepted=0)
+    seconds = generator._round_seconds(4)
+    generator.drafter_rate_ema = 2.5 / seconds  # 2.5 tokens per drafter round
+
+    def passed_over_before_a_retry(committed):
+        count = 0
+        while not generator._copy_pays(1, 2):
+            count += 1
+        assert generator._retried_copy
+        generator._round_model = (0.0, seconds - generator.overhead_ema)  # the copy round's modelled time
+        generator._after_retried_copy(committed)
+        return count
+
+    waits = [passed_over_before_a_retry(committed=1) for _ in range(6)]  # each retry commits 1 < 2.5
+    assert waits == [DRAFTER_RETRY, 2 * DRAFTER_RETRY, 4 * DRAFTER_RETRY, 8 * DRAFTER_RETRY, COPY_RETRY_MAX,
+                     COPY_RETRY_MAX]
+    assert passed_over_before_a_retry(committed=4) == COPY_RETRY_MAX  # this retry paid more than the drafter
+    assert passed_over_before_a_retry(committed=1) == DRAFTER_RETRY  # so the next came after DRAFTER_RETRY
+    assert not (generator._copy_pays(1, 2) and generator._retried_copy)  # a passed-over match is no retry
+
+
+def test_the_drafters_rate_is_a_ratio_of_decayed_sums(pair):
+    """The rate copies and plain rounds are compared with: committed tokens over modelled seconds of the
+    drafter's rounds, both summed with DRAFTER_RATE_DECAY (not a mean of each round's own rate)."""
+    from hf_dspark.models.dspark.generation_dspark import DRAFTER_RATE_DECAY
+
+    target, draft = pair
+    configure(draft, FLAT)
+    generator = DSparkCandidateGenerator(target, draft, target.generation_config, input_ids=LOOPING)
+    generator._is_prefill = False
+    generator._round_start = 0.0
+    rounds = [(3, 1, 0.2), (3, 3, 0.1), (3, 0, 0.4)]  # (submitted, accepted, modelled seconds)
+    tokens = seconds = 0.0
+    for submitted, accepted, modelled in rounds:
+        generator._submitted, generator._round_model = submitted, (0.0, modelled)
+        generator.update_candidate_strategy(LOOPING, None, accepted)
+        tokens = DRAFTER_RATE_DECAY * tokens + 1 + accepted
+        seconds = DRAFTER_RATE_DECAY * seconds + modelled + generator.overhead_ema
+    assert generator.drafter_rate_ema == pytest.approx(tokens / seconds)
+    mean_of_rates = sum((1 + a) / m for _, a, m in rounds) / len(rounds)
+    assert generator.drafter_rate_ema != pytest.approx(mean_of_rates)
+
+
 def test_a_cached_profile_of_this_target_is_found(pair, tmp_path, monkeypatch):
     """No table in the drafter: generate reads the profile cached for this target, dtype and device."""
     from hf_dspark.decoding.latency import cached_latency_table, profile_latency

@@ -109,6 +109,13 @@ from .scheduling_dspark import (  # noqa: F401  (re-exported for callers of earl
 
 # ----------------------------------------------------------------------------- generator
 DRAFTER_RETRY = 4  # with lengths from the cost curve: draft (copy) again after this many rounds passed it over
+# A retried copy that commits fewer tokens per second than the drafter's rounds doubles the number of matches
+# passed over before the next retry, up to this many; one that commits more brings it back to DRAFTER_RETRY.
+COPY_RETRY_MAX = 64
+# Weight of the past in the drafter's running rate: committed tokens and modelled seconds of its rounds are
+# each summed with this decay, and the rate is their ratio (a mean of per-round rates would swing with every
+# round's accepted count).
+DRAFTER_RATE_DECAY = 0.9
 
 
 class DSparkCandidateGenerator(CandidateGenerator):
@@ -207,10 +214,13 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.extension_acceptance = ProposalAcceptance(prior=0.9, prior_weight=4.0)  # continuations of full blocks
         self.overhead_ema = 0.0  # round wall time the cost curve and the drafter timing do not explain
         self.drafter_rate_ema: float | None = None  # committed tokens per modelled second of drafter rounds
+        self._drafter_tokens = self._drafter_seconds = 0.0  # their decayed sums (DRAFTER_RATE_DECAY)
         self._round_model: tuple[float, float] | None = None  # (round begin, modelled seconds) of the last round
         self._extension = 0
         self._skipped = 0  # consecutive rounds that skipped the drafter because plain decoding paid more
         self._copies_skipped = 0  # consecutive n-gram matches passed over because the drafter paid more
+        self._copy_retry = DRAFTER_RETRY  # matches passed over before a copy is retried (COPY_RETRY_MAX)
+        self._retried_copy = False  # this round's copy was taken only to retry copying
         self._plain_round = False
         # How many tokens a round may propose; 5.25+ sizes the target's recurrent-state history by it.
         self.max_proposal_tokens = max(self.block_size, self.ngram_tokens)
@@ -375,10 +385,16 @@ class DSparkCandidateGenerator(CandidateGenerator):
 
     def _copy_pays(self, length: int, size: int) -> bool:
         """Whether a copy of ``length`` tokens is expected to commit at least as many tokens per second as the
-        drafter's rounds have in this call (always without a curve). Every ``DRAFTER_RETRY``-th copy passed
-        over is taken anyway, so the copies' estimate keeps learning."""
-        if not self.adaptive or self.drafter_rate_ema is None or self._copies_skipped >= DRAFTER_RETRY:
+        drafter's rounds have in this call (always without a curve). After ``DRAFTER_RETRY`` matches passed
+        over a copy is taken anyway, so the copies' estimate keeps learning; retries that keep losing to the
+        drafter come less and less often (:meth:`_after_retried_copy`)."""
+        self._retried_copy = False
+        if not self.adaptive or self.drafter_rate_ema is None:
             self._copies_skipped = 0
+            return True
+        if self._copies_skipped >= self._copy_retry:
+            self._copies_skipped = 0
+            self._retried_copy = True
             return True
         survival = self.ngram_acceptance[size].survival(length)
         if expected_rate(survival, self._round_seconds(length)) >= self.drafter_rate_ema:
@@ -386,6 +402,20 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return True
         self._copies_skipped += 1
         return False
+
+    def _after_retried_copy(self, committed: int) -> None:
+        """A copy taken only to retry copying committed ``committed`` tokens: when that is fewer per modelled
+        second than the drafter's rounds commit, the next retry waits twice as many matches (up to
+        ``COPY_RETRY_MAX``); otherwise retries come every ``DRAFTER_RETRY`` matches again. (Under sampling a
+        copied token is accepted with the target's probability of it, often a few percent: a retry every few
+        matches would hand a large share of the rounds to copies that the drafter beats.)"""
+        if self._round_model is None or self.drafter_rate_ema is None:
+            return
+        rate = committed / (self._round_model[1] + self.overhead_ema)
+        if rate < self.drafter_rate_ema:
+            self._copy_retry = min(2 * self._copy_retry, COPY_RETRY_MAX)
+        else:
+            self._copy_retry = DRAFTER_RETRY
 
     def _plain_pays(self) -> bool:
         """Whether a round without drafting (the target decodes one token) is expected to commit more tokens per
@@ -563,13 +593,16 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return
         if self._ngram_round:
             self.ngram_acceptance[self._match_size].record(self._submitted, matches)
+            if self._retried_copy:
+                self._after_retried_copy(1 + matches)
             return
         drafted = self._submitted - self._extension
         if self._extension and matches >= drafted:  # the extension was reached
             self.extension_acceptance.record(self._extension, matches - drafted)
         if self._round_model is not None:
-            rate = (1 + matches) / (self._round_model[1] + self.overhead_ema)
-            self.drafter_rate_ema = rate if self.drafter_rate_ema is None else 0.8 * self.drafter_rate_ema + 0.2 * rate
+            self._drafter_tokens = DRAFTER_RATE_DECAY * self._drafter_tokens + (1 + matches)
+            self._drafter_seconds = DRAFTER_RATE_DECAY * self._drafter_seconds + self._round_model[1] + self.overhead_ema
+            self.drafter_rate_ema = self._drafter_tokens / self._drafter_seconds
         # Opt-in per-round record for calibration (hf_dspark.decoding.calibration): set draft.record_rounds = [].
         rounds = getattr(self.draft, "record_rounds", None)
         if isinstance(rounds, list):
