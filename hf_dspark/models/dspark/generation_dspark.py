@@ -407,8 +407,8 @@ class DSparkCandidateGenerator(CandidateGenerator):
         """A copy taken only to retry copying committed ``committed`` tokens: when that is fewer per modelled
         second than the drafter's rounds commit, the next retry waits twice as many matches (up to
         ``COPY_RETRY_MAX``); otherwise retries come every ``DRAFTER_RETRY`` matches again. (Under sampling a
-        copied token is accepted with the target's probability of it, often a few percent: a retry every few
-        matches would hand a large share of the rounds to copies that the drafter beats.)"""
+        copied token is accepted with the target's probability of it, often low: a retry every few matches
+        would hand a large share of the rounds to copies that the drafter beats.)"""
         if self._round_model is None or self.drafter_rate_ema is None:
             return
         rate = committed / (self._round_model[1] + self.overhead_ema)
