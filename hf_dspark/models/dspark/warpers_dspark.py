@@ -37,8 +37,7 @@ def top_scores(scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Te
         return torch.topk(scores, width, dim=-1)
     rows, n_chunks = scores.shape[0], vocab // chunk
     whole = n_chunks * chunk
-    chunks = scores[:, :whole].view(rows, n_chunks, chunk) if scores.stride(-1) == 1 else (
-        scores[:, :whole].reshape(rows, n_chunks, chunk))
+    chunks = scores[:, :whole].reshape(rows, n_chunks, chunk)  # a view unless the rows are strided
     best = torch.topk(chunks.amax(dim=-1), width, dim=-1, sorted=False).indices  # [rows, width]
     candidates = chunks.gather(1, best[:, :, None].expand(-1, -1, chunk)).flatten(1)
     ids = (best[:, :, None] * chunk + torch.arange(chunk, device=scores.device)).flatten(1)
